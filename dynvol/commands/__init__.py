@@ -1,0 +1,1 @@
+"""Subcommands of ``dynvol``; each module exposes ``register(subparsers)``."""

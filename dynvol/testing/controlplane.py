@@ -1,0 +1,269 @@
+"""A real, local Kubernetes control plane (etcd + kube-apiserver) for tests and development.
+
+This is what dynvol's integration tests run against, and what other controllers and
+provider authors can use to test against dynvol's CRDs: ``dynvol dev control-plane up``
+from a shell, or :class:`ControlPlane` (and the ``control_plane`` pytest fixture of
+:mod:`dynvol.testing.pytest_plugin`) from Python. Everything listens on 127.0.0.1 on free
+ports and keeps its data under one directory.
+
+There is no kube-controller-manager: namespaces are not finalised and owner references are
+not garbage-collected. Tests that need those behaviours arrange them themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from dynvol.testing.processes import Process, free_port, run, wait_until
+
+#: Flags that keep a test apiserver small and quick. ServiceAccount admission is off
+#: because no controller-manager creates the "default" service accounts.
+_APISERVER_FLAGS = (
+    "--allow-privileged=true",
+    "--authorization-mode=RBAC",
+    "--disable-admission-plugins=ServiceAccount",
+    "--enable-priority-and-fairness=false",
+    "--profiling=false",
+    "--service-cluster-ip-range=10.96.0.0/24",
+    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+    "--endpoint-reconciler-type=none",
+    "--v=1",
+)
+
+
+def repo_root() -> Path | None:
+    """The dynvol checkout this module runs from, if it runs from one."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "manifests" / "base" / "crds").is_dir() and (parent / "hack").is_dir():
+            return parent
+    return None
+
+
+def default_bin_dir() -> Path:
+    """Where ``make tools`` links the binaries (``DYNVOL_TOOLS_BIN`` overrides)."""
+    env = os.environ.get("DYNVOL_TOOLS_BIN")
+    if env:
+        return Path(env)
+    root = repo_root()
+    return (root / ".tools" / "bin") if root else Path.cwd() / ".tools" / "bin"
+
+
+def default_crd_paths() -> tuple[Path, ...]:
+    root = repo_root()
+    return (root / "manifests" / "base" / "crds",) if root else ()
+
+
+class ToolsMissing(RuntimeError):
+    """A binary the control plane needs is not installed; ``make tools`` builds it."""
+
+
+def _openssl(*args: str) -> None:
+    run(["openssl", *args])
+
+
+def _make_pki(pki: Path) -> None:
+    """A CA and a serving certificate for 127.0.0.1, plus the service-account key pair."""
+    pki.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+             "-subj", "/CN=dynvol-dev-ca", "-keyout", str(pki / "ca.key"),
+             "-out", str(pki / "ca.crt"))
+    ext = pki / "serving.ext"
+    ext.write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=kube-apiserver",
+             "-keyout", str(pki / "serving.key"), "-out", str(pki / "serving.csr"))
+    _openssl("x509", "-req", "-in", str(pki / "serving.csr"), "-CA", str(pki / "ca.crt"),
+             "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "30",
+             "-extfile", str(ext), "-out", str(pki / "serving.crt"))
+    _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
+    _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+
+
+@attrs.define(kw_only=True)
+class ControlPlane:
+    """etcd and kube-apiserver as children of this process; ``start()`` then ``stop()``."""
+
+    dir: Path
+    bin_dir: Path = attrs.field(factory=default_bin_dir)
+    crd_paths: Sequence[Path] = attrs.field(factory=default_crd_paths)
+    extra_apiserver_flags: Sequence[str] = ()
+    etcd: Process | None = None
+    apiserver: Process | None = None
+    server: str = ""
+    token: str = ""
+    versions: dict[str, str] = attrs.field(factory=dict)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.dir / "pki" / "ca.crt"
+
+    def binary(self, name: str) -> Path:
+        path = self.bin_dir / name
+        if not os.access(path, os.X_OK):
+            raise ToolsMissing(f"{path} is missing: run 'make tools' to build it")
+        return path
+
+    def start(self, *, timeout: float = 90.0) -> ControlPlane:
+        """Start etcd and the apiserver, apply the CRDs and write the kubeconfig."""
+        etcd_bin, apiserver_bin = self.binary("etcd"), self.binary("kube-apiserver")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        logs = self.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        self.versions = {
+            "etcd": run([str(etcd_bin), "--version"]).splitlines()[0].split(":")[-1].strip(),
+            "kube-apiserver": run([str(apiserver_bin), "--version"]).split()[-1],
+        }
+        try:
+            self._start_etcd(etcd_bin, logs)
+            self._start_apiserver(apiserver_bin, logs, timeout)
+            self._write_kubeconfig()
+            self._apply_crds()
+        except BaseException:
+            self.stop()
+            raise
+        (self.dir / "control-plane.json").write_text(
+            json.dumps({"server": self.server, "versions": self.versions,
+                        "pids": {"etcd": self.etcd.pid if self.etcd else None,
+                                 "kube-apiserver": self.apiserver.pid if self.apiserver else None}})
+        )
+        return self
+
+    def _start_etcd(self, etcd_bin: Path, logs: Path) -> None:
+        client, peer = free_port(), free_port()
+        data = self.dir / "etcd"
+        self.etcd_url = f"http://127.0.0.1:{client}"
+        self.etcd = Process.start(
+            [str(etcd_bin), "--name", "dynvol-dev", "--data-dir", str(data),
+             "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-cluster", f"dynvol-dev=http://127.0.0.1:{peer}",
+             "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
+             "--quota-backend-bytes", str(4 << 30), "--logger", "zap", "--log-outputs", "stderr"],
+            name="etcd", log=logs / "etcd.log",
+            env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")},
+        )
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"{self.etcd_url}/health", timeout=1) as resp:
+                    return bool(json.load(resp).get("health") == "true")
+            except (OSError, ValueError):
+                return False
+
+        wait_until(healthy, timeout=30, what="etcd /health", alive=self.etcd)
+
+    def _start_apiserver(self, apiserver_bin: Path, logs: Path, timeout: float) -> None:
+        pki = self.dir / "pki"
+        _make_pki(pki)
+        self.token = secrets.token_hex(16)
+        tokens = pki / "tokens.csv"
+        tokens.write_text(f"{self.token},dynvol-admin,dynvol-admin,system:masters\n")
+        tokens.chmod(0o600)
+        port = free_port()
+        self.server = f"https://127.0.0.1:{port}"
+        self.apiserver = Process.start(
+            [str(apiserver_bin), "--etcd-servers", self.etcd_url,
+             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+             "--secure-port", str(port), "--cert-dir", str(pki),
+             "--tls-cert-file", str(pki / "serving.crt"),
+             "--tls-private-key-file", str(pki / "serving.key"),
+             "--client-ca-file", str(pki / "ca.crt"),
+             "--token-auth-file", str(tokens),
+             "--service-account-key-file", str(pki / "sa.pub"),
+             "--service-account-signing-key-file", str(pki / "sa.key"),
+             *_APISERVER_FLAGS, *self.extra_apiserver_flags],
+            name="kube-apiserver", log=logs / "kube-apiserver.log",
+        )
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+
+        def ready() -> bool:
+            req = urllib.request.Request(
+                f"{self.server}/readyz", headers={"Authorization": f"Bearer {self.token}"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=2, context=ctx) as resp:
+                    return bool(resp.status == 200)
+            except (OSError, urllib.error.URLError):
+                return False
+
+        wait_until(ready, timeout=timeout, interval=0.2, what="kube-apiserver /readyz",
+                   alive=self.apiserver)
+
+    def _write_kubeconfig(self) -> None:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "dynvol-dev", "cluster": {
+                "server": self.server, "certificate-authority": str(self.ca_file)}}],
+            "users": [{"name": "dynvol-admin", "user": {"token": self.token}}],
+            "contexts": [{"name": "dynvol-dev",
+                          "context": {"cluster": "dynvol-dev", "user": "dynvol-admin"}}],
+            "current-context": "dynvol-dev",
+        }
+        self.kubeconfig.write_text(json.dumps(config, indent=2))
+        self.kubeconfig.chmod(0o600)
+
+    def kubectl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run the pinned kubectl against this control plane."""
+        return run([str(self.binary("kubectl")), "--kubeconfig", str(self.kubeconfig), *args],
+                   timeout=timeout)
+
+    def _apply_crds(self) -> None:
+        for path in self.crd_paths:
+            flag = "-k" if (path / "kustomization.yaml").exists() else "-f"
+            self.kubectl("apply", "--server-side", flag, str(path))
+        if self.crd_paths:
+            self.kubectl("wait", "--for", "condition=Established", "crd", "--all",
+                         "--timeout", "60s")
+
+    def stop(self) -> None:
+        """Stop the apiserver, then etcd; both are reaped."""
+        for proc in (self.apiserver, self.etcd):
+            if proc is not None:
+                proc.stop(timeout=15)
+        self.apiserver = self.etcd = None
+
+    def remove(self) -> None:
+        """Stop and delete everything under :attr:`dir`."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ControlPlane:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Whether ``pid`` is gone (or a zombie) within ``timeout``; for ``down``, which is
+    not the parent of the supervisor it stops."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.1)
+    return False

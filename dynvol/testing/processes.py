@@ -1,0 +1,160 @@
+"""Child processes for tests and local tooling: started, waited for and always reaped.
+
+PID 1 on development machines and CI runners does not always reap orphans, so every
+process started here stays our child until :meth:`Process.stop` has waited for it.
+Neighbours: :mod:`dynvol.testing.controlplane` and :mod:`dynvol.testing.minio` start their
+servers through this module; :mod:`dynvol.testing.pytest_plugin` checks at session end that
+none is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import attrs
+
+#: Every Process started in this interpreter and not yet stopped, by PID.
+_LIVE: dict[int, Process] = {}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(
+    predicate: Callable[[], bool],
+    *,
+    timeout: float,
+    interval: float = 0.05,
+    what: str = "condition",
+    alive: Process | None = None,
+) -> None:
+    """Wait until ``predicate()`` is true; fail early if ``alive`` exits meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(
+                f"{alive.name} exited with {alive.returncode} while waiting for {what}"
+                f"{alive.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@attrs.define(kw_only=True)
+class Process:
+    """A child process with its log file; use :meth:`start`, then :meth:`stop`."""
+
+    name: str
+    argv: tuple[str, ...]
+    log_path: Path | None
+    popen: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(
+        cls,
+        argv: Sequence[str],
+        *,
+        name: str | None = None,
+        env: Mapping[str, str] | None = None,
+        log: Path | None = None,
+        cwd: Path | None = None,
+        new_session: bool = True,
+    ) -> Process:
+        """Start ``argv`` with its output in ``log`` (or discarded)."""
+        out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            popen = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=new_session,
+            )
+        finally:
+            if log is not None:
+                out.close()  # type: ignore[union-attr]
+        proc = cls(name=name or Path(argv[0]).name, argv=tuple(argv), log_path=log, popen=popen)
+        _LIVE[popen.pid] = proc
+        return proc
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the log, prefixed with a newline, for error messages."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n--- last lines of " + str(self.log_path) + " ---\n" + "\n".join(text)
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.popen.pid, signum)
+
+    def stop(self, *, timeout: float = 10.0, signum: int = signal.SIGTERM) -> int:
+        """Ask the process to stop, kill it after ``timeout``, and reap it."""
+        try:
+            if self.popen.poll() is None:
+                self.signal(signum)
+                try:
+                    self.popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.signal(signal.SIGKILL)
+                    self.popen.wait()
+        finally:
+            _LIVE.pop(self.popen.pid, None)
+        return self.popen.returncode
+
+    def kill(self) -> int:
+        """SIGKILL and reap."""
+        return self.stop(timeout=0.0, signum=signal.SIGKILL)
+
+
+def live_processes() -> list[Process]:
+    """Processes started here that have not been stopped (for the session leak check)."""
+    return [p for p in _LIVE.values() if p.poll() is None]
+
+
+def stop_all() -> None:
+    """Stop every process still tracked, newest first."""
+    for proc in reversed(list(_LIVE.values())):
+        proc.stop(timeout=5.0)
+
+
+def run(argv: Sequence[str], *, check: bool = True, timeout: float = 60.0, **kw: object) -> str:
+    """Run a short command and return its stdout; errors carry its stderr."""
+    result = subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, check=False, **kw  # type: ignore[call-overload]
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv)} failed with {result.returncode}: {result.stderr.strip()}"
+        )
+    out: str = result.stdout
+    return out

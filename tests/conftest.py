@@ -1,0 +1,99 @@
+"""Suite-wide checks: nothing a test starts or mounts may outlive the session.
+
+At session start we note the mount points and the stack processes already there; at the
+end, any new mount, any new stack process and any :class:`dynvol.testing.Process` still
+running fails the run, even when every test passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from dynvol.testing import processes
+from dynvol_core.mountinfo import parse_mountinfo
+
+_STACK = ("etcd", "kube-apiserver", "kubelet", "containerd", "minio", "s3fs", "rclone",
+          "dynvol", "csi-sanity")
+
+
+def _mounts() -> set[tuple[str, str]]:
+    text = Path("/proc/self/mountinfo").read_text()
+    return {(e.mount_point, e.fs_type) for e in parse_mountinfo(text)}
+
+
+def _stack_processes() -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if state in ("Z", "X"):
+            continue
+        argv = [a.decode(errors="replace") for a in cmdline if a]
+        if not argv:
+            continue
+        names = {Path(argv[0]).name}
+        # Python entry points show up as "python ... dynvol" or "-m dynvol".
+        names.update(Path(a).name for a in argv[1:3])
+        if names & set(_STACK):
+            found[int(entry.name)] = " ".join(argv)[:160]
+    return found
+
+
+_BEFORE: dict[str, object] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _BEFORE["mounts"] = _mounts()
+    _BEFORE["procs"] = set(_stack_processes())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if "mounts" not in _BEFORE or hasattr(session.config, "workerinput"):
+        return
+    problems = []
+    for proc in processes.live_processes():
+        problems.append(f"process still running: pid {proc.pid} {' '.join(proc.argv)[:120]}")
+    processes.stop_all()
+    before_procs = _BEFORE["procs"]
+    assert isinstance(before_procs, set)
+    for pid, argv in sorted(_stack_processes().items()):
+        if pid not in before_procs and pid != os.getpid():
+            problems.append(f"stack process left behind: pid {pid} {argv}")
+    before_mounts = _BEFORE["mounts"]
+    assert isinstance(before_mounts, set)
+    for point, fstype in sorted(_mounts() - before_mounts):
+        problems.append(f"mount left behind: {point} ({fstype})")
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = "leak check failed:\n  " + "\n  ".join(problems)
+        if reporter is not None:
+            reporter.write_sep("=", "dynvol leak check", red=True)
+            reporter.write_line(text)
+        else:
+            print(text)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+async def _no_pending_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks running behind it."""
+    yield
+    current = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    if pending:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        pytest.fail(f"test left {len(pending)} asyncio task(s) pending: {pending[:3]}")
