@@ -3,12 +3,18 @@
 At session start we note the mount points and the stack processes already there; at the
 end, any new mount, any new stack process and any :class:`dynvol.testing.Process` still
 running fails the run, even when every test passed.
+
+Under ``CI=true`` every new mount and stack process counts. On a developer machine, where
+other sessions may run beside this one, only processes carrying this session's marker in
+their environment (inherited by everything the suite starts, orphans included) and mounts
+below this session's temporary directory count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -51,9 +57,22 @@ def _stack_processes() -> dict[int, str]:
 
 
 _BEFORE: dict[str, object] = {}
+_MARKER = "DYNVOL_TEST_SESSION"
+_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _ours(pid: int) -> bool:
+    if _CI:
+        return True
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"{_MARKER}={os.environ[_MARKER]}".encode() in environ
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    os.environ[_MARKER] = secrets.token_hex(8)
     _BEFORE["mounts"] = _mounts()
     _BEFORE["procs"] = set(_stack_processes())
 
@@ -69,12 +88,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     before_procs = _BEFORE["procs"]
     assert isinstance(before_procs, set)
     for pid, argv in sorted(_stack_processes().items()):
-        if pid not in before_procs and pid != os.getpid():
+        if pid not in before_procs and pid != os.getpid() and _ours(pid):
             problems.append(f"stack process left behind: pid {pid} {argv}")
     before_mounts = _BEFORE["mounts"]
     assert isinstance(before_mounts, set)
+    basetemp = str(session.config._tmp_path_factory.getbasetemp())  # type: ignore[attr-defined]
     for point, fstype in sorted(_mounts() - before_mounts):
-        problems.append(f"mount left behind: {point} ({fstype})")
+        if _CI or point == basetemp or point.startswith(basetemp + "/"):
+            problems.append(f"mount left behind: {point} ({fstype})")
     if problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         text = "leak check failed:\n  " + "\n  ".join(problems)

@@ -104,6 +104,7 @@ class ControlPlane:
     etcd: Process | None = None
     apiserver: Process | None = None
     server: str = ""
+    etcd_url: str = ""
     token: str = ""
     versions: dict[str, str] = attrs.field(factory=dict)
 
@@ -228,10 +229,14 @@ class ControlPlane:
                    timeout=timeout)
 
     def _apply_crds(self) -> None:
+        applied = False
         for path in self.crd_paths:
+            if path.is_dir() and not any(path.glob("*.yaml")):
+                continue
             flag = "-k" if (path / "kustomization.yaml").exists() else "-f"
             self.kubectl("apply", "--server-side", flag, str(path))
-        if self.crd_paths:
+            applied = True
+        if applied:
             self.kubectl("wait", "--for", "condition=Established", "crd", "--all",
                          "--timeout", "60s")
 

@@ -112,7 +112,7 @@ class Process:
         text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
         return "\n--- last lines of " + str(self.log_path) + " ---\n" + "\n".join(text)
 
-    def signal(self, signum: int) -> None:
+    def send_signal(self, signum: int) -> None:
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.popen.pid, signum)
@@ -121,11 +121,11 @@ class Process:
         """Ask the process to stop, kill it after ``timeout``, and reap it."""
         try:
             if self.popen.poll() is None:
-                self.signal(signum)
+                self.send_signal(signum)
                 try:
                     self.popen.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    self.signal(signal.SIGKILL)
+                    self.send_signal(signal.SIGKILL)
                     self.popen.wait()
         finally:
             _LIVE.pop(self.popen.pid, None)

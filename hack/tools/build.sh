@@ -14,7 +14,8 @@ cache=${DYNVOL_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dynvol/tools}
 bin="$top/.tools/bin"
 mkdir -p "$bin" "$cache"
 
-digest() { sha256sum "$here/$1/go.mod" "$here/$1/go.sum" | sha256sum | cut -c1-12; }
+# The digest covers file contents only, so clones at other paths share the cache.
+digest() { cat "$here/$1/go.mod" "$here/$1/go.sum" | sha256sum | cut -c1-12; }
 
 # build MODULE_DIR VERSION LDFLAGS PACKAGE...
 build() {

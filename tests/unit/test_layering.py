@@ -1,0 +1,56 @@
+"""The dependency rule of DESIGN.md §4, checked from the source.
+
+import-linter (``make lint``) enforces the forbidden and independence contracts; this test
+adds the allow-list half that a forbidden contract cannot express: the core imports only
+the standard library and attrs, and no standard module that does I/O or concurrency.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Standard modules that would let the core touch the outside world.
+_IMPURE = {
+    "os", "io", "subprocess", "socket", "shutil", "threading", "multiprocessing", "asyncio",
+    "signal", "select", "selectors", "ctypes", "tempfile", "urllib", "http", "ssl", "time",
+    "logging", "glob", "fcntl", "pathlib", "random", "secrets",
+}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def _modules(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _modules("dynvol_core"), ids=lambda p: p.name)
+def test_core_imports_only_stdlib_and_attrs(path: Path) -> None:
+    bad = []
+    for line, name in _imports(path):
+        top = name.split(".")[0]
+        allowed = top in ("attrs", "attr", "dynvol_core", "__future__") or (
+            top in sys.stdlib_module_names and top not in _IMPURE
+        )
+        if not allowed:
+            bad.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert not bad, "dynvol_core must stay pure:\n" + "\n".join(bad)
+
+
+def test_core_has_modules() -> None:
+    # Guards the parametrised test above against silently checking nothing.
+    assert len(_modules("dynvol_core")) >= 5
