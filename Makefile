@@ -41,7 +41,7 @@ test-integration: tools
 
 # The README's test command: lint, unit and integration tiers, csi-sanity.
 test: tools lint
-	$(PY) -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/integration examples/dynvol-provider-example/tests $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory sanity
 
 sanity: tools
