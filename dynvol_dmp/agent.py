@@ -1,0 +1,655 @@
+"""The Dynamic Mount Pod agent: mounts the DynamicVolumeMounts assigned to it, and keeps them.
+
+Pipeline (kopf-style): :mod:`dynvol_dmp.watching` observes the assigned objects into a
+cache and queues their keys; workers take keys from :mod:`dynvol_dmp.queueing` and
+:meth:`Agent.reconcile` them, level-based: read the object and the mount table, plan with
+:func:`dynvol_core.mountplans.plan_mounts`, execute the steps through the provider, report
+the outcome on the object's status.
+
+The agent owns every mounter process (through :class:`dynvol_providers.hosting.LocalHost`,
+which waits for each of them): a daemon that dies marks its mount stale and queues the key,
+so the next reconcile repairs it (lazy unmount, mount again) at once, and with a growing
+delay if it keeps dying. Mount table changes and a slow health probe catch the rest.
+
+Lifecycle: :meth:`Agent.start` cleans up mounts a previous run left below ``--xvols`` and
+starts watching; :meth:`Agent.close` (first SIGTERM) stops watching, unmounts everything
+it owns and stops its daemons; the second SIGTERM makes :func:`run` exit at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import os
+import posixpath
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import attrs
+
+from dynvol_core import constants as c
+from dynvol_core.dispatch import label_value
+from dynvol_core.errors import InvalidObject
+from dynvol_core.models import (
+    Condition,
+    ConditionStatus,
+    DynamicVolumeMount,
+    MountPhase,
+    StorageProviderClass,
+    set_condition,
+    thaw_json,
+)
+from dynvol_core.mountinfo import entries_under, topmost_at
+from dynvol_core.mountplans import (
+    DesiredMount,
+    LazyUnmount,
+    Mount,
+    Repair,
+    plan_mounts,
+    plan_teardown,
+)
+from dynvol_dmp.k8s import APIConflict, APIError, APINotFound, KubeApi
+from dynvol_dmp.queueing import WorkQueue
+from dynvol_dmp.watching import Key, MountCache, watch_assigned
+from dynvol_providers import (
+    DaemonHandle,
+    MountFailed,
+    MountHandle,
+    MountRequest,
+    Provider,
+    ProviderRegistry,
+    UnknownProvider,
+)
+from dynvol_providers.hosting import LocalHost, read_mount_table
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "dynvol-dmp"
+CONDITION_READY = "Ready"
+CONDITION_REPAIRED = "Repaired"
+#: Seconds a StorageProviderClass read from the API is reused.
+CLASS_TTL = 30.0
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """What ``dynvol dmp`` was told on its command line."""
+
+    name: str
+    namespace: str
+    xvols: Path
+    secrets_dir: Path
+    work_dir: Path
+    workers: int = 8
+    health_interval: float = 10.0
+    max_backoff: float = 300.0
+
+
+@attrs.define
+class _Owned:
+    """A mount this agent made and supervises."""
+
+    key: Key
+    desired_key: str
+    target: PurePosixPath
+    provider: Provider
+    request: MountRequest
+    handle: MountHandle
+    stale_reason: str = ""
+    repairs: list[float] = attrs.field(factory=list)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+@attrs.define
+class Agent:
+    """One DMP's reconciler and supervisor. Use :meth:`start` and :meth:`close`."""
+
+    settings: Settings
+    api: KubeApi
+    registry: ProviderRegistry
+    cache: MountCache = attrs.field(factory=MountCache)
+    queue: WorkQueue[Key] = attrs.field(factory=WorkQueue)
+    host: LocalHost = attrs.field(init=False)
+    _owned: dict[Key, _Owned] = attrs.field(factory=dict, init=False)
+    _failures: dict[Key, int] = attrs.field(factory=dict, init=False)
+    _tasks: list[asyncio.Task[None]] = attrs.field(factory=list, init=False)
+    _closing: bool = attrs.field(default=False, init=False)
+    _classes: dict[str, tuple[float, dict[str, Any]]] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.host = LocalHost(on_daemon_exit=self._on_daemon_exit)
+
+    @property
+    def label_selector(self) -> str:
+        return f"{c.LABEL_DMP}={label_value(self.settings.name)}"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Clean up after a previous run, then watch and reconcile in the background."""
+        xvols = PurePosixPath(self.settings.xvols)
+        if _within(PurePosixPath(self.settings.work_dir), xvols):
+            raise ValueError("--work-dir must not be inside --xvols (it would reach the pods)")
+        await asyncio.to_thread(os.makedirs, self.settings.work_dir, 0o700, True)
+        for step in plan_teardown(read_mount_table(), xvols, include_scope=False):
+            log.info("removing mount left by a previous run: %s", step.target)
+            await self.host.unmount(step.target, lazy=True)
+        spawn = asyncio.create_task
+        self._tasks.append(
+            spawn(watch_assigned(self.api, self.label_selector, self.cache, self.queue.add))
+        )
+        self._tasks += [spawn(self._worker()) for _ in range(self.settings.workers)]
+        self._tasks.append(spawn(self._watch_mount_table()))
+        self._tasks.append(spawn(self._probe_health()))
+
+    async def close(self) -> None:
+        """Stop watching, unmount everything this agent owns, stop its daemons."""
+        self._closing = True
+        self.queue.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        owned = list(self._owned.values())
+        await asyncio.gather(*(self._unmount_owned(o) for o in owned), return_exceptions=True)
+        await asyncio.gather(*(self._report_stopped(o.key) for o in owned), return_exceptions=True)
+        await self.host.close()
+
+    # -- event sources ----------------------------------------------------------------------
+
+    def _on_daemon_exit(self, handle: DaemonHandle, status: int) -> None:
+        for owned in self._owned.values():
+            if owned.handle.daemon == handle:
+                owned.stale_reason = f"its mounter (pid {handle.pid}) exited with status {status}"
+                if not self._closing:
+                    self.queue.add(owned.key)
+                return
+
+    async def _watch_mount_table(self) -> None:
+        while True:
+            await self.host.mount_table_changed().wait()
+            table = read_mount_table()
+            for owned in list(self._owned.values()):
+                entry = topmost_at(table, owned.target)
+                if entry is None or entry.fs_type != owned.handle.fs_type:
+                    owned.stale_reason = owned.stale_reason or "its mount disappeared"
+                    self.queue.add(owned.key)
+
+    async def _probe_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            for owned in list(self._owned.values()):
+                health = await owned.provider.check_health(owned.handle, self.host)
+                if not health.ok:
+                    owned.stale_reason = health.message or str(health.state)
+                    self.queue.add(owned.key)
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            try:
+                delay = await self.reconcile(key)
+            except asyncio.CancelledError:
+                raise
+            except APIConflict:
+                delay = 0.0  # the object changed meanwhile: look again
+            except Exception:
+                log.exception("reconciling %s/%s failed", *key)
+                delay = self._backoff(key)
+            finally:
+                self.queue.done(key)
+            if delay is not None and not self._closing:
+                self.queue.add_after(key, delay)
+
+    def _backoff(self, key: Key, *, floor: float = 1.0) -> float:
+        failures = self._failures.get(key, 0)
+        self._failures[key] = failures + 1
+        return float(min(floor * 2**failures, self.settings.max_backoff))
+
+    # -- reconcile ------------------------------------------------------------------------
+
+    async def reconcile(self, key: Key) -> float | None:
+        """Bring ``key``'s mount to what its object asks; returns a retry delay or None."""
+        obj = self.cache.get(key)
+        owned = self._owned.get(key)
+        if obj is None:
+            if owned is not None:
+                await self._unmount_owned(owned)
+            self._failures.pop(key, None)
+            return None
+        try:
+            dvm = DynamicVolumeMount.from_object(obj)
+        except InvalidObject as exc:
+            if owned is not None:
+                await self._unmount_owned(owned)
+            await self._report(obj, MountPhase.FAILED, "InvalidSpec",
+                               f"the DynamicVolumeMount is invalid: {exc}")  # fmt: skip
+            return None
+        target = self._target(dvm)
+        if dvm.spec.dmp_name != self.settings.name or dvm.deleting:
+            await self._release(obj, dvm, owned, target)
+            return None
+        if target is None:
+            message = (
+                f"spec.dmpTargetPath {dvm.spec.dmp_target_path!r} is not below "
+                f"{c.DMP_XVOLS_DIR}; the node plugin must recreate this mount"
+            )
+            await self._report(obj, MountPhase.FAILED, "InvalidPath", message)
+            return None
+        try:
+            provider, request = await self._mount_request(dvm, target)
+        except MountFailed as failure:
+            if owned is not None:
+                await self._unmount_owned(owned)
+            await self._report(obj, MountPhase.FAILED, failure.reason, failure.message)
+            return self._backoff(key, floor=30.0 if not failure.retryable else 1.0)
+        desired_key = _digest(dvm.uid, provider.name, request.config, request.read_only,
+                              sorted(request.credentials.values.items()))  # fmt: skip
+        desired = DesiredMount(target=target, source=provider.name, fs_type="", key=desired_key)
+        table = read_mount_table()
+        stale: set[PurePosixPath] = set()
+        if owned is not None and owned.stale_reason:
+            stale.add(target)
+        known = {target: owned.desired_key} if owned is not None else {}
+        steps = plan_mounts(
+            desired=[desired],
+            observed=entries_under(table, target, include_self=True),
+            scope=target.parent,
+            stale=stale,
+            known=known,
+        )
+        for step in steps:
+            if isinstance(step, LazyUnmount):
+                current = self._owned.get(key)
+                if current is not None and current.target == step.target:
+                    await self._unmount_owned(current)
+                else:
+                    await self.host.unmount(step.target, lazy=True)
+            elif isinstance(step, Repair):
+                delay = self._repair_delay(key)
+                if delay > 0:
+                    return delay
+                if not await self._repair(obj, dvm, provider, request, desired_key):
+                    return self._backoff(key)
+            elif isinstance(step, Mount) and not await self._mount(
+                obj, dvm, provider, request, desired_key
+            ):
+                return self._backoff(key)
+        owned = self._owned.get(key)
+        obj = self.cache.get(key) or obj
+        if owned is not None:
+            obj = await self._ensure_finalizer(obj, DynamicVolumeMount.from_object(obj))
+        phase = (obj.get("status") or {}).get("phase")
+        if owned is not None and phase != MountPhase.MOUNTED:
+            await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {target}")
+        self._failures.pop(key, None)
+        return None
+
+    def _target(self, dvm: DynamicVolumeMount) -> PurePosixPath | None:
+        """Where to mount, inside this agent's view of /xvols; None if unsafe."""
+        raw = PurePosixPath(posixpath.normpath(dvm.spec.dmp_target_path))
+        if ".." in PurePosixPath(dvm.spec.dmp_target_path).parts or not raw.is_absolute():
+            return None
+        root = PurePosixPath(c.DMP_XVOLS_DIR)
+        try:
+            relative = raw.relative_to(root)
+        except ValueError:
+            return None
+        if not relative.parts:
+            return None
+        return PurePosixPath(self.settings.xvols) / relative
+
+    async def _mount_request(
+        self, dvm: DynamicVolumeMount, target: PurePosixPath
+    ) -> tuple[Provider, MountRequest]:
+        """Resolve provider, class parameters, config and credentials (MountFailed if not)."""
+        try:
+            provider = self.registry.get(dvm.spec.provider)
+        except UnknownProvider as exc:
+            raise MountFailed("UnknownProvider", str(exc), retryable=False) from None
+        try:
+            raw_class = await self._get_class(dvm.spec.storage_provider_class)
+        except APINotFound:
+            raise MountFailed(
+                "StorageProviderClassNotFound",
+                f"StorageProviderClass {dvm.spec.storage_provider_class!r} does not exist; "
+                "create it or fix the pod's storage-provider-class annotation",
+                retryable=False,
+            ) from None
+        try:
+            spc = StorageProviderClass.from_object(raw_class)
+            config = provider.parse_config(
+                thaw_json(dvm.spec.config), parameters=spc.provider_parameters
+            )
+        except InvalidObject as exc:
+            raise MountFailed(
+                "InvalidConfig",
+                f"the {dvm.spec.provider} configuration is invalid: {exc}; fix the claim "
+                f"{dvm.spec.claim_name!r} or the StorageProviderClass",
+                retryable=False,
+            ) from None
+        try:
+            credentials = provider.parse_credentials(await asyncio.to_thread(self._secrets))
+        except InvalidObject as exc:
+            raise MountFailed(
+                "InvalidCredentials",
+                f"the credentials Secret of StorageProviderClass "
+                f"{dvm.spec.storage_provider_class!r} is invalid: {exc}",
+                retryable=False,
+            ) from None
+        request = MountRequest(
+            name=f"{dvm.namespace}/{dvm.name}",
+            target=target,
+            read_only=dvm.spec.read_only,
+            config=config,
+            credentials=credentials,
+            work_dir=PurePosixPath(self.settings.work_dir) / (dvm.uid or dvm.name),
+        )
+        return provider, request
+
+    async def _get_class(self, name: str) -> dict[str, Any]:
+        """The StorageProviderClass, cached briefly: classes rarely change, mounts come in
+        bursts (a Deployment scaling up), and a changed class is seen within the TTL."""
+        now = time.monotonic()
+        cached = self._classes.get(name)
+        if cached is not None and now - cached[0] < CLASS_TTL:
+            return cached[1]
+        obj = await self.api.get_class(name)
+        self._classes[name] = (now, obj)
+        return obj
+
+    def _secrets(self) -> dict[str, bytes]:
+        """The class's Secret as mounted into the DMP: one file per key."""
+        data: dict[str, bytes] = {}
+        directory = self.settings.secrets_dir
+        if not directory.is_dir():
+            return data
+        for entry in directory.iterdir():
+            # Secret volumes hold ..data and timestamped dirs next to the key symlinks.
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            data[entry.name] = entry.read_bytes()
+        return data
+
+    async def _mount(
+        self,
+        obj: dict[str, Any],
+        dvm: DynamicVolumeMount,
+        provider: Provider,
+        request: MountRequest,
+        desired_key: str,
+    ) -> bool:
+        key = (dvm.namespace, dvm.name)
+        # The API writes (finalizer, Mounting) run while the mounter starts: they are not
+        # on the path to the mount being usable.
+        mounting = asyncio.create_task(self._start_mount(provider, request))
+        conflict: APIConflict | None = None
+        try:
+            try:
+                obj = await self._ensure_finalizer(obj, dvm)
+            except APIConflict as exc:
+                conflict = exc
+            if (obj.get("status") or {}).get("phase") != MountPhase.MOUNTING:
+                message = f"mounting {dvm.spec.provider} at {request.target}"
+                obj = await self._report(obj, MountPhase.MOUNTING, "Mounting", message)
+        except BaseException:
+            mounting.cancel()
+            with contextlib.suppress(BaseException):
+                await mounting
+            raise
+        try:
+            handle = await mounting
+        except MountFailed as failure:
+            await self.host.unmount(request.target, lazy=True)
+            log.warning("mounting %s/%s failed: %s", *key, failure.message)
+            await self._report(obj, MountPhase.FAILED, failure.reason, failure.message)
+            return False
+        except OSError as exc:
+            await self.host.unmount(request.target, lazy=True)
+            await self._report(obj, MountPhase.FAILED, "MountFailed",
+                               f"cannot mount at {request.target}: {exc}")  # fmt: skip
+            return False
+        previous = self._owned.get(key)
+        self._owned[key] = _Owned(
+            key=key, desired_key=desired_key, target=request.target, provider=provider,
+            request=request, handle=handle,
+            repairs=previous.repairs if previous is not None else [],
+        )  # fmt: skip
+        log.info("mounted %s/%s at %s", *key, request.target)
+        if conflict is not None:
+            raise conflict  # the object changed: the next pass adds the finalizer
+        await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {request.target}",
+                           mounted=True)  # fmt: skip
+        return True
+
+    async def _start_mount(self, provider: Provider, request: MountRequest) -> MountHandle:
+        await asyncio.to_thread(os.makedirs, request.target, 0o755, True)
+        return await provider.mount(request, self.host)
+
+    def _repair_delay(self, key: Key) -> float:
+        """0 for the first repairs; a growing delay when the mounter keeps dying."""
+        owned = self._owned.get(key)
+        if owned is None:
+            return 0.0
+        now = time.monotonic()
+        recent = [t for t in owned.repairs if now - t < 60.0]
+        owned.repairs = recent
+        if len(recent) < 3:
+            return 0.0
+        wait = min(2.0 ** (len(recent) - 2), 60.0) - (now - recent[-1])
+        return max(wait, 0.0)
+
+    async def _repair(
+        self,
+        obj: dict[str, Any],
+        dvm: DynamicVolumeMount,
+        provider: Provider,
+        request: MountRequest,
+        desired_key: str,
+    ) -> bool:
+        key = (dvm.namespace, dvm.name)
+        owned = self._owned.get(key)
+        reason = owned.stale_reason if owned is not None else "the mount went stale"
+        log.warning("repairing %s/%s: %s", *key, reason)
+        await self.host.unmount(request.target, lazy=True)
+        if owned is not None:
+            owned.repairs.append(time.monotonic())
+            if owned.handle.daemon is not None:
+                await self.host.stop_daemon(owned.handle.daemon, kill_after=2.0)
+            owned.stale_reason = ""
+        if not await self._mount(obj, dvm, provider, request, desired_key):
+            return False
+        current = self.cache.get(key) or obj
+        status = dict(current.get("status") or {})
+        count = int(status.get("repairCount", 0) or 0) + 1
+        message = f"remounted at {request.target} because {reason}"
+        condition = Condition(
+            type=CONDITION_REPAIRED, status=ConditionStatus.TRUE, reason="Remounted",
+            message=message, last_transition_time=_now(), observed_generation=dvm.generation,
+        )  # fmt: skip
+        conditions = _conditions(status)
+        conditions = [x for x in conditions if x.type != CONDITION_REPAIRED] + [condition]
+        await self._patch_status(current, {
+            "repairCount": count,
+            "lastRepairAt": _now().isoformat().replace("+00:00", "Z"),
+            "conditions": [x.to_object() for x in conditions],
+        })  # fmt: skip
+        await self._event(current, "Repaired", message, "Warning")
+        return True
+
+    async def _unmount_owned(self, owned: _Owned) -> None:
+        self._owned.pop(owned.key, None)
+        try:
+            await owned.provider.unmount(owned.handle, self.host)
+        except OSError as exc:
+            log.warning("unmounting %s failed (%s); detaching it", owned.target, exc)
+            await self.host.unmount(owned.target, lazy=True)
+            if owned.handle.daemon is not None:
+                await self.host.stop_daemon(owned.handle.daemon, kill_after=2.0)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(os.rmdir, owned.target)
+        log.info("unmounted %s/%s from %s", *owned.key, owned.target)
+
+    async def _release(
+        self,
+        obj: dict[str, Any],
+        dvm: DynamicVolumeMount,
+        owned: _Owned | None,
+        target: PurePosixPath | None,
+    ) -> None:
+        """Unmount (deleted, or reassigned to another DMP) and drop our finalizer."""
+        if c.FINALIZER_MOUNT not in dvm.finalizers and owned is None:
+            return
+        if dvm.deleting and (obj.get("status") or {}).get("phase") != MountPhase.UNMOUNTING:
+            message = "unmounting: the DynamicVolumeMount is being deleted"
+            obj = await self._report(obj, MountPhase.UNMOUNTING, "Unmounting", message)
+        if owned is not None:
+            await self._unmount_owned(owned)
+        elif target is not None and topmost_at(read_mount_table(), target) is not None:
+            await self.host.unmount(target, lazy=True)
+        if c.FINALIZER_MOUNT in dvm.finalizers:
+            remaining = [f for f in dvm.finalizers if f != c.FINALIZER_MOUNT]
+            with contextlib.suppress(APINotFound):
+                updated = await self.api.set_mount_finalizers(
+                    dvm.namespace, dvm.name, remaining, dvm.resource_version
+                )
+                self.cache.update(updated)
+        self._failures.pop((dvm.namespace, dvm.name), None)
+
+    async def _ensure_finalizer(
+        self, obj: dict[str, Any], dvm: DynamicVolumeMount
+    ) -> dict[str, Any]:
+        if c.FINALIZER_MOUNT in dvm.finalizers:
+            return obj
+        updated = await self.api.set_mount_finalizers(
+            dvm.namespace, dvm.name, [*dvm.finalizers, c.FINALIZER_MOUNT], dvm.resource_version
+        )
+        self.cache.update(updated)
+        return updated
+
+    # -- reporting --------------------------------------------------------------------------
+
+    async def _report(
+        self,
+        obj: dict[str, Any],
+        phase: MountPhase,
+        reason: str,
+        message: str,
+        *,
+        mounted: bool = False,
+    ) -> dict[str, Any]:
+        """Write phase, message and the Ready condition; returns the updated object."""
+        status = dict(obj.get("status") or {})
+        generation = int(obj.get("metadata", {}).get("generation", 0) or 0)
+        ready = ConditionStatus.TRUE if phase == MountPhase.MOUNTED else ConditionStatus.FALSE
+        if phase in (MountPhase.MOUNTING, MountPhase.UNMOUNTING):
+            ready = ConditionStatus.UNKNOWN if phase == MountPhase.MOUNTING else ready
+        condition = Condition(
+            type=CONDITION_READY, status=ready, reason=_reason(reason), message=message[:4000],
+            last_transition_time=_now(), observed_generation=generation,
+        )  # fmt: skip
+        conditions = set_condition(_conditions(status), condition)
+        patch: dict[str, Any] = {
+            "phase": str(phase),
+            "message": message[:4000],
+            "observedGeneration": generation,
+            "conditions": [x.to_object() for x in conditions],
+        }
+        if mounted:
+            patch["mountedAt"] = _now().isoformat().replace("+00:00", "Z")
+        if phase == MountPhase.FAILED and status.get("message") != patch["message"]:
+            await self._event(obj, _reason(reason), message, "Warning")
+        return await self._patch_status(obj, patch)
+
+    async def _patch_status(self, obj: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+        meta = obj.get("metadata", {})
+        try:
+            updated = await self.api.patch_mount_status(meta["namespace"], meta["name"], patch)
+        except APINotFound:
+            return obj
+        except APIError as exc:
+            log.warning("cannot report status of %s/%s: %s", meta.get("namespace"),
+                        meta.get("name"), exc)  # fmt: skip
+            return obj
+        self.cache.update(updated)
+        return updated
+
+    async def _event(self, obj: dict[str, Any], reason: str, message: str, type_: str) -> None:
+        try:
+            await self.api.record_event(
+                involved=obj, reason=reason, message=message, type_=type_, component=COMPONENT
+            )
+        except APIError as exc:
+            log.debug("cannot record Event %s: %s", reason, exc)
+
+    async def _report_stopped(self, key: Key) -> None:
+        obj = self.cache.get(key)
+        if obj is not None:
+            with contextlib.suppress(APIError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._report(
+                    obj, MountPhase.PENDING, "MountPodStopped",
+                    "the Dynamic Mount Pod stopped and unmounted this volume; it is mounted "
+                    "again when the mount pod runs again",
+                ), 5.0)  # fmt: skip
+
+
+def _reason(text: str) -> str:
+    word = "".join(ch for ch in text if ch.isalnum())
+    return word if word and word[0].isalpha() else "MountFailed"
+
+
+def _conditions(status: Mapping[str, Any]) -> list[Condition]:
+    result = []
+    for raw in status.get("conditions") or []:
+        with contextlib.suppress(InvalidObject):
+            result.append(Condition.from_object(raw))
+    return result
+
+
+def _within(path: PurePosixPath, base: PurePosixPath) -> bool:
+    return path == base or base in path.parents
+
+
+async def run(settings: Settings, *, kubeconfig: str | None, registry: ProviderRegistry) -> int:
+    """Run the agent until SIGTERM/SIGINT; the second signal exits at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("stopping: unmounting everything this mount pod owns")
+            stop.set()
+        else:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    api = await KubeApi.connect(kubeconfig)
+    agent = Agent(settings=settings, api=api, registry=registry)
+    try:
+        await agent.start()
+        log.info("DMP %s watching %s", settings.name, agent.label_selector)
+        await stop.wait()
+    finally:
+        await agent.close()
+        await api.close()
+    return 0

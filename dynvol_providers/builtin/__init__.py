@@ -1,0 +1,1 @@
+"""The providers dynvol ships, each a plugin registered through its entry point."""

@@ -1,0 +1,258 @@
+"""The ``s3`` provider: a bucket (or a prefix in it) mounted with s3fs, or rclone.
+
+Claim (``s3Config``)::
+
+    s3Config: {bucket: data, endpoint: https://s3.example.com, region: eu-west-1,
+               prefix: team/a, pathStyle: true}
+
+Class: the Secret named by the class holds ``access-key-id`` and ``secret-access-key``
+(both, or neither for a public bucket). The class parameter ``s3-mounter`` picks the
+mounter: ``s3fs`` (default) or ``rclone``.
+
+The keys reach s3fs in a 0600 ``passwd_file`` in the mount's private work directory and
+rclone through its environment; never on a command line. ``readOnly`` is enforced by the
+mounter itself (``-o ro`` / ``--read-only``) because a read-only bind further down the
+propagation chain does not make sub-mounts read-only.
+
+Neighbours: :mod:`dynvol_providers.builtin.rclone` (the rclone mounter).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+import attrs
+
+from dynvol_core.constants import PROVIDER_S3
+from dynvol_core.errors import FieldError, InvalidObject
+from dynvol_core.validation import check_bucket_name, check_endpoint, check_s3_prefix
+from dynvol_providers.base import (
+    CommandSpec,
+    Credentials,
+    DaemonSpec,
+    FileSpec,
+    FuseProvider,
+    MountFailed,
+    MountRequest,
+    Reason,
+)
+from dynvol_providers.builtin.rclone import explain_rclone_failure, rclone_daemon_spec
+from dynvol_providers.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from dynvol_providers.registry import ProviderRegistry
+
+__all__ = ["PARAM_MOUNTER", "S3Config", "S3Provider"]
+
+#: Class parameter choosing the mounter. Not under dynvol's API group: parameters without
+#: that prefix belong to the provider.
+PARAM_MOUNTER: Final = "s3-mounter"
+MOUNTERS: Final = ("s3fs", "rclone")
+KEY_ACCESS: Final = "access-key-id"
+KEY_SECRET: Final = "secret-access-key"
+AWS_ENDPOINT: Final = "https://s3.amazonaws.com"
+_FIELDS = frozenset({"bucket", "endpoint", "region", "prefix", "pathStyle"})
+_REGION_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dt[\d:.]+z?|\(\d+\)")
+_HTTP_404 = re.compile(r"(?<![\d.:])404(?![\d.:])")
+_HTTP_401_403 = re.compile(r"(?<![\d.:])40[13](?![\d.:])")
+
+
+@attrs.frozen(kw_only=True)
+class S3Config:
+    """A parsed ``s3Config`` plus the class's choice of mounter."""
+
+    bucket: str
+    endpoint: str = AWS_ENDPOINT
+    region: str = "us-east-1"
+    prefix: str = ""
+    path_style: bool = False
+    mounter: str = "s3fs"
+
+
+class S3Provider(FuseProvider):
+    """S3 and S3-compatible object stores."""
+
+    name: ClassVar[str] = PROVIDER_S3
+    #: Seconds s3fs waits for a connection; low so an unreachable endpoint fails fast.
+    connect_timeout: int = 5
+
+    def parse_config(self, values: Mapping[str, Any], *, parameters: Mapping[str, str]) -> Any:
+        errors: list[FieldError] = [
+            FieldError(key, f"unknown field; s3Config has {', '.join(sorted(_FIELDS))}")
+            for key in sorted(set(values) - _FIELDS)
+        ]
+        bucket = values.get("bucket")
+        if bucket in (None, ""):
+            errors.append(FieldError("bucket", "is required"))
+        else:
+            errors += check_bucket_name(bucket, "bucket")
+        endpoint = values.get("endpoint") or None
+        if endpoint is not None:
+            errors += check_endpoint(endpoint, "endpoint")
+        region = values.get("region") or "us-east-1"
+        if not isinstance(region, str) or not 1 <= len(region) <= 64 or set(region) - _REGION_CHARS:
+            errors.append(
+                FieldError("region", f"region {region!r} must be lowercase letters, digits and '-'")
+            )
+        prefix = values.get("prefix") or ""
+        errors += check_s3_prefix(prefix, "prefix")
+        # A custom endpoint (MinIO, Ceph...) rarely has per-bucket DNS names: default to
+        # path-style there, to virtual-hosted style on AWS.
+        path_style = values.get("pathStyle", endpoint is not None)
+        if not isinstance(path_style, bool):
+            errors.append(FieldError("pathStyle", "must be true or false"))
+        mounter = parameters.get(PARAM_MOUNTER, "s3fs") or "s3fs"
+        if mounter not in MOUNTERS:
+            errors.append(
+                FieldError(
+                    f"parameters.{PARAM_MOUNTER}",
+                    f"unknown S3 mounter {mounter!r}; use one of {', '.join(MOUNTERS)}",
+                )
+            )
+        if errors:
+            raise InvalidObject(errors)
+        return S3Config(
+            bucket=str(bucket),
+            endpoint=str(endpoint or AWS_ENDPOINT).rstrip("/"),
+            region=str(region),
+            prefix=str(prefix).strip("/"),
+            path_style=bool(path_style),
+            mounter=mounter,
+        )
+
+    def parse_credentials(self, secret_data: Mapping[str, bytes | str]) -> Credentials:
+        creds = Credentials.from_secret_data(secret_data)
+        access, secret = creds.get(KEY_ACCESS), creds.get(KEY_SECRET)
+        errors: list[FieldError] = []
+        if bool(access) != bool(secret):
+            missing = KEY_SECRET if access else KEY_ACCESS
+            errors.append(
+                FieldError(
+                    f"data.{missing}",
+                    f"is required with {KEY_SECRET if missing == KEY_ACCESS else KEY_ACCESS} "
+                    "(give both keys, or neither for a public bucket)",
+                )
+            )
+        for key in (KEY_ACCESS, KEY_SECRET):
+            value = creds.get(key) or ""
+            # s3fs's passwd file is colon-separated: a ':' or newline would corrupt it.
+            if any(c in value for c in ":\n\r\x00"):
+                errors.append(
+                    FieldError(f"data.{key}", "must not contain ':', newlines or NUL characters")
+                )
+        if errors:
+            raise InvalidObject(errors)
+        return Credentials(
+            values={k: v for k, v in creds.values.items() if k in (KEY_ACCESS, KEY_SECRET)}
+        )
+
+    def daemon_spec(self, request: MountRequest) -> DaemonSpec:
+        config = request.config
+        assert isinstance(config, S3Config)
+        if config.mounter == "rclone":
+            return self._rclone_spec(request, config)
+        return self._s3fs_spec(request, config)
+
+    def _s3fs_spec(self, request: MountRequest, config: S3Config) -> DaemonSpec:
+        source = f"{config.bucket}:/{config.prefix}" if config.prefix else config.bucket
+        options = [
+            f"url={config.endpoint}",
+            f"endpoint={config.region}",
+            "allow_other",
+            f"connect_timeout={self.connect_timeout}",
+            "retries=2",
+            "dbglevel=warn",
+            "nonempty",
+        ]
+        files: tuple[FileSpec, ...] = ()
+        access, secret = request.credentials.get(KEY_ACCESS), request.credentials.get(KEY_SECRET)
+        if access and secret:
+            passwd = request.work_dir / "passwd-s3fs"
+            files = (FileSpec(path=passwd, content=f"{access}:{secret}\n".encode(), mode=0o600),)
+            options.append(f"passwd_file={passwd}")
+        else:
+            options.append("public_bucket=1")
+        if config.path_style:
+            options.append("use_path_request_style")
+        if request.read_only:
+            options.append("ro")
+        argv = ["s3fs", source, str(request.target), "-f"]
+        for option in options:
+            argv += ["-o", option]
+        command = CommandSpec(
+            argv=tuple(argv),
+            # s3fs would otherwise pick up keys from the DMP's own environment.
+            unset_env=(
+                "AWSACCESSKEYID",
+                "AWSSECRETACCESSKEY",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN",
+            ),
+            files=files,
+            secrets=request.credentials.secret_values(),
+        )
+        return DaemonSpec(command=command, target=request.target, fs_type="fuse.s3fs")
+
+    def _rclone_spec(self, request: MountRequest, config: S3Config) -> DaemonSpec:
+        options = {
+            "provider": "Other",
+            "endpoint": config.endpoint,
+            "region": config.region,
+            "force_path_style": "true" if config.path_style else "false",
+            "env_auth": "false",
+        }
+        access, secret = request.credentials.get(KEY_ACCESS), request.credentials.get(KEY_SECRET)
+        secret_options = (
+            {"access_key_id": access, "secret_access_key": secret} if access and secret else {}
+        )
+        path = f"{config.bucket}/{config.prefix}" if config.prefix else config.bucket
+        return rclone_daemon_spec(
+            request=request,
+            remote_type="s3",
+            remote_path=path,
+            options=options,
+            secret_options=secret_options,
+        )
+
+    def explain_failure(self, request: MountRequest, failure: MountFailed) -> MountFailed:
+        config = request.config
+        assert isinstance(config, S3Config)
+        what = f"mounting bucket {config.bucket!r} at {config.endpoint}"
+        if config.mounter == "rclone":
+            return explain_rclone_failure(failure, what)
+        # Timestamps in the mounter's log ("...21:30:38.403Z") must not read as HTTP codes.
+        text = _TIMESTAMP.sub(" ", failure.message.lower())
+        if "nosuchbucket" in text or "bucket not found" in text or _HTTP_404.search(text):
+            return MountFailed(
+                Reason.NOT_FOUND,
+                f"{what}: the bucket does not exist; create it or fix s3Config.bucket "
+                f"({failure.message})",
+            )
+        denied = ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied",
+                  "access denied", "forbidden", "invalid credentials")  # fmt: skip
+        if any(s in text for s in denied) or _HTTP_401_403.search(text):
+            return MountFailed(
+                Reason.ACCESS_DENIED,
+                f"{what}: the credentials were refused; check {KEY_ACCESS} and {KEY_SECRET} "
+                f"in the StorageProviderClass's Secret ({failure.message})",
+            )
+        unreachable = ("couldn't connect", "could not connect", "couldnt_connect",
+                       "unable to connect", "timed out", "timeout", "resolve host",
+                       "connection refused")  # fmt: skip
+        if any(s in text for s in unreachable):
+            return MountFailed(
+                Reason.UNREACHABLE,
+                f"{what}: the endpoint cannot be reached; check s3Config.endpoint and the "
+                f"network ({failure.message})",
+            )
+        return failure
+
+
+@hookimpl
+def dynvol_register_providers(registry: ProviderRegistry) -> None:
+    """Register the built-in ``s3`` provider."""
+    registry.register(S3Provider())

@@ -1,0 +1,1 @@
+"""An example third-party dynvol provider: ``tmpfs`` (see :mod:`.plugin`)."""

@@ -1,0 +1,330 @@
+"""Fixtures for the DMP agent tests: a slot layout, the agent as a real process in its own
+mount namespace, a "container" mount namespace that sees the slot rslave, and helpers to
+create DynamicVolumeMounts through the API and wait for their status.
+
+Every process here is waited for, and every mount is undone by the fixtures' finalisers
+(the ``rshared_dir`` fixture lazily unmounts its whole tree).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from dynvol.testing.minio import MinioServer
+from dynvol.testing.mounts import mounts_under
+from dynvol.testing.processes import Process
+from dynvol_core import constants as c
+from dynvol_core.dispatch import label_value
+from dynvol_core.models import DynamicVolumeMount, MountSpec
+
+DYNVOL = str(Path(sys.executable).with_name("dynvol"))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first-level and deeper)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+@attrs.define
+class Slot:
+    """A pod slot under an rshared root, and where a container sees it."""
+
+    root: Path
+    class_name: str
+    pod_uid: str
+    path: Path
+    container_root: Path
+
+
+@pytest.fixture
+def slot(rshared_dir: Path, tmp_path: Path) -> Slot:
+    class_name = f"s3-{secrets.token_hex(3)}"
+    pod_uid = str(uuid.uuid4())
+    path = rshared_dir / "xvols" / class_name / str(uuid.uuid4()) / pod_uid
+    path.mkdir(parents=True)
+    # Outside the rshared tree, so the container's bind cannot propagate back to the host.
+    container_root = tmp_path / "container-root"
+    container_root.mkdir()
+    return Slot(rshared_dir, class_name, pod_uid, path, container_root)
+
+
+@attrs.define
+class Container:
+    """A process in its own mount namespace with the slot bound rslave at its root path."""
+
+    process: Process
+    root: Path
+
+    def sh(self, script: str, *, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["nsenter", "-t", str(self.process.pid), "-m", "sh", "-c", script],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+
+    def read(self, relative: str) -> str | None:
+        result = self.sh(f"cat '{self.root / relative}'")
+        return result.stdout if result.returncode == 0 else None
+
+    def mounts(self) -> list[str]:
+        return mounts_under(self.root, pid=str(self.process.pid))
+
+
+@pytest.fixture
+def container(slot: Slot, tmp_path: Path) -> Iterator[Container]:
+    ready = tmp_path / "container.ready"
+    script = (
+        f"mount --bind '{slot.path}' '{slot.container_root}' && "
+        f"mount --make-rslave '{slot.container_root}' && touch '{ready}' && exec sleep 3600"
+    )
+    proc = Process.start(
+        ["unshare", "-m", "--propagation", "unchanged", "sh", "-c", script],
+        name="container", log=tmp_path / "container.log",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists():
+            assert proc.poll() is None, f"container setup failed{proc.log_tail()}"
+            assert time.monotonic() < deadline, "container setup timed out"
+            time.sleep(0.02)
+        yield Container(proc, slot.container_root)
+    finally:
+        # Its mount namespace (and the binds in it) goes away with its last process.
+        proc.stop(timeout=5)
+
+
+@attrs.define
+class AgentRunner:
+    """Starts and stops ``dynvol dmp`` in its own mount namespace."""
+
+    name: str
+    kubeconfig: Path
+    xvols: Path
+    secrets_dir: Path
+    work_dir: Path
+    log: Path
+    process: Process | None = None
+    started: list[Process] = attrs.field(factory=list)
+
+    def start(self) -> Process:
+        assert self.process is None
+        env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+        self.process = Process.start(
+            ["unshare", "-m", "--propagation", "unchanged", DYNVOL, "--log-level", "DEBUG",
+             "dmp", "--name", self.name, "--namespace", c.DEFAULT_SYSTEM_NAMESPACE,
+             "--xvols", str(self.xvols), "--secrets-dir", str(self.secrets_dir),
+             "--kubeconfig", str(self.kubeconfig), "--work-dir", str(self.work_dir),
+             "--health-interval", "5"],
+            name="dynvol-dmp", env=env, log=self.log,
+        )  # fmt: skip
+        self.started.append(self.process)
+        return self.process
+
+    def daemons(self) -> list[int]:
+        assert self.process is not None
+        return [
+            pid for pid in descendants(self.process.pid)
+            if process_name(pid) in ("s3fs", "rclone")
+        ]  # fmt: skip
+
+    def stop(self, *, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        proc, self.process = self.process, None
+        orphans = descendants(proc.pid)
+        status = proc.stop(timeout=timeout)
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return status
+
+    def log_tail(self) -> str:
+        return self.started[-1].log_tail(60) if self.started else ""
+
+
+@pytest.fixture
+def agent_factory(
+    control_plane: Any, slot: Slot, tmp_path: Path
+) -> Iterator[Callable[[dict[str, str]], AgentRunner]]:
+    runners: list[AgentRunner] = []
+
+    def make(secret_data: dict[str, str]) -> AgentRunner:
+        secrets_dir = tmp_path / f"secrets-{len(runners)}"
+        secrets_dir.mkdir(mode=0o700)
+        for key, value in secret_data.items():
+            (secrets_dir / key).write_text(value)
+        runner = AgentRunner(
+            name=f"dmp-{secrets.token_hex(4)}",
+            kubeconfig=control_plane.kubeconfig,
+            xvols=slot.path,
+            secrets_dir=secrets_dir,
+            work_dir=tmp_path / f"work-{len(runners)}",
+            log=tmp_path / f"dmp-{len(runners)}.log",
+        )
+        runners.append(runner)
+        return runner
+
+    try:
+        yield make
+    finally:
+        for runner in runners:
+            if runner.process is not None:
+                runner.stop(timeout=20)
+
+
+@attrs.define
+class Mounts:
+    """Create, read and wait for DynamicVolumeMounts through the API."""
+
+    api: Any
+    namespace: str
+
+    @property
+    def custom(self) -> Any:
+        from kubernetes_asyncio import client
+
+        return client.CustomObjectsApi(self.api)
+
+    async def create_class(self, parameters: dict[str, str] | None = None) -> str:
+        name = f"class-{secrets.token_hex(4)}"
+        await self.custom.create_cluster_custom_object(
+            c.GROUP, c.VERSION, c.PLURAL_CLASS,
+            {"apiVersion": c.API_VERSION, "kind": c.KIND_CLASS, "metadata": {"name": name},
+             "spec": {"provider": "s3", "parameters": parameters or {}}},
+        )  # fmt: skip
+        return name
+
+    async def create(
+        self,
+        *,
+        dmp: str,
+        class_name: str,
+        config: dict[str, Any],
+        mountpoint: str = "/data",
+        read_only: bool = False,
+        slot_path: Path,
+        pod_uid: str,
+    ) -> str:
+        name = f"dvm-{secrets.token_hex(4)}"
+        dvm = DynamicVolumeMount(
+            name=name,
+            namespace=self.namespace,
+            labels={c.LABEL_DMP: label_value(dmp)},
+            spec=MountSpec(
+                claim_name="claim", claim_uid=str(uuid.uuid4()), pod_name="pod",
+                pod_uid=pod_uid, node_name="node", dmp_name=dmp, provider="s3",
+                storage_provider_class=class_name, config=config, read_only=read_only,
+                mountpoint=mountpoint, slot_path=str(slot_path),
+                dmp_target_path=f"{c.DMP_XVOLS_DIR}{mountpoint}",
+            ),
+        )  # fmt: skip
+        await self.custom.create_namespaced_custom_object(
+            c.GROUP, c.VERSION, self.namespace, c.PLURAL_MOUNT, dvm.to_object()
+        )
+        return name
+
+    async def get(self, name: str) -> dict[str, Any] | None:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            obj: dict[str, Any] = await self.custom.get_namespaced_custom_object(
+                c.GROUP, c.VERSION, self.namespace, c.PLURAL_MOUNT, name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return obj
+
+    async def delete(self, name: str) -> None:
+        await self.custom.delete_namespaced_custom_object(
+            c.GROUP, c.VERSION, self.namespace, c.PLURAL_MOUNT, name
+        )
+
+    async def wait(
+        self,
+        name: str,
+        predicate: Callable[[dict[str, Any] | None], bool],
+        *,
+        limit: float = 30.0,
+        what: str = "condition",
+        agent: AgentRunner | None = None,
+    ) -> dict[str, Any] | None:
+        deadline = time.monotonic() + limit
+        while True:
+            obj = await self.get(name)
+            if predicate(obj):
+                return obj
+            if time.monotonic() > deadline:
+                status = (obj or {}).get("status")
+                logs = agent.log_tail() if agent is not None else ""
+                raise AssertionError(f"timed out waiting for {what}; status={status}{logs}")
+            await asyncio.sleep(0.1)
+
+    async def cleanup(self) -> None:
+        """Drop finalizers of whatever is left, so the namespace can go."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        listing = await self.custom.list_namespaced_custom_object(
+            c.GROUP, c.VERSION, self.namespace, c.PLURAL_MOUNT
+        )
+        for obj in listing.get("items", []):
+            with contextlib.suppress(ApiException):
+                await self.custom.patch_namespaced_custom_object(
+                    c.GROUP, c.VERSION, self.namespace, c.PLURAL_MOUNT,
+                    obj["metadata"]["name"], {"metadata": {"finalizers": None}},
+                    _content_type="application/merge-patch+json",
+                )  # fmt: skip
+                await self.delete(obj["metadata"]["name"])
+
+
+def phase_is(phase: str) -> Callable[[dict[str, Any] | None], bool]:
+    return lambda obj: obj is not None and (obj.get("status") or {}).get("phase") == phase
+
+
+@pytest.fixture
+async def mounts(kube_client: Any, namespace: str) -> AsyncIterator[Mounts]:
+    helper = Mounts(kube_client, namespace)
+    try:
+        yield helper
+    finally:
+        await helper.cleanup()
+
+
+@pytest.fixture
+def s3_keys(minio: MinioServer) -> dict[str, str]:
+    return {"access-key-id": minio.access_key, "secret-access-key": minio.secret_key}

@@ -1,0 +1,188 @@
+"""The DMP agent against a real apiserver, real MinIO, real FUSE mounts and mount namespaces.
+
+The agent runs as ``dynvol dmp`` in its own mount namespace; it mounts under a slot whose
+root is rshared, and a "container" namespace that bound the slot rslave sees the mount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from dynvol.testing.minio import MinioServer
+from dynvol.testing.mounts import mounts_under
+
+from .conftest import AgentRunner, Container, Mounts, Slot, phase_is
+
+pytestmark = pytest.mark.integration
+
+
+async def _eventually(check: Callable[[], Any], *, within: float = 20.0, what: str) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("mounter", ["s3fs", "rclone"])
+async def test_mount_propagates_repairs_restarts_and_unmounts(
+    mounter: str,
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    s3 = minio.client()
+    bucket = minio.make_bucket("dmp")
+    s3.put_object(Bucket=bucket, Key="hello.txt", Body=b"hello from S3\n")
+    class_name = await mounts.create_class({"s3-mounter": mounter})
+    agent = agent_factory(s3_keys)
+    agent.start()
+    name = await mounts.create(
+        dmp=agent.name,
+        class_name=class_name,
+        config={"bucket": bucket, "endpoint": minio.endpoint},
+        slot_path=slot.path,
+        pod_uid=slot.pod_uid,
+    )
+    obj = await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
+    assert obj is not None
+    assert "dynamicvolume.csi.cloudnative101.net/unmount" in obj["metadata"]["finalizers"]
+    ready = {x["type"]: x for x in obj["status"]["conditions"]}["Ready"]
+    assert ready["status"] == "True"
+
+    # An object written through the S3 API is readable in the container.
+    assert container.read("data/hello.txt") == "hello from S3\n"
+    # A file written in the container lands in the bucket.
+    result = container.sh(f"echo 'from the container' > '{container.root}/data/out.txt'")
+    assert result.returncode == 0, result.stderr
+
+    def landed() -> bool:
+        try:
+            body = s3.get_object(Bucket=bucket, Key="out.txt")["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            return False
+        return bool(body == b"from the container\n")
+
+    await _eventually(landed, what="out.txt in the bucket")
+
+    # kill -9 of the FUSE daemon: reads work again without any action from the test.
+    (daemon,) = agent.daemons()
+    os.kill(daemon, signal.SIGKILL)
+
+    def repaired() -> bool:
+        return container.read("data/hello.txt") == "hello from S3\n" and agent.daemons() != [daemon]
+
+    await _eventually(repaired, what="reads after the repair")
+    obj = await mounts.wait(
+        name, lambda o: o is not None and o["status"].get("repairCount", 0) >= 1,
+        what="repairCount", agent=agent,
+    )  # fmt: skip
+    assert obj is not None
+    assert obj["status"]["lastRepairAt"]
+    assert obj["status"]["phase"] == "Mounted"
+
+    # Stopping the agent leaves no mounts, anywhere.
+    assert agent.stop() == 0, agent.log_tail()
+    assert mounts_under(slot.path) == []
+    assert container.mounts() == [str(container.root)]
+    # Restarting it restores every mount still assigned.
+    agent.start()
+    await mounts.wait(name, phase_is("Mounted"), what="Mounted after restart", agent=agent)
+    await _eventually(
+        lambda: container.read("data/hello.txt") == "hello from S3\n", what="reads after restart"
+    )
+
+    # Deleting the DynamicVolumeMount unmounts it in the container and releases it.
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, what="the finalizer to be released", agent=agent)
+    assert container.mounts() == [str(container.root)]
+    assert mounts_under(slot.path) == []
+    assert agent.stop() == 0
+
+
+async def test_read_only_is_enforced_in_the_container(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    bucket = minio.make_bucket("ro")
+    minio.client().put_object(Bucket=bucket, Key="seen.txt", Body=b"read me\n")
+    class_name = await mounts.create_class()
+    agent = agent_factory(s3_keys)
+    agent.start()
+    name = await mounts.create(
+        dmp=agent.name,
+        class_name=class_name,
+        config={"bucket": bucket, "endpoint": minio.endpoint},
+        read_only=True,
+        slot_path=slot.path,
+        pod_uid=slot.pod_uid,
+    )
+    await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
+    assert container.read("data/seen.txt") == "read me\n"
+    result = container.sh(f"echo x > '{container.root}/data/new.txt'")
+    assert result.returncode != 0
+    assert "Read-only file system" in result.stderr
+    assert agent.stop() == 0
+    assert mounts_under(slot.path) == []
+
+
+@pytest.mark.parametrize(
+    ("case", "reason", "hint"),
+    [
+        ("wrong-credentials", "AccessDenied", "Secret"),
+        ("missing-bucket", "StorageNotFound", "create it"),
+        ("unreachable", "EndpointUnreachable", "endpoint"),
+    ],
+)
+async def test_bad_config_fails_with_an_actionable_message(
+    case: str,
+    reason: str,
+    hint: str,
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    keys, bucket, endpoint = dict(s3_keys), minio.make_bucket("bad"), minio.endpoint
+    if case == "wrong-credentials":
+        keys["secret-access-key"] = "not-the-right-secret"
+    elif case == "missing-bucket":
+        bucket = "no-such-bucket-dynvol"
+    else:
+        endpoint = "http://127.0.0.1:9"  # discard port: nothing listens
+    class_name = await mounts.create_class()
+    agent = agent_factory(keys)
+    agent.start()
+    name = await mounts.create(
+        dmp=agent.name, class_name=class_name, config={"bucket": bucket, "endpoint": endpoint},
+        slot_path=slot.path, pod_uid=slot.pod_uid,
+    )  # fmt: skip
+    obj = await mounts.wait(name, phase_is("Failed"), limit=60, what="Failed", agent=agent)
+    assert obj is not None
+    ready = {x["type"]: x for x in obj["status"]["conditions"]}["Ready"]
+    assert ready["status"] == "False"
+    assert ready["reason"] == reason, obj["status"]
+    assert hint in obj["status"]["message"]
+    assert keys["secret-access-key"] not in obj["status"]["message"]
+    # Nothing half-mounted, no daemon left.
+    assert mounts_under(slot.path) == []
+    assert agent.daemons() == []
+    assert agent.stop() == 0
