@@ -15,8 +15,20 @@ import sys
 _COMMANDS = ("node", "dmp", "controller", "dev", "demo")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser, with every subcommand that could be imported."""
+def _requested(argv: list[str]) -> tuple[str, ...]:
+    """The subcommand named in ``argv``, so only its (heavy) imports are paid for; every
+    subcommand when none is named (``--help``)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--log-level":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return (arg,) if arg in _COMMANDS else _COMMANDS
+    return _COMMANDS
+
+
+def build_parser(commands: tuple[str, ...] = _COMMANDS) -> argparse.ArgumentParser:
+    """The argument parser, with those of ``commands`` that are installed."""
     parser = argparse.ArgumentParser(
         prog="dynvol",
         description="Add and remove external storage to running Kubernetes pods.",
@@ -25,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _COMMANDS:
+    for name in commands:
         try:
             module = importlib.import_module(f"dynvol.commands.{name}")
         except ModuleNotFoundError as exc:
@@ -38,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``dynvol``; returns the process exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_requested(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level,
