@@ -1,0 +1,99 @@
+"""Names shared by every dynvol process: API group, annotations, parameters, labels.
+
+The values in the first half are fixed by the project's interface contract; renaming one is
+an API change. The label keys at the end are dynvol's own bookkeeping on the objects it
+creates (DynamicVolumeMounts, Dynamic Mount Pods and their credential Secrets).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "dynamicvolume.csi.cloudnative101.net"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+DRIVER_NAME: Final = GROUP
+
+# Pod (or namespace) opt-in annotations.
+ANNOTATION_STORAGE_PROVIDER_CLASS: Final = f"{GROUP}/storage-provider-class"
+ANNOTATION_MOUNT_PATH_ROOT: Final = f"{GROUP}/volume-mount-path-root"
+ANNOTATION_DISPATCH_POLICY: Final = f"{GROUP}/mount-pod-dispatch-policy"
+
+# StorageProviderClass parameters.
+PARAM_SECRET_NAME: Final = f"{GROUP}/storage-provider-secret-name"
+PARAM_SECRET_NAMESPACE: Final = f"{GROUP}/storage-provider-secret-namespace"
+PARAM_MOUNT_CPU_REQUEST: Final = f"{GROUP}/mount-cpu-request"
+PARAM_MOUNT_MEMORY_REQUEST: Final = f"{GROUP}/mount-memory-request"
+PARAM_MOUNT_CPU_LIMIT: Final = f"{GROUP}/mount-cpu-limit"
+PARAM_MOUNT_MEMORY_LIMIT: Final = f"{GROUP}/mount-memory-limit"
+#: Every parameter key dynvol itself understands. Other keys under the dynvol prefix are
+#: rejected as probable typos; keys without the prefix belong to the provider.
+KNOWN_PARAMETERS: Final = frozenset(
+    {
+        PARAM_SECRET_NAME,
+        PARAM_SECRET_NAMESPACE,
+        PARAM_MOUNT_CPU_REQUEST,
+        PARAM_MOUNT_MEMORY_REQUEST,
+        PARAM_MOUNT_CPU_LIMIT,
+        PARAM_MOUNT_MEMORY_LIMIT,
+    }
+)
+
+# The CSI ephemeral inline volume the webhook injects.
+VOLUME_NAME: Final = "dynamic-volume-root-path"
+VOLUME_ATTR_CLASS: Final = "storageProviderClass"
+VOLUME_ATTR_POLICY: Final = "mountPodDispatchPolicy"
+POLICY_INDEPENDENT: Final = "independent"
+POLICY_SHARED: Final = "shared"
+POLICIES: Final = frozenset({POLICY_INDEPENDENT, POLICY_SHARED})
+
+# Keys kubelet puts into NodePublishVolume's volume context (podInfoOnMount).
+CSI_CTX_POD_UID: Final = "csi.storage.k8s.io/pod.uid"
+CSI_CTX_POD_NAME: Final = "csi.storage.k8s.io/pod.name"
+CSI_CTX_POD_NAMESPACE: Final = "csi.storage.k8s.io/pod.namespace"
+CSI_CTX_EPHEMERAL: Final = "csi.storage.k8s.io/ephemeral"
+
+DEFAULT_ROOT: Final = "/var/lib/dynamic"
+DEFAULT_SYSTEM_NAMESPACE: Final = "dynvol-system"
+
+# Kinds and plurals of the custom resources.
+KIND_CLASS: Final = "StorageProviderClass"
+KIND_CLAIM: Final = "DynamicVolumeClaim"
+KIND_MOUNT: Final = "DynamicVolumeMount"
+PLURAL_CLASS: Final = "storageproviderclasses"
+PLURAL_CLAIM: Final = "dynamicvolumeclaims"
+PLURAL_MOUNT: Final = "dynamicvolumemounts"
+
+#: Finalizer the controller keeps on a StorageProviderClass while pods or claims use it.
+FINALIZER_CLASS_IN_USE: Final = f"{GROUP}/in-use-protection"
+#: Finalizer the DMP keeps on a DynamicVolumeMount until its mount is gone.
+FINALIZER_MOUNT: Final = f"{GROUP}/unmount"
+
+# Built-in provider names (third-party providers bring their own).
+PROVIDER_S3: Final = "s3"
+PROVIDER_NFS: Final = "nfs"
+PROVIDER_RCLONE: Final = "rclone"
+
+# Labels on the objects dynvol creates. Values are always valid label values: long names
+# are replaced by a digest (see dynvol_core.dispatch.label_value).
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_MANAGED_BY_VALUE: Final = "dynvol"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+COMPONENT_DMP: Final = "dynamic-mount-pod"
+COMPONENT_CREDENTIALS: Final = "dmp-credentials"
+LABEL_CLAIM: Final = f"{GROUP}/claim"
+LABEL_CLAIM_UID: Final = f"{GROUP}/claim-uid"
+LABEL_POD: Final = f"{GROUP}/pod"
+LABEL_POD_UID: Final = f"{GROUP}/pod-uid"
+LABEL_POD_NAMESPACE: Final = f"{GROUP}/pod-namespace"
+LABEL_NODE: Final = f"{GROUP}/node"
+LABEL_DMP: Final = f"{GROUP}/dmp"
+LABEL_CLASS: Final = f"{GROUP}/storage-provider-class"
+LABEL_POLICY: Final = f"{GROUP}/dispatch-policy"
+LABEL_CREDENTIAL: Final = f"{GROUP}/credential"
+
+# Defaults for the Dynamic Mount Pods.
+DEFAULT_DMP_SERVICE_ACCOUNT: Final = "dynvol-dmp"
+DEFAULT_DMP_PRIORITY_CLASS: Final = "system-node-critical"
+DMP_XVOLS_DIR: Final = "/xvols"
+DMP_SECRETS_DIR: Final = "/secrets"

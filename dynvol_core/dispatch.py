@@ -1,0 +1,712 @@
+"""Which claims mount into which pods, and what the node plugin must create for it.
+
+Pure planning, in three steps:
+
+1. :func:`match` pairs claims with the pods they select (same namespace, non-empty
+   selector, pod opted in, scheduled and alive) and checks each pair against the pod's
+   StorageProviderClass: a pinned class must be the pod's class (``ClassMismatch``), the
+   class must exist (``StorageProviderClassNotFound``) and admit the namespace
+   (``NamespaceNotAllowed``), and the claim's provider must be the class's
+   (``ProviderMismatch``). Rejected pairs are kept, with the reason, for claim status and
+   Events.
+2. Among the accepted claims of one pod, equal or nested mountpoints conflict; the older
+   claim (creation timestamp, then name) wins and the others get ``MountpointConflict``.
+3. :func:`plan_node` turns the accepted pairs of one node into desired DynamicVolumeMounts
+   and Dynamic Mount Pods (DMPs), and compares them with what exists.
+
+:func:`dmp_pod_manifest` and :func:`credential_secret_manifest` render the objects the
+node plugin creates. The node plugin (dynvol_csi) executes the plan; planning again after
+applying a plan yields a plan without actions.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from dynvol_core import constants as c
+from dynvol_core.models import (
+    DynamicVolumeClaim,
+    DynamicVolumeMount,
+    MountResources,
+    MountSpec,
+    ObjectRef,
+    OwnerReference,
+    PodInfo,
+    StorageProviderClass,
+)
+from dynvol_core.paths import PodSlot, XvolsLayout
+
+__all__ = [
+    "DmpSpec",
+    "Match",
+    "NodePlan",
+    "Reason",
+    "credential_secret_manifest",
+    "dmp_name",
+    "dmp_pod_manifest",
+    "dvm_name",
+    "label_value",
+    "match",
+    "mountpoints_overlap",
+    "plan_node",
+    "resolve_conflicts",
+    "selected_pods",
+]
+
+
+class Reason(enum.StrEnum):
+    """Why a claim that selects a pod does not mount into it (condition/Event reasons)."""
+
+    PROVIDER_MISMATCH = "ProviderMismatch"
+    NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
+    CLASS_MISMATCH = "ClassMismatch"
+    CLASS_NOT_FOUND = "StorageProviderClassNotFound"
+    MOUNTPOINT_CONFLICT = "MountpointConflict"
+
+
+@attrs.frozen(kw_only=True)
+class Match:
+    """A claim that selects a pod, and whether it may mount there (``reason`` None) or not."""
+
+    claim: DynamicVolumeClaim
+    pod: PodInfo
+    storage_class: StorageProviderClass | None
+    reason: Reason | None = None
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the claim is to be mounted into the pod."""
+        return self.reason is None
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def selected_pods(claim: DynamicVolumeClaim, pods: Iterable[PodInfo]) -> tuple[PodInfo, ...]:
+    """The pods ``claim`` selects: same namespace, eligible, non-empty selector matching."""
+    if claim.deleting:
+        return ()
+    return tuple(
+        pod
+        for pod in pods
+        if pod.namespace == claim.namespace and pod.eligible and claim.selector.selects(pod.labels)
+    )
+
+
+def _check_pair(
+    claim: DynamicVolumeClaim, pod: PodInfo, classes: Mapping[str, StorageProviderClass]
+) -> Match:
+    assert pod.volume is not None
+    class_name = pod.volume.class_name
+    spc = classes.get(class_name)
+    if claim.storage_provider_class is not None and claim.storage_provider_class != class_name:
+        return Match(
+            claim=claim,
+            pod=pod,
+            storage_class=spc,
+            reason=Reason.CLASS_MISMATCH,
+            message=(
+                f"claim pins StorageProviderClass {claim.storage_provider_class!r} but pod "
+                f"{pod.name} uses {class_name!r}"
+            ),
+        )
+    if spc is None:
+        return Match(
+            claim=claim,
+            pod=pod,
+            storage_class=None,
+            reason=Reason.CLASS_NOT_FOUND,
+            message=f"pod {pod.name} uses StorageProviderClass {class_name!r}, which is missing",
+        )
+    if not spc.allows_namespace(pod.namespace):
+        return Match(
+            claim=claim,
+            pod=pod,
+            storage_class=spc,
+            reason=Reason.NAMESPACE_NOT_ALLOWED,
+            message=(
+                f"StorageProviderClass {class_name!r} does not allow namespace {pod.namespace!r}"
+                " (see its spec.allowedNamespaces)"
+            ),
+        )
+    if spc.provider != claim.storage_provider:
+        return Match(
+            claim=claim,
+            pod=pod,
+            storage_class=spc,
+            reason=Reason.PROVIDER_MISMATCH,
+            message=(
+                f"claim wants storageProvider {claim.storage_provider!r} but pod {pod.name}'s "
+                f"StorageProviderClass {class_name!r} provides {spc.provider!r}"
+            ),
+        )
+    return Match(claim=claim, pod=pod, storage_class=spc)
+
+
+def _claim_age_key(claim: DynamicVolumeClaim) -> tuple[bool, str, str]:
+    # Unknown creation times (never from the API) count as newest.
+    ts = claim.creation_timestamp
+    return (ts is None, ts.isoformat() if ts else "", claim.name)
+
+
+def mountpoints_overlap(a: str, b: str) -> bool:
+    """Whether two normalised mountpoints are equal or one is nested in the other."""
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def resolve_conflicts(matches: Iterable[Match]) -> tuple[Match, ...]:
+    """Mark accepted matches that overlap an older claim's mountpoint in the same pod.
+
+    For each pod, accepted claims are taken oldest first (creation timestamp, then name);
+    one whose mountpoint equals or nests with an already-kept claim's is rejected with
+    ``MountpointConflict``. Rejected matches pass through unchanged. Order is preserved.
+    """
+    matches = tuple(matches)
+    by_pod: dict[tuple[str, str, str], list[Match]] = {}
+    for m in matches:
+        if m.ok:
+            by_pod.setdefault((m.pod.namespace, m.pod.name, m.pod.uid), []).append(m)
+    losers: dict[int, Match] = {}
+    for group in by_pod.values():
+        kept: list[Match] = []
+        for m in sorted(group, key=lambda m: _claim_age_key(m.claim)):
+            winner = next(
+                (k for k in kept if mountpoints_overlap(k.claim.mountpoint, m.claim.mountpoint)),
+                None,
+            )
+            if winner is None:
+                kept.append(m)
+                continue
+            losers[id(m)] = attrs.evolve(
+                m,
+                reason=Reason.MOUNTPOINT_CONFLICT,
+                message=(
+                    f"mountpoint {m.claim.mountpoint} overlaps {winner.claim.mountpoint} of "
+                    f"older claim {winner.claim.name} in pod {m.pod.name}"
+                ),
+            )
+    return tuple(losers.get(id(m), m) for m in matches)
+
+
+def match(
+    claims: Iterable[DynamicVolumeClaim],
+    pods: Iterable[PodInfo],
+    classes: Mapping[str, StorageProviderClass] | Iterable[StorageProviderClass],
+) -> tuple[Match, ...]:
+    """Every (claim, pod) pair where the claim selects the pod, accepted or with a reason.
+
+    The result is sorted by pod (namespace, name, UID) then claim name, and does not depend
+    on the order of the inputs.
+    """
+    class_map = _class_map(classes)
+    pods = sorted(pods, key=lambda p: (p.namespace, p.name, p.uid))
+    claims = sorted(claims, key=lambda cl: (cl.namespace, cl.name, cl.uid))
+    pairs = [
+        _check_pair(claim, pod, class_map) for claim in claims for pod in selected_pods(claim, pods)
+    ]
+    pairs.sort(key=lambda m: (m.pod.namespace, m.pod.name, m.pod.uid, m.claim.name, m.claim.uid))
+    return resolve_conflicts(pairs)
+
+
+def _class_map(
+    classes: Mapping[str, StorageProviderClass] | Iterable[StorageProviderClass],
+) -> Mapping[str, StorageProviderClass]:
+    if isinstance(classes, Mapping):
+        return classes
+    return {spc.name: spc for spc in classes}
+
+
+# --------------------------------------------------------------------------- names and labels
+
+
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_NAME_CHUNK = re.compile(r"[^a-z0-9-]")
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def label_value(value: str) -> str:
+    """``value`` itself if it is a valid label value, else a stable shortened form.
+
+    Names may be longer than a label value's 63 characters; selectors must then use this
+    function too, which keeps a readable prefix and adds a digest of the whole name.
+    """
+    if not value or _LABEL_VALUE.fullmatch(value):
+        return value
+    prefix = re.sub(r"[^-A-Za-z0-9_.]", "-", value[:46]).strip("-_.")
+    return f"{prefix}-{_digest(value)[:16]}" if prefix else f"h{_digest(value)[:40]}"
+
+
+def _chunk(name: str, size: int) -> str:
+    """A DNS-label-safe piece of ``name`` (for readable generated names)."""
+    return _NAME_CHUNK.sub("-", name.lower())[:size].strip("-") or "x"
+
+
+def dvm_name(claim: DynamicVolumeClaim, pod: PodInfo) -> str:
+    """The DynamicVolumeMount name for ``claim`` x ``pod``: claim name + digest of both UIDs."""
+    return f"{_chunk(claim.name, 40)}-{_digest(claim.uid, pod.uid)[:16]}"
+
+
+def dmp_name(
+    *,
+    policy: str,
+    class_name: str,
+    node_name: str,
+    pod_uid: str = "",
+    secret_ref: ObjectRef | None = None,
+) -> str:
+    """The deterministic name of a DMP (at most 63 characters, a DNS label).
+
+    ``independent``: one per user pod and class (keyed by pod UID and class).
+    ``shared``: one per node, class and credential (the class's Secret reference).
+    """
+    if policy == c.POLICY_INDEPENDENT:
+        key = _digest(c.POLICY_INDEPENDENT, class_name, pod_uid)
+        return f"dmp-{_chunk(class_name, 24)}-{key[:16]}"
+    secret = str(secret_ref) if secret_ref is not None else ""
+    key = _digest(c.POLICY_SHARED, node_name, class_name, secret)
+    return f"dmp-{_chunk(class_name, 24)}-shared-{key[:16]}"
+
+
+# --------------------------------------------------------------------------- DMPs
+
+
+@attrs.frozen(kw_only=True)
+class DmpSpec:
+    """A Dynamic Mount Pod the node plugin wants to exist.
+
+    ``host_path`` is bound into the DMP at /xvols: the pod's slot (``independent``) or the
+    class directory (``shared``). ``pod_*`` name the user pod of an independent DMP.
+    """
+
+    name: str
+    namespace: str
+    node_name: str
+    node_uid: str = ""
+    class_name: str
+    policy: str
+    image: str
+    host_path: str
+    resources: MountResources = attrs.field(factory=MountResources)
+    secret_ref: ObjectRef | None = None
+    pod_namespace: str = ""
+    pod_name: str = ""
+    pod_uid: str = ""
+
+    @property
+    def credential_secret_name(self) -> str | None:
+        """The materialised credentials Secret in the system namespace, if the class has one."""
+        return f"{self.name}-credentials" if self.secret_ref is not None else None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Labels of the DMP pod; the node plugin selects its DMPs by them."""
+        labels = {
+            c.LABEL_MANAGED_BY: c.LABEL_MANAGED_BY_VALUE,
+            c.LABEL_COMPONENT: c.COMPONENT_DMP,
+            c.LABEL_DMP: self.name,
+            c.LABEL_NODE: label_value(self.node_name),
+            c.LABEL_CLASS: label_value(self.class_name),
+            c.LABEL_POLICY: self.policy,
+        }
+        if self.policy == c.POLICY_INDEPENDENT:
+            labels[c.LABEL_POD_UID] = self.pod_uid
+            labels[c.LABEL_POD] = label_value(self.pod_name)
+            labels[c.LABEL_POD_NAMESPACE] = self.pod_namespace
+        if self.secret_ref is not None:
+            labels[c.LABEL_CREDENTIAL] = _digest(str(self.secret_ref))[:16]
+        return labels
+
+
+def _node_owner(spec: DmpSpec) -> list[dict[str, Any]]:
+    if not spec.node_uid:
+        return []
+    return [
+        OwnerReference(
+            api_version="v1", kind="Node", name=spec.node_name, uid=spec.node_uid
+        ).to_object()
+    ]
+
+
+def dmp_pod_manifest(
+    spec: DmpSpec,
+    *,
+    service_account_name: str = c.DEFAULT_DMP_SERVICE_ACCOUNT,
+    priority_class_name: str = c.DEFAULT_DMP_PRIORITY_CLASS,
+    image_pull_policy: str = "IfNotPresent",
+) -> dict[str, Any]:
+    """The DMP Pod as a plain dict, ready to create in the system namespace.
+
+    Privileged, with /dev/fuse and the slot or class directory at /xvols (Bidirectional, so
+    its mounts propagate to the host and on to the user pod), pinned to its node, tolerating
+    every taint. The owner is the Node (cluster-scoped owners are the only ones allowed
+    across namespaces): the node plugin deletes independent DMPs when their user pod is gone.
+    """
+    argv = [
+        "dynvol",
+        "dmp",
+        "--name",
+        spec.name,
+        "--namespace",
+        spec.namespace,
+        "--xvols",
+        c.DMP_XVOLS_DIR,
+        "--secrets-dir",
+        c.DMP_SECRETS_DIR,
+    ]
+    secret_volume: dict[str, Any] = (
+        {"secret": {"secretName": spec.credential_secret_name, "defaultMode": 0o400}}
+        if spec.credential_secret_name
+        else {"emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+    )
+    container: dict[str, Any] = {
+        "name": "dmp",
+        "image": spec.image,
+        "imagePullPolicy": image_pull_policy,
+        "command": argv,
+        "env": [
+            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+        ],
+        "securityContext": {"privileged": True},
+        "volumeMounts": [
+            {"name": "xvols", "mountPath": c.DMP_XVOLS_DIR, "mountPropagation": "Bidirectional"},
+            {"name": "fuse", "mountPath": "/dev/fuse"},
+            {"name": "credentials", "mountPath": c.DMP_SECRETS_DIR, "readOnly": True},
+        ],
+    }
+    resources = spec.resources.to_object()
+    if resources:
+        container["resources"] = resources
+    metadata: dict[str, Any] = {
+        "name": spec.name,
+        "namespace": spec.namespace,
+        "labels": spec.labels,
+    }
+    owners = _node_owner(spec)
+    if owners:
+        metadata["ownerReferences"] = owners
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": {
+            "nodeName": spec.node_name,
+            "serviceAccountName": service_account_name,
+            "priorityClassName": priority_class_name,
+            "restartPolicy": "Always",
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 30,
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [container],
+            "volumes": [
+                {"name": "xvols", "hostPath": {"path": spec.host_path, "type": "Directory"}},
+                {"name": "fuse", "hostPath": {"path": "/dev/fuse", "type": "CharDevice"}},
+                {"name": "credentials", **secret_volume},
+            ],
+        },
+    }
+
+
+def credential_secret_manifest(
+    spec: DmpSpec, *, dmp_uid: str, source: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The DMP's copy of the class's Secret, in the system namespace, owned by the DMP.
+
+    ``source`` is the Secret the class references, as read from the API; its ``data`` (and
+    ``stringData``, if any) keys are copied unchanged. Re-rendering after the source changed
+    gives the object to replace the copy with.
+
+    :raises ValueError: if the DMP has no credentials to materialise.
+    """
+    if spec.credential_secret_name is None or spec.secret_ref is None:
+        raise ValueError(f"DMP {spec.name} uses no Secret")
+    data = source.get("data") or {}
+    string_data = source.get("stringData") or {}
+    secret: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": spec.credential_secret_name,
+            "namespace": spec.namespace,
+            "labels": {
+                c.LABEL_MANAGED_BY: c.LABEL_MANAGED_BY_VALUE,
+                c.LABEL_COMPONENT: c.COMPONENT_CREDENTIALS,
+                c.LABEL_DMP: spec.name,
+                c.LABEL_CREDENTIAL: spec.labels[c.LABEL_CREDENTIAL],
+            },
+            "annotations": {f"{c.GROUP}/source-secret": str(spec.secret_ref)},
+            "ownerReferences": [
+                OwnerReference(
+                    api_version="v1", kind="Pod", name=spec.name, uid=dmp_uid, controller=True
+                ).to_object()
+            ],
+        },
+        "type": "Opaque",
+        "data": {str(k): v for k, v in data.items() if isinstance(v, str)},
+    }
+    if string_data:
+        secret["stringData"] = {str(k): v for k, v in string_data.items() if isinstance(v, str)}
+    return secret
+
+
+# --------------------------------------------------------------------------- planning a node
+
+
+@attrs.frozen(kw_only=True)
+class NodePlan:
+    """What one node should have, and the actions that get it there.
+
+    - ``dvms`` / ``dmps``: everything desired on the node.
+    - ``create_dvms``: desired mounts that do not exist; ``update_dvms``: existing ones whose
+      spec or labels differ (carrying the existing identity, ready for a replace).
+    - ``delete_dvms``: existing mounts no longer desired (their DMP unmounts, then the
+      finalizer goes).
+    - ``create_dmps``; ``delete_dmps``: independent DMPs serving nothing and DMPs that
+      have terminated; ``idle_dmps``: shared DMPs serving nothing, which the shell deletes
+      after a grace delay (they are reference-counted by the mounts that name them).
+    - ``orphaned_dvms``: mounts to delete whose DMP is gone, so nothing will unmount them;
+      the shell lazily unmounts their target and drops their finalizer.
+    - ``matches``: every claim x pod pair on the node, with reasons for rejected ones;
+      ``unpublished``: accepted pairs whose pod has no slot yet (NodePublishVolume pending).
+    """
+
+    dvms: tuple[DynamicVolumeMount, ...] = ()
+    dmps: tuple[DmpSpec, ...] = ()
+    create_dvms: tuple[DynamicVolumeMount, ...] = ()
+    update_dvms: tuple[DynamicVolumeMount, ...] = ()
+    delete_dvms: tuple[DynamicVolumeMount, ...] = ()
+    orphaned_dvms: tuple[DynamicVolumeMount, ...] = ()
+    create_dmps: tuple[DmpSpec, ...] = ()
+    delete_dmps: tuple[PodInfo, ...] = ()
+    idle_dmps: tuple[PodInfo, ...] = ()
+    matches: tuple[Match, ...] = ()
+    unpublished: tuple[Match, ...] = ()
+
+    @property
+    def has_actions(self) -> bool:
+        """Whether anything must be created, changed or deleted now."""
+        return bool(
+            self.create_dvms
+            or self.update_dvms
+            or self.delete_dvms
+            or self.create_dmps
+            or self.delete_dmps
+        )
+
+
+def _dmp_for(
+    pod: PodInfo,
+    spc: StorageProviderClass,
+    slot: PodSlot,
+    *,
+    node_name: str,
+    node_uid: str,
+    system_namespace: str,
+    dmp_image: str,
+) -> DmpSpec:
+    assert pod.volume is not None
+    policy = pod.volume.policy
+    host_path = XvolsLayout(slot.root).dmp_host_path(slot, policy)
+    independent = policy == c.POLICY_INDEPENDENT
+    return DmpSpec(
+        name=dmp_name(
+            policy=policy,
+            class_name=spc.name,
+            node_name=node_name,
+            pod_uid=pod.uid,
+            secret_ref=spc.secret_ref,
+        ),
+        namespace=system_namespace,
+        node_name=node_name,
+        node_uid=node_uid,
+        class_name=spc.name,
+        policy=policy,
+        image=dmp_image,
+        host_path=str(host_path),
+        resources=spc.resources,
+        secret_ref=spc.secret_ref,
+        pod_namespace=pod.namespace if independent else "",
+        pod_name=pod.name if independent else "",
+        pod_uid=pod.uid if independent else "",
+    )
+
+
+def _dvm_for(m: Match, slot: PodSlot, dmp: DmpSpec, node_name: str) -> DynamicVolumeMount:
+    claim, pod = m.claim, m.pod
+    assert m.storage_class is not None
+    assert pod.volume is not None
+    # dmp_target's default DMP root is c.DMP_XVOLS_DIR, where dmp_pod_manifest mounts it.
+    target = XvolsLayout(slot.root).dmp_target(slot, pod.volume.policy, claim.mountpoint)
+    return DynamicVolumeMount(
+        name=dvm_name(claim, pod),
+        namespace=pod.namespace,
+        labels={
+            c.LABEL_MANAGED_BY: c.LABEL_MANAGED_BY_VALUE,
+            c.LABEL_CLAIM: label_value(claim.name),
+            c.LABEL_CLAIM_UID: label_value(claim.uid),
+            c.LABEL_POD: label_value(pod.name),
+            c.LABEL_POD_UID: label_value(pod.uid),
+            c.LABEL_NODE: label_value(node_name),
+            c.LABEL_DMP: label_value(dmp.name),
+            c.LABEL_CLASS: label_value(m.storage_class.name),
+        },
+        owner_references=(
+            OwnerReference(api_version="v1", kind="Pod", name=pod.name, uid=pod.uid),
+        ),
+        spec=MountSpec(
+            claim_name=claim.name,
+            claim_uid=claim.uid,
+            pod_name=pod.name,
+            pod_uid=pod.uid,
+            node_name=node_name,
+            dmp_name=dmp.name,
+            provider=claim.storage_provider,
+            storage_provider_class=m.storage_class.name,
+            config=claim.provider_config.values,
+            read_only=claim.read_only,
+            mountpoint=claim.mountpoint,
+            slot_path=str(slot.path),
+            dmp_target_path=str(target),
+        ),
+    )
+
+
+def _is_own_dmp(pod: PodInfo, node_name: str, system_namespace: str) -> bool:
+    return (
+        pod.namespace == system_namespace
+        and pod.labels.get(c.LABEL_COMPONENT) == c.COMPONENT_DMP
+        and pod.labels.get(c.LABEL_MANAGED_BY) == c.LABEL_MANAGED_BY_VALUE
+        and pod.labels.get(c.LABEL_NODE) == label_value(node_name)
+    )
+
+
+def plan_node(
+    *,
+    node_name: str,
+    pods: Iterable[PodInfo],
+    claims: Iterable[DynamicVolumeClaim],
+    classes: Mapping[str, StorageProviderClass] | Iterable[StorageProviderClass],
+    slots: Mapping[str, PodSlot],
+    system_namespace: str,
+    dmp_image: str,
+    existing_dvms: Iterable[DynamicVolumeMount] = (),
+    existing_dmps: Iterable[PodInfo] = (),
+    node_uid: str = "",
+) -> NodePlan:
+    """Plan the DynamicVolumeMounts and DMPs of node ``node_name``.
+
+    :param pods: user pods (others' and other nodes' are ignored).
+    :param slots: the slot of each published pod, by pod UID (the node plugin's records).
+    :param existing_dvms: DynamicVolumeMounts as they exist (any node; filtered here).
+    :param existing_dmps: pods in the system namespace (only this node's DMPs count).
+    :param node_uid: the Node's UID; when given, DMPs are owned by the Node.
+    """
+    local_pods = [p for p in pods if p.node_name == node_name]
+    matches = match(claims, local_pods, classes)
+
+    desired_dvms: dict[tuple[str, str], DynamicVolumeMount] = {}
+    desired_dmps: dict[str, DmpSpec] = {}
+    unpublished = []
+    for m in matches:
+        if not m.ok:
+            continue
+        slot = slots.get(m.pod.uid)
+        if slot is None:
+            unpublished.append(m)
+            continue
+        assert m.storage_class is not None
+        dmp = _dmp_for(
+            m.pod,
+            m.storage_class,
+            slot,
+            node_name=node_name,
+            node_uid=node_uid,
+            system_namespace=system_namespace,
+            dmp_image=dmp_image,
+        )
+        desired_dmps.setdefault(dmp.name, dmp)
+        dvm = _dvm_for(m, slot, dmp, node_name)
+        desired_dvms[(dvm.namespace, dvm.name)] = dvm
+
+    own_dvms = sorted(
+        (d for d in existing_dvms if d.spec.node_name == node_name),
+        key=lambda d: (d.namespace, d.name),
+    )
+    existing_by_key = {(d.namespace, d.name): d for d in own_dvms}
+    create_dvms, update_dvms = [], []
+    for key in sorted(desired_dvms):
+        want = desired_dvms[key]
+        have = existing_by_key.get(key)
+        if have is None:
+            create_dvms.append(want)
+        elif not have.deleting and (have.spec != want.spec or not _labels_hold(have, want)):
+            update_dvms.append(
+                attrs.evolve(
+                    want,
+                    uid=have.uid,
+                    resource_version=have.resource_version,
+                    generation=have.generation,
+                    finalizers=have.finalizers,
+                    labels={**have.labels, **want.labels},
+                    status=have.status,
+                )
+            )
+    desired_keys = set(desired_dvms)
+    delete_dvms = [
+        d for d in own_dvms if (d.namespace, d.name) not in desired_keys and not d.deleting
+    ]
+
+    dmp_pods = sorted(
+        (p for p in existing_dmps if _is_own_dmp(p, node_name, system_namespace)),
+        key=lambda p: p.name,
+    )
+    existing_dmp_names = {p.name for p in dmp_pods}
+    # A DMP is in use while any mount names it, including mounts still being torn down.
+    referenced = set(desired_dmps) | {d.spec.dmp_name for d in own_dvms}
+    create_dmps = [desired_dmps[n] for n in sorted(desired_dmps) if n not in existing_dmp_names]
+    delete_dmps, idle_dmps = [], []
+    for p in dmp_pods:
+        if p.deleting:
+            continue
+        if p.terminal:
+            delete_dmps.append(p)
+        elif p.name not in referenced:
+            if p.labels.get(c.LABEL_POLICY) == c.POLICY_SHARED:
+                idle_dmps.append(p)
+            else:
+                delete_dmps.append(p)
+    live_dmps = {p.name for p in dmp_pods if not p.terminal and not p.deleting}
+    orphaned = [
+        d
+        for d in own_dvms
+        if ((d.namespace, d.name) not in desired_keys or d.deleting)
+        and d.spec.dmp_name not in live_dmps
+        and d.spec.dmp_name not in desired_dmps
+    ]
+    return NodePlan(
+        dvms=tuple(desired_dvms[k] for k in sorted(desired_dvms)),
+        dmps=tuple(desired_dmps[n] for n in sorted(desired_dmps)),
+        create_dvms=tuple(create_dvms),
+        update_dvms=tuple(update_dvms),
+        delete_dvms=tuple(delete_dvms),
+        orphaned_dvms=tuple(orphaned),
+        create_dmps=tuple(create_dmps),
+        delete_dmps=tuple(delete_dmps),
+        idle_dmps=tuple(idle_dmps),
+        matches=matches,
+        unpublished=tuple(unpublished),
+    )
+
+
+def _labels_hold(have: DynamicVolumeMount, want: DynamicVolumeMount) -> bool:
+    return all(have.labels.get(k) == v for k, v in want.labels.items())

@@ -1,0 +1,1 @@
+"""Shared test data: objects the API and dynvol's core must accept or reject alike."""

@@ -1,0 +1,353 @@
+"""Mountpoints, bucket names, endpoints and the other user-supplied values; quantities."""
+
+from __future__ import annotations
+
+import posixpath
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynvol_core.errors import InvalidObject
+from dynvol_core.quantities import parse_quantity
+from dynvol_core.validation import (
+    MAX_MOUNTPOINT_BYTES,
+    check_bucket_name,
+    check_dns1123_label,
+    check_dns1123_subdomain,
+    check_endpoint,
+    check_label_value,
+    check_nfs_path,
+    check_nfs_server,
+    check_qualified_name,
+    check_rclone_type,
+    check_s3_prefix,
+    normalize_mountpoint,
+)
+
+# ----------------------------------------------------------------------------- mountpoints
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("/data", "/data"),
+        ("/data/", "/data"),
+        ("//data//x", "/data/x"),
+        ("/./data/./x/.", "/data/x"),
+        ("/a b/ü", "/a b/ü"),
+        ("/...", "/..."),
+        ("/..data/x..", "/..data/x.."),
+    ],
+)
+def test_mountpoint_normal_form(raw: str, normal: str) -> None:
+    assert normalize_mountpoint(raw) == normal
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("data", "absolute"),
+        ("", "absolute"),
+        ("/", "must not be '/'"),
+        ("//./", "must not be '/'"),
+        ("/..", "'..'"),
+        ("/data/../x", "'..'"),
+        ("/a/b/../../..", "'..'"),
+        ("/da\x00ta", "NUL"),
+        ("/da\tta", "control"),
+        ("/da\x85ta", "control"),
+        ("/" + "x" * 256, "255 bytes"),
+        ("/" + "é" * 128, "255 bytes"),  # 256 bytes in UTF-8
+        ("/" + "/".join(["y" * 200] * 6), f"{MAX_MOUNTPOINT_BYTES} bytes"),
+    ],
+)
+def test_mountpoint_rejected(raw: str, fragment: str) -> None:
+    with pytest.raises(InvalidObject) as info:
+        normalize_mountpoint(raw, "spec.mountpoint")
+    assert info.value.paths == ("spec.mountpoint",)
+    assert fragment in str(info.value)
+
+
+def test_mountpoint_must_be_string() -> None:
+    with pytest.raises(InvalidObject, match="must be a string"):
+        normalize_mountpoint(5)
+
+
+_COMPONENT = st.sampled_from(["", ".", "..", "data", "a b", "ü", "...", "x.y", "-"])
+_MOUNTPOINTS = st.lists(_COMPONENT, max_size=8).map(lambda parts: "/" + "/".join(parts)) | (
+    st.text(alphabet="/.ab\x00", max_size=20)
+)
+
+
+def _accepted(raw: str) -> str | None:
+    try:
+        return normalize_mountpoint(raw)
+    except InvalidObject:
+        return None
+
+
+@settings(max_examples=60, deadline=None)
+@given(_MOUNTPOINTS)
+def test_normal_mountpoints_are_fixed_points(raw: str) -> None:
+    normal = _accepted(raw)
+    if normal is not None:
+        assert normalize_mountpoint(normal) == normal
+        assert posixpath.normpath(normal) == normal
+
+
+@settings(max_examples=60, deadline=None)
+@given(_MOUNTPOINTS)
+def test_normal_mountpoints_never_contain_dotdot_or_escape(raw: str) -> None:
+    normal = _accepted(raw)
+    if normal is None:
+        return
+    assert ".." not in normal.split("/")
+    assert normal != "/"
+    base = "/var/lib/dynamic/xvols/c/slot/pod"
+    joined = posixpath.normpath(base + normal)
+    assert joined.startswith(base + "/")
+
+
+@settings(max_examples=50, deadline=None)
+@given(_MOUNTPOINTS)
+def test_raw_dotdot_is_always_rejected(raw: str) -> None:
+    if ".." in raw.split("/") or "\x00" in raw:
+        assert _accepted(raw) is None
+
+
+# ----------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("name", ["a", "s3", "my-class", "a" * 63, "0abc"])
+def test_dns1123_label_ok(name: str) -> None:
+    assert check_dns1123_label(name, "p") == []
+
+
+@pytest.mark.parametrize("name", ["", "A", "-a", "a-", "a.b", "a" * 64, "a_b"])
+def test_dns1123_label_bad(name: str) -> None:
+    assert check_dns1123_label(name, "p")[0].path == "p"
+
+
+@pytest.mark.parametrize("name", ["a.b", "s3-sample", "x." * 100 + "y"])
+def test_dns1123_subdomain_ok(name: str) -> None:
+    assert check_dns1123_subdomain(name, "p") == []
+
+
+@pytest.mark.parametrize("name", ["a..b", ".a", "a" * 254, "A.b"])
+def test_dns1123_subdomain_bad(name: str) -> None:
+    assert check_dns1123_subdomain(name, "p")
+
+
+@pytest.mark.parametrize(
+    "key", ["app", "app.kubernetes.io/name", "a_b.c-d", "example.com/" + "n" * 63]
+)
+def test_label_key_ok(key: str) -> None:
+    assert check_qualified_name(key, "k") == []
+
+
+@pytest.mark.parametrize(
+    "key", ["", "/app", "a/b/c", "Example.com/app", "-app", "n" * 64, "bad key", "x/" + "n" * 64]
+)
+def test_label_key_bad(key: str) -> None:
+    assert check_qualified_name(key, "k")
+
+
+@pytest.mark.parametrize("value", ["", "v", "v1.2_3-x", "x" * 63])
+def test_label_value_ok(value: str) -> None:
+    assert check_label_value(value, "v") == []
+
+
+@pytest.mark.parametrize("value", ["-v", "v-", "x" * 64, "a b", 3])
+def test_label_value_bad(value: object) -> None:
+    assert check_label_value(value, "v")
+
+
+# ----------------------------------------------------------------------------- S3
+
+
+@pytest.mark.parametrize(
+    "bucket", ["ssat202410181", "my-s3-bucket", "abc", "a.b.c", "b" * 63, "1bucket", "192.168.1"]
+)
+def test_bucket_ok(bucket: str) -> None:
+    assert check_bucket_name(bucket, "b") == []
+
+
+@pytest.mark.parametrize(
+    ("bucket", "fragment"),
+    [
+        ("ab", "3-63"),
+        ("b" * 64, "3-63"),
+        ("Bucket", "lowercase"),
+        ("my_bucket", "lowercase"),
+        ("-bucket", "start and end"),
+        ("bucket.", "start and end"),
+        ("my..bucket", "adjacent"),
+        ("10.0.0.1", "IP address"),
+        ("xn--abc", "xn--"),
+        ("sthree-abc", "sthree-"),
+        ("abc-s3alias", "-s3alias"),
+        ("abc--ol-s3", "--ol-s3"),
+    ],
+)
+def test_bucket_bad(bucket: str, fragment: str) -> None:
+    errors = check_bucket_name(bucket, "spec.s3Config.bucket")
+    assert [e.path for e in errors] == ["spec.s3Config.bucket"]
+    assert fragment in errors[0].message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://play.min.io",
+        "http://my-s3-service.example.com",
+        "http://127.0.0.1:9000",
+        "http://[::1]:9000/",
+        "https://s3.example.com/base/path",
+        "http://minio.ns.svc.cluster.local:9000",
+    ],
+)
+def test_endpoint_ok(url: str) -> None:
+    assert check_endpoint(url, "e") == []
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("ftp://x.example.com", "http:// or https://"),
+        ("s3.example.com", "http:// or https://"),
+        ("HTTPS://x.example.com", "http:// or https://"),
+        ("https://user:pw@x.example.com", "credentials"),
+        ("https://user@x.example.com", "credentials"),
+        ("https://x.example.com/?a=b", "query"),
+        ("https://x.example.com/#frag", "query"),
+        ("https:///bucket", "must name a host"),
+        ("https://x.example.com:0", "port"),
+        ("https://x.example.com:70000", "port"),
+        ("https://x example.com", "spaces"),
+        ("https://[zz::1]/", "IPv6"),
+        ("https://" + "a" * 2048, "at most"),
+    ],
+)
+def test_endpoint_bad(url: str, fragment: str) -> None:
+    errors = check_endpoint(url, "spec.s3Config.endpoint")
+    assert errors
+    assert fragment in errors[0].message
+
+
+def test_endpoint_error_does_not_leak_more_than_the_value() -> None:
+    (error,) = check_endpoint("https://k:s@h", "e")
+    assert error.path == "e"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "ok"),
+    [("a/b", True), ("", True), ("/a", False), ("a/../b", False), ("a\x00", False)],
+)
+def test_s3_prefix(prefix: str, ok: bool) -> None:
+    assert (check_s3_prefix(prefix, "p") == []) is ok
+
+
+# ----------------------------------------------------------------------------- NFS, rclone
+
+
+@pytest.mark.parametrize(
+    ("server", "ok"),
+    [
+        ("nfs.example.com", True),
+        ("10.0.0.2", True),
+        ("fd00::2", True),
+        ("NFS-1", True),
+        ("nfs server", False),
+        ("nfs_1", False),
+        ("", False),
+        ("-nfs", False),
+    ],
+)
+def test_nfs_server(server: str, ok: bool) -> None:
+    assert (check_nfs_server(server, "s") == []) is ok
+
+
+@pytest.mark.parametrize(
+    ("path", "ok"),
+    [
+        ("/", True),
+        ("/exports/data", True),
+        ("exports", False),
+        ("/a/../b", False),
+        ("/a\nb", False),
+    ],
+)
+def test_nfs_path(path: str, ok: bool) -> None:
+    assert (check_nfs_path(path, "p") == []) is ok
+
+
+@pytest.mark.parametrize(
+    ("kind", "ok"),
+    [
+        ("s3", True),
+        ("sftp", True),
+        ("webdav", True),
+        ("local", False),
+        ("alias", False),
+        ("crypt", False),
+        ("S3", False),
+        ("web dav", False),
+        ("", False),
+        ("9p", False),
+    ],
+)
+def test_rclone_type(kind: str, ok: bool) -> None:
+    assert (check_rclone_type(kind, "t") == []) is ok
+
+
+# ----------------------------------------------------------------------------- quantities
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("10m", Decimal("0.01")),
+        ("0.5", Decimal("0.5")),
+        ("1", Decimal(1)),
+        ("50Mi", Decimal(50 * 1024**2)),
+        ("1.5Gi", Decimal(3 * 1024**3 // 2)),
+        ("1e3", Decimal(1000)),
+        ("1E3", Decimal(1000)),
+        ("2k", Decimal(2000)),
+        ("1E", Decimal(10**18)),
+        (".5", Decimal("0.5")),
+        ("5.", Decimal(5)),
+        ("100n", Decimal("0.0000001")),
+        ("+1Ki", Decimal(1024)),
+        ("-1", Decimal(-1)),
+    ],
+)
+def test_quantity_values(text: str, value: Decimal) -> None:
+    quantity = parse_quantity(text)
+    assert quantity.value == value
+    assert str(quantity) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["", "ten", "1 Mi", "1MB", "1.2.3", "Mi", "1e", "--1", "1ki", "1e1000", "1" * 65]
+)
+def test_quantity_rejected(text: str) -> None:
+    with pytest.raises(ValueError, match="quantity"):
+        parse_quantity(text)
+
+
+def test_quantity_order_uses_value() -> None:
+    assert parse_quantity("1Gi") == parse_quantity("1073741824")
+    assert parse_quantity("500m") == parse_quantity("0.5")
+    assert parse_quantity("10m") < parse_quantity("1")
+    assert parse_quantity("50Mi") < parse_quantity("1Gi")
+    assert parse_quantity("-1").is_negative
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["", "m", "k", "Ki", "Mi"]))
+def test_quantity_integer_forms(number: int, suffix: str) -> None:
+    scale = {"": 1, "m": Decimal("0.001"), "k": 1000, "Ki": 1024, "Mi": 1024**2}[suffix]
+    assert parse_quantity(f"{number}{suffix}").value == number * scale
