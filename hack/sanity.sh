@@ -140,6 +140,7 @@ set +e
   --csi.mountdir="$volume_dir/mount" \
   --csi.stagingdir="$volume_dir/staging" \
   --ginkgo.skip='\[Controller Server\]|\[GroupController Server\]' \
+  --ginkgo.no-color \
   "$@"
 status=$?
 set -e
