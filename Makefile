@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 TOOLS := .tools/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup tools tools-node lint format protos test test-unit test-integration sanity \
-        bench bench-csi bench-dmp bench-controllers demo clean
+.PHONY: setup tools tools-node lint format protos test test-unit test-integration test-e2e \
+        sanity bench bench-csi bench-dmp bench-controllers demo images cluster-up cluster-down \
+        cluster-status clean
 
 setup:
 	@bash hack/setup.sh
@@ -43,6 +44,23 @@ test-integration: tools
 test: tools lint
 	$(PY) -m pytest tests/unit tests/integration examples/dynvol-provider-example/tests $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory sanity
+
+# A real single-node cluster (etcd, apiserver, controller-manager, scheduler, kubelet,
+# containerd, runc) on this machine; see docs/local-cluster.md.
+images: setup
+	$(PY) hack/images/build.py build
+
+cluster-up: tools tools-node
+	hack/local-cluster up
+
+cluster-down:
+	hack/local-cluster down
+
+cluster-status:
+	hack/local-cluster status
+
+test-e2e: tools tools-node
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 sanity: tools
 	bash hack/sanity.sh

@@ -1,0 +1,296 @@
+"""Smoke test of the local cluster (hack/local-cluster): a real kubelet runs real pods.
+
+It proves what the rest of the e2e tier stands on: the node is Ready; a bare Pod from the
+locally built workload image runs on the bridge network and on the host network; logs,
+exec and deletion go through the apiserver, the kubelet and containerd; the pod's
+ServiceAccount token is mounted; and a mount made under /var/lib/dynamic by a privileged
+pod (Bidirectional) reaches the host and another pod (HostToContainer), which is the
+propagation path dynvol relies on.
+
+If a cluster is already running in the default state directory (``hack/local-cluster up``),
+the test uses it and leaves it running. Otherwise it brings one up and takes it down at the
+end of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+TOP = Path(__file__).resolve().parents[2]
+SCRIPT = TOP / "hack" / "local-cluster"
+KUBECTL = TOP / ".tools" / "bin" / "kubectl"
+WORKLOAD_IMAGE = "localhost/dynvol/busybox:dev"
+SHARED_ROOT = Path("/var/lib/dynamic")
+CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the local cluster needs root"
+    for tool in ("containerd", "runc", "ctr", "debootstrap", "openssl"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (make setup)"
+    if not Path("/usr/lib/cni/bridge").exists():
+        return "containernetworking-plugins is not installed (make setup)"
+    if (
+        not Path("/sys/fs/cgroup/cpu").is_dir()
+        and not Path("/sys/fs/cgroup/cgroup.controllers").exists()
+    ):
+        return "no cgroup hierarchy for the kubelet"
+    return None
+
+
+class Cluster:
+    """The running cluster, driven with the pinned kubectl."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.kubeconfig = directory / "kubeconfig"
+
+    def kubectl(
+        self, *args: str, input: str | None = None, timeout: float = 90, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(KUBECTL), "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    def apply(self, obj: dict[str, object]) -> None:
+        self.kubectl("apply", "-f", "-", input=json.dumps(obj))
+
+    def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, object]:
+        out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
+        return json.loads(out)  # type: ignore[no-any-return]
+
+
+def _status(directory: Path) -> int:
+    return subprocess.run(
+        [str(SCRIPT), "status", "--dir", str(directory)], capture_output=True, timeout=60
+    ).returncode
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[Cluster]:
+    reason = _unavailable()
+    if reason:
+        if CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    directory = Path(
+        os.environ.get("DYNVOL_CLUSTER_DIR") or Path(state) / "dynvol" / "local-cluster"
+    )
+    if _status(directory) == 0:
+        yield Cluster(directory)
+        return
+    up = subprocess.run(
+        [str(SCRIPT), "up", "--dir", str(directory)], text=True, capture_output=True, timeout=1800
+    )
+    try:
+        assert up.returncode == 0, f"hack/local-cluster up failed:\n{up.stdout}\n{up.stderr}"
+        yield Cluster(directory)
+    finally:
+        down = subprocess.run(
+            [str(SCRIPT), "down", "--dir", str(directory)],
+            text=True,
+            capture_output=True,
+            timeout=300,
+        )
+        assert down.returncode == 0, f"hack/local-cluster down failed:\n{down.stdout}"
+
+
+def _pod(
+    name: str,
+    *,
+    host_network: bool = False,
+    command: str = "sleep 3600",
+    privileged: bool = False,
+    propagation: str | None = None,
+) -> dict[str, object]:
+    container: dict[str, object] = {
+        "name": "main",
+        "image": WORKLOAD_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["sh", "-c", command],
+    }
+    spec: dict[str, object] = {
+        "containers": [container],
+        "hostNetwork": host_network,
+        "terminationGracePeriodSeconds": 1,
+        "restartPolicy": "Never",
+    }
+    if privileged:
+        container["securityContext"] = {"privileged": True}
+    if propagation:
+        container["volumeMounts"] = [
+            {"name": "shared", "mountPath": "/shared", "mountPropagation": propagation}
+        ]
+        spec["volumes"] = [
+            {"name": "shared", "hostPath": {"path": str(SHARED_ROOT), "type": "Directory"}}
+        ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": {"e2e": "smoke"}},
+        "spec": spec,
+    }
+
+
+@pytest.fixture
+def pods(local_cluster: Cluster) -> Iterator[list[str]]:
+    """Names of pods a test creates; all are deleted (and waited for) afterwards."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        local_cluster.kubectl(
+            "delete",
+            "pod",
+            name,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=60s",
+            check=False,
+            timeout=90,
+        )
+
+
+def _run_pod(cluster: Cluster, pods: list[str], **kw: object) -> tuple[str, float]:
+    name = f"smoke-{uuid.uuid4().hex[:8]}"
+    pods.append(name)
+    began = time.monotonic()
+    cluster.apply(_pod(name, **kw))  # type: ignore[arg-type]
+    cluster.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "--timeout=120s", timeout=130)
+    return name, time.monotonic() - began
+
+
+def test_node_is_ready_with_pinned_parts(local_cluster: Cluster) -> None:
+    node = json.loads(local_cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    assert len(node) == 1
+    info = node[0]["status"]["nodeInfo"]
+    assert info["kubeletVersion"] == "v1.34.4"
+    assert info["containerRuntimeVersion"].startswith("containerd://")
+    ready = {c["type"]: c["status"] for c in node[0]["status"]["conditions"]}
+    assert ready["Ready"] == "True"
+
+
+def test_bare_pod_runs_logs_execs_and_is_deleted(local_cluster: Cluster, pods: list[str]) -> None:
+    name, started = _run_pod(
+        local_cluster, pods, command="echo hello from $(hostname); exec sleep 3600"
+    )
+    pod = local_cluster.get("pod", name)
+    uid = pod["metadata"]["uid"]  # type: ignore[index]
+    ip = pod["status"]["podIP"]  # type: ignore[index]
+    assert ip.startswith("10.244.0."), f"expected a bridge address, got {ip}"
+    assert started < 120
+
+    logs = local_cluster.kubectl("logs", name).stdout
+    assert f"hello from {name}" in logs
+
+    out = local_cluster.kubectl("exec", name, "--", "sh", "-c", "echo $((6 * 7))").stdout
+    assert out.strip() == "42"
+    token = local_cluster.kubectl(
+        "exec", name, "--", "cat", "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    ).stdout
+    assert token.count(".") == 2, "a projected ServiceAccount token (a JWT) is mounted"
+
+    pod_dir = Path("/var/lib/kubelet/pods") / str(uid)
+    assert pod_dir.is_dir()
+    local_cluster.kubectl("delete", "pod", name, "--wait=true", "--timeout=60s")
+    gone = local_cluster.kubectl("get", "pod", name, "--ignore-not-found", "-o", "name").stdout
+    assert gone.strip() == ""
+    deadline = time.monotonic() + 30
+    while pod_dir.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not pod_dir.exists(), "the kubelet cleans up the pod's directory"
+
+
+def test_host_network_pod(local_cluster: Cluster, pods: list[str]) -> None:
+    name, _ = _run_pod(local_cluster, pods, host_network=True)
+    assert local_cluster.get("pod", name)["status"]["podIP"] == "127.0.0.1"  # type: ignore[index]
+    out = local_cluster.kubectl("exec", name, "--", "cat", "/proc/net/dev").stdout
+    assert "eth0" in out, "a host-network pod sees the host's interfaces"
+
+
+def test_bidirectional_mount_reaches_host_and_other_pods(
+    local_cluster: Cluster, pods: list[str]
+) -> None:
+    sub = f"e2e-{uuid.uuid4().hex[:8]}"
+    host_dir = SHARED_ROOT / sub
+    host_dir.mkdir(parents=True)
+    try:
+        reader, _ = _run_pod(local_cluster, pods, propagation="HostToContainer")
+        writer, _ = _run_pod(local_cluster, pods, privileged=True, propagation="Bidirectional")
+        local_cluster.kubectl(
+            "exec",
+            writer,
+            "--",
+            "sh",
+            "-c",
+            f"mount -t tmpfs e2e /shared/{sub} && echo propagated > /shared/{sub}/hello",
+        )
+        assert (host_dir / "hello").read_text() == "propagated\n"
+        seen = local_cluster.kubectl("exec", reader, "--", "cat", f"/shared/{sub}/hello").stdout
+        assert seen == "propagated\n"
+        local_cluster.kubectl("exec", writer, "--", "umount", f"/shared/{sub}")
+        assert not (host_dir / "hello").exists()
+        left = local_cluster.kubectl("exec", reader, "--", "ls", f"/shared/{sub}").stdout
+        assert left.strip() == "", "the unmount propagates too"
+    finally:
+        subprocess.run(["umount", "-l", str(host_dir)], capture_output=True)
+        host_dir.rmdir()
+
+
+def test_dynvol_image_reaches_the_apiserver_in_cluster(
+    local_cluster: Cluster, pods: list[str]
+) -> None:
+    """What dynvol's own pods do: hostNetwork, in-cluster config pointed at 127.0.0.1."""
+    port = json.loads((local_cluster.dir / "run" / "state.json").read_text())["ports"]["apiserver"]
+    script = (
+        "import asyncio\n"
+        "from kubernetes_asyncio import client, config\n"
+        "async def main():\n"
+        "    config.load_incluster_config()\n"
+        "    async with client.ApiClient() as api:\n"
+        "        review = await client.AuthenticationV1Api(api).create_self_subject_review(\n"
+        "            client.V1SelfSubjectReview())\n"
+        "        print(review.status.user_info.username)\n"
+        "asyncio.run(main())\n"
+    )
+    name = f"smoke-{uuid.uuid4().hex[:8]}"
+    pods.append(name)
+    pod = _pod(name, host_network=True)
+    container = pod["spec"]["containers"][0]  # type: ignore[index]
+    container["image"] = "localhost/dynvol/dynvol:dev"
+    container["command"] = ["python3", "-c", script]
+    container["env"] = [
+        {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+        {"name": "KUBERNETES_SERVICE_PORT", "value": str(port)},
+    ]
+    local_cluster.apply(pod)
+    local_cluster.kubectl(
+        "wait",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        f"pod/{name}",
+        "--timeout=120s",
+        timeout=130,
+    )
+    assert local_cluster.kubectl("logs", name).stdout.strip() == (
+        "system:serviceaccount:default:default"
+    )
