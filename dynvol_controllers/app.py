@@ -1,0 +1,147 @@
+"""Assembling ``dynvol controller``: manager, cluster controller, webhook server, election.
+
+The shell (``dynvol.commands.controller``) parses flags and calls :class:`ControllerApp`;
+everything else is wired here, in start order: informer caches, the Event recorder and the
+webhook server (every replica serves admission), then -- on the replica holding the Lease
+-- the class and claim reconcilers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import attrs
+
+from dynvol_core import constants as c
+
+from .cluster import ClusterController
+from .electing import LeaderElector
+from .k8s import APIConflict, APINotFound, Client
+from .k8s.resources import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Resource
+from .managing import Manager
+from .recording import EventRecorder
+from .webhooks import MUTATE_PODS_PATH, VALIDATE_PATH, WebhookServer, webhook_configurations
+
+__all__ = ["ControllerApp", "register_webhooks"]
+
+log = logging.getLogger(__name__)
+
+
+def default_identity() -> str:
+    """A Lease holder identity: the pod name (hostname) plus the process id."""
+    return f"{os.environ.get('POD_NAME') or socket.gethostname()}_{os.getpid()}"
+
+
+async def register_webhooks(client: Client, *, ca_bundle: str, url: str, **kw: Any) -> None:
+    """Create or replace dynvol's webhook configurations pointing at ``url`` (local use)."""
+    mutating, validating = webhook_configurations(ca_bundle=ca_bundle, url=url, **kw)
+    for resource, body in ((MUTATING_WEBHOOKS, mutating), (VALIDATING_WEBHOOKS, validating)):
+        await _upsert(client, resource, body)
+
+
+async def _upsert(client: Client, resource: Resource, body: dict[str, Any]) -> None:
+    name = body["metadata"]["name"]
+    for _ in range(5):
+        try:
+            current = await client.get(resource, name)
+        except APINotFound:
+            try:
+                await client.create(resource, body)
+                return
+            except APIConflict:
+                continue
+        replacement = {
+            **body,
+            "metadata": {
+                **body["metadata"],
+                "resourceVersion": current["metadata"]["resourceVersion"],
+            },
+        }
+        try:
+            await client.replace(resource, replacement)
+            return
+        except APIConflict:
+            continue
+    raise RuntimeError(f"could not write {resource.kind} {name}")
+
+
+@attrs.define(kw_only=True, eq=False)
+class ControllerApp:
+    """Everything ``dynvol controller`` runs, with an explicit start/close lifecycle.
+
+    Without ``tls_cert``/``tls_key`` no webhook server runs (reconcilers only).
+    """
+
+    client: Client
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = 9443
+    leader_elect: bool = True
+    lease_name: str = "dynvol-controller"
+    lease_namespace: str = c.DEFAULT_SYSTEM_NAMESPACE
+    identity: str = attrs.field(factory=default_identity)
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
+    registry: Any = None
+    workers: int = 4
+    manager: Manager = attrs.field(init=False)
+    controller: ClusterController = attrs.field(init=False)
+    webhook: WebhookServer | None = attrs.field(default=None, init=False)
+    elector: LeaderElector | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        recorder = EventRecorder(self.client, "dynvol-controller", host=self.identity)
+        self.controller = ClusterController(
+            self.client, recorder=recorder, registry=self.registry, workers=self.workers
+        )
+        if self.leader_elect:
+            self.elector = LeaderElector(
+                self.client,
+                name=self.lease_name,
+                namespace=self.lease_namespace,
+                identity=self.identity,
+                lease_duration=self.lease_duration,
+                renew_deadline=self.renew_deadline,
+                retry_period=self.retry_period,
+            )
+        self.manager = Manager(self.client, elector=self.elector)
+        for informer in self.controller.informers:
+            self.manager.add_informer(informer)
+        self.manager.add(recorder)
+        if self.tls_cert and self.tls_key:
+            self.webhook = WebhookServer(
+                host=self.webhook_host,
+                port=self.webhook_port,
+                cert_file=self.tls_cert,
+                key_file=self.tls_key,
+                handlers={
+                    MUTATE_PODS_PATH: self.controller.mutate,
+                    VALIDATE_PATH: self.controller.validate,
+                },
+            )
+            self.manager.add(self.webhook)
+        self.manager.add(self.controller, leader_gated=True)
+
+    async def start(self) -> None:
+        """Start everything (see :class:`~.managing.Manager` for the order)."""
+        await self.manager.start()
+
+    async def close(self) -> None:
+        """Stop in reverse order, releasing the Lease."""
+        await self.manager.close()
+
+    async def wait_closed(self) -> None:
+        """Until closed, or stopped by losing the Lease."""
+        await self.manager.wait_closed()
+
+    async def __aenter__(self) -> ControllerApp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

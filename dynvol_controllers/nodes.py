@@ -1,0 +1,764 @@
+"""The node reconciler: one per node, inside ``dynvol node``, for the pods on that node.
+
+Observe: informers for the pods bound to this node (``fieldSelector spec.nodeName``), all
+claims and classes, and this node's DynamicVolumeMounts, Dynamic Mount Pods (DMPs) and
+credential Secrets (by label), plus one small informer per Secret a class references.
+Queue: every relevant change queues the single key of the node, so a burst of events
+collapses into one pass. Process: one pass reads the caches, asks
+:func:`dynvol_core.dispatch.plan_node` what the node should have, and acts on the
+difference. Act: create/replace/delete DynamicVolumeMounts (owned by their user pod),
+create/delete DMPs per dispatch policy, materialise each DMP's credentials as a Secret in
+the system namespace (owned by the DMP, replaced when the source Secret changes), and
+delete shared DMPs that have been idle for ``shared_idle_grace`` seconds.
+
+The reconciler deletes what it no longer needs itself instead of relying only on
+ownerReference garbage collection, so it converges even where no garbage collector runs.
+It needs each pod's slot on the host: ``slot_lookup(pod_uid)`` (in ``dynvol node`` backed by
+the CSI node plugin's records) returns it, or None until the volume is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import attrs
+
+from dynvol_core import constants as c
+from dynvol_core.dispatch import (
+    DmpSpec,
+    NodePlan,
+    credential_secret_manifest,
+    dmp_pod_manifest,
+    label_value,
+    plan_node,
+)
+from dynvol_core.errors import DynvolError
+from dynvol_core.models import (
+    DynamicVolumeClaim,
+    DynamicVolumeMount,
+    ObjectRef,
+    PodInfo,
+    StorageProviderClass,
+    thaw_json,
+)
+from dynvol_core.paths import PodSlot
+
+from . import objects
+from .errors import TemporaryError
+from .k8s import APIConflict, APIError, APINotFound, Client
+from .k8s.resources import CLAIMS, CLASSES, MOUNTS, PODS, SECRETS, Resource
+from .outcomes import Outcome, RequeueAfter
+from .processing import Controller
+from .recording import WARNING, EventRecorder
+from .watching import Event, Informer
+
+__all__ = ["NodeReconciler", "SlotLookup"]
+
+log = logging.getLogger(__name__)
+
+SlotLookup = Callable[[str], PodSlot | None]
+OrphanHook = Callable[[DynamicVolumeMount], Awaitable[None]]
+
+FIELD_MANAGER = "dynvol-node"
+ANNOTATION_DATA_DIGEST = f"{c.GROUP}/data-digest"
+#: How long an object this process wrote is assumed to exist (or be gone) before the
+#: informer cache confirms it; covers watch lag on a busy apiserver.
+_EXPECTATION_TTL = 120.0
+
+
+def _slim_copy(secret: dict[str, Any]) -> dict[str, Any]:
+    """A credentials copy without its data (only the digest annotation matters)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": objects.slim_metadata(
+            secret.get("metadata") or {}, annotations=(ANNOTATION_DATA_DIGEST,)
+        ),
+    }
+
+
+def _data_digest(data: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(dict(data), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _claim_uid_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    value = (obj.get("metadata", {}).get("labels") or {}).get(c.LABEL_CLAIM_UID)
+    return (value,) if value else ()
+
+
+def _uid_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    uid = obj.get("metadata", {}).get("uid")
+    return (uid,) if uid else ()
+
+
+def _changed(event: Event, *, ignore_status: bool) -> bool:
+    """Whether an update changed more than its resourceVersion (and status, if ignored)."""
+    if event.type != "MODIFIED" or event.old is None:
+        return True
+
+    def strip(obj: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in obj.items() if not (ignore_status and k == "status")}
+        meta = dict(out.get("metadata") or {})
+        meta.pop("resourceVersion", None)
+        out["metadata"] = meta
+        return out
+
+    return strip(event.obj) != strip(event.old)
+
+
+@attrs.define(eq=False)
+class NodeReconciler:
+    """Keep one node's DynamicVolumeMounts, DMPs and credential copies as planned.
+
+    Lifecycle: ``await start()`` (informers synced, worker running), ``await close()``;
+    or ``async with``. :meth:`nudge` requests a pass (e.g. after a volume was published).
+    """
+
+    client: Client
+    node_name: str
+    slot_lookup: SlotLookup | None = attrs.field(kw_only=True)
+    system_namespace: str = attrs.field(default=c.DEFAULT_SYSTEM_NAMESPACE, kw_only=True)
+    dmp_image: str = attrs.field(default="dynvol:latest", kw_only=True)
+    dmp_service_account: str = attrs.field(default=c.DEFAULT_DMP_SERVICE_ACCOUNT, kw_only=True)
+    dmp_priority_class: str = attrs.field(default=c.DEFAULT_DMP_PRIORITY_CLASS, kw_only=True)
+    #: Seconds a shared DMP may serve nothing before it is deleted.
+    shared_idle_grace: float = attrs.field(default=60.0, kw_only=True)
+    #: gracePeriodSeconds when deleting DMPs (None: the pod's own, so it can unmount).
+    dmp_delete_grace: int | None = attrs.field(default=None, kw_only=True)
+    #: Called for a mount being deleted whose DMP is gone (the shell unmounts lazily).
+    on_orphaned: OrphanHook | None = attrs.field(default=None, kw_only=True)
+    recorder: EventRecorder | None = attrs.field(default=None, kw_only=True)
+    #: A dynvol_providers ProviderRegistry: claims whose provider is unknown or rejects the
+    #: config are never mounted (the validating webhook normally refuses them earlier).
+    registry: Any = attrs.field(default=None, kw_only=True)
+    #: Requests in flight at once per pass; small, because every node runs one and
+    #: together they share the apiserver (whose default mutating in-flight limit is 200).
+    concurrency: int = attrs.field(default=4, kw_only=True)
+    resync: float | None = attrs.field(default=600.0, kw_only=True)
+    #: Seconds before looking again at pods whose volume is not published yet.
+    unpublished_recheck: float = attrs.field(default=5.0, kw_only=True)
+    #: Seconds to gather events before a pass, so a burst costs one pass, not hundreds.
+    coalesce: float = attrs.field(default=0.05, kw_only=True)
+
+    informers: list[Informer] = attrs.field(factory=list, init=False)
+    pods: Informer = attrs.field(init=False)
+    claims: Informer = attrs.field(init=False)
+    classes: Informer = attrs.field(init=False)
+    mounts: Informer = attrs.field(init=False)
+    dmps: Informer = attrs.field(init=False)
+    copies: Informer = attrs.field(init=False)
+    controller: Controller = attrs.field(init=False)
+    passes: int = attrs.field(default=0, init=False)
+    last_plan: NodePlan | None = attrs.field(default=None, init=False)
+    _node_uid: str = attrs.field(default="", init=False)
+    _own_recorder: bool = attrs.field(default=False, init=False)
+    _sources: dict[ObjectRef, Informer] = attrs.field(factory=dict, init=False)
+    _idle_since: dict[str, float] = attrs.field(factory=dict, init=False)
+    _idle_deletions: list[PodInfo] = attrs.field(factory=list, init=False)
+    _reported: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
+    _created_dvms: dict[tuple[str, str], tuple[float, DynamicVolumeMount]] = attrs.field(
+        factory=dict, init=False
+    )
+    _deleted_dvms: dict[str, float] = attrs.field(factory=dict, init=False)
+    _created_dmps: dict[str, tuple[float, PodInfo, str]] = attrs.field(factory=dict, init=False)
+    _deleted_dmps: dict[str, float] = attrs.field(factory=dict, init=False)
+    #: Credential copies written but maybe not in the cache yet: name -> (deadline, digest,
+    #: owner uid).
+    _written_copies: dict[str, tuple[float, str, str]] = attrs.field(factory=dict, init=False)
+    _claims: objects.ModelCache = attrs.field(init=False)
+    _pods: objects.ModelCache = attrs.field(init=False)
+    _classes: objects.ModelCache = attrs.field(init=False)
+    _dvms: objects.ModelCache = attrs.field(init=False)
+    _started: bool = attrs.field(default=False, init=False)
+    _usable: dict[tuple[str, int], bool] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        node_label = label_value(self.node_name)
+        self._claims = objects.ModelCache(DynamicVolumeClaim.from_object)
+        self._pods = objects.ModelCache(PodInfo.from_object)
+        self._classes = objects.ModelCache(StorageProviderClass.from_object)
+        self._dvms = objects.ModelCache(DynamicVolumeMount.from_object)
+        self.pods = Informer(
+            self.client,
+            PODS,
+            field_selector=f"spec.nodeName={self.node_name}",
+            transform=objects.slim_pod,
+            indexers={"uid": _uid_index},
+            resync=self.resync,
+        )
+        self.claims = Informer(self.client, CLAIMS)
+        self.classes = Informer(self.client, CLASSES)
+        self.mounts = Informer(
+            self.client,
+            MOUNTS,
+            label_selector=f"{c.LABEL_NODE}={node_label}",
+            transform=objects.slim_dvm,
+            indexers={"claim-uid": _claim_uid_index},
+        )
+        self.dmps = Informer(
+            self.client,
+            PODS,
+            namespace=self.system_namespace,
+            label_selector=(f"{c.LABEL_COMPONENT}={c.COMPONENT_DMP},{c.LABEL_NODE}={node_label}"),
+            transform=objects.slim_pod,
+        )
+        self.copies = Informer(
+            self.client,
+            SECRETS,
+            namespace=self.system_namespace,
+            label_selector=(
+                f"{c.LABEL_COMPONENT}={c.COMPONENT_CREDENTIALS},{c.LABEL_NODE}={node_label}"
+            ),
+            transform=_slim_copy,
+        )
+        self.informers = [self.classes, self.claims, self.pods, self.mounts, self.dmps, self.copies]
+        self.controller = Controller(f"node {self.node_name}", self._reconcile, workers=1)
+        self.pods.add_handler(self._on_pod)
+        self.claims.add_handler(self._on_claim)
+        self.classes.add_handler(self._on_any)
+        self.mounts.add_handler(self._on_mount)
+        self.dmps.add_handler(self._on_dmp)
+        self.copies.add_handler(self._on_copy)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, *, sync_timeout: float = 120.0) -> None:
+        """Start the informers, wait for their first list, then reconcile."""
+        if self.recorder is None:
+            self.recorder = EventRecorder(self.client, "dynvol-node", host=self.node_name)
+            self._own_recorder = True
+            await self.recorder.start()
+        self._node_uid = await self._lookup_node_uid()
+        try:
+            for informer in self.informers:
+                await informer.start()
+            for informer in self.informers:
+                await informer.wait_synced(within=sync_timeout)
+        except BaseException:
+            await self.close()
+            raise
+        await self.controller.start()
+        self._started = True
+        self.nudge()
+
+    async def close(self) -> None:
+        """Stop reconciling and watching."""
+        await self.controller.close()
+        for informer in [*self._sources.values(), *reversed(self.informers)]:
+            await informer.close()
+        self._sources.clear()
+        if self._own_recorder and self.recorder is not None:
+            await self.recorder.close()
+        self._started = False
+
+    async def __aenter__(self) -> NodeReconciler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def nudge(self) -> None:
+        """Ask for a reconciliation pass (deduplicated with pending ones)."""
+        if self.coalesce > 0:
+            self.controller.queue.add_after(self.node_name, self.coalesce)
+        else:
+            self.controller.enqueue(self.node_name)
+
+    def pod_class(self, pod_uid: str) -> str | None:
+        """The class of a pod on this node, by UID (for slot lookups that need it)."""
+        for pod in self.pods.store.by_index("uid", pod_uid):
+            return objects.injected_class(pod)
+        return None
+
+    async def _lookup_node_uid(self) -> str:
+        try:
+            node = await self.client.get(Resource("", "v1", "nodes", "Node", False), self.node_name)
+        except APIError:
+            # Made-up nodes (tests) or no RBAC to read nodes: DMPs then have no owner.
+            return ""
+        uid: str = node.get("metadata", {}).get("uid", "")
+        return uid
+
+    # -- observe -> queue ----------------------------------------------------------------
+
+    def _on_any(self, event: Event) -> None:
+        if _changed(event, ignore_status=True):
+            self.nudge()
+
+    def _on_pod(self, event: Event) -> None:
+        if _changed(event, ignore_status=False):
+            self.nudge()
+
+    def _on_claim(self, event: Event) -> None:
+        # Every node sees every claim; most claims concern none of its pods. A pass costs
+        # far more than this check, and a cluster of nodes would all pay it.
+        if _changed(event, ignore_status=True) and self._claim_concerns_us(event):
+            self.nudge()
+
+    def _claim_concerns_us(self, event: Event) -> bool:
+        meta = event.obj.get("metadata") or {}
+        uid = meta.get("uid", "")
+        if uid and self.mounts.store.by_index("claim-uid", label_value(uid)):
+            return True  # we have mounts for it: any change may matter
+        local = self.pods.store.by_index("namespace", meta.get("namespace", ""))
+        if not local:
+            return False
+        for version in (event.obj, event.old):
+            if version is None:
+                continue
+            claim = self._claims.get_or_none(version)
+            if claim is None:
+                continue
+            for raw in local:
+                if claim.selector.selects(raw["metadata"].get("labels") or {}):
+                    return True
+        return False
+
+    def _on_mount(self, event: Event) -> None:
+        if event.type == "ADDED" and self._expected(self._created_dvms, event.obj):
+            return  # our own create coming back
+        if _changed(event, ignore_status=True):
+            self.nudge()
+
+    def _on_dmp(self, event: Event) -> None:
+        if event.type == "ADDED":
+            name = event.obj["metadata"].get("name")
+            created = self._created_dmps.get(name)
+            if created is not None and created[1].uid == event.obj["metadata"].get("uid"):
+                return  # our own create coming back (its credentials are already written)
+        # Phase matters for DMPs: a Failed one is replaced.
+        if _changed(event, ignore_status=False):
+            self.nudge()
+
+    def _on_copy(self, event: Event) -> None:
+        meta = event.obj.get("metadata") or {}
+        written = self._written_copies.get(meta.get("name", ""))
+        if written is not None and event.type in ("ADDED", "MODIFIED"):
+            digest = (meta.get("annotations") or {}).get(ANNOTATION_DATA_DIGEST)
+            owners = [o.get("uid") for o in meta.get("ownerReferences") or ()]
+            if (digest, owners) == (written[1], [written[2]]):
+                return  # our own write coming back
+        if _changed(event, ignore_status=True):
+            self.nudge()
+
+    @staticmethod
+    def _expected(
+        table: Mapping[tuple[str, str], tuple[float, DynamicVolumeMount]], obj: Mapping[str, Any]
+    ) -> bool:
+        meta = obj.get("metadata") or {}
+        entry = table.get((meta.get("namespace", ""), meta.get("name", "")))
+        return entry is not None and entry[1].uid == meta.get("uid")
+
+    # -- process -------------------------------------------------------------------------
+
+    def _existing_dvms(self, now: float) -> list[DynamicVolumeMount]:
+        cached: dict[tuple[str, str], DynamicVolumeMount] = {}
+        for raw in self.mounts.store:
+            model = self._dvms.get_or_none(raw)
+            if model is not None:
+                cached[(model.namespace, model.name)] = model
+        for key, (deadline, model) in list(self._created_dvms.items()):
+            if key in cached or deadline < now:
+                del self._created_dvms[key]
+            else:
+                cached[key] = model
+        for uid, deadline in list(self._deleted_dvms.items()):
+            if deadline < now:
+                del self._deleted_dvms[uid]
+        return [m for m in cached.values() if m.uid not in self._deleted_dvms]
+
+    def _existing_dmps(self, now: float) -> list[PodInfo]:
+        cached: dict[str, PodInfo] = {}
+        for raw in self.dmps.store:
+            info = self._pods.get_or_none(raw)
+            if info is not None:
+                cached[info.name] = info
+        for name, (deadline, info, _) in list(self._created_dmps.items()):
+            if (name in cached and cached[name].uid == info.uid) or deadline < now:
+                del self._created_dmps[name]
+            elif name not in cached:
+                cached[name] = info
+        for uid, deadline in list(self._deleted_dmps.items()):
+            if deadline < now:
+                del self._deleted_dmps[uid]
+        return [p for p in cached.values() if p.uid not in self._deleted_dmps]
+
+    def plan(self) -> NodePlan:
+        """What this node should have, from the caches (pure apart from slot lookups)."""
+        now = time.monotonic()
+        pods = [p for p in (self._pods.get_or_none(raw) for raw in self.pods.store) if p]
+        namespaces = {p.namespace for p in pods if p.opted_in}
+        claims = [
+            claim
+            for ns in namespaces
+            for raw in self.claims.store.by_index("namespace", ns)
+            if (claim := self._claims.get_or_none(raw)) is not None and self._claim_usable(claim)
+        ]
+        classes = {
+            spc.name: spc
+            for raw in self.classes.store
+            if (spc := self._classes.get_or_none(raw)) is not None
+        }
+        slots: dict[str, PodSlot] = {}
+        if self.slot_lookup is not None:
+            for pod in pods:
+                if pod.eligible:
+                    slot = self.slot_lookup(pod.uid)
+                    if slot is not None:
+                        slots[pod.uid] = slot
+        return plan_node(
+            node_name=self.node_name,
+            pods=pods,
+            claims=claims,
+            classes=classes,
+            slots=slots,
+            system_namespace=self.system_namespace,
+            dmp_image=self.dmp_image,
+            existing_dvms=self._existing_dvms(now),
+            existing_dmps=self._existing_dmps(now),
+            node_uid=self._node_uid,
+        )
+
+    def _claim_usable(self, claim: DynamicVolumeClaim) -> bool:
+        """Whether the claim's provider is installed and accepts its config (memoised)."""
+        if self.registry is None:
+            return True
+        key = (claim.uid, claim.generation)
+        usable = self._usable.get(key)
+        if usable is None:
+            try:
+                provider = self.registry.get(claim.storage_provider)
+                provider.parse_config(thaw_json(claim.provider_config.values), parameters={})
+                usable = True
+            except DynvolError as exc:
+                log.info(
+                    "node %s: claim %s/%s is not mounted: %s",
+                    self.node_name,
+                    claim.namespace,
+                    claim.name,
+                    exc,
+                )
+                usable = False
+            if len(self._usable) > 10_000:
+                self._usable.clear()
+            self._usable[key] = usable
+        return usable
+
+    async def _reconcile(self, key: str) -> Outcome | None:
+        self.passes += 1
+        began = time.monotonic()
+        plan = self.plan()
+        self.last_plan = plan
+        planned = time.monotonic()
+        errors: list[BaseException] = []
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def run(step: Awaitable[None]) -> None:
+            async with semaphore:
+                try:
+                    await step
+                except APIConflict as exc:
+                    if not exc.already_exists:
+                        errors.append(exc)
+                except APINotFound as exc:
+                    errors.append(exc)
+                except APIError as exc:
+                    errors.append(exc)
+
+        # Mounts first: they are the unit of status (what users and the claim status see),
+        # and a DMP picks up the mounts that name it whenever it starts.
+        mount_steps: list[Awaitable[None]] = [self._create_dvm(d) for d in plan.create_dvms]
+        mount_steps += [self._update_dvm(dvm) for dvm in plan.update_dvms]
+        mount_steps += [self._delete_dvm(dvm) for dvm in plan.delete_dvms]
+        mount_steps += [self._release_orphan(dvm) for dvm in plan.orphaned_dvms]
+        await asyncio.gather(*(run(step) for step in mount_steps))
+        steps: list[Awaitable[None]] = [self._create_dmp(spec) for spec in plan.create_dmps]
+        steps += [
+            self._delete_dmp(pod, "Failed" if pod.terminal else "Unused")
+            for pod in plan.delete_dmps
+        ]
+        await asyncio.gather(*(run(step) for step in steps))
+
+        wait = self._handle_idle(plan)
+        await asyncio.gather(*(run(step) for step in self._credential_steps(plan)))
+        self._report_rejections(plan)
+        log.debug(
+            "node %s: pass %d planned in %.3fs, acted in %.3fs: +%d/~%d/-%d mounts, "
+            "+%d/-%d DMPs, %d errors",
+            self.node_name,
+            self.passes,
+            planned - began,
+            time.monotonic() - planned,
+            len(plan.create_dvms),
+            len(plan.update_dvms),
+            len(plan.delete_dvms),
+            len(plan.create_dmps),
+            len(plan.delete_dmps),
+            len(errors),
+        )
+        if errors:
+            first = errors[0]
+            raise TemporaryError(
+                f"{len(errors)} action(s) failed on node {self.node_name}, first: {first}"
+            ) from first
+        if plan.unpublished:
+            wait = min(wait or self.unpublished_recheck, self.unpublished_recheck)
+        return RequeueAfter(wait) if wait else None
+
+    # -- act: DynamicVolumeMounts --------------------------------------------------------
+
+    async def _create_dvm(self, dvm: DynamicVolumeMount) -> None:
+        try:
+            created = await self.client.create(
+                MOUNTS, dvm.to_object(), namespace=dvm.namespace, field_manager=FIELD_MANAGER
+            )
+        except APIConflict as exc:
+            if exc.already_exists:
+                # Made by an earlier pass (or process) and not in the cache yet: assume it
+                # is as wanted until the cache shows it; a difference then means an update.
+                key = (dvm.namespace, dvm.name)
+                self._created_dvms[key] = (time.monotonic() + _EXPECTATION_TTL, dvm)
+            raise
+        model = DynamicVolumeMount.from_object(created)
+        self._created_dvms[(model.namespace, model.name)] = (
+            time.monotonic() + _EXPECTATION_TTL,
+            model,
+        )
+
+    async def _update_dvm(self, dvm: DynamicVolumeMount) -> None:
+        body = dvm.to_object()
+        body.pop("status", None)
+        await self.client.replace(MOUNTS, body, field_manager=FIELD_MANAGER)
+
+    async def _delete_dvm(self, dvm: DynamicVolumeMount) -> None:
+        try:
+            await self.client.delete(MOUNTS, dvm.name, namespace=dvm.namespace, uid=dvm.uid)
+        except APIConflict:
+            return  # a precondition miss: it was replaced; the next pass decides again
+        except APINotFound:
+            pass
+        self._deleted_dvms[dvm.uid] = time.monotonic() + _EXPECTATION_TTL
+
+    async def _release_orphan(self, dvm: DynamicVolumeMount) -> None:
+        if self.on_orphaned is not None:
+            await self.on_orphaned(dvm)
+        if c.FINALIZER_MOUNT in dvm.finalizers:
+            finalizers = [f for f in dvm.finalizers if f != c.FINALIZER_MOUNT]
+            patch = {
+                "metadata": {"finalizers": finalizers, "resourceVersion": dvm.resource_version}
+            }
+            try:
+                await self.client.patch(MOUNTS, dvm.name, patch, namespace=dvm.namespace)
+            except APINotFound:
+                return
+        if not dvm.deleting:
+            await self._delete_dvm(dvm)
+
+    # -- act: DMPs -----------------------------------------------------------------------
+
+    async def _create_dmp(self, spec: DmpSpec) -> None:
+        manifest = dmp_pod_manifest(
+            spec,
+            service_account_name=self.dmp_service_account,
+            priority_class_name=self.dmp_priority_class,
+        )
+        try:
+            created = await self.client.create(
+                PODS, manifest, namespace=spec.namespace, field_manager=FIELD_MANAGER
+            )
+        except APINotFound as exc:
+            raise TemporaryError(
+                f"cannot create DMP {spec.name}: namespace {spec.namespace!r} is missing "
+                "(install dynvol's manifests)",
+                delay=10,
+            ) from exc
+        info = PodInfo.from_object(created)
+        self._created_dmps[spec.name] = (time.monotonic() + _EXPECTATION_TTL, info, spec.name)
+        log.info(
+            "node %s: created DMP %s (%s, class %s)",
+            self.node_name,
+            spec.name,
+            spec.policy,
+            spec.class_name,
+        )
+
+    async def _delete_dmp(self, pod: PodInfo, why: str) -> None:
+        with contextlib.suppress(APINotFound, APIConflict):
+            await self.client.delete(
+                PODS,
+                pod.name,
+                namespace=pod.namespace,
+                uid=pod.uid,
+                grace_seconds=self.dmp_delete_grace,
+            )
+        self._deleted_dmps[pod.uid] = time.monotonic() + _EXPECTATION_TTL
+        self._idle_since.pop(pod.name, None)
+        log.info("node %s: deleted DMP %s (%s)", self.node_name, pod.name, why)
+
+    def _handle_idle(self, plan: NodePlan) -> float | None:
+        """Delete shared DMPs idle for longer than the grace delay; the next check time."""
+        now = time.monotonic()
+        idle = {p.name: p for p in plan.idle_dmps}
+        for name in list(self._idle_since):
+            if name not in idle:
+                del self._idle_since[name]
+        wait: float | None = None
+        for name, pod in idle.items():
+            since = self._idle_since.setdefault(name, now)
+            remaining = since + self.shared_idle_grace - now
+            if remaining <= 0:
+                # Deleted with the credential steps of this pass.
+                self._idle_deletions.append(pod)
+            else:
+                wait = remaining if wait is None else min(wait, remaining)
+        return wait
+
+    # -- act: credentials ----------------------------------------------------------------
+
+    def _credential_steps(self, plan: NodePlan) -> list[Awaitable[None]]:
+        steps: list[Awaitable[None]] = [
+            self._delete_dmp(pod, "IdleGraceExpired") for pod in self._idle_deletions
+        ]
+        self._idle_deletions = []
+        live: dict[str, str] = {}
+        for raw in self.dmps.store:
+            meta = raw["metadata"]
+            if not meta.get("deletionTimestamp") and meta.get("uid") not in self._deleted_dmps:
+                live[meta["name"]] = meta["uid"]
+        for name, (_, info, _) in self._created_dmps.items():
+            live.setdefault(name, info.uid)
+        wanted_refs: set[ObjectRef] = set()
+        wanted_copies: set[str] = set()
+        for spec in plan.dmps:
+            if spec.secret_ref is None or spec.credential_secret_name is None:
+                continue
+            wanted_refs.add(spec.secret_ref)
+            wanted_copies.add(spec.credential_secret_name)
+            uid = live.get(spec.name)
+            if uid is None:
+                continue  # created this pass; the DMP's ADDED event brings us back
+            steps.append(self._ensure_copy(spec, uid))
+        for raw in self.copies.store:
+            meta = raw["metadata"]
+            owner = (meta.get("labels") or {}).get(c.LABEL_DMP)
+            if meta["name"] not in wanted_copies and owner not in live:
+                steps.append(self._delete_copy(meta["name"], meta.get("uid")))
+        steps.append(self._track_sources(wanted_refs))
+        return steps
+
+    async def _ensure_copy(self, spec: DmpSpec, dmp_uid: str) -> None:
+        assert spec.secret_ref is not None
+        assert spec.credential_secret_name is not None
+        informer = self._sources.get(spec.secret_ref)
+        if informer is None or not informer.synced:
+            return  # its informer starts now; its first event brings us back
+        source = informer.store.get(f"{spec.secret_ref.namespace}/{spec.secret_ref.name}")
+        if source is None:
+            dmp_ref = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": spec.name, "namespace": spec.namespace, "uid": dmp_uid},
+            }
+            if self.recorder is not None:
+                self.recorder.record(
+                    dmp_ref,
+                    WARNING,
+                    "CredentialsNotFound",
+                    f"Secret {spec.secret_ref} named by StorageProviderClass "
+                    f"{spec.class_name} does not exist; create it",
+                )
+            return
+        body = credential_secret_manifest(spec, dmp_uid=dmp_uid, source=source)
+        digest = _data_digest({**body.get("data", {}), **body.get("stringData", {})})
+        meta = body["metadata"]
+        meta["labels"][c.LABEL_NODE] = label_value(self.node_name)
+        meta["annotations"][ANNOTATION_DATA_DIGEST] = digest
+        existing = self.copies.store.get(f"{spec.namespace}/{spec.credential_secret_name}")
+        written = self._written_copies.get(meta["name"])
+        if written is not None:
+            deadline, written_digest, written_owner = written
+            seen = (
+                existing is not None
+                and (existing["metadata"].get("annotations") or {}).get(ANNOTATION_DATA_DIGEST)
+                == written_digest
+            )
+            if seen or deadline < time.monotonic():
+                del self._written_copies[meta["name"]]
+            elif (written_digest, written_owner) == (digest, dmp_uid):
+                return  # our write is on its way to the cache
+        if existing is not None:
+            have = existing["metadata"]
+            owners = [o.get("uid") for o in have.get("ownerReferences") or ()]
+            if (have.get("annotations") or {}).get(ANNOTATION_DATA_DIGEST) == digest and (
+                owners == [dmp_uid]
+            ):
+                return
+            meta["resourceVersion"] = have["resourceVersion"]
+            await self.client.replace(SECRETS, body, field_manager=FIELD_MANAGER)
+            self._remember_copy(meta["name"], digest, dmp_uid)
+            log.info("node %s: updated credentials %s", self.node_name, meta["name"])
+            return
+        try:
+            await self.client.create(
+                SECRETS, body, namespace=spec.namespace, field_manager=FIELD_MANAGER
+            )
+        except APIConflict as exc:
+            if not exc.already_exists:
+                raise
+            # Left over from an earlier DMP of the same name: take it over.
+            current = await self.client.get(SECRETS, meta["name"], namespace=spec.namespace)
+            meta["resourceVersion"] = current["metadata"]["resourceVersion"]
+            await self.client.replace(SECRETS, body, field_manager=FIELD_MANAGER)
+        self._remember_copy(meta["name"], digest, dmp_uid)
+
+    def _remember_copy(self, name: str, digest: str, owner: str) -> None:
+        self._written_copies[name] = (time.monotonic() + _EXPECTATION_TTL, digest, owner)
+
+    async def _delete_copy(self, name: str, uid: str | None) -> None:
+        with contextlib.suppress(APINotFound, APIConflict):
+            await self.client.delete(SECRETS, name, namespace=self.system_namespace, uid=uid)
+
+    async def _track_sources(self, refs: set[ObjectRef]) -> None:
+        for ref in refs - set(self._sources):
+            informer = Informer(
+                self.client,
+                SECRETS,
+                namespace=ref.namespace,
+                field_selector=f"metadata.name={ref.name}",
+            )
+            informer.add_handler(self._on_any)
+            self._sources[ref] = informer
+            await informer.start()
+        for ref in set(self._sources) - refs:
+            await self._sources.pop(ref).close()
+
+    # -- report ---------------------------------------------------------------------------
+
+    def _report_rejections(self, plan: NodePlan) -> None:
+        if self.recorder is None:
+            return
+        for m in plan.matches:
+            if m.ok or m.reason is None:
+                continue
+            key = (m.pod.uid, m.claim.uid, str(m.reason))
+            if key in self._reported:
+                continue
+            self._reported.add(key)
+            pod_ref = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": m.pod.name, "namespace": m.pod.namespace, "uid": m.pod.uid},
+            }
+            self.recorder.record(
+                pod_ref, WARNING, str(m.reason), f"claim {m.claim.name}: {m.message}"
+            )
+        if len(self._reported) > 100_000:
+            self._reported.clear()

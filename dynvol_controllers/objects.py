@@ -1,0 +1,218 @@
+"""Small helpers over raw API objects: slimming transforms, indexes, owner references.
+
+Informers (:mod:`.watching`) apply the ``slim_*`` transforms so a cache of thousands of pods
+stays small: only the fields dynvol reads are kept. Reconcilers use the accessors.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from dynvol_core import constants as c
+
+from .caching import Obj
+
+__all__ = [
+    "controller_ref",
+    "injected_class",
+    "injected_policy",
+    "is_terminated",
+    "owner_ref",
+    "slim_dvm",
+    "slim_metadata",
+    "slim_pod",
+]
+
+_KEEP_META = (
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "labels",
+    "deletionTimestamp",
+    "creationTimestamp",
+    "ownerReferences",
+    "finalizers",
+)
+
+
+def slim_metadata(meta: Mapping[str, Any], *, annotations: Iterable[str] = ()) -> dict[str, Any]:
+    """``metadata`` with only the fields reconcilers read (and the listed annotations)."""
+    out = {k: meta[k] for k in _KEEP_META if k in meta}
+    wanted = set(annotations)
+    if wanted:
+        kept = {k: v for k, v in (meta.get("annotations") or {}).items() if k in wanted}
+        if kept:
+            out["annotations"] = kept
+    return out
+
+
+_POD_ANNOTATIONS = (
+    c.ANNOTATION_STORAGE_PROVIDER_CLASS,
+    c.ANNOTATION_MOUNT_PATH_ROOT,
+    c.ANNOTATION_DISPATCH_POLICY,
+)
+
+
+def slim_pod(pod: Obj) -> Obj:
+    """A pod reduced to identity, labels, dynvol annotations, node, phase and our volume."""
+    spec = pod.get("spec") or {}
+    volumes = [v for v in spec.get("volumes") or () if v.get("name") == c.VOLUME_NAME]
+    out_spec: dict[str, Any] = {}
+    if spec.get("nodeName"):
+        out_spec["nodeName"] = spec["nodeName"]
+    if volumes:
+        out_spec["volumes"] = volumes
+    status = pod.get("status") or {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": slim_metadata(pod.get("metadata") or {}, annotations=_POD_ANNOTATIONS),
+        "spec": out_spec,
+        "status": {"phase": status["phase"]} if "phase" in status else {},
+    }
+
+
+def slim_dvm(dvm: Obj) -> Obj:
+    """A DynamicVolumeMount without managedFields (spec and status are small already)."""
+    meta = dvm.get("metadata") or {}
+    return {**dvm, "metadata": slim_metadata(meta)}
+
+
+_STATUS_SPEC = (
+    "claimName",
+    "claimUID",
+    "podName",
+    "podUID",
+    "nodeName",
+    "dmpName",
+    "storageProviderClass",
+    "mountpoint",
+)
+
+
+def slim_dvm_for_status(dvm: Obj) -> Obj:
+    """A DynamicVolumeMount reduced to what claim status aggregation reads."""
+    spec = dvm.get("spec") or {}
+    status = dvm.get("status") or {}
+    return {
+        "apiVersion": dvm.get("apiVersion"),
+        "kind": dvm.get("kind"),
+        "metadata": slim_metadata(
+            {
+                k: v
+                for k, v in (dvm.get("metadata") or {}).items()
+                if k not in ("labels", "ownerReferences", "finalizers")
+            }
+        ),
+        "spec": {k: spec[k] for k in _STATUS_SPEC if k in spec},
+        "status": {k: status[k] for k in ("phase", "message") if k in status},
+    }
+
+
+def injected_volume(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The dynvol CSI volume of a pod, if the webhook injected it."""
+    for volume in (pod.get("spec") or {}).get("volumes") or ():
+        csi: Mapping[str, Any] | None = volume.get("csi")
+        if volume.get("name") == c.VOLUME_NAME and csi and csi.get("driver") == c.DRIVER_NAME:
+            return csi
+    return None
+
+
+def injected_class(pod: Mapping[str, Any]) -> str | None:
+    """The StorageProviderClass named by the pod's injected volume."""
+    csi = injected_volume(pod)
+    if csi is None:
+        return None
+    name = (csi.get("volumeAttributes") or {}).get(c.VOLUME_ATTR_CLASS)
+    return name if isinstance(name, str) and name else None
+
+
+def injected_policy(pod: Mapping[str, Any]) -> str:
+    """The dispatch policy named by the pod's injected volume (default independent)."""
+    csi = injected_volume(pod) or {}
+    policy = (csi.get("volumeAttributes") or {}).get(c.VOLUME_ATTR_POLICY)
+    return policy if policy in c.POLICIES else c.POLICY_INDEPENDENT
+
+
+def is_terminated(pod: Mapping[str, Any]) -> bool:
+    """A pod that finished (Succeeded/Failed) will never run containers again."""
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def is_deleting(obj: Mapping[str, Any]) -> bool:
+    """Whether the object has a deletionTimestamp."""
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def owner_ref(obj: Mapping[str, Any], *, controller: bool = False) -> dict[str, Any]:
+    """An ownerReference to ``obj`` (blockOwnerDeletion off: we never need foreground GC)."""
+    meta = obj["metadata"]
+    ref: dict[str, Any] = {
+        "apiVersion": obj.get("apiVersion", "v1"),
+        "kind": obj.get("kind", ""),
+        "name": meta["name"],
+        "uid": meta["uid"],
+    }
+    if controller:
+        ref["controller"] = True
+    return ref
+
+
+def controller_ref(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """An ownerReference marking ``obj`` as the controller."""
+    return owner_ref(obj, controller=True)
+
+
+def now() -> str:
+    """metav1.Time for now."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+__all__ += ["injected_volume", "is_deleting", "now"]
+
+
+class ModelCache:
+    """Parsed core models of cached objects, memoised by (uid, resourceVersion).
+
+    Reconcilers re-read the same objects on every pass; parsing each once per revision
+    keeps a pass over thousands of pods cheap. Invalid objects memoise their error.
+    """
+
+    def __init__(self, parse: Any, *, size: int = 50_000) -> None:
+        self._parse = parse
+        self._size = size
+        self._items: dict[tuple[str, str], Any] = {}
+
+    def get(self, obj: Mapping[str, Any]) -> Any:
+        """The model of ``obj``; raises the parser's error (memoised) if it is invalid."""
+        meta = obj.get("metadata") or {}
+        key = (meta.get("uid") or meta.get("name", ""), meta.get("resourceVersion", ""))
+        hit = self._items.get(key)
+        if hit is None:
+            try:
+                hit = (True, self._parse(obj))
+            except Exception as exc:
+                hit = (False, exc)
+            if len(self._items) >= self._size:
+                # Drop the oldest half; revisions superseded long ago go first.
+                for old in list(self._items)[: self._size // 2]:
+                    del self._items[old]
+            self._items[key] = hit
+        ok, value = hit
+        if not ok:
+            raise value
+        return value
+
+    def get_or_none(self, obj: Mapping[str, Any]) -> Any:
+        """The model of ``obj``, or None if it is invalid."""
+        try:
+            return self.get(obj)
+        except Exception:
+            return None
+
+
+__all__ += ["ModelCache"]

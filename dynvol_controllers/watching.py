@@ -1,0 +1,271 @@
+"""Informers: observe one resource with list + watch and keep a :class:`~.caching.Store`.
+
+Stage one of the pipeline (observe -> queue -> process -> act). An informer lists the
+resource (in pages), then watches from the list's resourceVersion with bookmarks, so a
+watch that the server ends is resumed where it stopped; when the resourceVersion has
+expired (410 Gone) it lists again and reports the difference as events. A periodic resync
+(off unless asked for) replays the cache to the handlers only as a safety net. Handlers are
+synchronous and must be quick: they map the event to keys and add them to a
+:class:`~.queueing.WorkQueue` (next stage); they never act.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from .caching import IndexFunc, Obj, Store, object_key
+from .k8s import APIError, APIGone, Client, Resource
+
+__all__ = ["Event", "Informer", "slim"]
+
+log = logging.getLogger(__name__)
+
+ADDED = "ADDED"
+MODIFIED = "MODIFIED"
+DELETED = "DELETED"
+RESYNC = "RESYNC"
+
+Transform = Callable[[Obj], Obj]
+
+
+@attrs.frozen
+class Event:
+    """A change seen by an informer; ``old`` is the cached object it replaced, if any."""
+
+    type: str
+    obj: Obj
+    old: Obj | None = None
+
+
+Handler = Callable[[Event], None]
+
+
+def slim(obj: Obj) -> Obj:
+    """The default transform: drop ``managedFields`` (large, and never needed here)."""
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
+    return obj
+
+
+@attrs.define(eq=False)
+class Informer:
+    """List + watch one resource (optionally by namespace/selectors) into a store.
+
+    ``transform`` slims each object before it is cached (client-go's SetTransform);
+    ``indexers`` add secondary indexes; ``resync`` (seconds) replays the cache to the
+    handlers periodically; ``None`` disables it.
+    """
+
+    client: Client
+    resource: Resource
+    namespace: str | None = attrs.field(default=None, kw_only=True)
+    label_selector: str | None = attrs.field(default=None, kw_only=True)
+    field_selector: str | None = attrs.field(default=None, kw_only=True)
+    transform: Transform = attrs.field(default=slim, kw_only=True)
+    indexers: Mapping[str, IndexFunc] = attrs.field(factory=dict, kw_only=True)
+    resync: float | None = attrs.field(default=None, kw_only=True)
+    page_size: int = attrs.field(default=500, kw_only=True)
+    watch_timeout: int = attrs.field(default=300, kw_only=True)
+    #: List from the apiserver's watch cache (resourceVersion=0) rather than from etcd.
+    from_cache: bool = attrs.field(default=True, kw_only=True)
+    store: Store = attrs.field(init=False)
+    relists: int = attrs.field(default=0, init=False)
+    _handlers: list[Handler] = attrs.field(factory=list, init=False)
+    _synced: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    _task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
+    _resync_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
+    _rv: str = attrs.field(default="", init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.store = Store(self.indexers)
+
+    @property
+    def name(self) -> str:
+        """A label for logs: the resource and what it is filtered to."""
+        parts = [self.resource.plural]
+        if self.namespace:
+            parts.append(f"ns={self.namespace}")
+        if self.label_selector:
+            parts.append(f"labels={self.label_selector}")
+        if self.field_selector:
+            parts.append(f"fields={self.field_selector}")
+        return " ".join(parts)
+
+    @property
+    def synced(self) -> bool:
+        """Whether the first list has been cached."""
+        return self._synced.is_set()
+
+    def add_handler(self, handler: Handler) -> None:
+        """Call ``handler`` for every change (and, on sync, for every cached object)."""
+        self._handlers.append(handler)
+        # A handler added late still learns about what is cached.
+        for obj in self.store:
+            self._call(handler, Event(ADDED, obj))
+
+    async def start(self) -> None:
+        """Start listing and watching in the background."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"informer {self.name}")
+            if self.resync:
+                self._resync_task = asyncio.create_task(
+                    self._resync_loop(self.resync), name=f"resync {self.name}"
+                )
+
+    async def wait_synced(self, within: float | None = None) -> None:
+        """Wait until the first list is in the store."""
+        waiter = asyncio.ensure_future(self._synced.wait())
+        task = self._task
+        waits: set[asyncio.Future[Any]] = {waiter}
+        if task is not None:
+            waits.add(task)
+        try:
+            done, _ = await asyncio.wait(waits, timeout=within, return_when="FIRST_COMPLETED")
+        finally:
+            waiter.cancel()
+        if task is not None and task in done:
+            task.result()
+            raise RuntimeError(f"informer {self.name} stopped before it synced")
+        if not self._synced.is_set():
+            raise TimeoutError(f"informer {self.name} did not sync in {within}s")
+
+    async def close(self) -> None:
+        """Stop watching (the store keeps its last content)."""
+        for task in (self._resync_task, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._resync_task = None
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    await self._list()
+                    need_list = False
+                await self._watch()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except APIGone:
+                log.info("informer %s: resourceVersion expired; relisting", self.name)
+                need_list = True
+                self.relists += 1
+            except (APIError, ValueError) as exc:
+                failures += 1
+                delay = min(30.0, 0.2 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)
+                log.warning("informer %s: %s; retrying in %.1fs", self.name, exc, delay)
+                # After repeated failures the resourceVersion may be stale; start over.
+                need_list = need_list or failures >= 3
+                await asyncio.sleep(delay)
+
+    async def _list(self) -> None:
+        items: list[Obj] = []
+        token: str | None = None
+        rv = ""
+        while True:
+            # resourceVersion=0 lets the apiserver answer from its watch cache instead of
+            # reading (and filtering) everything from etcd, as client-go's reflector does;
+            # the watch that follows brings the cache up to date. It ignores the page size.
+            page = await self.client.list(
+                self.resource,
+                namespace=self.namespace,
+                label_selector=self.label_selector,
+                field_selector=self.field_selector,
+                limit=None if self.from_cache else self.page_size,
+                continue_token=token,
+                resource_version="0" if self.from_cache else None,
+            )
+            for item in page.get("items") or ():
+                # Lists omit kind/apiVersion on items; restore them for owners and events.
+                item.setdefault("kind", self.resource.kind)
+                item.setdefault("apiVersion", self.resource.api_version)
+                items.append(self.transform(item))
+            meta = page.get("metadata") or {}
+            rv = meta.get("resourceVersion", rv)
+            token = meta.get("continue") or None
+            if not token:
+                break
+        self._replace(items)
+        self._rv = rv
+        self._synced.set()
+
+    def _replace(self, items: list[Obj]) -> None:
+        seen = set()
+        for obj in items:
+            key = object_key(obj)
+            seen.add(key)
+            old = self.store.put(obj)
+            if old is None:
+                self._emit(Event(ADDED, obj))
+            elif _rv_of(old) != _rv_of(obj):
+                self._emit(Event(MODIFIED, obj, old))
+        for key in self.store.key_list():
+            if key not in seen:
+                gone = self.store.remove(key)
+                if gone is not None:
+                    self._emit(Event(DELETED, gone, gone))
+
+    async def _watch(self) -> None:
+        # Spread the server-side timeouts so informers do not all rewatch at once.
+        timeout = int(self.watch_timeout * random.uniform(1.0, 1.5))
+        async for kind, raw in self.client.watch(
+            self.resource,
+            resource_version=self._rv,
+            namespace=self.namespace,
+            label_selector=self.label_selector,
+            field_selector=self.field_selector,
+            timeout_seconds=timeout,
+        ):
+            rv = raw.get("metadata", {}).get("resourceVersion")
+            if kind == "BOOKMARK":
+                if rv:
+                    self._rv = rv
+                continue
+            raw.setdefault("kind", self.resource.kind)
+            raw.setdefault("apiVersion", self.resource.api_version)
+            obj = self.transform(raw)
+            if kind in (ADDED, MODIFIED):
+                old = self.store.put(obj)
+                self._emit(Event(MODIFIED if old is not None else ADDED, obj, old))
+            elif kind == DELETED:
+                old = self.store.remove(object_key(obj))
+                self._emit(Event(DELETED, obj, old))
+            if rv:
+                self._rv = rv
+
+    async def _resync_loop(self, period: float) -> None:
+        await self._synced.wait()
+        while True:
+            await asyncio.sleep(period * random.uniform(0.9, 1.1))
+            for obj in self.store:
+                self._emit(Event(RESYNC, obj, obj))
+
+    def _emit(self, event: Event) -> None:
+        for handler in self._handlers:
+            self._call(handler, event)
+
+    def _call(self, handler: Handler, event: Event) -> None:
+        try:
+            handler(event)
+        except Exception:
+            # A broken handler must not stop the informer for everyone else.
+            log.exception("informer %s: handler %r failed", self.name, handler)
+
+
+def _rv_of(obj: Obj) -> str:
+    rv: str = obj.get("metadata", {}).get("resourceVersion", "")
+    return rv

@@ -1,0 +1,258 @@
+"""The admission webhook server (aiohttp over TLS) and its webhook configurations.
+
+Receives AdmissionReviews from the kube-apiserver, hands the request to a decision
+function (pure ones live in :mod:`.admission`; the validating ones read informer caches),
+and answers. :func:`webhook_configurations` builds the MutatingWebhookConfiguration and
+ValidatingWebhookConfiguration objects that point the apiserver at it.
+
+Failure policy, chosen deliberately:
+
+* ``pods.<group>`` (annotation opt-in) sees every pod outside kube-system and the dynvol
+  namespace, so it is ``Ignore``: a webhook outage must never block pods that did not opt
+  in. The price -- an annotated pod created during an outage runs without the volume -- is
+  made visible by the cluster controller (a Warning Event ``InjectionMissing`` on the pod).
+* ``namespace-pods.<group>`` covers namespaces labelled ``<group>/inject=enabled``: every
+  pod there asked for the volume, so it is ``Fail``.
+* the validating webhook for classes and claims is ``Fail``: it only sees dynvol's own
+  objects, and letting an unchecked claim through is worse than a retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from dynvol_core import constants as c
+
+from .admission import INJECT_ENABLED, LABEL_INJECT, AdmissionDecision, review_response
+
+__all__ = [
+    "MUTATE_PODS_PATH",
+    "VALIDATE_PATH",
+    "WebhookServer",
+    "webhook_configurations",
+]
+
+log = logging.getLogger(__name__)
+
+MUTATE_PODS_PATH = "/mutate-pods"
+VALIDATE_PATH = "/validate"
+WEBHOOK_CONFIG_NAME = "dynvol"
+
+Decide = Callable[[Mapping[str, Any]], AdmissionDecision | Awaitable[AdmissionDecision]]
+
+
+class WebhookServer:
+    """Serve admission endpoints over TLS on ``host:port`` (``port=0`` picks one)."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 9443,
+        cert_file: str,
+        key_file: str,
+        handlers: Mapping[str, Decide],
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self._handlers = dict(handlers)
+        self._runner: web.AppRunner | None = None
+        self.reviews = 0
+
+    @property
+    def url(self) -> str:
+        """The base URL (after :meth:`start`, with the actual port)."""
+        return f"https://{self.host}:{self.port}"
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    async def start(self) -> None:
+        """Bind and serve."""
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        for path, decide in self._handlers.items():
+            app.router.add_post(path, self._endpoint(decide))
+        app.router.add_get("/healthz", self._healthz)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl_context())
+        await site.start()
+        if self.port == 0:
+            # Port 0 (tests): learn which port the kernel picked.
+            sockets = getattr(site._server, "sockets", None) or ()
+            if sockets:
+                self.port = int(sockets[0].getsockname()[1])
+        log.info("webhook server listening on %s", self.url)
+
+    async def close(self) -> None:
+        """Stop accepting, let in-flight reviews finish."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    def _endpoint(self, decide: Decide) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                review = json.loads(await request.read())
+                admission_request = review["request"]
+            except (ValueError, KeyError, TypeError):
+                return web.Response(status=400, text="expected an AdmissionReview")
+            self.reviews += 1
+            try:
+                result = decide(admission_request)
+                decision = await result if inspect.isawaitable(result) else result
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("admission of %s failed", _describe(admission_request))
+                decision = AdmissionDecision.deny(
+                    f"dynvol webhook error: {exc}", reason="InternalError"
+                )
+            if not decision.allowed:
+                log.info("denied %s: %s", _describe(admission_request), decision.message)
+            return web.json_response(review_response(admission_request, decision))
+
+        return handle
+
+
+def _describe(request: Mapping[str, Any]) -> str:
+    kind = (request.get("kind") or {}).get("kind", "?")
+    ns = request.get("namespace") or ""
+    name = request.get("name") or (request.get("object") or {}).get("metadata", {}).get(
+        "generateName", ""
+    )
+    return f"{request.get('operation', '?')} {kind} {ns}/{name}"
+
+
+def _client_config(
+    ca_bundle: str, path: str, url: str | None, service: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    config: dict[str, Any] = {"caBundle": ca_bundle}
+    if url is not None:
+        config["url"] = url.rstrip("/") + path
+    elif service is not None:
+        config["service"] = {**service, "path": path}
+    else:
+        raise ValueError("need a url or a service")
+    return config
+
+
+def webhook_configurations(
+    *,
+    ca_bundle: str,
+    url: str | None = None,
+    service: Mapping[str, Any] | None = None,
+    system_namespace: str = c.DEFAULT_SYSTEM_NAMESPACE,
+    name: str = WEBHOOK_CONFIG_NAME,
+    timeout_seconds: int = 5,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (mutating, validating) webhook configurations for a server at ``url`` or behind
+    ``service`` (``{"namespace": ..., "name": ..., "port": ...}``)."""
+    excluded = sorted({"kube-system", system_namespace})
+    not_dynvol_pods = {
+        "matchExpressions": [
+            # Pods dynvol makes (DMPs) never get the volume, and a pod can opt out.
+            {"key": c.LABEL_COMPONENT, "operator": "NotIn", "values": [c.COMPONENT_DMP]},
+            {"key": LABEL_INJECT, "operator": "NotIn", "values": ["disabled"]},
+        ]
+    }
+    pod_rule = [
+        {
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["CREATE"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    common = {
+        "admissionReviewVersions": ["v1"],
+        "sideEffects": "None",
+        "timeoutSeconds": timeout_seconds,
+        "matchPolicy": "Equivalent",
+    }
+    mutating = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {c.LABEL_MANAGED_BY: c.LABEL_MANAGED_BY_VALUE}},
+        "webhooks": [
+            {
+                "name": f"pods.{c.GROUP}",
+                "clientConfig": _client_config(ca_bundle, MUTATE_PODS_PATH, url, service),
+                "rules": pod_rule,
+                "failurePolicy": "Ignore",
+                # Mounts added by later webhooks must not be missed by our conflict check.
+                "reinvocationPolicy": "IfNeeded",
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        {
+                            "key": "kubernetes.io/metadata.name",
+                            "operator": "NotIn",
+                            "values": excluded,
+                        },
+                        {"key": LABEL_INJECT, "operator": "NotIn", "values": [INJECT_ENABLED]},
+                    ]
+                },
+                "objectSelector": not_dynvol_pods,
+                **common,
+            },
+            {
+                "name": f"namespace-pods.{c.GROUP}",
+                "clientConfig": _client_config(ca_bundle, MUTATE_PODS_PATH, url, service),
+                "rules": pod_rule,
+                "failurePolicy": "Fail",
+                "reinvocationPolicy": "IfNeeded",
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        {
+                            "key": "kubernetes.io/metadata.name",
+                            "operator": "NotIn",
+                            "values": excluded,
+                        },
+                        {"key": LABEL_INJECT, "operator": "In", "values": [INJECT_ENABLED]},
+                    ]
+                },
+                "objectSelector": not_dynvol_pods,
+                **common,
+            },
+        ],
+    }
+    validating = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name, "labels": {c.LABEL_MANAGED_BY: c.LABEL_MANAGED_BY_VALUE}},
+        "webhooks": [
+            {
+                "name": f"claims-classes.{c.GROUP}",
+                "clientConfig": _client_config(ca_bundle, VALIDATE_PATH, url, service),
+                "rules": [
+                    {
+                        "apiGroups": [c.GROUP],
+                        "apiVersions": [c.VERSION],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": [c.PLURAL_CLAIM, c.PLURAL_CLASS],
+                        "scope": "*",
+                    }
+                ],
+                "failurePolicy": "Fail",
+                **common,
+            },
+        ],
+    }
+    return mutating, validating

@@ -1,0 +1,1 @@
+"""Integration tests of dynvol_controllers against a real apiserver."""

@@ -1,0 +1,266 @@
+"""The cluster controller: class in-use protection, claim status, Events, restarts."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dynvol.testing import Process
+from dynvol_controllers import APINotFound, Client, ControllerApp, NodeReconciler
+from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, EVENTS, MOUNTS, PODS
+from dynvol_controllers.slots import SyntheticSlots
+from dynvol_core import constants as c
+from dynvol_core.dispatch import label_value
+from dynvol_providers.registry import load_registry
+
+from .controller_support import Objects, eventually, list_items
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def controller(client: Client, system_namespace: str) -> AsyncIterator[ControllerApp]:
+    """The cluster controller in-process (no webhooks), leader-elected on its own Lease."""
+    app = ControllerApp(
+        client=client,
+        lease_name=f"dynvol-test-{secrets.token_hex(3)}",
+        lease_namespace=system_namespace,
+        lease_duration=3,
+        renew_deadline=2,
+        retry_period=0.5,
+        registry=load_registry(),
+    )
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.close()
+
+
+@contextlib.asynccontextmanager
+async def node_reconciler(client: Client, node: str) -> AsyncIterator[NodeReconciler]:
+    reconciler = NodeReconciler(
+        client, node, slot_lookup=None, dmp_delete_grace=0, shared_idle_grace=0.5
+    )
+    reconciler.slot_lookup = SyntheticSlots(reconciler.pod_class)
+    await reconciler.start()
+    try:
+        yield reconciler
+    finally:
+        await reconciler.close()
+
+
+async def _cleanup_dmps(client: Client, class_name: str) -> None:
+    for pod in await list_items(
+        client,
+        PODS,
+        namespace=c.DEFAULT_SYSTEM_NAMESPACE,
+        label_selector=f"{c.LABEL_CLASS}={label_value(class_name)}",
+    ):
+        with contextlib.suppress(APINotFound):
+            await client.delete(
+                PODS, pod["metadata"]["name"], namespace=c.DEFAULT_SYSTEM_NAMESPACE, grace_seconds=0
+            )
+
+
+def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    for cond in (obj.get("status") or {}).get("conditions") or ():
+        if cond["type"] == type_:
+            return dict(cond)
+    return {}
+
+
+async def test_class_in_use_is_held_until_unused(
+    client: Client, objects: Objects, controller: ControllerApp
+) -> None:
+    spc = f"held-{objects.suffix}"
+    await objects.storage_class(spc)
+
+    async def finalized() -> bool:
+        obj = await client.get(CLASSES, spc)
+        return c.FINALIZER_CLASS_IN_USE in (obj["metadata"].get("finalizers") or ())
+
+    await eventually(finalized)
+    await objects.pod("user", labels={"app": "u"}, node="n-held", class_name=spc)
+    await objects.claim("pinned", selector={"app": "u"}, extra={"storageProviderClass": spc})
+
+    async def in_use() -> bool:
+        obj = await client.get(CLASSES, spc)
+        return (obj.get("status") or {}).get("inUse") == {"pods": 1, "claims": 1, "dmps": 0}
+
+    await eventually(in_use)
+    await client.delete(CLASSES, spc)
+
+    async def blocked() -> bool:
+        events = await list_items(
+            client, EVENTS, namespace="default", field_selector=f"involvedObject.name={spc}"
+        )
+        return any(e["reason"] == "DeletionBlocked" for e in events)
+
+    await eventually(blocked)
+    held = await client.get(CLASSES, spc)
+    assert held["metadata"].get("deletionTimestamp")
+    await objects.delete_pod("user")
+    # Still held by the claim that pins the class.
+    await eventually(lambda: _still_there(client, spc))
+    await client.delete(CLAIMS, "pinned", namespace=objects.namespace)
+
+    async def gone() -> bool:
+        try:
+            await client.get(CLASSES, spc)
+        except APINotFound:
+            return True
+        return False
+
+    await eventually(gone)
+
+
+async def _still_there(client: Client, name: str) -> bool:
+    obj = await client.get(CLASSES, name)
+    return bool(obj["metadata"].get("deletionTimestamp"))
+
+
+async def test_claim_status_follows_mounts(
+    client: Client, objects: Objects, controller: ControllerApp
+) -> None:
+    ns = objects.namespace
+    spc = f"st-{objects.suffix}"
+    node = f"n-st-{objects.suffix}"
+    await objects.storage_class(spc)
+    nfs = f"nfs-{objects.suffix}"
+    await objects.storage_class(nfs, provider="nfs")
+    for i in range(3):
+        await objects.pod(f"s{i}", labels={"app": "st"}, node=node, class_name=spc)
+    await objects.pod("wrong", labels={"app": "st"}, node=node, class_name=nfs)
+    try:
+        async with node_reconciler(client, node):
+            await objects.claim("status", selector={"app": "st"})
+
+            async def mounts() -> list[dict[str, Any]] | None:
+                items = await list_items(client, MOUNTS, namespace=ns)
+                return items if len(items) == 3 else None
+
+            dvms = await eventually(mounts)
+
+            async def mounting() -> bool:
+                claim = await client.get(CLAIMS, "status", namespace=ns)
+                status = claim.get("status") or {}
+                ready = _condition(claim, "Ready")
+                return (
+                    status.get("matchedPods") == 3
+                    and status.get("mountedPods") == 0
+                    and ready.get("reason") == "ProviderMismatch"
+                    and "provides 'nfs'" in ready.get("message", "")
+                    and ready.get("observedGeneration") == claim["metadata"]["generation"]
+                )
+
+            await eventually(mounting)
+            # What the DMP agent does: report each mount Mounted.
+            for dvm in dvms:
+                await client.patch(
+                    MOUNTS,
+                    dvm["metadata"]["name"],
+                    {"status": {"phase": "Mounted", "observedGeneration": 1}},
+                    namespace=ns,
+                    subresource="status",
+                )
+            await objects.delete_pod("wrong")
+
+            async def ready() -> dict[str, Any] | None:
+                claim = await client.get(CLAIMS, "status", namespace=ns)
+                status = claim.get("status") or {}
+                ok = (
+                    status.get("mountedPods") == 3
+                    and _condition(claim, "Ready").get("status") == "True"
+                )
+                return claim if ok else None
+
+            claim = await eventually(ready)
+            assert claim["status"]["dmpCount"] == 3
+            assert len(claim["status"]["dmps"]) == 3
+            assert _condition(claim, "Accepted")["status"] == "True"
+
+            async def events() -> bool:
+                items = await list_items(client, EVENTS, namespace=ns)
+                reasons = {(e["involvedObject"]["kind"], e["reason"]) for e in items}
+                return {
+                    ("DynamicVolumeClaim", "Mounted"),
+                    ("Pod", "Mounted"),
+                    ("DynamicVolumeClaim", "ProviderMismatch"),
+                } <= reasons
+
+            await eventually(events)
+    finally:
+        for name in ("s0", "s1", "s2", "wrong"):
+            await objects.delete_pod(name)
+        await _cleanup_dmps(client, spc)
+
+
+async def test_controller_killed_mid_way_converges(
+    client: Client,
+    objects: Objects,
+    system_namespace: str,
+    control_plane: Any,
+    tmp_path: Path,
+) -> None:
+    ns = objects.namespace
+    spc = f"kill-{objects.suffix}"
+    lease = f"dynvol-kill-{objects.suffix}"
+    argv = [
+        sys.executable,
+        "-m",
+        "dynvol.cli",
+        "controller",
+        "--kubeconfig",
+        str(control_plane.kubeconfig),
+        "--no-webhooks",
+        "--lease-name",
+        lease,
+        "--lease-namespace",
+        system_namespace,
+        "--lease-duration",
+        "2",
+        "--renew-deadline",
+        "1.5",
+        "--retry-period",
+        "0.3",
+    ]
+    first = Process.start(argv, name="dynvol-controller-1", log=tmp_path / "first.log")
+    second = None
+    try:
+        await objects.storage_class(spc)
+
+        async def finalized() -> bool:
+            obj = await client.get(CLASSES, spc)
+            return c.FINALIZER_CLASS_IN_USE in (obj["metadata"].get("finalizers") or ())
+
+        await eventually(finalized, within=30)
+        first.kill()  # no graceful release: the successor waits for the Lease to expire
+        await objects.claim("after-kill", selector={"app": "k"})
+        await objects.pod("k0", labels={"app": "k"}, node="n-kill", class_name=spc)
+        second = Process.start(argv, name="dynvol-controller-2", log=tmp_path / "second.log")
+
+        async def status_written() -> bool:
+            claim = await client.get(CLAIMS, "after-kill", namespace=ns)
+            status = claim.get("status") or {}
+            return status.get("matchedPods") == 1 and bool(_condition(claim, "Ready"))
+
+        await eventually(status_written, within=30)
+        claim = await client.get(CLAIMS, "after-kill", namespace=ns)
+        types = [cond["type"] for cond in claim["status"]["conditions"]]
+        assert sorted(types) == ["Accepted", "Ready"]  # no duplicates
+        obj = await client.get(CLASSES, spc)
+        assert obj["metadata"]["finalizers"].count(c.FINALIZER_CLASS_IN_USE) == 1
+        assert second.stop(signum=signal.SIGTERM) == 0, second.log_tail()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        await objects.delete_pod("k0")

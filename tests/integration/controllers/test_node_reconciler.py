@@ -1,0 +1,368 @@
+"""The node reconciler against the real apiserver, with pods bound to made-up nodes."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from dynvol_controllers import APINotFound, Client, NodeReconciler
+from dynvol_controllers.k8s.resources import CLAIMS, MOUNTS, NAMESPACES, PODS, SECRETS
+from dynvol_controllers.slots import SyntheticSlots
+from dynvol_core import constants as c
+from dynvol_core.dispatch import label_value
+from dynvol_providers.registry import load_registry
+
+from .controller_support import Objects, eventually, list_items
+
+pytestmark = pytest.mark.integration
+
+
+def _node_reconciler(client: Client, node: str, **kw: Any) -> NodeReconciler:
+    reconciler = NodeReconciler(
+        client,
+        node,
+        slot_lookup=None,
+        shared_idle_grace=kw.pop("shared_idle_grace", 1.0),
+        dmp_delete_grace=0,
+        registry=load_registry(),
+        **kw,
+    )
+    reconciler.slot_lookup = SyntheticSlots(reconciler.pod_class)
+    return reconciler
+
+
+@contextlib.asynccontextmanager
+async def running(*reconcilers: NodeReconciler) -> AsyncIterator[None]:
+    started = []
+    try:
+        for r in reconcilers:
+            await r.start()
+            started.append(r)
+        yield
+    finally:
+        for r in reversed(started):
+            await r.close()
+
+
+async def _dmps(client: Client, class_name: str) -> list[dict[str, Any]]:
+    items = await list_items(
+        client,
+        PODS,
+        namespace=c.DEFAULT_SYSTEM_NAMESPACE,
+        label_selector=f"{c.LABEL_CLASS}={label_value(class_name)}",
+    )
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+async def _dvms(client: Client, namespace: str) -> list[dict[str, Any]]:
+    return await list_items(client, MOUNTS, namespace=namespace)
+
+
+async def _cleanup_system(client: Client, class_name: str) -> None:
+    selector = f"{c.LABEL_CLASS}={label_value(class_name)}"
+    for pod in await list_items(
+        client, PODS, namespace=c.DEFAULT_SYSTEM_NAMESPACE, label_selector=selector
+    ):
+        with contextlib.suppress(APINotFound):
+            await client.delete(
+                PODS, pod["metadata"]["name"], namespace=c.DEFAULT_SYSTEM_NAMESPACE, grace_seconds=0
+            )
+    for secret in await list_items(
+        client,
+        SECRETS,
+        namespace=c.DEFAULT_SYSTEM_NAMESPACE,
+        label_selector=f"{c.LABEL_COMPONENT}={c.COMPONENT_CREDENTIALS}",
+    ):
+        with contextlib.suppress(APINotFound):
+            await client.delete(
+                SECRETS, secret["metadata"]["name"], namespace=c.DEFAULT_SYSTEM_NAMESPACE
+            )
+
+
+@pytest.fixture
+async def other_namespace(client: Client) -> AsyncIterator[str]:
+    name = f"t-{secrets.token_hex(5)}"
+    await client.create(NAMESPACES, {"metadata": {"name": name}})
+    try:
+        yield name
+    finally:
+        await client.delete(NAMESPACES, name)
+
+
+async def test_claims_become_mounts_and_dmps(
+    client: Client, objects: Objects, system_namespace: str, other_namespace: str
+) -> None:
+    ns = objects.namespace
+    spc = f"s3-{objects.suffix}"
+    node_a, node_b = f"node-a-{objects.suffix}", f"node-b-{objects.suffix}"
+    await objects.secret("creds", {"access-key-id": "id1", "secret-access-key": "key1"})
+    await objects.storage_class(spc, secret="creds")
+    web = {"app": "web"}
+    await objects.pod("p1", labels=web, node=node_a, class_name=spc)
+    await objects.pod("p2", labels=web, node=node_a, class_name=spc, policy="shared")
+    await objects.pod("p3", labels=web, node=node_a, class_name=spc, policy="shared")
+    await objects.pod("p4", labels=web, node=node_b, class_name=spc)
+    await objects.pod("p5", labels={"app": "other"}, node=node_b, class_name=spc)
+    await objects.pod("plain", labels=web, node=node_b)  # not opted in
+    # Same labels in another namespace: the claim must never reach it.
+    await client.create(
+        PODS,
+        {
+            "metadata": {"name": "foreign", "labels": web},
+            "spec": {
+                "nodeName": node_a,
+                "containers": [{"name": "a", "image": "x"}],
+                "volumes": [
+                    {
+                        "name": c.VOLUME_NAME,
+                        "csi": {
+                            "driver": c.DRIVER_NAME,
+                            "readOnly": True,
+                            "volumeAttributes": {
+                                c.VOLUME_ATTR_CLASS: spc,
+                                c.VOLUME_ATTR_POLICY: "independent",
+                            },
+                        },
+                    }
+                ],
+            },
+        },
+        namespace=other_namespace,
+    )
+    a = _node_reconciler(client, node_a)
+    b = _node_reconciler(client, node_b)
+    try:
+        async with running(a, b):
+            await objects.claim("web-data", selector=web)
+
+            async def four_mounts() -> list[dict[str, Any]] | None:
+                dvms = await _dvms(client, ns)
+                return dvms if len(dvms) == 4 else None
+
+            dvms = await eventually(four_mounts)
+            assert sorted(d["spec"]["podName"] for d in dvms) == ["p1", "p2", "p3", "p4"]
+            assert not await _dvms(client, other_namespace)
+            for dvm in dvms:
+                owner = dvm["metadata"]["ownerReferences"][0]
+                assert (owner["kind"], owner["name"]) == ("Pod", dvm["spec"]["podName"])
+                assert dvm["spec"]["mountpoint"] == "/data"
+
+            async def three_dmps() -> list[dict[str, Any]] | None:
+                dmps = await _dmps(client, spc)
+                return dmps if len(dmps) == 3 else None
+
+            dmps = await eventually(three_dmps)
+            policies = sorted(
+                (p["spec"]["nodeName"], p["metadata"]["labels"][c.LABEL_POLICY]) for p in dmps
+            )
+            assert policies == [
+                (node_a, "independent"),
+                (node_a, "shared"),
+                (node_b, "independent"),
+            ]
+            shared = next(p for p in dmps if p["metadata"]["labels"][c.LABEL_POLICY] == "shared")
+            assert {d["spec"]["dmpName"] for d in dvms if d["spec"]["podName"] in ("p2", "p3")} == {
+                shared["metadata"]["name"]
+            }
+            container = shared["spec"]["containers"][0]
+            assert container["securityContext"]["privileged"] is True
+            assert container["resources"]["requests"] == {"cpu": "10m", "memory": "50Mi"}
+
+            # Credentials: one copy per DMP, owned by it, with the source's data.
+            async def copies_for(dmps: list[dict[str, Any]], key: str) -> bool:
+                for dmp in dmps:
+                    name = f"{dmp['metadata']['name']}-credentials"
+                    try:
+                        copy = await client.get(SECRETS, name, namespace=system_namespace)
+                    except APINotFound:
+                        return False
+                    if copy["metadata"]["ownerReferences"][0]["uid"] != dmp["metadata"]["uid"]:
+                        return False
+                    if base64.b64decode(copy["data"]["secret-access-key"]).decode() != key:
+                        return False
+                return True
+
+            await eventually(lambda: copies_for(dmps, "key1"))
+
+            # A changed source Secret reaches every copy.
+            await client.patch(
+                SECRETS, "creds", {"stringData": {"secret-access-key": "key2"}}, namespace=ns
+            )
+            await eventually(lambda: copies_for(dmps, "key2"))
+
+            # Editing the claim updates its mounts in place.
+            await client.patch(
+                CLAIMS,
+                "web-data",
+                {"spec": {"mountpoint": "/moved", "readOnly": True}},
+                namespace=ns,
+            )
+
+            async def edited() -> bool:
+                dvms = await _dvms(client, ns)
+                return len(dvms) == 4 and all(
+                    d["spec"]["mountpoint"] == "/moved" and d["spec"]["readOnly"] for d in dvms
+                )
+
+            await eventually(edited)
+
+            # Relabelling p1 out removes its mount and its independent DMP.
+            p1_dmp = next(d["spec"]["dmpName"] for d in dvms if d["spec"]["podName"] == "p1")
+            await client.patch(PODS, "p1", {"metadata": {"labels": {"app": "moved"}}}, namespace=ns)
+
+            async def p1_gone() -> bool:
+                names = {d["spec"]["podName"] for d in await _dvms(client, ns)}
+                dmp_names = {p["metadata"]["name"] for p in await _dmps(client, spc)}
+                return names == {"p2", "p3", "p4"} and p1_dmp not in dmp_names
+
+            await eventually(p1_gone)
+
+            # A DMP deleted while needed comes back (a new pod, same name).
+            p4_dmp = next(p for p in await _dmps(client, spc) if p["spec"]["nodeName"] == node_b)
+            await client.delete(
+                PODS, p4_dmp["metadata"]["name"], namespace=system_namespace, grace_seconds=0
+            )
+
+            async def p4_dmp_back() -> bool:
+                for pod in await _dmps(client, spc):
+                    if pod["metadata"]["name"] == p4_dmp["metadata"]["name"]:
+                        return pod["metadata"]["uid"] != p4_dmp["metadata"]["uid"]
+                return False
+
+            await eventually(p4_dmp_back)
+
+            # A DMP that failed is replaced too.
+            failed = next(p for p in await _dmps(client, spc) if p["spec"]["nodeName"] == node_b)
+            await client.patch(
+                PODS,
+                failed["metadata"]["name"],
+                {"status": {"phase": "Failed"}},
+                namespace=system_namespace,
+                subresource="status",
+            )
+
+            async def replaced() -> bool:
+                for pod in await _dmps(client, spc):
+                    if pod["metadata"]["name"] == failed["metadata"]["name"]:
+                        return pod["metadata"]["uid"] != failed["metadata"]["uid"]
+                return False
+
+            await eventually(replaced)
+
+            # Deleting the claim removes every mount; the idle shared DMP goes after grace.
+            await client.delete(CLAIMS, "web-data", namespace=ns)
+
+            async def all_gone() -> bool:
+                return not await _dvms(client, ns) and not await _dmps(client, spc)
+
+            await eventually(all_gone, within=30)
+            assert a.passes > 0
+            assert b.passes > 0
+    finally:
+        for name in ("p1", "p2", "p3", "p4", "p5", "plain"):
+            await objects.delete_pod(name)
+        await objects.delete_pod("foreign", other_namespace)
+        await _cleanup_system(client, spc)
+
+
+async def test_restart_mid_way_converges_without_duplicates(
+    client: Client, objects: Objects, system_namespace: str
+) -> None:
+    ns = objects.namespace
+    spc = f"s3r-{objects.suffix}"
+    node = f"node-r-{objects.suffix}"
+    await objects.storage_class(spc)
+    labels = {"app": "many"}
+    names = [f"m{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        await objects.pod(
+            name,
+            labels=labels,
+            node=node,
+            class_name=spc,
+            policy="shared" if i % 2 else "independent",
+        )
+    try:
+        first = _node_reconciler(client, node)
+        await first.start()
+        try:
+            await objects.claim("many", selector=labels)
+
+            async def some() -> bool:
+                return len(await _dvms(client, ns)) >= 1
+
+            await eventually(some)
+        finally:
+            await first.close()  # stopped mid-way
+        second = _node_reconciler(client, node)
+        async with running(second):
+
+            async def converged() -> bool:
+                dvms = await _dvms(client, ns)
+                dmps = await _dmps(client, spc)
+                return len(dvms) == 12 and len(dmps) == 7  # 6 independent + 1 shared
+
+            await eventually(converged)
+            dvms = await _dvms(client, ns)
+            assert len({d["spec"]["podName"] for d in dvms}) == 12
+            pass_count = second.passes
+            plan = second.plan()
+            assert not plan.has_actions, plan
+            assert second.passes == pass_count
+    finally:
+        for name in names:
+            await objects.delete_pod(name)
+        await _cleanup_system(client, spc)
+
+
+async def test_bad_claims_mount_nothing(
+    client: Client, objects: Objects, system_namespace: str
+) -> None:
+    ns = objects.namespace
+    spc = f"nfs-{objects.suffix}"
+    node = f"node-x-{objects.suffix}"
+    await objects.storage_class(spc, provider="nfs")
+    labels = {"app": "bad"}
+    await objects.pod("b1", labels=labels, node=node, class_name=spc)
+    try:
+        async with running(_node_reconciler(client, node)) as _:
+            # Wrong provider for the pod's class: reported, not mounted.
+            await objects.claim("mismatch", selector=labels, provider="s3")
+            # A provider nobody installed: never mounted.
+            await objects.claim(
+                "unknown", selector=labels, provider="nosuch", config={"x": "y"}, mountpoint="/u"
+            )
+            # Overlapping mountpoints: only the older claim mounts.
+            await objects.claim(
+                "first",
+                selector=labels,
+                provider="nfs",
+                mountpoint="/n",
+                config={"server": "10.0.0.1", "path": "/export"},
+            )
+            await objects.claim(
+                "second",
+                selector=labels,
+                provider="nfs",
+                mountpoint="/n/x",
+                config={"server": "10.0.0.1", "path": "/export"},
+            )
+
+            async def only_first() -> bool:
+                dvms = await _dvms(client, ns)
+                return [d["spec"]["claimName"] for d in dvms] == ["first"]
+
+            await eventually(only_first)
+            # And it stays that way.
+            import asyncio
+
+            await asyncio.sleep(0.5)
+            assert [d["spec"]["claimName"] for d in await _dvms(client, ns)] == ["first"]
+    finally:
+        await objects.delete_pod("b1")
+        await _cleanup_system(client, spc)
