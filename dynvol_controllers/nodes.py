@@ -128,6 +128,10 @@ class NodeReconciler:
     dmp_image: str = attrs.field(default="dynvol:latest", kw_only=True)
     dmp_service_account: str = attrs.field(default=c.DEFAULT_DMP_SERVICE_ACCOUNT, kw_only=True)
     dmp_priority_class: str = attrs.field(default=c.DEFAULT_DMP_PRIORITY_CLASS, kw_only=True)
+    dmp_image_pull_policy: str = attrs.field(default="IfNotPresent", kw_only=True)
+    #: For clusters whose pods reach the apiserver only on the host network.
+    dmp_host_network: bool = attrs.field(default=False, kw_only=True)
+    dmp_env: Mapping[str, str] = attrs.field(factory=dict, kw_only=True)
     #: Seconds a shared DMP may serve nothing before it is deleted.
     shared_idle_grace: float = attrs.field(default=60.0, kw_only=True)
     #: gracePeriodSeconds when deleting DMPs (None: the pod's own, so it can unmount).
@@ -569,6 +573,9 @@ class NodeReconciler:
             spec,
             service_account_name=self.dmp_service_account,
             priority_class_name=self.dmp_priority_class,
+            image_pull_policy=self.dmp_image_pull_policy,
+            host_network=self.dmp_host_network,
+            extra_env=self.dmp_env,
         )
         try:
             created = await self.client.create(

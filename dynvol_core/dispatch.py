@@ -343,6 +343,8 @@ def dmp_pod_manifest(
     service_account_name: str = c.DEFAULT_DMP_SERVICE_ACCOUNT,
     priority_class_name: str = c.DEFAULT_DMP_PRIORITY_CLASS,
     image_pull_policy: str = "IfNotPresent",
+    host_network: bool = False,
+    extra_env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The DMP Pod as a plain dict, ready to create in the system namespace.
 
@@ -350,6 +352,10 @@ def dmp_pod_manifest(
     its mounts propagate to the host and on to the user pod), pinned to its node, tolerating
     every taint. The owner is the Node (cluster-scoped owners are the only ones allowed
     across namespaces): the node plugin deletes independent DMPs when their user pod is gone.
+
+    ``host_network`` and ``extra_env`` serve clusters whose pods cannot reach the apiserver
+    through the cluster network (e.g. no kube-proxy): the operator passes them on to every
+    DMP from the node plugin's flags.
     """
     argv = [
         "dynvol",
@@ -376,6 +382,7 @@ def dmp_pod_manifest(
         "env": [
             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
             {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+            *({"name": k, "value": v} for k, v in sorted((extra_env or {}).items())),
         ],
         "securityContext": {"privileged": True},
         "volumeMounts": [
@@ -395,11 +402,15 @@ def dmp_pod_manifest(
     owners = _node_owner(spec)
     if owners:
         metadata["ownerReferences"] = owners
+    network: dict[str, Any] = (
+        {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"} if host_network else {}
+    )
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": metadata,
         "spec": {
+            **network,
             "nodeName": spec.node_name,
             "serviceAccountName": service_account_name,
             "priorityClassName": priority_class_name,

@@ -74,20 +74,36 @@ class VolumeManager:
     _locks: dict[str, _VolumeLock] = attrs.field(factory=dict, init=False)
     _inflight: set[asyncio.Task[object]] = attrs.field(factory=set, init=False)
     _draining: bool = attrs.field(default=False, init=False)
+    _listeners: list[Callable[[], None]] = attrs.field(factory=list, init=False)
 
     # ---- async API (event loop) -------------------------------------------------------
 
     async def publish(self, request: PublishRequest) -> VolumeRecord:
         """Give the pod its slot and bind it onto the target path; idempotent."""
-        return await self._run(request.volume_id, self._publish, request)
+        record = await self._run(request.volume_id, self._publish, request)
+        self._notify()
+        return record
 
     async def unpublish(self, request: UnpublishRequest) -> None:
         """Remove every mount at and below the target, the slot and the record."""
         await self._run(request.volume_id, self._unpublish, request)
+        self._notify()
 
     async def usage(self, request: StatsRequest) -> list[VolumeUsage]:
         """statvfs figures of a published volume."""
         return await asyncio.to_thread(self._usage, request)
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (on the event loop) after every publish and unpublish, so
+        whoever acts on published volumes (the node reconciler) learns of them at once."""
+        self._listeners.append(listener)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("volume listener %r failed", listener)
 
     def records(self) -> dict[str, VolumeRecord]:
         """A snapshot of the known volumes, by volume ID."""

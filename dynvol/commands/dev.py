@@ -9,6 +9,7 @@ under a small supervisor process that stays their parent, so they are always rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -70,28 +71,42 @@ def _up(args: argparse.Namespace) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     for stale in ("ready", "failed"):
         (directory / stale).unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "dynvol", "dev", "control-plane", "supervise",
-            "--dir", str(directory)]
+    argv = [
+        sys.executable,
+        "-m",
+        "dynvol",
+        "dev",
+        "control-plane",
+        "supervise",
+        "--dir",
+        str(directory),
+    ]
     if args.bin_dir:
         argv += ["--bin-dir", str(args.bin_dir.resolve())]
     if args.no_crds:
         argv.append("--no-crds")
     with open(directory / "supervisor.log", "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         if (directory / "ready").exists():
             info = json.loads((directory / "control-plane.json").read_text())
             print(f"control plane up: {info['server']}")
-            print(f"  kube-apiserver {info['versions']['kube-apiserver']}, "
-                  f"etcd {info['versions']['etcd']}")
+            print(
+                f"  kube-apiserver {info['versions']['kube-apiserver']}, "
+                f"etcd {info['versions']['etcd']}"
+            )
             print(f"  export KUBECONFIG={directory / 'kubeconfig'}")
             return 0
         if (directory / "failed").exists() or proc.poll() is not None:
-            print(f"control plane failed to start: "
-                  f"{(directory / 'failed').read_text() if (directory / 'failed').exists() else ''}"
-                  f"\nsee {directory / 'supervisor.log'} and {directory / 'logs'}", file=sys.stderr)
+            print(
+                f"control plane failed to start: "
+                f"{(directory / 'failed').read_text() if (directory / 'failed').exists() else ''}"
+                f"\nsee {directory / 'supervisor.log'} and {directory / 'logs'}",
+                file=sys.stderr,
+            )
             proc.wait(5)
             return 1
         time.sleep(0.1)
@@ -134,29 +149,32 @@ def _down(args: argparse.Namespace) -> int:
     state = _read_state(directory)
     if state is not None:
         pid = int(str(state["pid"]))
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         if not wait_for_exit(pid, 60):
             print(f"supervisor {pid} did not stop; killing its process group", file=sys.stderr)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             wait_for_exit(pid, 10)
     if not args.keep_data:
-        for name in ("etcd", "pki", "logs", "kubeconfig", "control-plane.json", "ready",
-                     "failed", "supervisor.log", _STATE):
+        for name in (
+            "etcd",
+            "pki",
+            "logs",
+            "kubeconfig",
+            "control-plane.json",
+            "ready",
+            "failed",
+            "supervisor.log",
+            _STATE,
+        ):
             path = directory / name
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             directory.rmdir()
-        except OSError:
-            pass
     print(f"control plane down: {directory}")
     return 0
 

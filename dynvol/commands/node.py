@@ -2,7 +2,8 @@
 
 With ``--csi-only`` it runs the CSI node plugin alone (Identity + Node services and
 kubelet registration); that is what csi-sanity and the CSI integration tests start. The
-full process adds the node-local reconcilers, which are not wired yet.
+full process adds the node reconciler (DynamicVolumeMounts, DMPs, credential copies for
+the pods on this node), wired to the plugin in :mod:`dynvol.wiring`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import PurePosixPath
 from typing import Any
 
-from dynvol_core.constants import DEFAULT_ROOT
+from dynvol.wiring import NodeSettings, serve_node
+from dynvol_core.constants import DEFAULT_ROOT, DEFAULT_SYSTEM_NAMESPACE
 from dynvol_core.errors import DynvolError
 from dynvol_csi import NodePluginConfig, parse_endpoint, serve
 
@@ -68,17 +71,64 @@ def register(subparsers: Any) -> None:
         f"created (default {DEFAULT_REGISTRATION_DIR}; an empty string disables "
         "registration)",
     )
+    full = parser.add_argument_group("node reconciler (without --csi-only)")
+    full.add_argument(
+        "--kubeconfig",
+        help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config or the in-cluster "
+        "service account)",
+    )
+    full.add_argument(
+        "--system-namespace",
+        default=DEFAULT_SYSTEM_NAMESPACE,
+        help=f"where DMPs and credential copies live (default {DEFAULT_SYSTEM_NAMESPACE})",
+    )
+    full.add_argument("--dmp-image", default=None, help="the DMP image (default: $DYNVOL_IMAGE)")
+    full.add_argument(
+        "--dmp-image-pull-policy",
+        default="IfNotPresent",
+        choices=["Always", "IfNotPresent", "Never"],
+    )
+    full.add_argument(
+        "--dmp-host-network",
+        action="store_true",
+        help="run DMPs on the host network (clusters without a service network)",
+    )
+    full.add_argument(
+        "--dmp-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for every DMP (repeatable)",
+    )
+    full.add_argument(
+        "--shared-idle-grace",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long an idle shared DMP is kept before it is deleted (default 60)",
+    )
+    full.add_argument(
+        "--block-plugin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="do not load this provider plugin (repeatable)",
+    )
     parser.set_defaults(func=run)
+
+
+def _env_pairs(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"--dmp-env {item!r} must be NAME=VALUE")
+        pairs[name] = value
+    return pairs
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the node process; returns the exit status."""
-    if not args.csi_only:
-        print(
-            "dynvol node: the node reconcilers are not wired yet; run with --csi-only",
-            file=sys.stderr,
-        )
-        return 2
     try:
         registration_dir = _absolute(args.registration_dir) if args.registration_dir else None
         config = NodePluginConfig(
@@ -91,8 +141,31 @@ def run(args: argparse.Namespace) -> int:
     except (DynvolError, argparse.ArgumentTypeError) as exc:
         print(f"dynvol node: {exc}", file=sys.stderr)
         return 2
+    if args.csi_only:
+        runner = serve(config)
+    else:
+        try:
+            dmp_env = _env_pairs(args.dmp_env)
+        except argparse.ArgumentTypeError as exc:
+            print(f"dynvol node: {exc}", file=sys.stderr)
+            return 2
+        image = args.dmp_image or os.environ.get("DYNVOL_IMAGE")
+        if not image:
+            print("dynvol node: --dmp-image (or $DYNVOL_IMAGE) is required", file=sys.stderr)
+            return 2
+        settings = NodeSettings(
+            kubeconfig=args.kubeconfig,
+            system_namespace=args.system_namespace,
+            dmp_image=image,
+            dmp_image_pull_policy=args.dmp_image_pull_policy,
+            dmp_host_network=args.dmp_host_network,
+            dmp_env=dmp_env,
+            shared_idle_grace=args.shared_idle_grace,
+            blocked_plugins=tuple(args.block_plugin),
+        )
+        runner = serve_node(config, settings)
     try:
-        return asyncio.run(serve(config))
+        return asyncio.run(runner)
     except (DynvolError, OSError) as exc:
         log.error("dynvol node: %s", exc)
         return 1

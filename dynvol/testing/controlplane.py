@@ -76,19 +76,55 @@ def _openssl(*args: str) -> None:
 def _make_pki(pki: Path) -> None:
     """A CA and a serving certificate for 127.0.0.1, plus the service-account key pair."""
     pki.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-             "-subj", "/CN=dynvol-dev-ca", "-keyout", str(pki / "ca.key"),
-             "-out", str(pki / "ca.crt"))
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "30",
+        "-subj",
+        "/CN=dynvol-dev-ca",
+        "-keyout",
+        str(pki / "ca.key"),
+        "-out",
+        str(pki / "ca.crt"),
+    )
     ext = pki / "serving.ext"
     ext.write_text(
         "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n"
         "extendedKeyUsage=serverAuth\n"
     )
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=kube-apiserver",
-             "-keyout", str(pki / "serving.key"), "-out", str(pki / "serving.csr"))
-    _openssl("x509", "-req", "-in", str(pki / "serving.csr"), "-CA", str(pki / "ca.crt"),
-             "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "30",
-             "-extfile", str(ext), "-out", str(pki / "serving.crt"))
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=kube-apiserver",
+        "-keyout",
+        str(pki / "serving.key"),
+        "-out",
+        str(pki / "serving.csr"),
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(pki / "serving.csr"),
+        "-CA",
+        str(pki / "ca.crt"),
+        "-CAkey",
+        str(pki / "ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(pki / "serving.crt"),
+    )
     _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
     _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
 
@@ -141,9 +177,16 @@ class ControlPlane:
             self.stop()
             raise
         (self.dir / "control-plane.json").write_text(
-            json.dumps({"server": self.server, "versions": self.versions,
-                        "pids": {"etcd": self.etcd.pid if self.etcd else None,
-                                 "kube-apiserver": self.apiserver.pid if self.apiserver else None}})
+            json.dumps(
+                {
+                    "server": self.server,
+                    "versions": self.versions,
+                    "pids": {
+                        "etcd": self.etcd.pid if self.etcd else None,
+                        "kube-apiserver": self.apiserver.pid if self.apiserver else None,
+                    },
+                }
+            )
         )
         return self
 
@@ -152,15 +195,33 @@ class ControlPlane:
         data = self.dir / "etcd"
         self.etcd_url = f"http://127.0.0.1:{client}"
         self.etcd = Process.start(
-            [str(etcd_bin), "--name", "dynvol-dev", "--data-dir", str(data),
-             "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
-             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-             "--initial-cluster", f"dynvol-dev=http://127.0.0.1:{peer}",
-             "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
-             "--quota-backend-bytes", str(4 << 30), "--logger", "zap", "--log-outputs", "stderr"],
-            name="etcd", log=logs / "etcd.log",
-            env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")},
+            [
+                str(etcd_bin),
+                "--name",
+                "dynvol-dev",
+                "--data-dir",
+                str(data),
+                "--listen-client-urls",
+                self.etcd_url,
+                "--advertise-client-urls",
+                self.etcd_url,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{peer}",
+                "--initial-cluster",
+                f"dynvol-dev=http://127.0.0.1:{peer}",
+                "--listen-metrics-urls",
+                f"http://127.0.0.1:{free_port()}",
+                "--quota-backend-bytes",
+                str(4 << 30),
+                "--logger",
+                "zap",
+                "--log-outputs",
+                "stderr",
+            ],
+            name="etcd",
+            log=logs / "etcd.log",
         )
 
         def healthy() -> bool:
@@ -182,17 +243,35 @@ class ControlPlane:
         port = free_port()
         self.server = f"https://127.0.0.1:{port}"
         self.apiserver = Process.start(
-            [str(apiserver_bin), "--etcd-servers", self.etcd_url,
-             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-             "--secure-port", str(port), "--cert-dir", str(pki),
-             "--tls-cert-file", str(pki / "serving.crt"),
-             "--tls-private-key-file", str(pki / "serving.key"),
-             "--client-ca-file", str(pki / "ca.crt"),
-             "--token-auth-file", str(tokens),
-             "--service-account-key-file", str(pki / "sa.pub"),
-             "--service-account-signing-key-file", str(pki / "sa.key"),
-             *_APISERVER_FLAGS, *self.extra_apiserver_flags],
-            name="kube-apiserver", log=logs / "kube-apiserver.log",
+            [
+                str(apiserver_bin),
+                "--etcd-servers",
+                self.etcd_url,
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(port),
+                "--cert-dir",
+                str(pki),
+                "--tls-cert-file",
+                str(pki / "serving.crt"),
+                "--tls-private-key-file",
+                str(pki / "serving.key"),
+                "--client-ca-file",
+                str(pki / "ca.crt"),
+                "--token-auth-file",
+                str(tokens),
+                "--service-account-key-file",
+                str(pki / "sa.pub"),
+                "--service-account-signing-key-file",
+                str(pki / "sa.key"),
+                *_APISERVER_FLAGS,
+                *self.extra_apiserver_flags,
+            ],
+            name="kube-apiserver",
+            log=logs / "kube-apiserver.log",
         )
         ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
 
@@ -206,18 +285,28 @@ class ControlPlane:
             except (OSError, urllib.error.URLError):
                 return False
 
-        wait_until(ready, timeout=timeout, interval=0.2, what="kube-apiserver /readyz",
-                   alive=self.apiserver)
+        wait_until(
+            ready,
+            timeout=timeout,
+            interval=0.2,
+            what="kube-apiserver /readyz",
+            alive=self.apiserver,
+        )
 
     def _write_kubeconfig(self) -> None:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "dynvol-dev", "cluster": {
-                "server": self.server, "certificate-authority": str(self.ca_file)}}],
+            "clusters": [
+                {
+                    "name": "dynvol-dev",
+                    "cluster": {"server": self.server, "certificate-authority": str(self.ca_file)},
+                }
+            ],
             "users": [{"name": "dynvol-admin", "user": {"token": self.token}}],
-            "contexts": [{"name": "dynvol-dev",
-                          "context": {"cluster": "dynvol-dev", "user": "dynvol-admin"}}],
+            "contexts": [
+                {"name": "dynvol-dev", "context": {"cluster": "dynvol-dev", "user": "dynvol-admin"}}
+            ],
             "current-context": "dynvol-dev",
         }
         self.kubeconfig.write_text(json.dumps(config, indent=2))
@@ -225,8 +314,10 @@ class ControlPlane:
 
     def kubectl(self, *args: str, timeout: float = 60.0) -> str:
         """Run the pinned kubectl against this control plane."""
-        return run([str(self.binary("kubectl")), "--kubeconfig", str(self.kubeconfig), *args],
-                   timeout=timeout)
+        return run(
+            [str(self.binary("kubectl")), "--kubeconfig", str(self.kubeconfig), *args],
+            timeout=timeout,
+        )
 
     def _apply_crds(self) -> None:
         applied = False
@@ -237,8 +328,9 @@ class ControlPlane:
             self.kubectl("apply", "--server-side", flag, str(path))
             applied = True
         if applied:
-            self.kubectl("wait", "--for", "condition=Established", "crd", "--all",
-                         "--timeout", "60s")
+            self.kubectl(
+                "wait", "--for", "condition=Established", "crd", "--all", "--timeout", "60s"
+            )
 
     def stop(self) -> None:
         """Stop the apiserver, then etcd; both are reaped."""

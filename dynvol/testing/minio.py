@@ -45,9 +45,19 @@ class MinioServer:
             "MINIO_CALLHOME_ENABLE": "off",
         }
         self.process = Process.start(
-            [str(binary), "server", str(data), "--quiet", "--address", f"127.0.0.1:{port}",
-             "--console-address", f"127.0.0.1:{free_port()}"],
-            name="minio", env=env, log=self.dir / "minio.log",
+            [
+                str(binary),
+                "server",
+                str(data),
+                "--quiet",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--console-address",
+                f"127.0.0.1:{free_port()}",
+            ],
+            name="minio",
+            env=env,
+            log=self.dir / "minio.log",
         )
 
         def live() -> bool:

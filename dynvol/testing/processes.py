@@ -150,7 +150,12 @@ def stop_all() -> None:
 def run(argv: Sequence[str], *, check: bool = True, timeout: float = 60.0, **kw: object) -> str:
     """Run a short command and return its stdout; errors carry its stderr."""
     result = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, check=False, **kw  # type: ignore[call-overload]
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kw,  # type: ignore[call-overload]
     )
     if check and result.returncode != 0:
         raise RuntimeError(

@@ -38,8 +38,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     """Name the real components the integration tier runs against."""
     bin_dir = default_bin_dir()
     lines = []
-    for name, args in (("etcd", ["--version"]), ("kube-apiserver", ["--version"]),
-                       ("minio", ["--version"])):
+    for name, args in (
+        ("etcd", ["--version"]),
+        ("kube-apiserver", ["--version"]),
+        ("minio", ["--version"]),
+    ):
         path = bin_dir / name
         if os.access(path, os.X_OK):
             try:

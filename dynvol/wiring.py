@@ -1,0 +1,148 @@
+"""Process wiring: the only place where the services meet.
+
+``dynvol node`` runs the CSI node plugin (:mod:`dynvol_csi`) and the node reconciler
+(:mod:`dynvol_controllers`) in one process: the reconciler learns each pod's slot from the
+plugin's published volumes and is nudged whenever kubelet publishes or unpublishes one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Mapping
+from pathlib import PurePosixPath
+
+import attrs
+
+from dynvol_controllers import Client, NodeReconciler
+from dynvol_core.errors import DynvolError
+from dynvol_core.models import DynamicVolumeMount
+from dynvol_core.paths import PodSlot, XvolsLayout
+from dynvol_csi import NodePlugin, NodePluginConfig
+from dynvol_csi.mounting import lazy_unmount, read_mountinfo, teardown_order
+from dynvol_providers import load_registry
+
+log = logging.getLogger("dynvol.node")
+
+
+@attrs.frozen(kw_only=True)
+class NodeSettings:
+    """What the node reconciler needs beyond the CSI plugin's configuration."""
+
+    kubeconfig: str | None
+    system_namespace: str
+    dmp_image: str
+    dmp_image_pull_policy: str = "IfNotPresent"
+    dmp_host_network: bool = False
+    dmp_env: Mapping[str, str] = attrs.field(factory=dict)
+    shared_idle_grace: float = 60.0
+    blocked_plugins: tuple[str, ...] = ()
+
+
+def slot_lookup_for(plugin: NodePlugin, layout: XvolsLayout) -> Callable[[str], PodSlot | None]:
+    """``slot_lookup(pod_uid)`` over the plugin's published volumes."""
+
+    def lookup(pod_uid: str) -> PodSlot | None:
+        for record in plugin.volumes.records().values():
+            if record.pod_uid == pod_uid and record.phase == "published":
+                return record.slot(layout)
+        return None
+
+    return lookup
+
+
+def _unmount_orphan(layout: XvolsLayout, dvm: DynamicVolumeMount) -> None:
+    """Lazily unmount what a DMP that is gone left at a mount's target on the host."""
+    slot = layout.parse_slot(PurePosixPath(dvm.spec.slot_path))
+    if slot is None:
+        log.warning(
+            "mount %s/%s names no slot of this node (%s); nothing to unmount",
+            dvm.namespace,
+            dvm.name,
+            dvm.spec.slot_path,
+        )
+        return
+    target = slot.target(dvm.spec.mountpoint)
+    for mount_point in teardown_order(
+        read_mountinfo(mentioning=[target]), target, include_self=True
+    ):
+        lazy_unmount(mount_point)
+
+
+async def serve_node(config: NodePluginConfig, settings: NodeSettings) -> int:
+    """Run the CSI node plugin and the node reconciler until signalled.
+
+    First SIGTERM/SIGINT: stop reconciling, drain the CSI server, exit 0. Second: exit 1 at
+    once. The plugin starts first, because kubelet may be waiting on it; the reconciler
+    stops first, so nothing is created for a node whose plugin is going away.
+    """
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info(
+                "%s: shutting down (send it again to exit at once)", signal.Signals(signum).name
+            )
+            stop.set()
+        else:
+            main.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    layout = XvolsLayout(config.root)
+    plugin = NodePlugin(config)
+    reconciler: NodeReconciler | None = None
+    client: Client | None = None
+    try:
+        await plugin.start()
+        client = await Client.from_kubeconfig(settings.kubeconfig, user_agent="dynvol-node")
+
+        async def on_orphaned(dvm: DynamicVolumeMount) -> None:
+            await asyncio.to_thread(_unmount_orphan, layout, dvm)
+
+        reconciler = NodeReconciler(
+            client,
+            config.node_id,
+            slot_lookup=slot_lookup_for(plugin, layout),
+            system_namespace=settings.system_namespace,
+            dmp_image=settings.dmp_image,
+            dmp_image_pull_policy=settings.dmp_image_pull_policy,
+            dmp_host_network=settings.dmp_host_network,
+            dmp_env=dict(settings.dmp_env),
+            shared_idle_grace=settings.shared_idle_grace,
+            registry=load_registry(blocked=settings.blocked_plugins),
+            on_orphaned=on_orphaned,
+        )
+        plugin.volumes.add_listener(reconciler.nudge)
+        await reconciler.start()
+        log.info("dynvol node %s: reconciling", config.node_id)
+        await stop.wait()
+        return 0
+    except asyncio.CancelledError:
+        if signals_seen < 2:
+            raise
+        main.uncancel()
+        return 1
+    except DynvolError as exc:
+        log.error("dynvol node: %s", exc)
+        return 1
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        if reconciler is not None:
+            with contextlib.suppress(Exception):
+                await reconciler.close()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
+        plugin.close()
+        with contextlib.suppress(Exception):
+            await plugin.wait_closed()
