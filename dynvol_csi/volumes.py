@@ -245,7 +245,7 @@ class VolumeManager:
         try:
             self._establish(record)
             published = record.with_phase("published")
-            self._remember(published, durable=True)
+            self._remember(published, durable=False)
         except BaseException as exc:
             log.warning("publishing volume %s failed, undoing: %s", record.volume_id, exc)
             try:
@@ -313,16 +313,20 @@ class VolumeManager:
     # ---- steps ---------------------------------------------------------------------
 
     def _remember(self, record: VolumeRecord, *, durable: bool) -> None:
-        # Only the end states are fsynced. The transient phases guard mounts, and mounts
-        # do not survive a power loss: after one, a lost "publishing" record leaves at
-        # most an empty slot directory (removed at start-up, see _remove_orphan_slots) and
-        # a lost "unpublishing" one a "published" record that start-up reconciles. A crash
-        # of the process alone keeps everything written, synced or not.
+        # Records describe mounts, and mounts do not survive a power loss, so records are
+        # written atomically but not fsynced (fsync was most of a publish's tail latency).
+        # A crash of the process keeps everything written. After a power loss, recover()
+        # squares whatever the disk kept with the (empty) mount table: a lost "published"
+        # record leaves an unmounted slot that _remove_orphan_slots deletes, and kubelet
+        # publishes again for pods still on the node; a record whose deletion was lost is
+        # cleaned up because kubelet's directory for it is gone, or bound again if the pod
+        # is still there (kubelet then unpublishes it if it no longer wants it). Callers
+        # may still ask for durability.
         self.store.save(record, durable=durable)
         self._records[record.volume_id] = record
 
     def _forget(self, volume_id: str) -> None:
-        self.store.delete(volume_id)
+        self.store.delete(volume_id, durable=False)
         self._records.pop(volume_id, None)
 
     @staticmethod
