@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from dynvol.testing import ControlPlane, Process
+from dynvol.testing.slots import SyntheticSlots
 from dynvol_controllers import APIConflict, Client, Informer, NodeReconciler
 from dynvol_controllers.admission import OptIn, injected_mount, injected_volume
 from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS, SECRETS
-from dynvol_controllers.slots import SyntheticSlots
 from dynvol_core import constants as c
 
 CLASS = "bench-s3"

@@ -48,6 +48,7 @@ __all__ = [
     "NodePlan",
     "Reason",
     "credential_secret_manifest",
+    "dmp_container_resources",
     "dmp_name",
     "dmp_pod_manifest",
     "dvm_name",
@@ -337,6 +338,41 @@ def _node_owner(spec: DmpSpec) -> list[dict[str, Any]]:
     ]
 
 
+#: What the DMP agent itself (a Python process with its Kubernetes client) needs on top of
+#: the class's mount resources, as (cpu millicores, memory MiB) for requests and limits
+#: (measured on the local cluster: ~110 MiB RSS once its Kubernetes client is loaded).
+#: The class's ``mount-*`` parameters size the mounts; a container limited to exactly
+#: them (the seed's 10m CPU / 50Mi) spends minutes importing the agent under CFS
+#: throttling, or is OOM-killed, before it mounts anything. Like a RuntimeClass's pod
+#: overhead, the agent's share is added to every value the class sets.
+DMP_AGENT_OVERHEAD_REQUESTS = (20, 128)
+DMP_AGENT_OVERHEAD_LIMITS = (1000, 192)
+_MI = 1024 * 1024
+
+
+def dmp_container_resources(mount: MountResources) -> dict[str, dict[str, str]]:
+    """The DMP container's resources: the class's mount resources plus the agent's overhead.
+
+    A value the class leaves unset stays unset (no limit, or the namespace's default), except
+    requests, which always carry at least the agent's own share.
+    """
+    out: dict[str, dict[str, str]] = {}
+    for section, (cpu_extra, mem_extra), cpu, memory, always in (
+        ("requests", DMP_AGENT_OVERHEAD_REQUESTS, mount.cpu_request, mount.memory_request, True),
+        ("limits", DMP_AGENT_OVERHEAD_LIMITS, mount.cpu_limit, mount.memory_limit, False),
+    ):
+        part: dict[str, str] = {}
+        if cpu is not None or always:
+            millis = (cpu.value * 1000 if cpu is not None else 0) + cpu_extra
+            part["cpu"] = f"{int(-(-millis // 1))}m"
+        if memory is not None or always:
+            size = (memory.value if memory is not None else 0) + mem_extra * _MI
+            whole = int(-(-size // 1))
+            part["memory"] = f"{whole // _MI}Mi" if whole % _MI == 0 else str(whole)
+        out[section] = part
+    return {k: v for k, v in out.items() if v}
+
+
 def dmp_pod_manifest(
     spec: DmpSpec,
     *,
@@ -391,9 +427,7 @@ def dmp_pod_manifest(
             {"name": "credentials", "mountPath": c.DMP_SECRETS_DIR, "readOnly": True},
         ],
     }
-    resources = spec.resources.to_object()
-    if resources:
-        container["resources"] = resources
+    container["resources"] = dmp_container_resources(spec.resources)
     metadata: dict[str, Any] = {
         "name": spec.name,
         "namespace": spec.namespace,

@@ -23,8 +23,17 @@ import pytest
 from dynvol.testing import processes
 from dynvol_core.mountinfo import parse_mountinfo
 
-_STACK = ("etcd", "kube-apiserver", "kubelet", "containerd", "minio", "s3fs", "rclone",
-          "dynvol", "csi-sanity")
+_STACK = (
+    "etcd",
+    "kube-apiserver",
+    "kubelet",
+    "containerd",
+    "minio",
+    "s3fs",
+    "rclone",
+    "dynvol",
+    "csi-sanity",
+)
 
 
 def _mounts() -> set[tuple[str, str]]:

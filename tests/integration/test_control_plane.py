@@ -50,7 +50,10 @@ def test_cli_up_and_down(tmp_path: Path, control_plane: ControlPlane) -> None:
     directory = tmp_path / "cp"
     up = subprocess.run(
         [sys.executable, "-m", "dynvol", "dev", "control-plane", "up", "--dir", str(directory)],
-        capture_output=True, text=True, timeout=180, check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     state = json.loads((directory / "supervisor.json").read_text())
     try:
@@ -58,17 +61,38 @@ def test_cli_up_and_down(tmp_path: Path, control_plane: ControlPlane) -> None:
         assert "export KUBECONFIG=" in up.stdout
         kubeconfig = directory / "kubeconfig"
         out = subprocess.run(
-            [str(control_plane.binary("kubectl")), "--kubeconfig", str(kubeconfig),
-             "get", "crd", "-o", "name"],
-            capture_output=True, text=True, timeout=60, check=True,
+            [
+                str(control_plane.binary("kubectl")),
+                "--kubeconfig",
+                str(kubeconfig),
+                "get",
+                "crd",
+                "-o",
+                "name",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         ).stdout
         for name in CRDS:
             assert f"customresourcedefinition.apiextensions.k8s.io/{name}" in out
     finally:
         down = subprocess.run(
-            [sys.executable, "-m", "dynvol", "dev", "control-plane", "down", "--dir",
-             str(directory)],
-            capture_output=True, text=True, timeout=120, check=False,
+            [
+                sys.executable,
+                "-m",
+                "dynvol",
+                "dev",
+                "control-plane",
+                "down",
+                "--dir",
+                str(directory),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
     assert down.returncode == 0, down.stderr
     assert wait_for_exit(int(state["pid"]), 5)

@@ -17,9 +17,28 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Standard modules that would let the core touch the outside world.
 _IMPURE = {
-    "os", "io", "subprocess", "socket", "shutil", "threading", "multiprocessing", "asyncio",
-    "signal", "select", "selectors", "ctypes", "tempfile", "urllib", "http", "ssl", "time",
-    "logging", "glob", "fcntl", "random", "secrets",
+    "os",
+    "io",
+    "subprocess",
+    "socket",
+    "shutil",
+    "threading",
+    "multiprocessing",
+    "asyncio",
+    "signal",
+    "select",
+    "selectors",
+    "ctypes",
+    "tempfile",
+    "urllib",
+    "http",
+    "ssl",
+    "time",
+    "logging",
+    "glob",
+    "fcntl",
+    "random",
+    "secrets",
 }
 
 

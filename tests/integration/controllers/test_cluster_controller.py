@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from dynvol.testing import Process
+from dynvol.testing.slots import SyntheticSlots
 from dynvol_controllers import APINotFound, Client, ControllerApp, NodeReconciler
 from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, EVENTS, MOUNTS, PODS
-from dynvol_controllers.slots import SyntheticSlots
 from dynvol_core import constants as c
 from dynvol_core.dispatch import label_value
 from dynvol_providers.registry import load_registry

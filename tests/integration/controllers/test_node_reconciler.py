@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from dynvol.testing.slots import SyntheticSlots
 from dynvol_controllers import APINotFound, Client, NodeReconciler
 from dynvol_controllers.k8s.resources import CLAIMS, MOUNTS, NAMESPACES, PODS, SECRETS
-from dynvol_controllers.slots import SyntheticSlots
 from dynvol_core import constants as c
 from dynvol_core.dispatch import label_value
 from dynvol_providers.registry import load_registry
@@ -171,7 +171,8 @@ async def test_claims_become_mounts_and_dmps(
             }
             container = shared["spec"]["containers"][0]
             assert container["securityContext"]["privileged"] is True
-            assert container["resources"]["requests"] == {"cpu": "10m", "memory": "50Mi"}
+            # The class asks 10m/50Mi for its mounts; the agent's own share comes on top.
+            assert container["resources"]["requests"] == {"cpu": "30m", "memory": "178Mi"}
 
             # Credentials: one copy per DMP, owned by it, with the source's data.
             async def copies_for(dmps: list[dict[str, Any]], key: str) -> bool:

@@ -533,7 +533,11 @@ def test_dmp_pod_manifest() -> None:
     ]
     assert container["image"] == IMAGE
     assert container["securityContext"] == {"privileged": True}
-    assert container["resources"] == {"requests": {"cpu": "10m"}, "limits": {"memory": "50Mi"}}
+    # The class sizes the mount; the agent's own share is added (dmp_container_resources).
+    assert container["resources"] == {
+        "requests": {"cpu": "30m", "memory": "128Mi"},
+        "limits": {"memory": "242Mi"},
+    }
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["xvols"] == {
         "name": "xvols",
@@ -572,3 +576,23 @@ def test_credential_secret_manifest() -> None:
     ]
     assert secret["data"] == source["data"]
     assert secret["type"] == "Opaque"
+
+
+def test_dmp_resources_add_the_agent_overhead_to_the_class_values() -> None:
+    from dynvol_core.dispatch import dmp_container_resources
+    from dynvol_core.models import MountResources
+    from dynvol_core.quantities import parse_quantity as q
+
+    seed = MountResources(
+        cpu_request=q("10m"), memory_request=q("50Mi"), cpu_limit=q("10m"), memory_limit=q("50Mi")
+    )
+    assert dmp_container_resources(seed) == {
+        "requests": {"cpu": "30m", "memory": "178Mi"},
+        "limits": {"cpu": "1010m", "memory": "242Mi"},
+    }
+    # Unset limits stay unset; requests always carry the agent's share.
+    assert dmp_container_resources(MountResources()) == {
+        "requests": {"cpu": "20m", "memory": "128Mi"}
+    }
+    odd = dmp_container_resources(MountResources(cpu_limit=q("0.5"), memory_limit=q("1G")))
+    assert odd["limits"] == {"cpu": "1500m", "memory": str(10**9 + 192 * 1024 * 1024)}

@@ -1,4 +1,4 @@
-"""Pod slots for the node reconciler where no node plugin publishes volumes.
+"""Pod slots for the node reconciler where no node plugin publishes volumes (tests only).
 
 In ``dynvol node`` the slot of a pod comes from the CSI node plugin's records (it mints the
 slot UUID at NodePublishVolume). Clusters without kubelet -- the integration tests and the
