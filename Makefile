@@ -8,8 +8,8 @@ TOOLS := .tools/bin
 PYTEST_ARGS ?=
 
 .PHONY: setup tools tools-node lint format protos test test-unit test-integration test-e2e \
-        sanity bench bench-csi bench-dmp bench-controllers demo images cluster-up cluster-down \
-        cluster-status clean
+        sanity bench bench-csi bench-dmp bench-controllers bench-e2e demo images cluster-up \
+        cluster-down cluster-status e2e-kind clean
 
 setup:
 	@bash hack/setup.sh
@@ -74,11 +74,23 @@ bench-dmp: tools
 bench-controllers: tools
 	$(PY) bench/bench_controllers.py
 
-bench: bench-csi bench-dmp bench-controllers
+bench-e2e: tools tools-node
+	$(PY) bench/bench_e2e.py --claims 20 --repairs 5
 
+bench: bench-csi bench-dmp bench-controllers bench-e2e
+
+# The seed story on a real single-node cluster on this machine (root; see docs/quickstart.md).
 demo: setup
-	@echo "make demo: the end-to-end demo on a local cluster is not built yet (see docs/)." >&2
-	@exit 2
+	hack/demo $(DEMO_ARGS)
+
+# For users with Docker and kind (not runnable on machines without a container engine).
+e2e-kind:
+	kind create cluster --config hack/kind/cluster.yaml
+	docker build -t dynvol/dynvol:dev .
+	kind load docker-image dynvol/dynvol:dev --name dynvol
+	kubectl --context kind-dynvol apply -k manifests/overlays/kind
+	kubectl --context kind-dynvol -n dynvol-system rollout status ds/dynvol-node --timeout=300s
+	kubectl --context kind-dynvol -n dynvol-system rollout status deploy/dynvol-controller --timeout=300s
 
 clean:
 	rm -rf .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -377,7 +377,13 @@ class NodeReconciler:
         for uid, deadline in list(self._deleted_dvms.items()):
             if deadline < now:
                 del self._deleted_dvms[uid]
-        return [m for m in cached.values() if m.uid not in self._deleted_dvms]
+        # A mount this process deleted stays in the plan as deleting until the cache drops
+        # it: its DMP is still unmounting it (the finalizer), so the DMP must not be
+        # reaped as unused meanwhile, and if that DMP is gone the mount is an orphan.
+        return [
+            attrs.evolve(m, deleting=True) if m.uid in self._deleted_dvms else m
+            for m in cached.values()
+        ]
 
     def _existing_dmps(self, now: float) -> list[PodInfo]:
         cached: dict[str, PodInfo] = {}

@@ -15,105 +15,23 @@ end of the session.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    # The local_cluster fixture and its Cluster live in tests/e2e/conftest.py.
+    from tests.e2e.conftest import Cluster
+
 pytestmark = pytest.mark.e2e
 
-TOP = Path(__file__).resolve().parents[2]
-SCRIPT = TOP / "hack" / "local-cluster"
-KUBECTL = TOP / ".tools" / "bin" / "kubectl"
 WORKLOAD_IMAGE = "localhost/dynvol/busybox:dev"
 SHARED_ROOT = Path("/var/lib/dynamic")
-CI = os.environ.get("CI", "").lower() == "true"
-
-
-def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the local cluster needs root"
-    for tool in ("containerd", "runc", "ctr", "debootstrap", "openssl"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (make setup)"
-    if not Path("/usr/lib/cni/bridge").exists():
-        return "containernetworking-plugins is not installed (make setup)"
-    if (
-        not Path("/sys/fs/cgroup/cpu").is_dir()
-        and not Path("/sys/fs/cgroup/cgroup.controllers").exists()
-    ):
-        return "no cgroup hierarchy for the kubelet"
-    return None
-
-
-class Cluster:
-    """The running cluster, driven with the pinned kubectl."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.kubeconfig = directory / "kubeconfig"
-
-    def kubectl(
-        self, *args: str, input: str | None = None, timeout: float = 90, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(KUBECTL), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            text=True,
-            capture_output=True,
-            timeout=timeout,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
-        return proc
-
-    def apply(self, obj: dict[str, object]) -> None:
-        self.kubectl("apply", "-f", "-", input=json.dumps(obj))
-
-    def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, object]:
-        out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
-        return json.loads(out)  # type: ignore[no-any-return]
-
-
-def _status(directory: Path) -> int:
-    return subprocess.run(
-        [str(SCRIPT), "status", "--dir", str(directory)], capture_output=True, timeout=60
-    ).returncode
-
-
-@pytest.fixture(scope="session")
-def local_cluster() -> Iterator[Cluster]:
-    reason = _unavailable()
-    if reason:
-        if CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    directory = Path(
-        os.environ.get("DYNVOL_CLUSTER_DIR") or Path(state) / "dynvol" / "local-cluster"
-    )
-    if _status(directory) == 0:
-        yield Cluster(directory)
-        return
-    up = subprocess.run(
-        [str(SCRIPT), "up", "--dir", str(directory)], text=True, capture_output=True, timeout=1800
-    )
-    try:
-        assert up.returncode == 0, f"hack/local-cluster up failed:\n{up.stdout}\n{up.stderr}"
-        yield Cluster(directory)
-    finally:
-        down = subprocess.run(
-            [str(SCRIPT), "down", "--dir", str(directory)],
-            text=True,
-            capture_output=True,
-            timeout=300,
-        )
-        assert down.returncode == 0, f"hack/local-cluster down failed:\n{down.stdout}"
 
 
 def _pod(
