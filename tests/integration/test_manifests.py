@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-pytestmark = pytest.mark.integration
-
 from dynvol_controllers import webhook_configurations
 from dynvol_core import constants as c
+
+pytestmark = pytest.mark.integration
 
 TOP = Path(__file__).resolve().parents[2]
 KUBECTL = TOP / ".tools" / "bin" / "kubectl"
