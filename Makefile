@@ -40,10 +40,12 @@ test-unit: setup
 test-integration: tools
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-# The README's test command: lint, unit and integration tiers, csi-sanity.
-test: tools lint
+# The README's test command: lint, unit and integration tiers, csi-sanity, then the e2e
+# tier on a real single-node cluster (root; it brings the cluster up and down itself).
+test: tools tools-node lint
 	$(PY) -m pytest tests/unit tests/integration examples/dynvol-provider-example/tests $(PYTEST_ARGS)
 	@$(MAKE) --no-print-directory sanity
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 # A real single-node cluster (etcd, apiserver, controller-manager, scheduler, kubelet,
 # containerd, runc) on this machine; see docs/local-cluster.md.
