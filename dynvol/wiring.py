@@ -19,9 +19,10 @@ import attrs
 from dynvol_controllers import Client, NodeReconciler
 from dynvol_core.errors import DynvolError
 from dynvol_core.models import DynamicVolumeMount
+from dynvol_core.mountinfo import unmount_order
 from dynvol_core.paths import PodSlot, XvolsLayout
 from dynvol_csi import NodePlugin, NodePluginConfig
-from dynvol_csi.mounting import lazy_unmount, read_mountinfo, teardown_order
+from dynvol_csi.mounting import lazy_unmount, read_mountinfo
 from dynvol_providers import load_registry
 
 log = logging.getLogger("dynvol.node")
@@ -65,7 +66,7 @@ def _unmount_orphan(layout: XvolsLayout, dvm: DynamicVolumeMount) -> None:
         )
         return
     target = slot.target(dvm.spec.mountpoint)
-    for mount_point in teardown_order(
+    for mount_point in unmount_order(
         read_mountinfo(mentioning=[target]), target, include_self=True
     ):
         lazy_unmount(mount_point)

@@ -43,6 +43,7 @@ __all__ = [
     "resolve_mount",
     "topmost_at",
     "unescape_field",
+    "unmount_order",
     "visible_stack_at",
 ]
 
@@ -297,17 +298,46 @@ def topmost_at(
     return uncovered[-1] if uncovered else stacked[-1]
 
 
+def _normal(path: str) -> str:
+    """``path`` as PurePosixPath spells it. The kernel's mount points already are; building a
+    PurePosixPath for each of a node's hundreds of mounts is what made scans slow."""
+    if "//" in path or "/." in path or (path.endswith("/") and path != "/"):
+        return str(PurePosixPath(path))
+    return path
+
+
 def entries_under(
     entries: Iterable[MountEntry], path: str | PurePosixPath, *, include_self: bool = False
 ) -> tuple[MountEntry, ...]:
     """Entries whose mount point lies below ``path`` (component-wise: ``/a/bc`` is not below
     ``/a/b``), in their original order; with ``include_self``, also those at ``path``."""
-    base = _as_path(path)
-    return tuple(
-        entry
-        for entry in entries
-        if path_is_within(entry.path, base) and (include_self or entry.path != base)
+    base = str(_as_path(path))
+    prefix = base.rstrip("/") + "/"
+    found = []
+    for entry in entries:
+        point = _normal(entry.mount_point)
+        if point == base:
+            if include_self:
+                found.append(entry)
+        elif point.startswith(prefix):
+            found.append(entry)
+    return tuple(found)
+
+
+def unmount_order(
+    entries: Iterable[MountEntry], scope: str | PurePosixPath, *, include_self: bool
+) -> list[str]:
+    """Mount points at (optionally) or below ``scope``, in the order to unmount them.
+
+    Deepest first; mounts stacked on one mount point come topmost first (higher mount IDs
+    were mounted later), so each unmount exposes the next.
+    """
+    found = sorted(
+        entries_under(entries, scope, include_self=include_self),
+        key=lambda e: (e.mount_point.count("/"), e.mount_id),
+        reverse=True,
     )
+    return [entry.mount_point for entry in found]
 
 
 def mount_containing(entries: Sequence[MountEntry], path: str | PurePosixPath) -> MountEntry | None:

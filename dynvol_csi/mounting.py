@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Final
 
 from dynvol_core.errors import DynvolError
-from dynvol_core.mountinfo import MountEntry, escape_field, parse_mountinfo
+from dynvol_core.mountinfo import MountEntry, entries_under, escape_field, parse_mountinfo
 
 __all__ = [
     "MountFailed",
@@ -32,7 +32,6 @@ __all__ = [
     "lazy_unmount",
     "mounted_under",
     "read_mountinfo",
-    "teardown_order",
 ]
 
 # From <sys/mount.h>; these values are the same on every Linux architecture.
@@ -164,29 +163,6 @@ def read_mountinfo(*, mentioning: Iterable[PurePosixPath] = ()) -> tuple[MountEn
     return parse_mountinfo(text)
 
 
-def _at_or_below(mount_point: str, scope: str) -> bool:
-    return mount_point == scope or mount_point.startswith(scope + "/")
-
-
-def teardown_order(
-    entries: Iterable[MountEntry], scope: PurePosixPath, *, include_self: bool
-) -> list[str]:
-    """Mount points at (optionally) or below ``scope``, in the order to unmount them.
-
-    Deepest first; mounts stacked on one mount point come topmost first (higher mount IDs
-    were mounted later), so each unmount exposes the next. Paths are compared as strings
-    (``/a/bc`` is not below ``/a/b``); both sides are normalised absolute paths.
-    """
-    base = str(scope)
-    found = [
-        entry
-        for entry in entries
-        if _at_or_below(entry.mount_point, base) and (include_self or entry.mount_point != base)
-    ]
-    found.sort(key=lambda e: (e.mount_point.count("/"), e.mount_id), reverse=True)
-    return [entry.mount_point for entry in found]
-
-
 def ensure_rshared_mount(path: PurePosixPath) -> bool:
     """Make ``path`` an rshared mount point, binding it onto itself first if it is none.
 
@@ -206,5 +182,4 @@ def ensure_rshared_mount(path: PurePosixPath) -> bool:
 
 def mounted_under(entries: Iterable[MountEntry], path: PurePosixPath) -> bool:
     """Whether any mount point is at or below ``path``."""
-    base = str(path)
-    return any(_at_or_below(entry.mount_point, base) for entry in entries)
+    return bool(entries_under(entries, path, include_self=True))

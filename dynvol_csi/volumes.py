@@ -27,7 +27,7 @@ from typing import TypeVar
 import attrs
 
 from dynvol_core.errors import DynvolError
-from dynvol_core.mountinfo import MountEntry, entries_at
+from dynvol_core.mountinfo import MountEntry, entries_at, unmount_order
 from dynvol_core.paths import XvolsLayout
 from dynvol_core.records import VolumeRecord
 from dynvol_csi.errors import ShuttingDown, TargetUnavailable, VolumeConflict, VolumeNotFound
@@ -36,7 +36,6 @@ from dynvol_csi.mounting import (
     lazy_unmount,
     mounted_under,
     read_mountinfo,
-    teardown_order,
 )
 from dynvol_csi.state import VolumeStore
 from dynvol_csi.validation import PublishRequest, StatsRequest, UnpublishRequest
@@ -396,9 +395,9 @@ class VolumeManager:
         entries = read_mountinfo(mentioning=(target, slot))
         # Below the target first (those unmounts propagate to the slot and the DMP), then
         # the bind itself, then whatever is still mounted in the slot from this side.
-        for mount_point in teardown_order(entries, target, include_self=True):
+        for mount_point in unmount_order(entries, target, include_self=True):
             lazy_unmount(mount_point)
-        for mount_point in teardown_order(entries, slot, include_self=True):
+        for mount_point in unmount_order(entries, slot, include_self=True):
             lazy_unmount(mount_point)
         _remove_tree(Path(slot))
         with contextlib.suppress(FileNotFoundError):

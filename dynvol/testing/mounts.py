@@ -12,19 +12,13 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from dynvol_core.mountinfo import parse_mountinfo
+from dynvol_core.mountinfo import parse_mountinfo, unmount_order
 
 
 def mounts_under(path: Path, *, pid: str = "self") -> list[str]:
     """Mount points at or below ``path`` in the mount namespace of ``pid``, deepest first."""
     text = Path(f"/proc/{pid}/mountinfo").read_text()
-    base = str(path).rstrip("/")
-    found = [
-        e.mount_point
-        for e in parse_mountinfo(text)
-        if e.mount_point == base or e.mount_point.startswith(base + "/")
-    ]
-    return sorted(found, key=lambda p: p.count("/"), reverse=True)
+    return unmount_order(parse_mountinfo(text), str(path).rstrip("/") or "/", include_self=True)
 
 
 def lazy_unmount_tree(path: Path) -> None:

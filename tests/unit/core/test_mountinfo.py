@@ -22,6 +22,7 @@ from dynvol_core.mountinfo import (
     propagation_of,
     topmost_at,
     unescape_field,
+    unmount_order,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -277,3 +278,29 @@ def test_escape_round_trip_property(text: str) -> None:
     escaped = escape_field(text)
     assert not any(char in escaped for char in " \t\n")
     assert unescape_field(escaped) == text
+
+
+def test_unmount_order_is_deepest_first_one_step_per_stacked_mount() -> None:
+    table = parse_mountinfo(
+        "\n".join(
+            [
+                "20 1 0:1 / /s rw shared:1 - tmpfs t rw",
+                "21 20 0:2 / /s/a rw shared:1 - tmpfs t rw",
+                "22 21 0:3 / /s/a/b rw - tmpfs t rw",
+                "23 21 0:4 / /s/a/b rw - tmpfs t rw",
+                "24 1 0:5 / /sa rw - tmpfs t rw",
+                "25 20 0:6 / /s/c rw - tmpfs t rw",
+            ]
+        )
+    )
+    assert unmount_order(table, "/s", include_self=False) == ["/s/a/b", "/s/a/b", "/s/c", "/s/a"]
+    order = unmount_order(table, PurePosixPath("/s"), include_self=True)
+    assert order[-1] == "/s"
+    assert "/sa" not in order
+
+
+def test_entries_under_normalises_unusual_spellings() -> None:
+    table = parse_mountinfo("30 1 0:7 / /x//y/ rw - tmpfs t rw")
+    assert [e.mount_id for e in entries_under(table, "/x", include_self=False)] == [30]
+    assert entries_under(table, "/x/y", include_self=False) == ()
+    assert len(entries_under(table, "/x/y", include_self=True)) == 1
