@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from dynvol.testing import ControlPlane, Process
-from dynvol.testing.slots import SyntheticSlots
-from dynvol_controllers import APIConflict, Client, Informer, NodeReconciler
+from dynvol.testing.slots import node_reconciler_without_kubelet
+from dynvol_controllers import APIConflict, Client, Informer
 from dynvol_controllers.admission import OptIn, injected_mount, injected_volume
 from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS, SECRETS
 from dynvol_core import constants as c
@@ -105,9 +105,9 @@ async def node_worker(args: argparse.Namespace) -> int:
     for node in args.nodes.split(","):
         client = await Client.from_kubeconfig(args.kubeconfig, user_agent="dynvol-bench-node")
         clients.append(client)
-        r = NodeReconciler(client, node, slot_lookup=None, dmp_delete_grace=0, shared_idle_grace=30)
-        r.slot_lookup = SyntheticSlots(r.pod_class)
-        reconcilers.append(r)
+        reconcilers.append(
+            node_reconciler_without_kubelet(client, node, dmp_delete_grace=0, shared_idle_grace=30)
+        )
     main = asyncio.current_task()
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)

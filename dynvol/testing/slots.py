@@ -12,11 +12,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from pathlib import PurePosixPath
+from typing import Any
 
+from dynvol_controllers import Client, NodeReconciler
 from dynvol_core import constants as c
 from dynvol_core.paths import PodSlot
 
-__all__ = ["SyntheticSlots"]
+__all__ = ["SyntheticSlots", "node_reconciler_without_kubelet"]
 
 _NAMESPACE = uuid.UUID("6f1b7d0e-3c1a-4d55-9a43-4a3b2d1c0e9f")
 
@@ -39,3 +41,10 @@ class SyntheticSlots:
             return None
         slot_uuid = str(uuid.uuid5(_NAMESPACE, pod_uid))
         return PodSlot(root=self._root, class_name=class_name, slot_uuid=slot_uuid, pod_uid=pod_uid)
+
+
+def node_reconciler_without_kubelet(client: Client, node: str, **kwargs: Any) -> NodeReconciler:
+    """A :class:`NodeReconciler` for a made-up node, its slots from :class:`SyntheticSlots`."""
+    reconciler = NodeReconciler(client, node, slot_lookup=None, **kwargs)
+    reconciler.slot_lookup = SyntheticSlots(reconciler.pod_class)
+    return reconciler

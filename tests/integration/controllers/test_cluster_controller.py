@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dynvol.testing import Process
-from dynvol.testing.slots import SyntheticSlots
+from dynvol.testing.slots import node_reconciler_without_kubelet
 from dynvol_controllers import APINotFound, Client, ControllerApp, NodeReconciler
 from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, EVENTS, MOUNTS, PODS
 from dynvol_core import constants as c
@@ -46,10 +46,9 @@ async def controller(client: Client, system_namespace: str) -> AsyncIterator[Con
 
 @contextlib.asynccontextmanager
 async def node_reconciler(client: Client, node: str) -> AsyncIterator[NodeReconciler]:
-    reconciler = NodeReconciler(
-        client, node, slot_lookup=None, dmp_delete_grace=0, shared_idle_grace=0.5
+    reconciler = node_reconciler_without_kubelet(
+        client, node, dmp_delete_grace=0, shared_idle_grace=0.5
     )
-    reconciler.slot_lookup = SyntheticSlots(reconciler.pod_class)
     await reconciler.start()
     try:
         yield reconciler

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dynvol.testing.slots import SyntheticSlots
+from dynvol.testing.slots import node_reconciler_without_kubelet
 from dynvol_controllers import APINotFound, Client, NodeReconciler
 from dynvol_controllers.k8s.resources import CLAIMS, MOUNTS, NAMESPACES, PODS, SECRETS
 from dynvol_core import constants as c
@@ -23,17 +23,14 @@ pytestmark = pytest.mark.integration
 
 
 def _node_reconciler(client: Client, node: str, **kw: Any) -> NodeReconciler:
-    reconciler = NodeReconciler(
+    return node_reconciler_without_kubelet(
         client,
         node,
-        slot_lookup=None,
         shared_idle_grace=kw.pop("shared_idle_grace", 1.0),
         dmp_delete_grace=0,
         registry=load_registry(),
         **kw,
     )
-    reconciler.slot_lookup = SyntheticSlots(reconciler.pod_class)
-    return reconciler
 
 
 @contextlib.asynccontextmanager
