@@ -404,7 +404,7 @@ class Agent:
                 obj = await self._ensure_finalizer(obj, dvm)
             except APIConflict as exc:
                 conflict = exc
-            if (obj.get("status") or {}).get("phase") != MountPhase.MOUNTING:
+            if _announces_mounting(obj):
                 message = f"mounting {dvm.spec.provider} at {request.target}"
                 obj = await self._report(obj, MountPhase.MOUNTING, "Mounting", message)
         except BaseException:
@@ -606,6 +606,21 @@ class Agent:
                     "the Dynamic Mount Pod stopped and unmounted this volume; it is mounted "
                     "again when the mount pod runs again",
                 ), 5.0)  # fmt: skip
+
+
+def _announces_mounting(obj: dict[str, Any]) -> bool:
+    """Whether a mount attempt should first report phase Mounting.
+
+    Not when it is already Mounting, and not when this attempt retries a spec that already
+    failed: the object keeps phase Failed with the last error (as a crash-looping container
+    keeps its last error) instead of flapping between Failed and Mounting on every retry.
+    """
+    status = obj.get("status") or {}
+    phase = status.get("phase")
+    if phase == MountPhase.MOUNTING:
+        return False
+    generation = obj.get("metadata", {}).get("generation")
+    return not (phase == MountPhase.FAILED and status.get("observedGeneration") == generation)
 
 
 def _reason(text: str) -> str:

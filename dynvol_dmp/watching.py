@@ -5,6 +5,10 @@
 resumes from the last seen version when the server ends a watch, and lists again only when
 that version is gone (410) or the connection failed. No polling.
 
+Only changes to what the agent acts on wake a key: the spec, the generation, the labels
+and the deletion. The agent's own status writes come back as watch events too; if they
+woke the key, a failing mount would be retried at once, defeating its backoff.
+
 Neighbours: :mod:`dynvol_dmp.k8s` (the requests), :mod:`dynvol_dmp.queueing` (where keys go).
 """
 
@@ -27,11 +31,27 @@ def key_of(obj: dict[str, Any]) -> Key:
     return (str(meta.get("namespace", "")), str(meta.get("name", "")))
 
 
+def intent(obj: dict[str, Any]) -> tuple[object, ...]:
+    """The part of a DynamicVolumeMount the agent acts on (not status, not bookkeeping)."""
+    meta = obj.get("metadata", {})
+    return (
+        obj.get("spec"),
+        meta.get("generation"),
+        meta.get("deletionTimestamp"),
+        meta.get("labels"),
+    )
+
+
 class MountCache:
     """Latest seen DynamicVolumeMount objects by (namespace, name)."""
 
     def __init__(self) -> None:
         self._objects: dict[Key, dict[str, Any]] = {}
+        # The intent last seen from the list or the watch. Compared with that, not with the
+        # cached object: a write's response (see update) may already carry someone else's
+        # spec change whose watch event has not arrived yet, and that event must still wake
+        # the key.
+        self._intents: dict[Key, tuple[object, ...]] = {}
         self.synced = asyncio.Event()
 
     def get(self, key: Key) -> dict[str, Any] | None:
@@ -41,19 +61,31 @@ class MountCache:
         return list(self._objects)
 
     def replace(self, items: list[dict[str, Any]]) -> set[Key]:
-        """Set the content from a list; returns every key that changed or vanished."""
+        """Set the content from a list; returns the keys that are new, vanished or changed."""
         fresh = {key_of(obj): obj for obj in items}
-        touched = set(self._objects) | set(fresh)
+        intents = {key: intent(obj) for key, obj in fresh.items()}
+        touched = {
+            key
+            for key in set(self._intents) | set(intents)
+            if self._intents.get(key) != intents.get(key)
+        }
         self._objects = fresh
+        self._intents = intents
         self.synced.set()
         return touched
 
-    def apply(self, kind: str, obj: dict[str, Any]) -> Key:
+    def apply(self, kind: str, obj: dict[str, Any]) -> Key | None:
+        """Take a watch event; returns its key if the agent must look again, else None."""
         key = key_of(obj)
         if kind == "DELETED":
             self._objects.pop(key, None)
-        else:
-            self._objects[key] = obj
+            self._intents.pop(key, None)
+            return key
+        self._objects[key] = obj
+        now = intent(obj)
+        if self._intents.get(key) == now:
+            return None
+        self._intents[key] = now
         return key
 
     def update(self, obj: dict[str, Any]) -> None:
@@ -93,7 +125,9 @@ async def watch_assigned(
                     version = str(obj.get("metadata", {}).get("resourceVersion", version))
                     if kind == "BOOKMARK":
                         continue
-                    on_change(cache.apply(kind, obj))
+                    key = cache.apply(kind, obj)
+                    if key is not None:
+                        on_change(key)
                 # The server closed the watch (its timeout): resume from where we were.
         except APIGone:
             log.info("watch expired (410 Gone); listing again")
