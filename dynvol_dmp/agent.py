@@ -154,6 +154,7 @@ class Agent:
         self._tasks += [spawn(self._worker()) for _ in range(self.settings.workers)]
         self._tasks.append(spawn(self._watch_mount_table()))
         self._tasks.append(spawn(self._probe_health()))
+        self._tasks.append(spawn(self._watch_credentials()))
 
     async def close(self) -> None:
         """Stop watching, unmount everything this agent owns, stop its daemons."""
@@ -189,6 +190,28 @@ class Agent:
                 if entry is None or entry.fs_type != owned.handle.fs_type:
                     owned.stale_reason = owned.stale_reason or "its mount disappeared"
                     self.queue.add(owned.key)
+
+    async def _watch_credentials(self) -> None:
+        """Wake every mount when the mounted credentials Secret changes.
+
+        The node plugin keeps the DMP's Secret in step with the class's source Secret, and
+        kubelet swaps the files of a Secret volume atomically. Each mount's desired key
+        includes the credentials, so a woken mount whose credentials changed is mounted
+        again with the new ones (and a mount that failed on bad credentials is retried at
+        once instead of after its backoff). This reads local files at the health interval;
+        it is not a poll of the API server.
+        """
+        seen = _digest(sorted((await asyncio.to_thread(self._secrets)).items()))
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            current = _digest(sorted((await asyncio.to_thread(self._secrets)).items()))
+            if current == seen:
+                continue
+            seen = current
+            keys = self.cache.keys()
+            log.info("the credentials Secret changed; looking again at %d mount(s)", len(keys))
+            for key in keys:
+                self.queue.add(key)
 
     async def _probe_health(self) -> None:
         while True:

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +35,26 @@ async def _eventually(check: Callable[[], Any], *, within: float = 20.0, what: s
         await asyncio.sleep(0.05)
 
 
+async def _assign_bucket(
+    minio: MinioServer,
+    mounts: Mounts,
+    slot: Slot,
+    agent: AgentRunner,
+    bucket: str,
+    *,
+    read_only: bool = False,
+    class_parameters: dict[str, str] | None = None,
+) -> str:
+    """Start ``agent`` and assign it a DynamicVolumeMount of ``bucket`` at /data; its name."""
+    class_name = await mounts.create_class(class_parameters)
+    agent.start()
+    return await mounts.create(
+        dmp=agent.name, class_name=class_name,
+        config={"bucket": bucket, "endpoint": minio.endpoint}, read_only=read_only,
+        slot_path=slot.path, pod_uid=slot.pod_uid,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("mounter", ["s3fs", "rclone"])
 async def test_mount_propagates_repairs_restarts_and_unmounts(
     mounter: str,
@@ -47,15 +68,9 @@ async def test_mount_propagates_repairs_restarts_and_unmounts(
     s3 = minio.client()
     bucket = minio.make_bucket("dmp")
     s3.put_object(Bucket=bucket, Key="hello.txt", Body=b"hello from S3\n")
-    class_name = await mounts.create_class({"s3-mounter": mounter})
     agent = agent_factory(s3_keys)
-    agent.start()
-    name = await mounts.create(
-        dmp=agent.name,
-        class_name=class_name,
-        config={"bucket": bucket, "endpoint": minio.endpoint},
-        slot_path=slot.path,
-        pod_uid=slot.pod_uid,
+    name = await _assign_bucket(
+        minio, mounts, slot, agent, bucket, class_parameters={"s3-mounter": mounter}
     )
     obj = await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
     assert obj is not None
@@ -123,17 +138,8 @@ async def test_read_only_is_enforced_in_the_container(
 ) -> None:
     bucket = minio.make_bucket("ro")
     minio.client().put_object(Bucket=bucket, Key="seen.txt", Body=b"read me\n")
-    class_name = await mounts.create_class()
     agent = agent_factory(s3_keys)
-    agent.start()
-    name = await mounts.create(
-        dmp=agent.name,
-        class_name=class_name,
-        config={"bucket": bucket, "endpoint": minio.endpoint},
-        read_only=True,
-        slot_path=slot.path,
-        pod_uid=slot.pod_uid,
-    )
+    name = await _assign_bucket(minio, mounts, slot, agent, bucket, read_only=True)
     await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
     assert container.read("data/seen.txt") == "read me\n"
     result = container.sh(f"echo x > '{container.root}/data/new.txt'")
@@ -189,3 +195,47 @@ async def test_bad_config_fails_with_an_actionable_message(
         assert time.monotonic() < deadline, (mounts_under(slot.path), agent.daemons())
         await asyncio.sleep(0.1)
     assert agent.stop() == 0
+
+
+def _write_secret(directory: Path, data: dict[str, str]) -> None:
+    """Replace the Secret's files the way kubelet does: each one atomically."""
+    for key, value in data.items():
+        staged = directory / f".{key}.new"
+        staged.write_text(value)
+        staged.replace(directory / key)
+
+
+async def test_a_changed_credentials_secret_is_used_without_any_api_change(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    bucket = minio.make_bucket("rotate")
+    minio.client().put_object(Bucket=bucket, Key="hello.txt", Body=b"rotated\n")
+    agent = agent_factory(s3_keys)
+    name = await _assign_bucket(minio, mounts, slot, agent, bucket)
+    await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
+    assert container.read("data/hello.txt") == "rotated\n"
+    (daemon,) = agent.daemons()
+
+    # A working mount has no retry pending: only the change of the mounted Secret can make
+    # the agent mount again, and with a revoked key that mount must fail.
+    _write_secret(agent.secrets_dir, {**s3_keys, "secret-access-key": "revoked-secret"})
+    obj = await mounts.wait(name, phase_is("Failed"), limit=60, what="Failed", agent=agent)
+    assert obj is not None
+    ready = {x["type"]: x for x in obj["status"]["conditions"]}["Ready"]
+    assert ready["reason"] == "AccessDenied", obj["status"]
+    assert daemon not in agent.daemons()
+    assert container.read("data/hello.txt") is None
+
+    # The right key again: mounted again, and the container reads through it.
+    _write_secret(agent.secrets_dir, s3_keys)
+    await mounts.wait(name, phase_is("Mounted"), limit=60, what="Mounted again", agent=agent)
+    await _eventually(
+        lambda: container.read("data/hello.txt") == "rotated\n", what="reads after rotation"
+    )
+    assert agent.stop() == 0
+    assert mounts_under(slot.path) == []
