@@ -207,7 +207,7 @@ async def test_namespace_opt_in(client: Client, namespace: str, webhook_app: Ser
         return volumes[0] if volumes else None
 
     # The webhook's namespace cache learns about the new labels through its watch.
-    volume = await eventually(mutated, within=10, interval=0.3)
+    volume = await eventually(mutated, within=30, interval=0.3)
     assert volume["csi"]["volumeAttributes"] == {
         "storageProviderClass": "ns-default",
         "mountPodDispatchPolicy": "shared",
