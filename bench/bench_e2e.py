@@ -19,7 +19,8 @@ Measures, with a real kubelet, containerd, MinIO and s3fs:
 "Visible" is observed from inside each container: a ``kubectl exec`` started before the
 claim loops on ``cat`` every 50 ms; the time is taken when it returns (exec's own latency
 of a few tens of ms is included). The cluster is brought up (and the overlay applied) if
-needed, and whatever the benchmark started is removed at the end.
+needed (:mod:`dynvol.testing.localcluster`), and whatever the benchmark started (the
+cluster, dynvol, its claims and MinIO) is removed at the end.
 """
 
 from __future__ import annotations
@@ -39,16 +40,12 @@ TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
 from dynvol.testing import MinioServer  # noqa: E402
+from dynvol.testing.localcluster import LocalCluster  # noqa: E402
 
 KUBECTL = TOP / ".tools" / "bin" / "kubectl"
 GROUP = "dynamicvolume.csi.cloudnative101.net"
 SYSTEM = "dynvol-system"
 IMAGE = "localhost/dynvol/busybox:dev"
-
-
-def cluster_dir() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(os.environ.get("DYNVOL_CLUSTER_DIR") or Path(state) / "dynvol" / "local-cluster")
 
 
 class Kube:
@@ -298,29 +295,6 @@ def run_repairs(bench: Bench, count: int, *, what: str) -> list[float]:
     return times
 
 
-def ensure_dynvol(kube: Kube, directory: Path) -> None:
-    status = subprocess.run([str(TOP / "hack/local-cluster"), "status", "--dir", str(directory)],
-                            capture_output=True)  # fmt: skip
-    if status.returncode != 0:
-        raise SystemExit("bench_e2e: start the cluster first: hack/local-cluster up")
-    kube("apply", "-k", str(TOP / "manifests/overlays/local"))
-    for what in ("daemonset/dynvol-node", "deployment/dynvol-controller"):
-        kube("-n", SYSTEM, "rollout", "status", what, "--timeout=180s")
-    wait(
-        lambda: kube(
-            "get",
-            "mutatingwebhookconfiguration",
-            "dynvol",
-            "--ignore-not-found",
-            "-o",
-            "name",
-            check=False,
-        ).strip(),
-        60,
-        "the webhooks are registered",
-    )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--claims", type=int, default=20)
@@ -328,9 +302,21 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--repairs-only", action="store_true", help="skip the claim series")
     args = parser.parse_args()
-    directory = cluster_dir()
-    kube = Kube(directory)
-    ensure_dynvol(kube, directory)
+    cluster = LocalCluster(progress=lambda line: print(f"bench_e2e: {line}", flush=True))
+    started = cluster.up()
+    try:
+        existed = cluster.deploy()
+        try:
+            return measure(args, Kube(cluster.dir))
+        finally:
+            if not existed:
+                cluster.undeploy()
+    finally:
+        if started:
+            cluster.down()
+
+
+def measure(args: argparse.Namespace, kube: Kube) -> int:
     results: dict[str, Any] = {"claims": args.claims, "repairs": args.repairs}
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-e2e-{uuid.uuid4().hex[:6]}"
     minio = MinioServer(dir=workdir)

@@ -31,18 +31,14 @@ from typing import Any
 import pytest
 
 from dynvol.testing import MinioServer
+from dynvol.testing.localcluster import ClusterError, LocalCluster
 
-TOP = Path(__file__).resolve().parents[2]
-SCRIPT = TOP / "hack" / "local-cluster"
-KUBECTL = TOP / ".tools" / "bin" / "kubectl"
-OVERLAY = TOP / "manifests" / "overlays" / "local"
 WORKLOAD_IMAGE = "localhost/dynvol/busybox:dev"
 SYSTEM_NAMESPACE = "dynvol-system"
 XVOLS = Path("/var/lib/dynamic/xvols")
 GROUP = "dynamicvolume.csi.cloudnative101.net"
 API_VERSION = f"{GROUP}/v1alpha1"
 CI = os.environ.get("CI", "").lower() == "true"
-APISERVER_PORT = 6443  # the local overlay points dynvol's pods at it
 
 
 def _unavailable() -> str | None:
@@ -61,29 +57,8 @@ def _unavailable() -> str | None:
     return None
 
 
-class Cluster:
+class Cluster(LocalCluster):
     """The running cluster, driven with the pinned kubectl."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.kubeconfig = directory / "kubeconfig"
-
-    def kubectl(
-        self, *args: str, input: str | None = None, timeout: float = 90, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [str(KUBECTL), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            text=True,
-            capture_output=True,
-            timeout=timeout,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
-        return proc
-
-    def apply(self, *objs: dict[str, Any]) -> None:
-        self.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs))
 
     def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any]:
         out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
@@ -94,17 +69,6 @@ class Cluster:
         return json.loads(out)["items"]  # type: ignore[no-any-return]
 
 
-def _status(directory: Path) -> int:
-    return subprocess.run(
-        [str(SCRIPT), "status", "--dir", str(directory)], capture_output=True, timeout=60
-    ).returncode
-
-
-def _cluster_dir() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(os.environ.get("DYNVOL_CLUSTER_DIR") or Path(state) / "dynvol" / "local-cluster")
-
-
 @pytest.fixture(scope="session")
 def local_cluster() -> Iterator[Cluster]:
     reason = _unavailable()
@@ -112,111 +76,27 @@ def local_cluster() -> Iterator[Cluster]:
         if CI:
             pytest.fail(reason)
         pytest.skip(reason)
-    directory = _cluster_dir()
-    if _status(directory) == 0:
-        yield Cluster(directory)
-        return
-    up = subprocess.run(
-        [str(SCRIPT), "up", "--dir", str(directory), "--apiserver-port", str(APISERVER_PORT)],
-        text=True,
-        capture_output=True,
-        timeout=1800,
-    )
+    cluster = Cluster()
+    started = cluster.up()
     try:
-        assert up.returncode == 0, f"hack/local-cluster up failed:\n{up.stdout}\n{up.stderr}"
-        yield Cluster(directory)
+        yield cluster
     finally:
-        down = subprocess.run(
-            [str(SCRIPT), "down", "--dir", str(directory)],
-            text=True,
-            capture_output=True,
-            timeout=300,
-        )
-        assert down.returncode == 0, f"hack/local-cluster down failed:\n{down.stdout}"
+        if started:
+            cluster.down()
 
 
 # --------------------------------------------------------------------------- dynvol
 
 
-def _import_image(cluster: Cluster) -> None:
-    result = subprocess.run(
-        [
-            str(TOP / ".venv" / "bin" / "python"),
-            str(TOP / "hack" / "images" / "build.py"),
-            "import",
-            "--address",
-            str(cluster.dir / "containerd" / "containerd.sock"),
-            "dynvol",
-        ],
-        text=True,
-        capture_output=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, f"image import failed:\n{result.stdout}\n{result.stderr}"
-
-
-def _undeploy(cluster: Cluster) -> None:
-    # Mounts carry the DMP's finalizer: while any exists, dynvol must stay to release it
-    # (deleting the CRDs first would leave them, and the CRDs, stuck Terminating).
-    wait_for(
-        lambda: not cluster.items("dynamicvolumemounts", "-A"),
-        120,
-        "no DynamicVolumeMount is left before dynvol is removed",
-    )
-    cluster.kubectl(
-        "delete",
-        "mutatingwebhookconfiguration,validatingwebhookconfiguration",
-        "dynvol",
-        "--ignore-not-found",
-        check=False,
-    )
-    cluster.kubectl(
-        "delete",
-        "-k",
-        str(OVERLAY),
-        "--ignore-not-found",
-        "--wait=true",
-        "--timeout=120s",
-        check=False,
-        timeout=150,
-    )
-
-
 @pytest.fixture(scope="session")
 def dynvol(local_cluster: Cluster) -> Iterator[Cluster]:
     """dynvol from this checkout, deployed with the local overlay, webhooks registered."""
-    ports = json.loads((local_cluster.dir / "run" / "state.json").read_text())["ports"]
-    if ports.get("apiserver") != APISERVER_PORT:
-        pytest.fail(f"the local overlay needs the apiserver on {APISERVER_PORT}: {ports}")
-    existed = local_cluster.kubectl(
-        "-n", SYSTEM_NAMESPACE, "get", "daemonset", "dynvol-node", "--ignore-not-found", "-o",
-        "name", check=False,
-    ).stdout.strip()  # fmt: skip
-    # `up` imports the image it builds; a cluster that was already up may run an old one.
-    _import_image(local_cluster)
-    local_cluster.kubectl("apply", "-k", str(OVERLAY))
+    existed = local_cluster.deploy()
     try:
-        if existed:
-            local_cluster.kubectl(
-                "-n", SYSTEM_NAMESPACE, "rollout", "restart", "daemonset/dynvol-node",
-                "deployment/dynvol-controller",
-            )  # fmt: skip
-        for what in ("daemonset/dynvol-node", "deployment/dynvol-controller"):
-            local_cluster.kubectl(
-                "-n", SYSTEM_NAMESPACE, "rollout", "status", what, "--timeout=180s", timeout=200
-            )  # fmt: skip
-        wait_for(
-            lambda: local_cluster.kubectl(
-                "get", "mutatingwebhookconfiguration", "dynvol", "--ignore-not-found", "-o",
-                "jsonpath={.webhooks[0].clientConfig.caBundle}", check=False,
-            ).stdout.strip(),
-            60,
-            "the controller registers its webhooks",
-        )  # fmt: skip
         yield local_cluster
     finally:
         if not existed:
-            _undeploy(local_cluster)
+            local_cluster.undeploy()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -229,7 +109,7 @@ def wait_for(probe: Callable[[], Any], timeout: float, what: str, interval: floa
     while True:
         try:
             last = probe()
-        except AssertionError as exc:
+        except (AssertionError, ClusterError) as exc:
             last = exc
         else:
             if last:
