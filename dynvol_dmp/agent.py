@@ -186,9 +186,13 @@ class Agent:
             await self.host.mount_table_changed().wait()
             table = read_mount_table()
             for owned in list(self._owned.values()):
+                if owned.stale_reason:
+                    # Already known, and its repair is queued or backing off: the mount
+                    # table changes that repair attempts make themselves must not wake it.
+                    continue
                 entry = topmost_at(table, owned.target)
                 if entry is None or entry.fs_type != owned.handle.fs_type:
-                    owned.stale_reason = owned.stale_reason or "its mount disappeared"
+                    owned.stale_reason = "its mount disappeared"
                     self.queue.add(owned.key)
 
     async def _watch_credentials(self) -> None:
@@ -217,6 +221,8 @@ class Agent:
         while True:
             await asyncio.sleep(self.settings.health_interval)
             for owned in list(self._owned.values()):
+                if owned.stale_reason:
+                    continue  # already being repaired
                 health = await owned.provider.check_health(owned.handle, self.host)
                 if not health.ok:
                     owned.stale_reason = health.message or str(health.state)
@@ -494,7 +500,8 @@ class Agent:
             owned.repairs.append(time.monotonic())
             if owned.handle.daemon is not None:
                 await self.host.stop_daemon(owned.handle.daemon, kill_after=2.0)
-            owned.stale_reason = ""
+        # The entry stays stale until a remount succeeds (which replaces it): a failed one
+        # is retried after the delay reconcile returns, not at the next mount table change.
         if not await self._mount(obj, dvm, provider, request, desired_key):
             return False
         current = self.cache.get(key) or obj

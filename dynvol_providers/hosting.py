@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 _MNT_DETACH = 2
 _MOUNTINFO = "/proc/self/mountinfo"
 _OUTPUT_LINES = 40
+#: Looked up in a new mount to see that the backend answers (see LocalHost._answers).
+_PROBE_NAME = ".dynvol-ready-probe"
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -314,12 +316,24 @@ class LocalHost:
 
     @staticmethod
     async def _answers(target: PurePosixPath, deadline: float, done: asyncio.Task[int]) -> bool:
-        """Whether the new mount serves a request. Some mounters (s3fs) mount first and
-        check the bucket in their FUSE init, exiting if it fails; a stat that succeeds was
-        served after that check. False once the daemon has exited (its output says why)."""
+        """Whether the new mount serves requests from its backend.
+
+        Some mounters (s3fs) mount first, check the bucket in their FUSE init and exit if
+        that fails; until they have exited, the mount is there. A stat of the mount's root
+        does not prove anything (s3fs answers it without asking S3), so the probe also
+        looks up a name that does not exist, which the mounter must ask the backend about:
+        the answer must be "no such file" (or the file). Refused credentials give another
+        error. False once the daemon has exited (its output says why).
+        """
+
+        def probe() -> None:
+            os.stat(target)
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(os.path.join(target, _PROBE_NAME))
+
         try:
             await asyncio.wait_for(
-                asyncio.to_thread(os.stat, target), max(deadline - time.monotonic(), 0.1)
+                asyncio.to_thread(probe), max(deadline - time.monotonic(), 0.1)
             )
         except (OSError, TimeoutError):
             with contextlib.suppress(TimeoutError):

@@ -7,6 +7,7 @@ root is rshared, and a "container" namespace that bound the slot rslave sees the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -149,6 +150,20 @@ async def test_read_only_is_enforced_in_the_container(
     assert mounts_under(slot.path) == []
 
 
+async def _record_phases(mounts: Mounts, name: str, since: str, phases: list[str]) -> None:
+    """Append the phase of every version of ``name`` written after ``since``."""
+    from kubernetes_asyncio import watch
+
+    from dynvol_core import constants as c
+
+    stream = watch.Watch().stream(
+        mounts.custom.list_namespaced_custom_object, c.GROUP, c.VERSION, mounts.namespace,
+        c.PLURAL_MOUNT, field_selector=f"metadata.name={name}", resource_version=since,
+    )  # fmt: skip
+    async for event in stream:
+        phases.append((event["object"].get("status") or {}).get("phase", ""))
+
+
 @pytest.mark.parametrize(
     ("case", "reason", "hint"),
     [
@@ -188,6 +203,31 @@ async def test_bad_config_fails_with_an_actionable_message(
     assert ready["reason"] == reason, obj["status"]
     assert hint in obj["status"]["message"]
     assert keys["secret-access-key"] not in obj["status"]["message"]
+    if case == "wrong-credentials":
+        # The agent retries with backoff, and the object stays Failed with its last error
+        # meanwhile: it must not flap back to Mounting on a retry. A watch sees every write
+        # (a poll could miss a Mounting that lasts only as long as a failing attempt).
+        # Only this case: an unreachable endpoint takes s3fs 16 s per attempt, and with a
+        # missing bucket s3fs can answer the readiness probe before it exits (every lookup
+        # in a missing bucket says "no such file"), so an attempt may show Mounted for a
+        # moment before the agent sees the exit (docs/operations.md).
+        phases: list[str] = []
+        watching = asyncio.create_task(
+            _record_phases(mounts, name, obj["metadata"]["resourceVersion"], phases)
+        )
+        try:
+            failed_line = f"mounting {mounts.namespace}/{name} failed"
+            deadline = time.monotonic() + 30
+            while agent.log.read_text().count(failed_line) < 2:
+                assert time.monotonic() < deadline, "the agent did not retry within 30 s"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # the retry's status writes reach the watch
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+        assert phases, "the retry wrote no status"
+        assert set(phases) == {"Failed"}, phases
     # Nothing half-mounted, no daemon left. The agent keeps retrying with backoff, so a
     # retry may be under way right now; between attempts nothing may remain.
     deadline = time.monotonic() + 30
