@@ -332,9 +332,7 @@ class LocalHost:
                 os.stat(os.path.join(target, _PROBE_NAME))
 
         try:
-            await asyncio.wait_for(
-                asyncio.to_thread(probe), max(deadline - time.monotonic(), 0.1)
-            )
+            await asyncio.wait_for(asyncio.to_thread(probe), max(deadline - time.monotonic(), 0.1))
         except (OSError, TimeoutError):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(done), 2.0)
