@@ -177,6 +177,14 @@ class Storage:
             },
         )
 
+    def set_secret_key(self, secret_access_key: str) -> None:
+        """Edit the class's source Secret (what a user rotating credentials does)."""
+        patch = {"stringData": {"secret-access-key": secret_access_key}}
+        self.cluster.kubectl(
+            "-n", self.namespace, "patch", "secret", self.secret_name, "--type=merge",
+            "-p", json.dumps(patch),
+        )  # fmt: skip
+
     def dmps(self) -> list[dict[str, Any]]:
         """This test's Dynamic Mount Pods (by the class label the node plugin sets)."""
         return self.cluster.items(

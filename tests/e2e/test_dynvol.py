@@ -219,6 +219,32 @@ def test_killed_fuse_daemon_is_repaired(storage: Storage) -> None:
     assert _dmp(storage, name)["status"]["containerStatuses"][0]["restartCount"] == 0  # type: ignore[index]
 
 
+def test_an_edited_source_secret_reaches_the_mount(storage: Storage) -> None:
+    """The whole rotation chain: the class's Secret is edited; the node plugin copies it
+    for the DMP, kubelet updates the DMP's Secret volume (within its sync period), and
+    the agent mounts again with the new keys. A revoked key must fail the mount; the
+    right one must bring it back, with the user pod never restarted."""
+    pod = _single_pod(storage)
+    body = _mounted(storage, "rotate", pod)
+    began = time.monotonic()
+    storage.set_secret_key("revoked-secret-key")
+
+    def ready() -> dict:  # type: ignore[type-arg]
+        conditions = (_dvm(storage, "rotate").get("status") or {}).get("conditions", [])
+        return {c["type"]: c for c in conditions}.get("Ready", {})
+
+    wait_for(lambda: ready().get("reason") == "AccessDenied", 240, "the revoked key fails")
+    print(f"revoked key in the source Secret -> mount Failed: {time.monotonic() - began:.2f}s")
+    assert storage.exec(pod, "cat /dynamic/data/hello.txt").returncode != 0
+
+    began = time.monotonic()
+    storage.set_secret_key(storage.minio.secret_key)
+    storage.wait_content(pod, "/dynamic/data/hello.txt", body, timeout=240)
+    print(f"right key back in the source Secret -> readable: {time.monotonic() - began:.2f}s")
+    wait_for(lambda: ready().get("status") == "True", 60, "the mount is Ready again")
+    assert storage.pods(f"app={pod}")[0]["status"]["containerStatuses"][0]["restartCount"] == 0
+
+
 def test_restarted_user_container_still_has_the_mount(storage: Storage) -> None:
     pod = _single_pod(storage)
     body = _mounted(storage, "restart", pod)
