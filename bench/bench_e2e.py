@@ -39,45 +39,27 @@ from typing import Any
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
-from dynvol.testing import MinioServer  # noqa: E402
+from dynvol.testing import MinioServer, wait_until  # noqa: E402
 from dynvol.testing.localcluster import LocalCluster  # noqa: E402
 
-KUBECTL = TOP / ".tools" / "bin" / "kubectl"
 GROUP = "dynamicvolume.csi.cloudnative101.net"
 SYSTEM = "dynvol-system"
 IMAGE = "localhost/dynvol/busybox:dev"
 
 
 class Kube:
-    def __init__(self, directory: Path) -> None:
-        self.kubeconfig = str(directory / "kubeconfig")
+    """The bench's kubectl calls: stdout as text, through the local cluster's kubectl."""
 
-    def argv(self, *args: str) -> list[str]:
-        return [str(KUBECTL), "--kubeconfig", self.kubeconfig, *args]
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.argv = cluster.kubectl_argv
+        self.apply = cluster.apply
 
     def __call__(self, *args: str, input: str | None = None, check: bool = True) -> str:
-        proc = subprocess.run(
-            self.argv(*args), input=input, text=True, capture_output=True, timeout=300
-        )
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
-        return proc.stdout
-
-    def apply(self, *objs: dict[str, Any]) -> None:
-        self("apply", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs))
+        return self.cluster.kubectl(*args, input=input, check=check, timeout=300).stdout
 
     def items(self, *args: str) -> list[dict[str, Any]]:
         return json.loads(self("get", *args, "-o", "json"))["items"]  # type: ignore[no-any-return]
-
-
-def wait(probe: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting until {what}")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -175,7 +157,8 @@ class Bench:
 
     def teardown(self) -> None:
         self.kube("delete", "namespace", self.ns, "--wait=true", "--timeout=180s", check=False)
-        wait(lambda: not self.dmps(), 180, f"DMPs of {self.cls} are gone")
+        gone = f"the DMPs of {self.cls} to go"
+        wait_until(lambda: not self.dmps(), timeout=180, interval=0.2, what=gone)
         self.kube("delete", "storageproviderclass", self.cls, "--timeout=60s", check=False)
 
     def dmps(self) -> list[dict[str, Any]]:
@@ -244,7 +227,7 @@ def run_claims(bench: Bench, count: int, *, cold: bool) -> list[float]:
     times = []
     for i in range(count):
         if cold:
-            wait(lambda: not bench.dmps(), 180, "no DMP runs before a cold claim")
+            wait_until(lambda: not bench.dmps(), timeout=180, interval=0.2, what="no DMP to run")
         name = f"c{i:03d}"
         elapsed = bench.measure_claim(name)
         times.append(elapsed)
@@ -270,15 +253,16 @@ def run_repairs(bench: Bench, count: int, *, what: str) -> list[float]:
     dmp_name = dvm["spec"]["dmpName"]
     times = []
     for i in range(count):
-        wait(
+        wait_until(
             lambda: any(
                 d["metadata"]["name"] == dmp_name
                 and not d["metadata"].get("deletionTimestamp")
                 and d["status"].get("phase") == "Running"
                 for d in bench.dmps()
             ),
-            120,
-            f"DMP {dmp_name} runs",
+            timeout=120,
+            interval=0.2,
+            what=f"DMP {dmp_name} to run",
         )
         path = f"/dynamic/{name}/{key}"
         began = time.monotonic()
@@ -307,7 +291,7 @@ def main() -> int:
     try:
         existed = cluster.deploy()
         try:
-            return measure(args, Kube(cluster.dir))
+            return measure(args, Kube(cluster))
         finally:
             if not existed:
                 cluster.undeploy()

@@ -7,7 +7,8 @@ dynvol with ``kubectl apply -k manifests/overlays/local`` and wait until its web
 registered, and remove it again in the order that leaves no finalizer stuck.
 
 Every command runs with the pinned kubectl against the cluster's own kubeconfig; a failed
-command raises :class:`ClusterError` with its output. ``progress`` gets one line per step
+command raises :class:`ClusterError` with its output, and a wait that runs out raises
+``TimeoutError`` (from :func:`dynvol.testing.wait_until`). ``progress`` gets one line per step
 and ``output`` every line of the long-running scripts (both quiet by default).
 """
 
@@ -18,7 +19,6 @@ import os
 import shlex
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 
 from dynvol.testing.controlplane import default_bin_dir, repo_root
+from dynvol.testing.processes import wait_until
 
 __all__ = ["APISERVER_PORT", "SYSTEM_NAMESPACE", "ClusterError", "LocalCluster", "default_dir"]
 
@@ -77,10 +78,14 @@ class LocalCluster:
 
     # -- commands -------------------------------------------------------------------------
 
+    def kubectl_argv(self, *args: str) -> list[str]:
+        """The pinned kubectl against this cluster (for callers that run it themselves)."""
+        return [str(default_bin_dir() / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
+
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120.0
     ) -> subprocess.CompletedProcess[str]:
-        argv = [str(default_bin_dir() / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
+        argv = self.kubectl_argv(*args)
         proc = subprocess.run(argv, input=input, text=True, capture_output=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise ClusterError(f"kubectl {shlex.join(args)} failed: {proc.stderr.strip()}")
@@ -191,13 +196,12 @@ class LocalCluster:
                 "-n", SYSTEM_NAMESPACE, "rollout", "status", what, "--timeout=180s", timeout=200
             )
         # The controller registers its webhooks (with its development CA) once it serves.
-        self.wait(
-            lambda: self.kubectl(
+        wait_until(
+            lambda: bool(self.kubectl(
                 "get", "mutatingwebhookconfiguration", "dynvol", "--ignore-not-found",
                 "-o", "jsonpath={.webhooks[0].clientConfig.caBundle}", check=False,
-            ).stdout.strip(),
-            60,
-            "the controller registers its webhooks",
+            ).stdout.strip()),
+            timeout=60, interval=0.5, what="the controller to register its webhooks",
         )  # fmt: skip
         return existed
 
@@ -208,15 +212,12 @@ class LocalCluster:
         (deleting the CRDs first would leave them, and the CRDs, stuck Terminating).
         """
         self.progress("removing dynvol")
-        self.wait(
-            lambda: (
-                not json.loads(
-                    self.kubectl("get", "dynamicvolumemounts", "-A", "-o", "json").stdout
-                )["items"]
-            ),
-            120,
-            "no DynamicVolumeMount is left before dynvol is removed",
-        )
+        wait_until(
+            lambda: not json.loads(
+                self.kubectl("get", "dynamicvolumemounts", "-A", "-o", "json").stdout
+            )["items"],
+            timeout=120, interval=0.5, what="no DynamicVolumeMount to be left",
+        )  # fmt: skip
         # Registered by the controller itself (local overlay), not part of the kustomization.
         self.kubectl(
             "delete", "mutatingwebhookconfiguration,validatingwebhookconfiguration", "dynvol",
@@ -226,15 +227,3 @@ class LocalCluster:
             "delete", "-k", str(self.overlay), "--ignore-not-found", "--wait=true",
             "--timeout=120s", check=False, timeout=150,
         )  # fmt: skip
-
-    @staticmethod
-    def wait(probe: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-        """Call ``probe`` until it returns something truthy; ClusterError after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise ClusterError(f"timed out after {timeout:.0f}s waiting until {what}")
-            time.sleep(interval)
