@@ -5,9 +5,9 @@
 resumes from the last seen version when the server ends a watch, and lists again only when
 that version is gone (410) or the connection failed. No polling.
 
-Only changes to what the agent acts on wake a key: the spec, the generation, the labels
-and the deletion. The agent's own status writes come back as watch events too; if they
-woke the key, a failing mount would be retried at once, defeating its backoff.
+Only changes to what the agent acts on wake a key: the spec, the labels and the deletion.
+The agent's own status writes come back as watch events too; if they woke the key, a
+failing mount would be retried at once, defeating its backoff.
 
 Neighbours: :mod:`dynvol_dmp.k8s` (the requests), :mod:`dynvol_dmp.queueing` (where keys go).
 """
@@ -34,12 +34,8 @@ def key_of(obj: dict[str, Any]) -> Key:
 def intent(obj: dict[str, Any]) -> tuple[object, ...]:
     """The part of a DynamicVolumeMount the agent acts on (not status, not bookkeeping)."""
     meta = obj.get("metadata", {})
-    return (
-        obj.get("spec"),
-        meta.get("generation"),
-        meta.get("deletionTimestamp"),
-        meta.get("labels"),
-    )
+    # Not the generation: the API server derives it from spec changes and deletion.
+    return (obj.get("spec"), meta.get("deletionTimestamp"), meta.get("labels"))
 
 
 class MountCache:

@@ -19,6 +19,7 @@ import pytest
 
 from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import mounts_under
+from dynvol_core import constants as c
 
 from .conftest import AgentRunner, Container, Mounts, Slot, phase_is
 
@@ -160,8 +161,6 @@ async def test_read_only_is_enforced_in_the_container(
 async def _record_phases(mounts: Mounts, name: str, since: str, phases: list[str]) -> None:
     """Append the phase of every version of ``name`` written after ``since``."""
     from kubernetes_asyncio import watch
-
-    from dynvol_core import constants as c
 
     stream = watch.Watch().stream(
         mounts.custom.list_namespaced_custom_object, c.GROUP, c.VERSION, mounts.namespace,
