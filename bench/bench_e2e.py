@@ -40,10 +40,10 @@ TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOP))
 
 from dynvol.testing import MinioServer, wait_until  # noqa: E402
+from dynvol.testing.localcluster import SYSTEM_NAMESPACE as SYSTEM  # noqa: E402
 from dynvol.testing.localcluster import LocalCluster  # noqa: E402
 
 GROUP = "dynamicvolume.csi.cloudnative101.net"
-SYSTEM = "dynvol-system"
 IMAGE = "localhost/dynvol/busybox:dev"
 
 
@@ -54,12 +54,10 @@ class Kube:
         self.cluster = cluster
         self.argv = cluster.kubectl_argv
         self.apply = cluster.apply
+        self.items = cluster.items
 
     def __call__(self, *args: str, input: str | None = None, check: bool = True) -> str:
         return self.cluster.kubectl(*args, input=input, check=check, timeout=300).stdout
-
-    def items(self, *args: str) -> list[dict[str, Any]]:
-        return json.loads(self("get", *args, "-o", "json"))["items"]  # type: ignore[no-any-return]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -94,6 +94,11 @@ class LocalCluster:
     def apply(self, *objs: dict[str, Any]) -> None:
         self.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs))
 
+    def items(self, kind: str, *args: str) -> list[dict[str, Any]]:
+        """``kubectl get KIND ARGS -o json``'s items."""
+        out = self.kubectl("get", kind, *args, "-o", "json").stdout
+        return json.loads(out)["items"]  # type: ignore[no-any-return]
+
     def _script(self, argv: list[str], *, timeout: float) -> None:
         """Run a long script, handing its output to ``output`` line by line."""
         lines: list[str] = []
@@ -213,9 +218,7 @@ class LocalCluster:
         """
         self.progress("removing dynvol")
         wait_until(
-            lambda: not json.loads(
-                self.kubectl("get", "dynamicvolumemounts", "-A", "-o", "json").stdout
-            )["items"],
+            lambda: not self.items("dynamicvolumemounts", "-A"),
             timeout=120, interval=0.5, what="no DynamicVolumeMount to be left",
         )  # fmt: skip
         # Registered by the controller itself (local overlay), not part of the kustomization.

@@ -31,10 +31,9 @@ from typing import Any
 import pytest
 
 from dynvol.testing import MinioServer
-from dynvol.testing.localcluster import ClusterError, LocalCluster
+from dynvol.testing.localcluster import SYSTEM_NAMESPACE, ClusterError, LocalCluster
 
 WORKLOAD_IMAGE = "localhost/dynvol/busybox:dev"
-SYSTEM_NAMESPACE = "dynvol-system"
 XVOLS = Path("/var/lib/dynamic/xvols")
 GROUP = "dynamicvolume.csi.cloudnative101.net"
 API_VERSION = f"{GROUP}/v1alpha1"
@@ -63,10 +62,6 @@ class Cluster(LocalCluster):
     def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any]:
         out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
         return json.loads(out)  # type: ignore[no-any-return]
-
-    def items(self, kind: str, *args: str) -> list[dict[str, Any]]:
-        out = self.kubectl("get", kind, *args, "-o", "json").stdout
-        return json.loads(out)["items"]  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")
