@@ -14,9 +14,12 @@ Pure planning, in three steps:
 3. :func:`plan_node` turns the accepted pairs of one node into desired DynamicVolumeMounts
    and Dynamic Mount Pods (DMPs), and compares them with what exists.
 
-:func:`dmp_pod_manifest` and :func:`credential_secret_manifest` render the objects the
-node plugin creates. The node plugin (dynvol_csi) executes the plan; planning again after
-applying a plan yields a plan without actions.
+:func:`dmp_pod_manifest` renders the DMP the node plugin creates; the node plugin executes
+the plan, and planning again after applying a plan yields a plan without actions.
+:func:`credential_secret_manifest` renders the one copy of a class's Secret that the
+leader-elected controller keeps in the system namespace (DESIGN.md §2, §6.5): DMPs mount
+that copy by the name :func:`credentials_secret_name` gives, so the node plugin never
+reads or writes a Secret.
 """
 
 from __future__ import annotations
@@ -43,11 +46,15 @@ from dynvol_core.models import (
 from dynvol_core.paths import PodSlot, XvolsLayout
 
 __all__ = [
+    "ANNOTATION_DATA_DIGEST",
+    "ANNOTATION_SOURCE_SECRET",
     "DmpSpec",
     "Match",
     "NodePlan",
     "Reason",
     "credential_secret_manifest",
+    "credentials_digest",
+    "credentials_secret_name",
     "dmp_container_resources",
     "dmp_name",
     "dmp_pod_manifest",
@@ -305,8 +312,8 @@ class DmpSpec:
 
     @property
     def credential_secret_name(self) -> str | None:
-        """The materialised credentials Secret in the system namespace, if the class has one."""
-        return f"{self.name}-credentials" if self.secret_ref is not None else None
+        """The class's credentials copy in the system namespace, if the class has a Secret."""
+        return credentials_secret_name(self.class_name) if self.secret_ref is not None else None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -324,7 +331,7 @@ class DmpSpec:
             labels[c.LABEL_POD] = label_value(self.pod_name)
             labels[c.LABEL_POD_NAMESPACE] = self.pod_namespace
         if self.secret_ref is not None:
-            labels[c.LABEL_CREDENTIAL] = _digest(str(self.secret_ref))[:16]
+            labels[c.LABEL_CREDENTIAL] = _credential_label(self.secret_ref)
         return labels
 
 
@@ -388,6 +395,11 @@ def dmp_pod_manifest(
     its mounts propagate to the host and on to the user pod), pinned to its node, tolerating
     every taint. The owner is the Node (cluster-scoped owners are the only ones allowed
     across namespaces): the node plugin deletes independent DMPs when their user pod is gone.
+
+    The credentials volume is the class's copy in the system namespace
+    (:func:`credentials_secret_name`), kept by the controller; kubelet swaps its files when
+    the copy changes, which the DMP agent watches. Until the copy exists kubelet keeps the
+    DMP in ContainerCreating and retries.
 
     ``host_network`` and ``extra_env`` serve clusters whose pods cannot reach the apiserver
     through the cluster network (e.g. no kube-proxy): the operator passes them on to every
@@ -462,46 +474,87 @@ def dmp_pod_manifest(
     }
 
 
-def credential_secret_manifest(
-    spec: DmpSpec, *, dmp_uid: str, source: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The DMP's copy of the class's Secret, in the system namespace, owned by the DMP.
+#: Annotations on a credentials copy: the source it was copied from (``namespace/name``)
+#: and a digest of the copied data, so a copy is rewritten only when the source changed.
+ANNOTATION_SOURCE_SECRET = f"{c.GROUP}/source-secret"
+ANNOTATION_DATA_DIGEST = f"{c.GROUP}/data-digest"
+_CREDENTIALS_PREFIX = "dynvol-credentials-"
 
-    ``source`` is the Secret the class references, as read from the API; its ``data`` (and
-    ``stringData``, if any) keys are copied unchanged. Re-rendering after the source changed
-    gives the object to replace the copy with.
 
-    :raises ValueError: if the DMP has no credentials to materialise.
+def credentials_secret_name(class_name: str) -> str:
+    """The name of class ``class_name``'s credentials copy in the system namespace.
+
+    A readable piece of the class name plus a digest of the whole name: distinct classes
+    never share a copy (``a.b`` and ``a-b`` chunk alike), and the name stays a valid
+    DNS subdomain of at most 63 characters whatever the class is called.
     """
-    if spec.credential_secret_name is None or spec.secret_ref is None:
-        raise ValueError(f"DMP {spec.name} uses no Secret")
-    data = source.get("data") or {}
-    string_data = source.get("stringData") or {}
-    secret: dict[str, Any] = {
+    return (
+        f"{_CREDENTIALS_PREFIX}{_chunk(class_name, 30)}-{_digest('credentials', class_name)[:12]}"
+    )
+
+
+def credentials_digest(data: Mapping[str, str]) -> str:
+    """A digest of a Secret's ``data`` (key order does not matter)."""
+    return _digest(*(f"{k}={v}" for k, v in sorted(data.items())))[:32]
+
+
+def credential_secret_manifest(
+    spc: StorageProviderClass, *, namespace: str, source: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The copy of ``spc``'s Secret in the system namespace ``namespace``, owned by the class.
+
+    ``source`` is the Secret the class references, as read from the API. Every ``data`` key
+    is copied unchanged: providers read the keys they know from the mounted files and
+    declare no list of them, so the copy cannot be narrowed without guessing. The owner is
+    the class (a cluster-scoped owner of a namespaced object is allowed), so the copy goes
+    with it; the annotations name the source and carry :func:`credentials_digest` of the
+    data. Rendering again after the source changed gives the object to replace the copy with.
+
+    :raises ValueError: if the class references no Secret.
+    """
+    if spc.secret_ref is None:
+        raise ValueError(f"StorageProviderClass {spc.name} references no Secret")
+    raw = source.get("data") or {}
+    data = (
+        {str(k): v for k, v in raw.items() if isinstance(v, str)}
+        if isinstance(raw, Mapping)
+        else {}
+    )
+    metadata: dict[str, Any] = {
+        "name": credentials_secret_name(spc.name),
+        "namespace": namespace,
+        "labels": {
+            c.LABEL_MANAGED_BY: c.LABEL_MANAGED_BY_VALUE,
+            c.LABEL_COMPONENT: c.COMPONENT_CREDENTIALS,
+            c.LABEL_CLASS: label_value(spc.name),
+            c.LABEL_CREDENTIAL: _credential_label(spc.secret_ref),
+        },
+        "annotations": {
+            ANNOTATION_SOURCE_SECRET: str(spc.secret_ref),
+            ANNOTATION_DATA_DIGEST: credentials_digest(data),
+        },
+    }
+    if spc.uid:
+        metadata["ownerReferences"] = [
+            OwnerReference(
+                api_version=c.API_VERSION,
+                kind=c.KIND_CLASS,
+                name=spc.name,
+                uid=spc.uid,
+                controller=True,
+            ).to_object()
+        ]
+    return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {
-            "name": spec.credential_secret_name,
-            "namespace": spec.namespace,
-            "labels": {
-                c.LABEL_MANAGED_BY: c.LABEL_MANAGED_BY_VALUE,
-                c.LABEL_COMPONENT: c.COMPONENT_CREDENTIALS,
-                c.LABEL_DMP: spec.name,
-                c.LABEL_CREDENTIAL: spec.labels[c.LABEL_CREDENTIAL],
-            },
-            "annotations": {f"{c.GROUP}/source-secret": str(spec.secret_ref)},
-            "ownerReferences": [
-                OwnerReference(
-                    api_version="v1", kind="Pod", name=spec.name, uid=dmp_uid, controller=True
-                ).to_object()
-            ],
-        },
+        "metadata": metadata,
         "type": "Opaque",
-        "data": {str(k): v for k, v in data.items() if isinstance(v, str)},
+        "data": data,
     }
-    if string_data:
-        secret["stringData"] = {str(k): v for k, v in string_data.items() if isinstance(v, str)}
-    return secret
+
+
+def _credential_label(ref: ObjectRef) -> str:
+    return _digest(str(ref))[:16]
 
 
 # --------------------------------------------------------------------------- planning a node

@@ -16,10 +16,14 @@ from hypothesis import strategies as st
 
 from dynvol_core import constants as c
 from dynvol_core.dispatch import (
+    ANNOTATION_DATA_DIGEST,
+    ANNOTATION_SOURCE_SECRET,
     DmpSpec,
     NodePlan,
     Reason,
     credential_secret_manifest,
+    credentials_digest,
+    credentials_secret_name,
     dmp_name,
     dmp_pod_manifest,
     dvm_name,
@@ -558,24 +562,91 @@ def test_dmp_without_credentials_gets_an_empty_secrets_dir() -> None:
     assert spec.credential_secret_name is None
     volumes = {v["name"]: v for v in dmp_pod_manifest(spec)["spec"]["volumes"]}
     assert "emptyDir" in volumes["credentials"]
-    with pytest.raises(ValueError, match="no Secret"):
-        credential_secret_manifest(spec, dmp_uid="u", source={})
+    with pytest.raises(ValueError, match="references no Secret"):
+        credential_secret_manifest(bare, namespace=SYSTEM, source={})
+
+
+def test_every_dmp_of_a_class_mounts_the_class_copy() -> None:
+    pods = [pod("p1"), pod("p2"), pod("s1", policy=c.POLICY_SHARED)]
+    result = plan(pods, [claim()])
+    assert len(result.dmps) == 3
+    names = {d.credential_secret_name for d in result.dmps}
+    assert names == {credentials_secret_name("s3-sample")}
+    for spec in result.dmps:
+        volumes = {v["name"]: v for v in dmp_pod_manifest(spec)["spec"]["volumes"]}
+        assert volumes["credentials"]["secret"]["secretName"] == credentials_secret_name(
+            "s3-sample"
+        )
+
+
+def test_a_class_pointing_at_another_secret_gets_another_shared_dmp() -> None:
+    # "Credential" in shared grouping is the class's Secret reference: re-pointing the
+    # class starts a fresh shared DMP (its mounts move there), though both read one copy.
+    shared = [pod("p1", policy=c.POLICY_SHARED)]
+    (before,) = plan(shared, [claim()], [spc()]).dmps
+    moved = spc(parameters={c.PARAM_SECRET_NAME: "rotated", c.PARAM_SECRET_NAMESPACE: "default"})
+    (after,) = plan(shared, [claim()], [moved]).dmps
+    assert before.name != after.name
+    assert before.labels[c.LABEL_CREDENTIAL] != after.labels[c.LABEL_CREDENTIAL]
+    assert before.credential_secret_name == after.credential_secret_name
 
 
 def test_credential_secret_manifest() -> None:
-    spec = _independent_spec()
+    cls = spc()
     source = {
-        "metadata": {"name": "creds", "namespace": "default"},
+        "metadata": {"name": "creds", "namespace": "default", "resourceVersion": "7"},
         "data": {"access-key-id": "YQ==", "secret-access-key": "Yg=="},
+        "type": "Opaque",
     }
-    secret = credential_secret_manifest(spec, dmp_uid="dmp-uid", source=source)
-    assert secret["metadata"]["name"] == spec.credential_secret_name
-    assert secret["metadata"]["namespace"] == SYSTEM
-    assert secret["metadata"]["ownerReferences"] == [
-        {"apiVersion": "v1", "kind": "Pod", "name": spec.name, "uid": "dmp-uid", "controller": True}
+    secret = credential_secret_manifest(cls, namespace=SYSTEM, source=source)
+    meta = secret["metadata"]
+    assert meta["name"] == credentials_secret_name(cls.name)
+    assert meta["namespace"] == SYSTEM
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": c.API_VERSION,
+            "kind": c.KIND_CLASS,
+            "name": cls.name,
+            "uid": cls.uid,
+            "controller": True,
+        }
     ]
+    assert meta["labels"][c.LABEL_COMPONENT] == c.COMPONENT_CREDENTIALS
+    assert meta["labels"][c.LABEL_CLASS] == cls.name
+    assert meta["annotations"][ANNOTATION_SOURCE_SECRET] == "default/creds"
+    assert meta["annotations"][ANNOTATION_DATA_DIGEST] == credentials_digest(source["data"])
     assert secret["data"] == source["data"]
     assert secret["type"] == "Opaque"
+    assert "resourceVersion" not in meta
+    # A changed source changes the digest; the same data in another order does not.
+    changed = {**source, "data": {**source["data"], "secret-access-key": "Yw=="}}
+    again = credential_secret_manifest(cls, namespace=SYSTEM, source=changed)
+    assert (
+        again["metadata"]["annotations"][ANNOTATION_DATA_DIGEST]
+        != (meta["annotations"][ANNOTATION_DATA_DIGEST])
+    )
+    reordered = {"data": dict(reversed(list(source["data"].items())))}
+    assert credential_secret_manifest(cls, namespace=SYSTEM, source=reordered) == secret
+
+
+def test_credential_secret_manifest_ignores_malformed_data() -> None:
+    secret = credential_secret_manifest(
+        spc(), namespace=SYSTEM, source={"data": {"ok": "YQ==", "bad": 3, "none": None}}
+    )
+    assert secret["data"] == {"ok": "YQ=="}
+    empty = credential_secret_manifest(spc(), namespace=SYSTEM, source={"data": ["x"]})
+    assert empty["data"] == {}
+
+
+@given(st.text(min_size=1, max_size=253), st.text(min_size=1, max_size=253))
+def test_credentials_secret_names_are_valid_and_distinct(a: str, b: str) -> None:
+    for name in (a, b):
+        got = credentials_secret_name(name)
+        assert len(got) <= 63
+        assert _DNS_LABEL.fullmatch(got), got
+    if a != b:
+        assert credentials_secret_name(a) != credentials_secret_name(b)
+    assert credentials_secret_name("a.b") != credentials_secret_name("a-b")
 
 
 def test_dmp_resources_add_the_agent_overhead_to_the_class_values() -> None:
