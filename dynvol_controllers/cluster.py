@@ -12,6 +12,12 @@ class and claim keys, and reconciles them while this replica holds the Lease:
   ``Ready``) with ``observedGeneration``; written only when it changed.
 * **Events** on claims (transitions of those conditions) and on pods (a mount that became
   Mounted or Failed; an annotated pod that missed the webhook).
+* **credential copies** (:mod:`.credentials`): one copy of each class's Secret in the
+  system namespace, which the DMPs mount; its state is the class's ``CredentialsReady``
+  condition.
+* **lost nodes**: when a Node is deleted, the DynamicVolumeMounts bound to it lose the
+  DMP's unmount finalizer and are deleted, since no DMP will ever run there again to
+  unmount them; otherwise their namespaces would hang in Terminating.
 
 It also makes the admission decisions the webhook server (:mod:`.webhooks`) asks for, from
 the same caches: pod mutation (:func:`.admission.mutate_pod`) and validation of classes and
@@ -33,8 +39,9 @@ from dynvol_core.models import DynamicVolumeClaim, PodInfo, StorageProviderClass
 
 from . import objects
 from .admission import AdmissionDecision, mutate_pod
+from .credentials import CONDITION_CREDENTIALS, CredentialCopier
 from .k8s import APIConflict, APIError, APINotFound, Client
-from .k8s.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS
+from .k8s.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS, Resource
 from .outcomes import Outcome, RequeueAfter
 from .processing import Controller
 from .recording import NORMAL, WARNING, EventRecorder
@@ -46,6 +53,8 @@ log = logging.getLogger(__name__)
 
 INDEX_CLASS = "class"
 INDEX_CLAIM = "claim"
+INDEX_NODE = "node"
+NODES = Resource("", "v1", "nodes", "Node", namespaced=False)
 MAX_DMPS_IN_STATUS = 64
 FIELD_MANAGER = "dynvol-controller"
 
@@ -69,6 +78,19 @@ def _dvm_claim_index(dvm: dict[str, Any]) -> tuple[str, ...]:
     ns = dvm.get("metadata", {}).get("namespace")
     name = (dvm.get("spec") or {}).get("claimName")
     return (f"{ns}/{name}",) if ns and name else ()
+
+
+def _dvm_node_index(dvm: dict[str, Any]) -> tuple[str, ...]:
+    name = (dvm.get("spec") or {}).get("nodeName")
+    return (name,) if isinstance(name, str) and name else ()
+
+
+def _slim_node(node: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": objects.slim_metadata(node.get("metadata") or {}),
+    }
 
 
 def _slim_namespace(ns: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +147,7 @@ class ClusterController:
         *,
         recorder: EventRecorder,
         registry: Any = None,
+        system_namespace: str = c.DEFAULT_SYSTEM_NAMESPACE,
         workers: int = 4,
         resync: float | None = 600.0,
         coalesce: float = 1.0,
@@ -153,23 +176,45 @@ class ClusterController:
             MOUNTS,
             transform=objects.slim_dvm_for_status,
             from_cache=False,
-            indexers={INDEX_CLAIM: _dvm_claim_index, INDEX_CLASS: _dvm_class_index},
+            indexers={
+                INDEX_CLAIM: _dvm_claim_index,
+                INDEX_CLASS: _dvm_class_index,
+                INDEX_NODE: _dvm_node_index,
+            },
         )
         self.namespaces = Informer(client, NAMESPACES, transform=_slim_namespace)
+        self.nodes = Informer(client, NODES, transform=_slim_node)
         self._claim_models = objects.ModelCache(DynamicVolumeClaim.from_object)
         self._class_models = objects.ModelCache(StorageProviderClass.from_object)
         self._pod_models = objects.ModelCache(PodInfo.from_object)
         self.class_controller = Controller("classes", self.reconcile_class, workers=workers)
         self.claim_controller = Controller("claims", self.reconcile_claim, workers=workers)
+        self.node_controller = Controller("lost-nodes", self.reconcile_node, workers=1)
+        self.credentials = CredentialCopier(
+            client,
+            self.classes,
+            recorder,
+            system_namespace=system_namespace,
+            on_state=self.class_controller.enqueue,
+        )
         self.classes.add_handler(self._on_class)
         self.claims.add_handler(self._on_claim)
         self.pods.add_handler(self._on_pod)
         self.mounts.add_handler(self._on_mount)
+        self.nodes.add_handler(self._on_node)
 
     @property
     def informers(self) -> tuple[Informer, ...]:
         """Every informer, in start order."""
-        return (self.namespaces, self.classes, self.claims, self.pods, self.mounts)
+        return (
+            self.namespaces,
+            self.nodes,
+            self.classes,
+            self.claims,
+            self.pods,
+            self.mounts,
+            self.credentials.copies,
+        )
 
     # -- lifecycle (leader-gated part) ----------------------------------------------------
 
@@ -178,6 +223,8 @@ class ClusterController:
         self.leading = True
         await self.class_controller.start()
         await self.claim_controller.start()
+        await self.node_controller.start()
+        await self.credentials.start()
         for obj in self.classes.store:
             self.class_controller.enqueue(obj["metadata"]["name"])
         for obj in self.claims.store:
@@ -186,6 +233,8 @@ class ClusterController:
     async def close(self) -> None:
         """Stop reconciling."""
         self.leading = False
+        await self.credentials.close()
+        await self.node_controller.close()
         await self.claim_controller.close()
         await self.class_controller.close()
 
@@ -193,6 +242,7 @@ class ClusterController:
 
     def _on_class(self, event: Event) -> None:
         self.class_controller.enqueue(event.obj["metadata"]["name"])
+        self.credentials.on_class(event)
         if event.type != "RESYNC" and (
             event.old is None or event.old.get("spec") != event.obj.get("spec")
         ):
@@ -283,6 +333,77 @@ class ClusterController:
                 pod_ref, WARNING, "FailedToMount", f"claim {spec.get('claimName')}: {message}"
             )
 
+    def _on_node(self, event: Event) -> None:
+        # Only a deletion seen on the watch starts the clean-up: mounts that name a node the
+        # controller never saw (a node still registering) are left alone.
+        if event.type == "DELETED":
+            self.node_controller.enqueue(event.obj["metadata"]["name"])
+
+    # -- lost nodes ------------------------------------------------------------------------
+
+    async def reconcile_node(self, name: str) -> Outcome | None:
+        """Release the DynamicVolumeMounts of a deleted Node (finalizer, then the object)."""
+        if self.nodes.store.get(name) is not None:
+            return None  # re-registered: its node plugin takes over again
+        try:
+            await self.client.get(NODES, name)
+        except APINotFound:
+            pass
+        else:
+            return None
+        released = 0
+        for slim in self.mounts.store.by_index(INDEX_NODE, name):
+            meta = slim["metadata"]
+            try:
+                dvm = await self.client.get(MOUNTS, meta["name"], namespace=meta["namespace"])
+            except APINotFound:
+                continue
+            if (dvm.get("spec") or {}).get("nodeName") != name:
+                continue
+            await self._release_mount(dvm)
+            released += 1
+        if released:
+            log.info(
+                "node %s is gone; released %d DynamicVolumeMount(s) bound to it", name, released
+            )
+        return None
+
+    async def _release_mount(self, dvm: Mapping[str, Any]) -> None:
+        meta = dvm["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        finalizers = list(meta.get("finalizers") or ())
+        if c.FINALIZER_MOUNT in finalizers:
+            patch = {
+                "metadata": {
+                    "finalizers": [f for f in finalizers if f != c.FINALIZER_MOUNT] or None,
+                    "resourceVersion": meta["resourceVersion"],
+                }
+            }
+            with contextlib.suppress(APINotFound):
+                await self.client.patch(
+                    MOUNTS, name, patch, namespace=ns, field_manager=FIELD_MANAGER
+                )
+        if not meta.get("deletionTimestamp"):
+            with contextlib.suppress(APINotFound, APIConflict):
+                await self.client.delete(MOUNTS, name, namespace=ns, uid=meta.get("uid"))
+        spec = dvm.get("spec") or {}
+        pod_ref = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": spec.get("podName", ""),
+                "namespace": ns,
+                "uid": spec.get("podUID", ""),
+            },
+        }
+        self.recorder.record(
+            pod_ref,
+            WARNING,
+            "NodeLost",
+            f"node {spec.get('nodeName')} was deleted; the mount of claim "
+            f"{spec.get('claimName')} is released without unmounting",
+        )
+
     # -- classes ------------------------------------------------------------------------
 
     def class_users(self, name: str) -> tuple[list[str], list[str]]:
@@ -343,6 +464,19 @@ class ClusterController:
                 except DynvolError as exc:
                     ready = (False, "UnknownProvider", str(exc))
         in_use = bool(pods or claims)
+        extra = []
+        credentials = self.credentials.condition(meta["name"])
+        if credentials is not None:
+            extra.append(
+                _condition(
+                    CONDITION_CREDENTIALS,
+                    credentials.ok,
+                    credentials.reason,
+                    credentials.message,
+                    generation,
+                    previous,
+                )
+            )
         status = {
             "observedGeneration": generation,
             "inUse": {"pods": len(pods), "claims": len(claims), "dmps": len(dmps)},
@@ -358,6 +492,7 @@ class ClusterController:
                     generation,
                     previous,
                 ),
+                *extra,
             ],
         }
         if _without_times(obj.get("status") or {}) == _without_times(status):

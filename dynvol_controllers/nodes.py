@@ -1,15 +1,18 @@
 """The node reconciler: one per node, inside ``dynvol node``, for the pods on that node.
 
 Observe: informers for the pods bound to this node (``fieldSelector spec.nodeName``), all
-claims and classes, and this node's DynamicVolumeMounts, Dynamic Mount Pods (DMPs) and
-credential Secrets (by label), plus one small informer per Secret a class references.
+claims and classes, and this node's DynamicVolumeMounts and Dynamic Mount Pods (DMPs).
 Queue: every relevant change queues the single key of the node, so a burst of events
 collapses into one pass. Process: one pass reads the caches, asks
 :func:`dynvol_core.dispatch.plan_node` what the node should have, and acts on the
 difference. Act: create/replace/delete DynamicVolumeMounts (owned by their user pod),
-create/delete DMPs per dispatch policy, materialise each DMP's credentials as a Secret in
-the system namespace (owned by the DMP, replaced when the source Secret changes), and
-delete shared DMPs that have been idle for ``shared_idle_grace`` seconds.
+create/delete DMPs per dispatch policy, and delete shared DMPs that have been idle for
+``shared_idle_grace`` seconds.
+
+The node plugin reads and writes no Secret (DESIGN.md §6.5): a DMP mounts its class's
+credentials copy, which the leader-elected controller keeps in the system namespace
+(:mod:`.credentials`). Credential rotation needs nothing from this side either: kubelet
+refreshes the DMP's Secret volume and the DMP agent notices the changed files.
 
 The reconciler deletes what it no longer needs itself instead of relying only on
 ownerReference garbage collection, so it converges even where no garbage collector runs.
@@ -21,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,7 +35,6 @@ from dynvol_core import constants as c
 from dynvol_core.dispatch import (
     DmpSpec,
     NodePlan,
-    credential_secret_manifest,
     dmp_pod_manifest,
     label_value,
     plan_node,
@@ -43,7 +43,6 @@ from dynvol_core.errors import DynvolError
 from dynvol_core.models import (
     DynamicVolumeClaim,
     DynamicVolumeMount,
-    ObjectRef,
     PodInfo,
     StorageProviderClass,
     thaw_json,
@@ -53,7 +52,7 @@ from dynvol_core.paths import PodSlot
 from . import objects
 from .errors import TemporaryError
 from .k8s import APIConflict, APIError, APINotFound, Client
-from .k8s.resources import CLAIMS, CLASSES, MOUNTS, PODS, SECRETS, Resource
+from .k8s.resources import CLAIMS, CLASSES, MOUNTS, PODS, Resource
 from .outcomes import Outcome, RequeueAfter
 from .processing import Controller
 from .recording import WARNING, EventRecorder
@@ -67,25 +66,9 @@ SlotLookup = Callable[[str], PodSlot | None]
 OrphanHook = Callable[[DynamicVolumeMount], Awaitable[None]]
 
 FIELD_MANAGER = "dynvol-node"
-ANNOTATION_DATA_DIGEST = f"{c.GROUP}/data-digest"
 #: How long an object this process wrote is assumed to exist (or be gone) before the
 #: informer cache confirms it; covers watch lag on a busy apiserver.
 _EXPECTATION_TTL = 120.0
-
-
-def _slim_copy(secret: dict[str, Any]) -> dict[str, Any]:
-    """A credentials copy without its data (only the digest annotation matters)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": objects.slim_metadata(
-            secret.get("metadata") or {}, annotations=(ANNOTATION_DATA_DIGEST,)
-        ),
-    }
-
-
-def _data_digest(data: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(dict(data), sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _claim_uid_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
@@ -115,7 +98,7 @@ def _changed(event: Event, *, ignore_status: bool) -> bool:
 
 @attrs.define(eq=False)
 class NodeReconciler:
-    """Keep one node's DynamicVolumeMounts, DMPs and credential copies as planned.
+    """Keep one node's DynamicVolumeMounts and DMPs as planned.
 
     Lifecycle: ``await start()`` (informers synced, worker running), ``await close()``;
     or ``async with``. :meth:`nudge` requests a pass (e.g. after a volume was published).
@@ -157,13 +140,11 @@ class NodeReconciler:
     classes: Informer = attrs.field(init=False)
     mounts: Informer = attrs.field(init=False)
     dmps: Informer = attrs.field(init=False)
-    copies: Informer = attrs.field(init=False)
     controller: Controller = attrs.field(init=False)
     passes: int = attrs.field(default=0, init=False)
     last_plan: NodePlan | None = attrs.field(default=None, init=False)
     _node_uid: str = attrs.field(default="", init=False)
     _own_recorder: bool = attrs.field(default=False, init=False)
-    _sources: dict[ObjectRef, Informer] = attrs.field(factory=dict, init=False)
     _idle_since: dict[str, float] = attrs.field(factory=dict, init=False)
     _idle_deletions: list[PodInfo] = attrs.field(factory=list, init=False)
     _reported: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
@@ -173,9 +154,6 @@ class NodeReconciler:
     _deleted_dvms: dict[str, float] = attrs.field(factory=dict, init=False)
     _created_dmps: dict[str, tuple[float, PodInfo, str]] = attrs.field(factory=dict, init=False)
     _deleted_dmps: dict[str, float] = attrs.field(factory=dict, init=False)
-    #: Credential copies written but maybe not in the cache yet: name -> (deadline, digest,
-    #: owner uid).
-    _written_copies: dict[str, tuple[float, str, str]] = attrs.field(factory=dict, init=False)
     _claims: objects.ModelCache = attrs.field(init=False)
     _pods: objects.ModelCache = attrs.field(init=False)
     _classes: objects.ModelCache = attrs.field(init=False)
@@ -213,23 +191,13 @@ class NodeReconciler:
             label_selector=(f"{c.LABEL_COMPONENT}={c.COMPONENT_DMP},{c.LABEL_NODE}={node_label}"),
             transform=objects.slim_pod,
         )
-        self.copies = Informer(
-            self.client,
-            SECRETS,
-            namespace=self.system_namespace,
-            label_selector=(
-                f"{c.LABEL_COMPONENT}={c.COMPONENT_CREDENTIALS},{c.LABEL_NODE}={node_label}"
-            ),
-            transform=_slim_copy,
-        )
-        self.informers = [self.classes, self.claims, self.pods, self.mounts, self.dmps, self.copies]
+        self.informers = [self.classes, self.claims, self.pods, self.mounts, self.dmps]
         self.controller = Controller(f"node {self.node_name}", self._reconcile, workers=1)
         self.pods.add_handler(self._on_pod)
         self.claims.add_handler(self._on_claim)
         self.classes.add_handler(self._on_any)
         self.mounts.add_handler(self._on_mount)
         self.dmps.add_handler(self._on_dmp)
-        self.copies.add_handler(self._on_copy)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -255,9 +223,8 @@ class NodeReconciler:
     async def close(self) -> None:
         """Stop reconciling and watching."""
         await self.controller.close()
-        for informer in [*self._sources.values(), *reversed(self.informers)]:
+        for informer in reversed(self.informers):
             await informer.close()
-        self._sources.clear()
         if self._own_recorder and self.recorder is not None:
             await self.recorder.close()
         self._started = False
@@ -337,20 +304,9 @@ class NodeReconciler:
             name = event.obj["metadata"].get("name")
             created = self._created_dmps.get(name)
             if created is not None and created[1].uid == event.obj["metadata"].get("uid"):
-                return  # our own create coming back (its credentials are already written)
+                return  # our own create coming back
         # Phase matters for DMPs: a Failed one is replaced.
         if _changed(event, ignore_status=False):
-            self.nudge()
-
-    def _on_copy(self, event: Event) -> None:
-        meta = event.obj.get("metadata") or {}
-        written = self._written_copies.get(meta.get("name", ""))
-        if written is not None and event.type in ("ADDED", "MODIFIED"):
-            digest = (meta.get("annotations") or {}).get(ANNOTATION_DATA_DIGEST)
-            owners = [o.get("uid") for o in meta.get("ownerReferences") or ()]
-            if (digest, owners) == (written[1], [written[2]]):
-                return  # our own write coming back
-        if _changed(event, ignore_status=True):
             self.nudge()
 
     @staticmethod
@@ -498,7 +454,9 @@ class NodeReconciler:
         await asyncio.gather(*(run(step) for step in steps))
 
         wait = self._handle_idle(plan)
-        await asyncio.gather(*(run(step) for step in self._credential_steps(plan)))
+        idle = [self._delete_dmp(pod, "IdleGraceExpired") for pod in self._idle_deletions]
+        self._idle_deletions = []
+        await asyncio.gather(*(run(step) for step in idle))
         self._report_rejections(plan)
         log.debug(
             "node %s: pass %d planned in %.3fs, acted in %.3fs: +%d/~%d/-%d mounts, "
@@ -628,130 +586,11 @@ class NodeReconciler:
             since = self._idle_since.setdefault(name, now)
             remaining = since + self.shared_idle_grace - now
             if remaining <= 0:
-                # Deleted with the credential steps of this pass.
+                # Deleted at the end of this pass.
                 self._idle_deletions.append(pod)
             else:
                 wait = remaining if wait is None else min(wait, remaining)
         return wait
-
-    # -- act: credentials ----------------------------------------------------------------
-
-    def _credential_steps(self, plan: NodePlan) -> list[Awaitable[None]]:
-        steps: list[Awaitable[None]] = [
-            self._delete_dmp(pod, "IdleGraceExpired") for pod in self._idle_deletions
-        ]
-        self._idle_deletions = []
-        live: dict[str, str] = {}
-        for raw in self.dmps.store:
-            meta = raw["metadata"]
-            if not meta.get("deletionTimestamp") and meta.get("uid") not in self._deleted_dmps:
-                live[meta["name"]] = meta["uid"]
-        for name, (_, info, _) in self._created_dmps.items():
-            live.setdefault(name, info.uid)
-        wanted_refs: set[ObjectRef] = set()
-        wanted_copies: set[str] = set()
-        for spec in plan.dmps:
-            if spec.secret_ref is None or spec.credential_secret_name is None:
-                continue
-            wanted_refs.add(spec.secret_ref)
-            wanted_copies.add(spec.credential_secret_name)
-            uid = live.get(spec.name)
-            if uid is None:
-                continue  # created this pass; the DMP's ADDED event brings us back
-            steps.append(self._ensure_copy(spec, uid))
-        for raw in self.copies.store:
-            meta = raw["metadata"]
-            owner = (meta.get("labels") or {}).get(c.LABEL_DMP)
-            if meta["name"] not in wanted_copies and owner not in live:
-                steps.append(self._delete_copy(meta["name"], meta.get("uid")))
-        steps.append(self._track_sources(wanted_refs))
-        return steps
-
-    async def _ensure_copy(self, spec: DmpSpec, dmp_uid: str) -> None:
-        assert spec.secret_ref is not None
-        assert spec.credential_secret_name is not None
-        informer = self._sources.get(spec.secret_ref)
-        if informer is None or not informer.synced:
-            return  # its informer starts now; its first event brings us back
-        source = informer.store.get(f"{spec.secret_ref.namespace}/{spec.secret_ref.name}")
-        if source is None:
-            dmp_ref = {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": spec.name, "namespace": spec.namespace, "uid": dmp_uid},
-            }
-            if self.recorder is not None:
-                self.recorder.record(
-                    dmp_ref,
-                    WARNING,
-                    "CredentialsNotFound",
-                    f"Secret {spec.secret_ref} named by StorageProviderClass "
-                    f"{spec.class_name} does not exist; create it",
-                )
-            return
-        body = credential_secret_manifest(spec, dmp_uid=dmp_uid, source=source)
-        digest = _data_digest({**body.get("data", {}), **body.get("stringData", {})})
-        meta = body["metadata"]
-        meta["labels"][c.LABEL_NODE] = label_value(self.node_name)
-        meta["annotations"][ANNOTATION_DATA_DIGEST] = digest
-        existing = self.copies.store.get(f"{spec.namespace}/{spec.credential_secret_name}")
-        written = self._written_copies.get(meta["name"])
-        if written is not None:
-            deadline, written_digest, written_owner = written
-            seen = (
-                existing is not None
-                and (existing["metadata"].get("annotations") or {}).get(ANNOTATION_DATA_DIGEST)
-                == written_digest
-            )
-            if seen or deadline < time.monotonic():
-                del self._written_copies[meta["name"]]
-            elif (written_digest, written_owner) == (digest, dmp_uid):
-                return  # our write is on its way to the cache
-        if existing is not None:
-            have = existing["metadata"]
-            owners = [o.get("uid") for o in have.get("ownerReferences") or ()]
-            if (have.get("annotations") or {}).get(ANNOTATION_DATA_DIGEST) == digest and (
-                owners == [dmp_uid]
-            ):
-                return
-            meta["resourceVersion"] = have["resourceVersion"]
-            await self.client.replace(SECRETS, body, field_manager=FIELD_MANAGER)
-            self._remember_copy(meta["name"], digest, dmp_uid)
-            log.info("node %s: updated credentials %s", self.node_name, meta["name"])
-            return
-        try:
-            await self.client.create(
-                SECRETS, body, namespace=spec.namespace, field_manager=FIELD_MANAGER
-            )
-        except APIConflict as exc:
-            if not exc.already_exists:
-                raise
-            # Left over from an earlier DMP of the same name: take it over.
-            current = await self.client.get(SECRETS, meta["name"], namespace=spec.namespace)
-            meta["resourceVersion"] = current["metadata"]["resourceVersion"]
-            await self.client.replace(SECRETS, body, field_manager=FIELD_MANAGER)
-        self._remember_copy(meta["name"], digest, dmp_uid)
-
-    def _remember_copy(self, name: str, digest: str, owner: str) -> None:
-        self._written_copies[name] = (time.monotonic() + _EXPECTATION_TTL, digest, owner)
-
-    async def _delete_copy(self, name: str, uid: str | None) -> None:
-        with contextlib.suppress(APINotFound, APIConflict):
-            await self.client.delete(SECRETS, name, namespace=self.system_namespace, uid=uid)
-
-    async def _track_sources(self, refs: set[ObjectRef]) -> None:
-        for ref in refs - set(self._sources):
-            informer = Informer(
-                self.client,
-                SECRETS,
-                namespace=ref.namespace,
-                field_selector=f"metadata.name={ref.name}",
-            )
-            informer.add_handler(self._on_any)
-            self._sources[ref] = informer
-            await informer.start()
-        for ref in set(self._sources) - refs:
-            await self._sources.pop(ref).close()
 
     # -- report ---------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import secrets
 import signal
@@ -15,9 +16,10 @@ import pytest
 from dynvol.testing import Process
 from dynvol.testing.slots import node_reconciler_without_kubelet
 from dynvol_controllers import APINotFound, Client, ControllerApp, NodeReconciler
-from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, EVENTS, MOUNTS, PODS
+from dynvol_controllers.cluster import NODES
+from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, EVENTS, MOUNTS, PODS, SECRETS
 from dynvol_core import constants as c
-from dynvol_core.dispatch import label_value
+from dynvol_core.dispatch import credentials_secret_name, label_value
 from dynvol_providers.registry import load_registry
 
 from .controller_support import Objects, eventually, list_items
@@ -263,3 +265,176 @@ async def test_controller_killed_mid_way_converges(
         if second is not None:
             second.stop()
         await objects.delete_pod("k0")
+
+
+def _decoded(secret: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+
+async def _class_condition(client: Client, name: str, type_: str) -> dict[str, Any]:
+    return _condition(await client.get(CLASSES, name), type_)
+
+
+async def test_class_credentials_are_copied_to_the_system_namespace(
+    client: Client, objects: Objects, system_namespace: str, controller: ControllerApp
+) -> None:
+    ns = objects.namespace
+    spc = f"cred-{objects.suffix}"
+    copy_name = credentials_secret_name(spc)
+    await objects.secret("creds", {"access-key-id": "id1", "secret-access-key": "key1"})
+    made = await objects.storage_class(spc, secret="creds")
+
+    async def copy_holds(key: str) -> dict[str, Any] | None:
+        try:
+            copy = await client.get(SECRETS, copy_name, namespace=system_namespace)
+        except APINotFound:
+            return None
+        want = {"access-key-id": "id1", "secret-access-key": key}
+        return dict(copy) if _decoded(copy) == want else None
+
+    async def copy_gone() -> bool:
+        try:
+            await client.get(SECRETS, copy_name, namespace=system_namespace)
+        except APINotFound:
+            return True
+        return False
+
+    async def credentials_are(status: str, reason: str) -> bool:
+        cond = await _class_condition(client, spc, "CredentialsReady")
+        return (cond.get("status"), cond.get("reason")) == (status, reason)
+
+    copy = await eventually(lambda: copy_holds("key1"))
+    meta = copy["metadata"]
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": c.API_VERSION,
+            "kind": c.KIND_CLASS,
+            "name": spc,
+            "uid": made["metadata"]["uid"],
+            "controller": True,
+        }
+    ]
+    assert meta["labels"][c.LABEL_COMPONENT] == c.COMPONENT_CREDENTIALS
+    assert meta["labels"][c.LABEL_CLASS] == label_value(spc)
+    assert meta["annotations"][f"{c.GROUP}/source-secret"] == f"{ns}/creds"
+    first_digest = meta["annotations"][f"{c.GROUP}/data-digest"]
+    await eventually(lambda: credentials_are("True", "Copied"))
+
+    # Rotation: a changed source reaches the copy (kubelet then refreshes the DMPs' files).
+    await client.patch(
+        SECRETS, "creds", {"stringData": {"secret-access-key": "key2"}}, namespace=ns
+    )
+    rotated = await eventually(lambda: copy_holds("key2"))
+    assert rotated["metadata"]["annotations"][f"{c.GROUP}/data-digest"] != first_digest
+
+    # A missing source is reported on the class and as an Event; the last copy stays, so
+    # mounts that work keep working.
+    await client.delete(SECRETS, "creds", namespace=ns)
+    await eventually(lambda: credentials_are("False", "SecretNotFound"))
+    cond = await _class_condition(client, spc, "CredentialsReady")
+    assert f"{ns}/creds" in cond["message"]
+
+    async def warned() -> bool:
+        events = await list_items(
+            client, EVENTS, namespace="default", field_selector=f"involvedObject.name={spc}"
+        )
+        return any(e["reason"] == "SecretNotFound" and e["type"] == "Warning" for e in events)
+
+    await eventually(warned)
+    assert await copy_holds("key2")
+
+    # The Secret comes back: copied again.
+    await objects.secret("creds", {"access-key-id": "id1", "secret-access-key": "key3"})
+    await eventually(lambda: copy_holds("key3"))
+    await eventually(lambda: credentials_are("True", "Copied"))
+
+    # The class stops referencing a Secret: its copy goes, and so does the condition.
+    await client.patch(
+        CLASSES,
+        spc,
+        {"spec": {"parameters": {c.PARAM_SECRET_NAME: None, c.PARAM_SECRET_NAMESPACE: None}}},
+    )
+    await eventually(copy_gone)
+    await eventually(lambda: _no_condition(client, spc, "CredentialsReady"))
+
+    # Referencing it again copies it again; deleting the class deletes its copy.
+    await client.patch(
+        CLASSES,
+        spc,
+        {"spec": {"parameters": {c.PARAM_SECRET_NAME: "creds", c.PARAM_SECRET_NAMESPACE: ns}}},
+    )
+    await eventually(lambda: copy_holds("key3"))
+    await client.delete(CLASSES, spc)
+    await eventually(copy_gone)
+
+
+async def _no_condition(client: Client, name: str, type_: str) -> bool:
+    return not await _class_condition(client, name, type_)
+
+
+async def test_deleted_node_releases_its_mounts(
+    client: Client, objects: Objects, system_namespace: str, controller: ControllerApp
+) -> None:
+    ns = objects.namespace
+    spc = f"lost-{objects.suffix}"
+    lost, alive = f"n-lost-{objects.suffix}", f"n-alive-{objects.suffix}"
+    await client.create(NODES, {"metadata": {"name": lost}})
+    try:
+        await objects.storage_class(spc)
+        await objects.pod("on-lost", labels={"app": "l"}, node=lost, class_name=spc)
+        await objects.pod("on-alive", labels={"app": "l"}, node=alive, class_name=spc)
+        async with node_reconciler(client, lost), node_reconciler(client, alive):
+            await objects.claim("lost", selector={"app": "l"})
+
+            async def two_mounts() -> list[dict[str, Any]] | None:
+                items = await list_items(client, MOUNTS, namespace=ns)
+                return items if len(items) == 2 else None
+
+            dvms = await eventually(two_mounts)
+        # What each DMP does before it mounts: hold the mount until it has unmounted.
+        for dvm in dvms:
+            await client.patch(
+                MOUNTS,
+                dvm["metadata"]["name"],
+                {"metadata": {"finalizers": [c.FINALIZER_MOUNT]}},
+                namespace=ns,
+            )
+        await eventually(lambda: _cached(controller, lost))
+        # The node goes (and with it any DMP that would have unmounted).
+        await client.delete(NODES, lost)
+
+        async def released() -> list[dict[str, Any]] | None:
+            items = await list_items(client, MOUNTS, namespace=ns)
+            return items if [d["spec"]["nodeName"] for d in items] == [alive] else None
+
+        (survivor,) = await eventually(released)
+        # The mount on the node that still exists is untouched.
+        assert survivor["metadata"]["finalizers"] == [c.FINALIZER_MOUNT]
+        assert not survivor["metadata"].get("deletionTimestamp")
+
+        async def reported() -> bool:
+            events = await list_items(
+                client, EVENTS, namespace=ns, field_selector="involvedObject.name=on-lost"
+            )
+            return any(e["reason"] == "NodeLost" for e in events)
+
+        await eventually(reported)
+    finally:
+        for dvm in await list_items(client, MOUNTS, namespace=ns):
+            with contextlib.suppress(APINotFound):
+                await client.patch(
+                    MOUNTS,
+                    dvm["metadata"]["name"],
+                    {"metadata": {"finalizers": None}},
+                    namespace=ns,
+                )
+                await client.delete(MOUNTS, dvm["metadata"]["name"], namespace=ns)
+        for name in ("on-lost", "on-alive"):
+            await objects.delete_pod(name)
+        await _cleanup_dmps(client, spc)
+        with contextlib.suppress(APINotFound):
+            await client.delete(NODES, lost)
+
+
+async def _cached(app: ControllerApp, node: str) -> bool:
+    return app.controller.nodes.store.get(node) is not None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
@@ -14,7 +13,7 @@ from dynvol.testing.slots import node_reconciler_without_kubelet
 from dynvol_controllers import APINotFound, Client, NodeReconciler
 from dynvol_controllers.k8s.resources import CLAIMS, MOUNTS, NAMESPACES, PODS, SECRETS
 from dynvol_core import constants as c
-from dynvol_core.dispatch import label_value
+from dynvol_core.dispatch import credentials_secret_name, label_value
 from dynvol_providers.registry import load_registry
 
 from .controller_support import Objects, eventually, list_items
@@ -73,7 +72,7 @@ async def _cleanup_system(client: Client, class_name: str) -> None:
         client,
         SECRETS,
         namespace=c.DEFAULT_SYSTEM_NAMESPACE,
-        label_selector=f"{c.LABEL_COMPONENT}={c.COMPONENT_CREDENTIALS}",
+        label_selector=f"{c.LABEL_COMPONENT}={c.COMPONENT_CREDENTIALS},{selector}",
     ):
         with contextlib.suppress(APINotFound):
             await client.delete(
@@ -171,27 +170,19 @@ async def test_claims_become_mounts_and_dmps(
             # The class asks 10m/50Mi for its mounts; the agent's own share comes on top.
             assert container["resources"]["requests"] == {"cpu": "30m", "memory": "178Mi"}
 
-            # Credentials: one copy per DMP, owned by it, with the source's data.
-            async def copies_for(dmps: list[dict[str, Any]], key: str) -> bool:
-                for dmp in dmps:
-                    name = f"{dmp['metadata']['name']}-credentials"
-                    try:
-                        copy = await client.get(SECRETS, name, namespace=system_namespace)
-                    except APINotFound:
-                        return False
-                    if copy["metadata"]["ownerReferences"][0]["uid"] != dmp["metadata"]["uid"]:
-                        return False
-                    if base64.b64decode(copy["data"]["secret-access-key"]).decode() != key:
-                        return False
-                return True
-
-            await eventually(lambda: copies_for(dmps, "key1"))
-
-            # A changed source Secret reaches every copy.
-            await client.patch(
-                SECRETS, "creds", {"stringData": {"secret-access-key": "key2"}}, namespace=ns
+            # Credentials: every DMP mounts the class's one copy, which the controller
+            # keeps (test_cluster_controller); the node plugin writes no Secret itself.
+            copy_name = credentials_secret_name(spc)
+            for dmp in dmps:
+                volumes = {v["name"]: v for v in dmp["spec"]["volumes"]}
+                assert volumes["credentials"]["secret"]["secretName"] == copy_name
+            written = await list_items(
+                client,
+                SECRETS,
+                namespace=system_namespace,
+                label_selector=f"{c.LABEL_COMPONENT}={c.COMPONENT_CREDENTIALS}",
             )
-            await eventually(lambda: copies_for(dmps, "key2"))
+            assert [s["metadata"]["name"] for s in written] == []
 
             # Editing the claim updates its mounts in place.
             await client.patch(
