@@ -97,7 +97,12 @@ class ControllerApp:
     def __attrs_post_init__(self) -> None:
         recorder = EventRecorder(self.client, "dynvol-controller", host=self.identity)
         self.controller = ClusterController(
-            self.client, recorder=recorder, registry=self.registry, workers=self.workers
+            self.client,
+            recorder=recorder,
+            registry=self.registry,
+            workers=self.workers,
+            # The Lease lives in the system namespace, and so do the credential copies.
+            system_namespace=self.lease_namespace,
         )
         if self.leader_elect:
             self.elector = LeaderElector(
