@@ -36,7 +36,6 @@ from dynvol_core.dispatch import (
     credential_secret_manifest,
     credentials_secret_name,
 )
-from dynvol_core.errors import InvalidObject
 from dynvol_core.models import ObjectRef, StorageProviderClass
 
 from . import objects
@@ -107,8 +106,10 @@ class CredentialCopier:
     controller: Controller = attrs.field(init=False)
     _sources: dict[ObjectRef, Informer] = attrs.field(factory=dict, init=False)
     _states: dict[str, CredentialState] = attrs.field(factory=dict, init=False)
+    _models: objects.ModelCache = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._models = objects.ModelCache(StorageProviderClass.from_object)
         self.copies = Informer(
             self.client,
             SECRETS,
@@ -171,12 +172,9 @@ class CredentialCopier:
             if (spc := self._model(raw)) is not None and spc.secret_ref == ref
         ]
 
-    @staticmethod
-    def _model(raw: Mapping[str, Any]) -> StorageProviderClass | None:
-        try:
-            return StorageProviderClass.from_object(raw)
-        except InvalidObject:
-            return None
+    def _model(self, raw: Mapping[str, Any]) -> StorageProviderClass | None:
+        model: StorageProviderClass | None = self._models.get_or_none(raw)
+        return model
 
     # -- status --------------------------------------------------------------------------
 
