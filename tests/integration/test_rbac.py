@@ -32,7 +32,7 @@ from dynvol.testing import ControlPlane
 from dynvol.testing.slots import node_reconciler_without_kubelet
 from dynvol_controllers import APINotFound, Client, ControllerApp
 from dynvol_controllers.k8s import APIForbidden
-from dynvol_controllers.k8s.resources import MOUNTS, PODS, SECRETS
+from dynvol_controllers.k8s.resources import CLASSES, EVENTS, MOUNTS, PODS, SECRETS
 from dynvol_core import constants as c
 from dynvol_core.dispatch import credentials_secret_name, label_value
 
@@ -394,3 +394,100 @@ def test_tenant_with_edit_writes_claims_only(
         kubectl("delete", "secret", "elsewhere", "-n", other, "--ignore-not-found")
         for ns in (tenant, other):
             kubectl("delete", "namespace", ns, "--wait=false")
+
+
+async def test_an_unreadable_source_secret_is_reported_on_the_class(
+    control_plane: ControlPlane, rbac: Path, admin: Client, objects: Objects
+) -> None:
+    # A controller whose RBAC was narrowed to Secrets in dynvol-system (as an operator
+    # might): the class says why its DMPs get no credentials instead of failing silently.
+    user = f"narrow-controller-{objects.suffix}"
+    role = yaml.safe_load(
+        control_plane.kubectl("get", "clusterrole", "dynvol-controller", "-o", "yaml")
+    )
+    rules = [r for r in role["rules"] if "secrets" not in r.get("resources", ())]
+    narrow = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": user},
+        "rules": rules,
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": user},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }
+    lease_binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": user, "namespace": SYSTEM},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "dynvol-controller",
+        },
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }
+    # It still reads the copies in dynvol-system, only not the sources elsewhere.
+    copies_reader = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": user, "namespace": SYSTEM},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}],
+    }
+    copies_binding = {
+        **lease_binding,
+        "metadata": {"name": f"{user}-copies", "namespace": SYSTEM},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": user},
+    }
+    path = control_plane.dir / f"{user}.yaml"
+    path.write_text(
+        yaml.safe_dump_all([narrow, binding, lease_binding, copies_reader, copies_binding])
+    )
+    control_plane.kubectl("apply", "-f", str(path))
+    spc = f"unreadable-{objects.suffix}"
+    try:
+        await objects.secret("creds", {"access-key-id": "id", "secret-access-key": "key"})
+        await objects.storage_class(spc, secret="creds")
+        async with _client_as(control_plane, user) as as_narrow:
+            app = ControllerApp(
+                client=as_narrow,
+                lease_name=f"dynvol-narrow-{objects.suffix}",
+                lease_namespace=SYSTEM,
+                lease_duration=3,
+                renew_deadline=2,
+                retry_period=0.5,
+            )
+            await app.start()
+            try:
+
+                async def reported() -> dict[str, Any] | None:
+                    obj = await admin.get(CLASSES, spc)
+                    for cond in (obj.get("status") or {}).get("conditions") or ():
+                        if cond["type"] == "CredentialsReady" and cond["status"] == "False":
+                            return dict(cond)
+                    return None
+
+                cond = await eventually(reported)
+                assert cond["reason"] == "SecretUnreadable"
+                assert f"{objects.namespace}/creds" in cond["message"]
+                assert c.PARAM_SECRET_NAME in cond["message"]
+                with pytest.raises(APINotFound):
+                    await admin.get(SECRETS, credentials_secret_name(spc), namespace=SYSTEM)
+
+                async def warned() -> bool:
+                    events = await list_items(
+                        admin,
+                        EVENTS,
+                        namespace="default",
+                        field_selector=f"involvedObject.name={spc}",
+                    )
+                    return any(e["reason"] == "SecretUnreadable" for e in events)
+
+                await eventually(warned)
+            finally:
+                await app.close()
+    finally:
+        control_plane.kubectl("delete", "--ignore-not-found", "-f", str(path))
