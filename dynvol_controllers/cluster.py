@@ -189,6 +189,9 @@ class ClusterController:
         self._pod_models = objects.ModelCache(PodInfo.from_object)
         self.class_controller = Controller("classes", self.reconcile_class, workers=workers)
         self.claim_controller = Controller("claims", self.reconcile_claim, workers=workers)
+        self.system_namespace = system_namespace
+        #: Nodes whose deletion this replica saw, until their mounts are released.
+        self._lost_nodes: set[str] = set()
         self.node_controller = Controller("lost-nodes", self.reconcile_node, workers=1)
         self.credentials = CredentialCopier(
             client,
@@ -229,6 +232,9 @@ class ClusterController:
             self.class_controller.enqueue(obj["metadata"]["name"])
         for obj in self.claims.store:
             self.claim_controller.enqueue(_key(obj))
+        # Nodes deleted while no replica led: their mounts being deleted are stuck.
+        for dvm in self.mounts.store:
+            self._check_stuck(dvm)
 
     async def close(self) -> None:
         """Stop reconciling."""
@@ -304,6 +310,8 @@ class ClusterController:
     def _on_mount(self, event: Event) -> None:
         for name in _dvm_claim_index(event.obj):
             self.claim_controller.queue.add_after(name, self.coalesce)
+        if event.type != "DELETED":
+            self._check_stuck(event.obj)
         if not self.leading or event.type not in ("ADDED", "MODIFIED"):
             return
         phase = (event.obj.get("status") or {}).get("phase")
@@ -334,16 +342,35 @@ class ClusterController:
             )
 
     def _on_node(self, event: Event) -> None:
-        # Only a deletion seen on the watch starts the clean-up: mounts that name a node the
-        # controller never saw (a node still registering) are left alone.
+        name = event.obj["metadata"]["name"]
         if event.type == "DELETED":
-            self.node_controller.enqueue(event.obj["metadata"]["name"])
+            self._lost_nodes.add(name)
+            self.node_controller.enqueue(name)
+        else:
+            self._lost_nodes.discard(name)
+
+    def _check_stuck(self, dvm: Mapping[str, Any]) -> None:
+        """Queue the node of a mount being deleted when that node does not exist."""
+        if not self.leading or not self.nodes.synced:
+            return
+        if not (dvm.get("metadata") or {}).get("deletionTimestamp"):
+            return
+        for node in _dvm_node_index(dict(dvm)):
+            if self.nodes.store.get(node) is None:
+                self.node_controller.enqueue(node)
 
     # -- lost nodes ------------------------------------------------------------------------
 
     async def reconcile_node(self, name: str) -> Outcome | None:
-        """Release the DynamicVolumeMounts of a deleted Node (finalizer, then the object)."""
+        """Release the DynamicVolumeMounts bound to a Node that does not exist.
+
+        A Node seen deleted loses all its mounts (finalizer, then the object). For a node
+        that is merely absent (deleted while no replica led; or one that never registered)
+        only mounts already being deleted whose DMP is gone are released: nothing else can
+        ever drop their finalizer, and their namespace would hang in Terminating.
+        """
         if self.nodes.store.get(name) is not None:
+            self._lost_nodes.discard(name)
             return None  # re-registered: its node plugin takes over again
         try:
             await self.client.get(NODES, name)
@@ -351,22 +378,39 @@ class ClusterController:
             pass
         else:
             return None
+        seen_deleted = name in self._lost_nodes
         released = 0
         for slim in self.mounts.store.by_index(INDEX_NODE, name):
             meta = slim["metadata"]
+            if not seen_deleted and not meta.get("deletionTimestamp"):
+                continue
             try:
                 dvm = await self.client.get(MOUNTS, meta["name"], namespace=meta["namespace"])
             except APINotFound:
                 continue
-            if (dvm.get("spec") or {}).get("nodeName") != name:
+            spec = dvm.get("spec") or {}
+            if spec.get("nodeName") != name:
+                continue
+            if not seen_deleted and await self._dmp_exists(spec.get("dmpName") or ""):
                 continue
             await self._release_mount(dvm)
             released += 1
+        if not self.mounts.store.by_index(INDEX_NODE, name):
+            self._lost_nodes.discard(name)
         if released:
             log.info(
                 "node %s is gone; released %d DynamicVolumeMount(s) bound to it", name, released
             )
         return None
+
+    async def _dmp_exists(self, name: str) -> bool:
+        if not name:
+            return False
+        try:
+            await self.client.get(PODS, name, namespace=self.system_namespace)
+        except APINotFound:
+            return False
+        return True
 
     async def _release_mount(self, dvm: Mapping[str, Any]) -> None:
         meta = dvm["metadata"]

@@ -438,3 +438,71 @@ async def test_deleted_node_releases_its_mounts(
 
 async def _cached(app: ControllerApp, node: str) -> bool:
     return app.controller.nodes.store.get(node) is not None
+
+
+async def test_mount_stuck_on_a_node_that_is_gone_is_released(
+    client: Client, objects: Objects, system_namespace: str, controller: ControllerApp
+) -> None:
+    # The node went while no controller ran (or never registered): a mount being deleted
+    # there whose DMP is gone has nobody left to drop its finalizer.
+    ns = objects.namespace
+    spc = f"stuck-{objects.suffix}"
+    node = f"n-stuck-{objects.suffix}"
+    await objects.storage_class(spc)
+    for name in ("a", "b"):
+        await objects.pod(name, labels={"app": "s"}, node=node, class_name=spc)
+    try:
+        async with node_reconciler(client, node):
+            await objects.claim("stuck", selector={"app": "s"})
+
+            async def two_mounts() -> list[dict[str, Any]] | None:
+                items = await list_items(client, MOUNTS, namespace=ns)
+                return items if len(items) == 2 else None
+
+            dvms = await eventually(two_mounts)
+
+            async def two_dmps() -> bool:
+                pods = await list_items(
+                    client,
+                    PODS,
+                    namespace=system_namespace,
+                    label_selector=f"{c.LABEL_CLASS}={label_value(spc)}",
+                )
+                return len(pods) == 2
+
+            await eventually(two_dmps)
+        by_pod = {d["spec"]["podName"]: d for d in dvms}
+        for dvm in dvms:
+            await client.patch(
+                MOUNTS,
+                dvm["metadata"]["name"],
+                {"metadata": {"finalizers": [c.FINALIZER_MOUNT]}},
+                namespace=ns,
+            )
+        # a's DMP is gone; b's still runs (it will unmount b itself).
+        await client.delete(
+            PODS, by_pod["a"]["spec"]["dmpName"], namespace=system_namespace, grace_seconds=0
+        )
+        for dvm in dvms:
+            await client.delete(MOUNTS, dvm["metadata"]["name"], namespace=ns)
+
+        async def only_b_left() -> list[dict[str, Any]] | None:
+            items = await list_items(client, MOUNTS, namespace=ns)
+            return items if [d["spec"]["podName"] for d in items] == ["b"] else None
+
+        (left,) = await eventually(only_b_left)
+        assert left["metadata"]["finalizers"] == [c.FINALIZER_MOUNT]
+        assert left["metadata"].get("deletionTimestamp")
+    finally:
+        for dvm in await list_items(client, MOUNTS, namespace=ns):
+            with contextlib.suppress(APINotFound):
+                await client.patch(
+                    MOUNTS,
+                    dvm["metadata"]["name"],
+                    {"metadata": {"finalizers": None}},
+                    namespace=ns,
+                )
+                await client.delete(MOUNTS, dvm["metadata"]["name"], namespace=ns)
+        for name in ("a", "b"):
+            await objects.delete_pod(name)
+        await _cleanup_dmps(client, spc)
