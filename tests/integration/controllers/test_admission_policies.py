@@ -515,3 +515,14 @@ async def test_only_the_node_plugin_writes_dynamicvolumemounts(
     assert changed["spec"]["readOnly"] is True
     assert not changed["metadata"].get("finalizers")
     await node.delete(MOUNTS, "real", namespace=ns)
+
+
+def test_the_base_kustomization_ships_the_policies(control_plane: ControlPlane) -> None:
+    """``kubectl apply -k manifests/base`` (and every overlay) installs them as written."""
+    for target in ("manifests/base", "manifests/overlays/local", "manifests/overlays/production"):
+        rendered = control_plane.kubectl("kustomize", str(TOP / target))
+        docs = [d for d in yaml.safe_load_all(rendered) if d]
+        kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        for name in ("dynvol-pods", "dynvol-dynamicvolumemounts"):
+            assert ("ValidatingAdmissionPolicy", name) in kinds, target
+            assert ("ValidatingAdmissionPolicyBinding", name) in kinds, target
