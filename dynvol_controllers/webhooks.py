@@ -15,6 +15,12 @@ Failure policy, chosen deliberately:
   pod there asked for the volume, so it is ``Fail``.
 * the validating webhook for classes and claims is ``Fail``: it only sees dynvol's own
   objects, and letting an unchecked claim through is worse than a retry.
+
+The webhooks' selectors (the DMP component label, the ``inject=disabled`` opt-out) decide
+only what gets mutated. What may carry dynvol's volume, look like a DMP or write a
+DynamicVolumeMount is decided by ValidatingAdmissionPolicies inside the apiserver
+(``manifests/base/admission-policies.yaml``), which see every pod after this webhook and
+refuse even when it is down.
 """
 
 from __future__ import annotations
