@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dynvol.testing import ControlPlane
+from dynvol.testing import ControlPlane, Process
 from dynvol_controllers import APIError, Client
 from dynvol_controllers.admission import LABEL_INJECT, apply_patch, mutate_pod
 from dynvol_controllers.k8s.resources import MOUNTS, NAMESPACES, PODS
@@ -234,6 +235,51 @@ async def test_policies_are_stored_as_written_and_fail_closed(
         binding = await client.request("GET", f"{VAP_BINDINGS}/{name}")
         assert binding["spec"]["policyName"] == name
         assert binding["spec"]["validationActions"] == ["Deny"]
+
+
+def test_policies_type_check_without_warnings(
+    control_plane: ControlPlane, policies: str, tmp_path: Path
+) -> None:
+    """The apiserver type-checks each expression against the Pod and DVM schemas; the
+    result lands in status, written by kube-controller-manager's policy status controller
+    (built by ``make tools-node``), which is started here alone for the purpose."""
+    kcm = control_plane.bin_dir / "kube-controller-manager"
+    if not kcm.exists():
+        pytest.skip(f"{kcm} is missing: 'make tools-node' builds it")
+    proc = Process.start(
+        [
+            str(kcm), "--kubeconfig", str(control_plane.kubeconfig),
+            "--controllers=validatingadmissionpolicy-status-controller",
+            "--leader-elect=false", "--secure-port=0", "--bind-address=127.0.0.1",
+        ],
+        name="kube-controller-manager",
+        log=tmp_path / "kcm.log",
+    )  # fmt: skip
+    try:
+
+        def checked() -> list[dict[str, Any]] | None:
+            listed = json.loads(
+                control_plane.kubectl("get", "validatingadmissionpolicies", "-o", "json")
+            )
+            ours = [i for i in listed["items"] if i["metadata"]["name"].startswith("dynvol-")]
+            done = [
+                i
+                for i in ours
+                if (i.get("status") or {}).get("observedGeneration") == i["metadata"]["generation"]
+                and "typeChecking" in i["status"]
+            ]
+            return done if len(done) == 2 else None
+
+        deadline = time.monotonic() + 60
+        while (result := checked()) is None:
+            assert proc.poll() is None, (tmp_path / "kcm.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "no type-checking result within 60 s"
+            time.sleep(0.5)
+    finally:
+        proc.stop(timeout=10)
+    for policy in result:
+        warnings = policy["status"]["typeChecking"].get("expressionWarnings") or []
+        assert warnings == [], (policy["metadata"]["name"], warnings)
 
 
 # -- pods -----------------------------------------------------------------------------------
