@@ -141,6 +141,7 @@ def main() -> int:
     (base / "kubelet" / "pods").mkdir(parents=True)
     argv = [
         sys.executable, "-m", "dynvol", "--log-level", "WARNING", "node", "--csi-only",
+        "--publish-guard", "off",
         "--endpoint", f"unix://{sock}", "--node-id", "bench-node", "--root", str(base / "root"),
         "--kubelet-dir", str(base / "kubelet"), "--registration-dir", "",
     ]  # fmt: skip

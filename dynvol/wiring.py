@@ -3,6 +3,9 @@
 ``dynvol node`` runs the CSI node plugin (:mod:`dynvol_csi`) and the node reconciler
 (:mod:`dynvol_controllers`) in one process: the reconciler learns each pod's slot from the
 plugin's published volumes and is nudged whenever kubelet publishes or unpublishes one.
+The plugin's publish guard (:mod:`dynvol_csi.guards`) reads the pod and its class from the
+apiserver through the same client (:class:`ApiLookup`); the full node process always has
+it.
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Mapping
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import attrs
 
-from dynvol_controllers import Client, NodeReconciler
+from dynvol_controllers import APIError, APINotFound, Client, NodeReconciler
+from dynvol_controllers.k8s.resources import CLASSES, PODS
 from dynvol_core.errors import DynvolError
 from dynvol_core.models import DynamicVolumeMount
 from dynvol_core.mountinfo import unmount_order
 from dynvol_core.paths import PodSlot, XvolsLayout
-from dynvol_csi import NodePlugin, NodePluginConfig
+from dynvol_csi import NodePlugin, NodePluginConfig, serve
+from dynvol_csi.guards import DirectoryLookup, GuardUnavailable, PodGuard, PublishGuard
 from dynvol_csi.mounting import lazy_unmount, read_mountinfo
+from dynvol_csi.validation import PublishRequest
 from dynvol_providers import load_registry
 
 log = logging.getLogger("dynvol.node")
@@ -40,6 +47,100 @@ class NodeSettings:
     dmp_env: Mapping[str, str] = attrs.field(factory=dict)
     shared_idle_grace: float = 60.0
     blocked_plugins: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class ApiLookup:
+    """The publish guard's view of pods and classes: a GET each, so it is never stale.
+
+    Read errors other than 404 become :class:`GuardUnavailable` (kubelet retries), so an
+    apiserver outage refuses publishes rather than letting them through unchecked.
+    """
+
+    client: Client
+
+    async def pod(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        try:
+            obj: Mapping[str, Any] = await self.client.get(PODS, name, namespace=namespace)
+        except APINotFound:
+            return None
+        except APIError as exc:
+            raise GuardUnavailable(f"cannot read pod {namespace}/{name}: {exc}") from exc
+        return obj
+
+    async def storage_class(self, name: str) -> Mapping[str, Any] | None:
+        try:
+            obj: Mapping[str, Any] = await self.client.get(CLASSES, name)
+        except APINotFound:
+            return None
+        except APIError as exc:
+            raise GuardUnavailable(f"cannot read StorageProviderClass {name}: {exc}") from exc
+        return obj
+
+
+def api_guard(client: Client, node_id: str) -> PodGuard:
+    """The publish guard of a node process that talks to the apiserver."""
+    return PodGuard(ApiLookup(client), node_id)
+
+
+#: ``--publish-guard`` of ``dynvol node --csi-only``: the apiserver, a directory, or none.
+GUARD_API = "api"
+GUARD_OBJECTS_PREFIX = "objects:"
+GUARD_OFF = "off"
+
+
+@attrs.frozen
+class _Unchecked:
+    """Lets every valid publish through: only for ``--csi-only --publish-guard off``.
+
+    That mode runs no reconciler, so no DMP ever mounts storage into the slots it binds;
+    the CSI integration tests and the benchmark use it to exercise the binding itself.
+    """
+
+    async def check(self, request: PublishRequest) -> None:
+        return None
+
+
+def parse_publish_guard(text: str) -> str:
+    """Check a ``--publish-guard`` value; returns it unchanged.
+
+    :raises ValueError: with the accepted forms.
+    """
+    if text in (GUARD_API, GUARD_OFF):
+        return text
+    if text.startswith(GUARD_OBJECTS_PREFIX) and text[len(GUARD_OBJECTS_PREFIX) :].startswith("/"):
+        return text
+    raise ValueError(
+        f"--publish-guard {text!r}: use {GUARD_API!r} (read pods and classes from the "
+        f"apiserver), '{GUARD_OBJECTS_PREFIX}/ABSOLUTE/DIR' (read them from JSON files) or "
+        f"{GUARD_OFF!r} (check nothing; for tests and benchmarks)"
+    )
+
+
+async def serve_plugin_only(
+    config: NodePluginConfig, *, publish_guard: str, kubeconfig: str | None
+) -> int:
+    """``dynvol node --csi-only``: the CSI plugin alone, with the publish guard chosen."""
+    client: Client | None = None
+    guard: PublishGuard
+    try:
+        if publish_guard == GUARD_API:
+            client = await Client.from_kubeconfig(kubeconfig, user_agent="dynvol-node")
+            guard = api_guard(client, config.node_id)
+        elif publish_guard.startswith(GUARD_OBJECTS_PREFIX):
+            directory = Path(publish_guard[len(GUARD_OBJECTS_PREFIX) :])
+            guard = PodGuard(DirectoryLookup(directory), config.node_id)
+        else:
+            log.warning(
+                "--publish-guard off: NodePublishVolume does not check pods or classes "
+                "(--csi-only runs no reconciler, so nothing is ever mounted into the slots)"
+            )
+            guard = _Unchecked()
+        return await serve(config, guard)
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
 
 
 def slot_lookup_for(plugin: NodePlugin, layout: XvolsLayout) -> Callable[[str], PodSlot | None]:
@@ -99,12 +200,14 @@ async def serve_node(config: NodePluginConfig, settings: NodeSettings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     layout = XvolsLayout(config.root)
-    plugin = NodePlugin(config)
     reconciler: NodeReconciler | None = None
     client: Client | None = None
+    plugin: NodePlugin | None = None
     try:
-        await plugin.start()
+        # The client comes first: the plugin's publish guard reads through it.
         client = await Client.from_kubeconfig(settings.kubeconfig, user_agent="dynvol-node")
+        plugin = NodePlugin(config, api_guard(client, config.node_id))
+        await plugin.start()
 
         async def on_orphaned(dvm: DynamicVolumeMount) -> None:
             await asyncio.to_thread(_unmount_orphan, layout, dvm)
@@ -141,9 +244,10 @@ async def serve_node(config: NodePluginConfig, settings: NodeSettings) -> int:
         if reconciler is not None:
             with contextlib.suppress(Exception):
                 await reconciler.close()
+        if plugin is not None:
+            plugin.close()
+            with contextlib.suppress(Exception):
+                await plugin.wait_closed()
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
-        plugin.close()
-        with contextlib.suppress(Exception):
-            await plugin.wait_closed()

@@ -15,6 +15,13 @@ Opt-in (pod annotations win over namespace defaults):
 * a pod annotated ``dynamicvolume.csi.cloudnative101.net/inject: "false"`` is never
   touched.
 
+The patch also writes the opt-in onto the pod (class, root and policy annotations it does
+not have yet), so that a pod carrying the volume always carries, itself, what the volume was
+made from. The ValidatingAdmissionPolicy ``dynvol-pods`` (``manifests/base/
+admission-policies.yaml``) refuses a pod whose dynvol volume is not exactly
+:func:`injected_volume` of its own annotations, and the node plugin checks the same again
+before it publishes (:func:`dynvol_csi.guards.check_pod`).
+
 Which containers get the mount: every regular container and every native sidecar (an init
 container with ``restartPolicy: Always``), because they run for the pod's whole life, which
 is when claims come and go. Run-to-completion init containers do not: they finish before
@@ -46,6 +53,7 @@ __all__ = [
     "injected_mount",
     "injected_volume",
     "mutate_pod",
+    "opt_in_annotations",
     "opt_in_of",
     "review_response",
 ]
@@ -180,6 +188,39 @@ def injected_mount(opt_in: OptIn) -> dict[str, Any]:
     }
 
 
+def opt_in_annotations(opt_in: OptIn) -> dict[str, str]:
+    """The pod annotations that say what ``opt_in`` says."""
+    return {
+        c.ANNOTATION_STORAGE_PROVIDER_CLASS: opt_in.class_name,
+        c.ANNOTATION_MOUNT_PATH_ROOT: opt_in.root,
+        c.ANNOTATION_DISPATCH_POLICY: opt_in.policy,
+    }
+
+
+def opt_in_annotations_patch(pod: Mapping[str, Any], opt_in: OptIn) -> list[dict[str, Any]]:
+    """JSON patch operations that write the opt-in annotations the pod lacks.
+
+    A pod opted in by its namespace gets the namespace's values copied onto it, so that every
+    pod carrying the volume also carries, itself, the annotations the volume was made from:
+    the admission policy (``manifests/base/admission-policies.yaml``) and the node plugin's
+    publish check compare the volume with the pod's own annotations and never need the
+    namespace. Annotations the pod already has are left alone (they won over the namespace).
+    """
+    present = pod.get("metadata", {}).get("annotations")
+    wanted = opt_in_annotations(opt_in)
+    if not present:
+        return [{"op": "add", "path": "/metadata/annotations", "value": wanted}]
+    return [
+        {"op": "add", "path": "/metadata/annotations/" + _pointer_token(key), "value": value}
+        for key, value in wanted.items()
+        if key not in present
+    ]
+
+
+def _pointer_token(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
 def _is_under(path: str, base: str) -> bool:
     path = posixpath.normpath(path)
     base = posixpath.normpath(base)
@@ -226,7 +267,7 @@ def mutate_pod(
                     reason="Forbidden",
                 )
     spec = pod.get("spec") or {}
-    patch: list[dict[str, Any]] = []
+    patch: list[dict[str, Any]] = opt_in_annotations_patch(pod, opt_in)
     volume = injected_volume(opt_in)
     volumes = spec.get("volumes")
     existing = next((v for v in volumes or () if v.get("name") == c.VOLUME_NAME), None)

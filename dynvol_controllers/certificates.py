@@ -19,7 +19,7 @@ from pathlib import Path
 
 import attrs
 
-__all__ = ["DevCerts", "ensure_dev_certs"]
+__all__ = ["DevCerts", "ensure_dev_certs", "renew_serving_cert"]
 
 
 @attrs.frozen
@@ -57,13 +57,6 @@ def ensure_dev_certs(
     certs = DevCerts(d, d / "ca.crt", d / "tls.crt", d / "tls.key")
     if all(p.exists() for p in (certs.ca_cert, certs.cert, certs.key, d / "ca.key")):
         return certs
-    sans = []
-    for host in hosts:
-        try:
-            ipaddress.ip_address(host)
-            sans.append(f"IP:{host}")
-        except ValueError:
-            sans.append(f"DNS:{host}")
     ca_key = d / "ca.key"
     _openssl("genrsa", "-out", str(ca_key), "2048")
     _openssl(
@@ -84,7 +77,41 @@ def ensure_dev_certs(
         "-addext",
         "keyUsage=critical,keyCertSign,cRLSign",
     )
-    _openssl("genrsa", "-out", str(certs.key), "2048")
+    _issue_serving_cert(d, hosts, days, key_out=certs.key, cert_out=certs.cert)
+    ca_key.chmod(0o600)
+    (d / "ca-bundle.b64").write_text(certs.ca_bundle + "\n")
+    return certs
+
+
+def renew_serving_cert(
+    certs: DevCerts, *, hosts: Sequence[str] = ("127.0.0.1", "localhost"), days: int = 365
+) -> None:
+    """Issue a new key and serving certificate from the same CA, replacing the files.
+
+    Each file is written aside and renamed into place, so a reader sees the old file or
+    the new one, never half of one; the webhook server picks the pair up on its next
+    handshake (:class:`dynvol_controllers.webhooks.ServingCertificate`).
+    """
+    with tempfile.TemporaryDirectory(dir=certs.dir) as tmp:
+        key = Path(tmp) / "tls.key"
+        cert = Path(tmp) / "tls.crt"
+        _issue_serving_cert(certs.dir, hosts, days, key_out=key, cert_out=cert)
+        os.replace(key, certs.key)
+        os.replace(cert, certs.cert)
+
+
+def _issue_serving_cert(
+    d: Path, hosts: Sequence[str], days: int, *, key_out: Path, cert_out: Path
+) -> None:
+    sans = []
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+            sans.append(f"IP:{host}")
+        except ValueError:
+            sans.append(f"DNS:{host}")
+    _openssl("genrsa", "-out", str(key_out), "2048")
+    key_out.chmod(0o600)
     with tempfile.TemporaryDirectory() as tmp:
         csr = Path(tmp) / "tls.csr"
         ext = Path(tmp) / "ext.cnf"
@@ -94,18 +121,16 @@ def ensure_dev_certs(
             "extendedKeyUsage=serverAuth\n"
             f"subjectAltName={','.join(sans)}\n"
         )
-        _openssl(
-            "req", "-new", "-key", str(certs.key), "-subj", f"/CN={hosts[0]}", "-out", str(csr)
-        )
+        _openssl("req", "-new", "-key", str(key_out), "-subj", f"/CN={hosts[0]}", "-out", str(csr))
         _openssl(
             "x509",
             "-req",
             "-in",
             str(csr),
             "-CA",
-            str(certs.ca_cert),
+            str(d / "ca.crt"),
             "-CAkey",
-            str(ca_key),
+            str(d / "ca.key"),
             "-CAcreateserial",
             "-days",
             str(days),
@@ -113,9 +138,5 @@ def ensure_dev_certs(
             "-extfile",
             str(ext),
             "-out",
-            str(certs.cert),
+            str(cert_out),
         )
-    certs.key.chmod(0o600)
-    ca_key.chmod(0o600)
-    (d / "ca-bundle.b64").write_text(certs.ca_bundle + "\n")
-    return certs

@@ -15,6 +15,12 @@ Failure policy, chosen deliberately:
   pod there asked for the volume, so it is ``Fail``.
 * the validating webhook for classes and claims is ``Fail``: it only sees dynvol's own
   objects, and letting an unchecked claim through is worse than a retry.
+
+The webhooks' selectors (the DMP component label, the ``inject=disabled`` opt-out) decide
+only what gets mutated. What may carry dynvol's volume, look like a DMP or write a
+DynamicVolumeMount is decided by ValidatingAdmissionPolicies inside the apiserver
+(``manifests/base/admission-policies.yaml``), which see every pod after this webhook and
+refuse even when it is down.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -36,6 +43,7 @@ from .admission import INJECT_ENABLED, LABEL_INJECT, AdmissionDecision, review_r
 __all__ = [
     "MUTATE_PODS_PATH",
     "VALIDATE_PATH",
+    "ServingCertificate",
     "WebhookServer",
     "webhook_configurations",
 ]
@@ -49,8 +57,80 @@ WEBHOOK_CONFIG_NAME = "dynvol"
 Decide = Callable[[Mapping[str, Any]], AdmissionDecision | Awaitable[AdmissionDecision]]
 
 
+class ServingCertificate:
+    """The serving certificate and key, reloaded when either file changes on disk.
+
+    cert-manager (or kubelet updating a Secret volume, which swaps a symlink) replaces the
+    files while the server runs. Every new TLS handshake asks :meth:`context`, which
+    compares the files' identity (device, inode, size, mtime) with what it loaded last and
+    loads them again when they differ; connections already open keep the context they
+    were made with, so no request in flight is dropped. A pair that does not load (the
+    certificate written but not yet its key) keeps the previous one in service until the
+    next handshake tries again.
+    """
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.reloads = 0
+        self._identity: tuple[tuple[int, int, int, int], ...] | None = None
+        self._current: ssl.SSLContext | None = None
+
+    def _file_identity(self) -> tuple[tuple[int, int, int, int], ...]:
+        identity = []
+        for path in (self.cert_file, self.key_file):
+            st = os.stat(path)
+            identity.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(identity)
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a new connection: the current files, or the last good pair.
+
+        :raises OSError, ssl.SSLError: only when no pair has ever loaded.
+        """
+        try:
+            identity = self._file_identity()
+            if identity != self._identity or self._current is None:
+                fresh = self._load()
+                if self._current is not None:
+                    self.reloads += 1
+                    log.info("reloaded the serving certificate from %s", self.cert_file)
+                self._current, self._identity = fresh, identity
+        except (OSError, ssl.SSLError) as exc:
+            if self._current is None:
+                raise
+            log.warning("keeping the serving certificate in use: cannot load the new one: %s", exc)
+        return self._current
+
+    def server_context(self) -> ssl.SSLContext:
+        """The context to listen with: it hands each handshake to :meth:`context`."""
+        listening = self._load()
+
+        def on_client_hello(
+            connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext
+        ) -> None:
+            # Called for every ClientHello, with or without SNI (IP URLs send none).
+            try:
+                connection.context = self.context()
+            except (OSError, ssl.SSLError):
+                log.exception("no usable serving certificate")
+
+        listening.sni_callback = on_client_hello
+        self.context()
+        return listening
+
+
 class WebhookServer:
-    """Serve admission endpoints over TLS on ``host:port`` (``port=0`` picks one)."""
+    """Serve admission endpoints over TLS on ``host:port`` (``port=0`` picks one).
+
+    The certificate and key are reloaded when they change on disk (:class:`ServingCertificate`).
+    """
 
     def __init__(
         self,
@@ -65,6 +145,7 @@ class WebhookServer:
         self.port = port
         self.cert_file = cert_file
         self.key_file = key_file
+        self.certificate = ServingCertificate(cert_file, key_file)
         self._handlers = dict(handlers)
         self._runner: web.AppRunner | None = None
         self.reviews = 0
@@ -75,10 +156,7 @@ class WebhookServer:
         return f"https://{self.host}:{self.port}"
 
     def _ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert_file, self.key_file)
-        return context
+        return self.certificate.server_context()
 
     async def start(self) -> None:
         """Bind and serve."""

@@ -17,6 +17,7 @@ from grpclib import Status
 from grpclib.exceptions import GRPCError
 
 from dynvol_core.errors import DynvolError, InvalidObject, InvalidPath
+from dynvol_csi.guards import GuardUnavailable, PublishRefused
 from dynvol_csi.mounting import MountFailed
 
 __all__ = [
@@ -54,6 +55,8 @@ _STATUS_TABLE: Final[tuple[tuple[type[BaseException], Status], ...]] = (
     (VolumeNotFound, Status.NOT_FOUND),
     (VolumeConflict, Status.ALREADY_EXISTS),
     (TargetUnavailable, Status.FAILED_PRECONDITION),
+    (PublishRefused, Status.FAILED_PRECONDITION),
+    (GuardUnavailable, Status.UNAVAILABLE),
     (ShuttingDown, Status.UNAVAILABLE),
     (MountFailed, Status.INTERNAL),
     (DynvolError, Status.INTERNAL),

@@ -13,6 +13,7 @@ from pathlib import PurePosixPath
 
 from dynvol_csi._proto.csi import v1 as csi
 from dynvol_csi.errors import grpc_errors
+from dynvol_csi.guards import PublishGuard
 from dynvol_csi.validation import PublishRequest, StatsRequest, UnpublishRequest
 from dynvol_csi.volumes import VolumeManager
 
@@ -30,12 +31,22 @@ class NodeService(csi.NodeBase):
 
     :param node_id: this node's name, reported by NodeGetInfo.
     :param kubelet_dir: kubelet's root directory; targets must lie in its pod directories.
+    :param guard: asked, after validation and before anything is bound, whether the pod may
+        have the volume (see ``guards``).
     """
 
-    def __init__(self, *, volumes: VolumeManager, node_id: str, kubelet_dir: PurePosixPath) -> None:
+    def __init__(
+        self,
+        *,
+        volumes: VolumeManager,
+        node_id: str,
+        kubelet_dir: PurePosixPath,
+        guard: PublishGuard,
+    ) -> None:
         self._volumes = volumes
         self._node_id = node_id
         self._kubelet_dir = kubelet_dir
+        self._guard = guard
 
     @grpc_errors
     async def node_publish_volume(
@@ -44,6 +55,7 @@ class NodeService(csi.NodeBase):
         request = PublishRequest.from_message(
             node_publish_volume_request, kubelet_dir=self._kubelet_dir
         )
+        await self._guard.check(request)
         await self._volumes.publish(request)
         return csi.NodePublishVolumeResponse()
 

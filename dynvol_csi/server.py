@@ -28,6 +28,7 @@ from grpclib.server import Server
 
 from dynvol_core.errors import InvalidPath
 from dynvol_core.paths import XvolsLayout
+from dynvol_csi.guards import PublishGuard
 from dynvol_csi.identity import IdentityService, plugin_version
 from dynvol_csi.mounting import ensure_rshared_mount
 from dynvol_csi.node import NodeService
@@ -72,9 +73,14 @@ class NodePluginConfig:
 
 @attrs.define
 class NodePlugin:
-    """The CSI Identity and Node servers and the registration server of one node."""
+    """The CSI Identity and Node servers and the registration server of one node.
+
+    ``guard`` is asked before every publish whether the pod may have the volume (see
+    :mod:`dynvol_csi.guards`); the process shell chooses it (:mod:`dynvol.commands.node`).
+    """
 
     config: NodePluginConfig
+    guard: PublishGuard
     _volumes: VolumeManager = attrs.field(init=False)
     _servers: list[tuple[Server, PurePosixPath]] = attrs.field(factory=list, init=False)
     _ready: bool = attrs.field(default=False, init=False)
@@ -103,6 +109,7 @@ class NodePlugin:
                     volumes=self._volumes,
                     node_id=self.config.node_id,
                     kubelet_dir=self.config.kubelet_dir,
+                    guard=self.guard,
                 ),
             ]
         )
@@ -191,7 +198,7 @@ def _remove_socket(path: PurePosixPath) -> None:
     os.unlink(path)
 
 
-async def serve(config: NodePluginConfig) -> int:
+async def serve(config: NodePluginConfig, guard: PublishGuard) -> int:
     """Run a node plugin until signalled; returns the process exit status.
 
     First SIGTERM/SIGINT: drain and exit 0. Second: exit at once with 1 (operations under
@@ -199,7 +206,7 @@ async def serve(config: NodePluginConfig) -> int:
     harder kill).
     """
     loop = asyncio.get_running_loop()
-    plugin = NodePlugin(config)
+    plugin = NodePlugin(config, guard)
     main = asyncio.current_task()
     assert main is not None
     signals_seen = 0

@@ -14,6 +14,11 @@
 # volumeAttributes the webhook injects). Every Node RPC goes to the real plugin, with real
 # bind mounts under a kubelet-like pod directory.
 #
+# The plugin's publish guard checks the pod and class of every publish, as in production;
+# with no apiserver here it reads them from files (--publish-guard objects:DIR), written by
+# hack/sanity/objects.py: the pod whose directory csi-sanity publishes into, opted in and
+# carrying exactly the volume the webhook injects, and its StorageProviderClass.
+#
 # Skipped on purpose: the "[Controller Server]" and "[GroupController Server]" specs. They
 # test a Controller service, which the plugin neither has nor advertises (the volume
 # source is not one). csi-sanity skips more on its own, from the capabilities the plugin
@@ -102,7 +107,10 @@ mkdir -p "$volume_dir" "$work/registry" "$work/gen"
 socket=$work/csi.sock
 controller_socket=$work/controller.sock
 
+"$python" hack/sanity/objects.py "$work/objects" "$pod_uid" sanity-pod default sanity-node sanity
+
 "$python" -m dynvol --log-level INFO node --csi-only \
+  --publish-guard "objects:$work/objects" \
   --endpoint "unix://$socket" \
   --node-id sanity-node \
   --root "$work/root" \

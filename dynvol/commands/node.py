@@ -16,10 +16,16 @@ import sys
 from pathlib import PurePosixPath
 from typing import Any
 
-from dynvol.wiring import NodeSettings, serve_node
+from dynvol.wiring import (
+    GUARD_API,
+    NodeSettings,
+    parse_publish_guard,
+    serve_node,
+    serve_plugin_only,
+)
 from dynvol_core.constants import DEFAULT_ROOT, DEFAULT_SYSTEM_NAMESPACE
 from dynvol_core.errors import DynvolError
-from dynvol_csi import NodePluginConfig, parse_endpoint, serve
+from dynvol_csi import NodePluginConfig, parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,16 @@ def register(subparsers: Any) -> None:
         "--csi-only",
         action="store_true",
         help="run only the CSI node plugin and kubelet registration, no reconcilers",
+    )
+    parser.add_argument(
+        "--publish-guard",
+        default=None,
+        metavar="api|objects:DIR|off",
+        help="with --csi-only (where it is required): how NodePublishVolume checks the pod "
+        "and its class before binding: 'api' reads them from the apiserver (--kubeconfig), "
+        "'objects:/DIR' from DIR/pods/NS/NAME.json and DIR/storageproviderclasses/NAME.json "
+        "(csi-sanity), 'off' checks nothing (tests, benchmarks). The full node process "
+        "always uses 'api'.",
     )
     parser.add_argument(
         "--endpoint",
@@ -142,8 +158,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"dynvol node: {exc}", file=sys.stderr)
         return 2
     if args.csi_only:
-        runner = serve(config)
+        if args.publish_guard is None:
+            print(
+                "dynvol node: --csi-only needs --publish-guard (api, objects:DIR or off)",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            publish_guard = parse_publish_guard(args.publish_guard)
+        except ValueError as exc:
+            print(f"dynvol node: {exc}", file=sys.stderr)
+            return 2
+        runner = serve_plugin_only(config, publish_guard=publish_guard, kubeconfig=args.kubeconfig)
     else:
+        if args.publish_guard not in (None, GUARD_API):
+            print(
+                "dynvol node: the node process always checks pods through the apiserver; "
+                f"--publish-guard {args.publish_guard!r} is only for --csi-only",
+                file=sys.stderr,
+            )
+            return 2
         try:
             dmp_env = _env_pairs(args.dmp_env)
         except argparse.ArgumentTypeError as exc:

@@ -98,7 +98,9 @@ async def test_publish_feeds_the_reconciler(
     pod = await client.create(
         PODS,
         {
-            "metadata": {"name": "app", "labels": {"app": "wired"}},
+            "metadata": {"name": "app", "labels": {"app": "wired"},
+                         # The publish guard wants the opt-in the volume was made from.
+                         "annotations": {c.ANNOTATION_STORAGE_PROVIDER_CLASS: class_name}},
             "spec": {
                 "nodeName": NODE,
                 "terminationGracePeriodSeconds": 0,

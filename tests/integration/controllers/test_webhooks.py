@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import secrets
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,11 @@ from dynvol_controllers import (
     APIError,
     Client,
     ControllerApp,
+    DevCerts,
     ensure_dev_certs,
     register_webhooks,
 )
+from dynvol_controllers.certificates import renew_serving_cert
 from dynvol_controllers.k8s.resources import (
     MUTATING_WEBHOOKS,
     NAMESPACES,
@@ -244,3 +249,104 @@ async def test_validating_webhook_refuses_bad_claims(
     # Elsewhere it is fine.
     await objects.claim("three", selector={"app": "t"}, mountpoint="/other")
     await objects.delete_pod("target")
+
+
+def _serial(pem_or_der: bytes | str) -> str:
+    """The certificate's serial number, as openssl prints it."""
+    pem = pem_or_der if isinstance(pem_or_der, str) else ssl.DER_cert_to_PEM_cert(pem_or_der)
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-serial"],
+        input=pem,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return out.stdout.strip()
+
+
+async def _healthz(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> tuple[bytes, bytes]:
+    """One keep-alive GET /healthz on an open connection: (status line, peer cert DER)."""
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n")
+    await writer.drain()
+    status = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return status, der
+
+
+async def test_serving_certificate_is_reloaded_without_a_restart(
+    client: Client, namespace: str, webhook_app: Served, tmp_path: Path
+) -> None:
+    server = webhook_app.app.webhook
+    assert server is not None
+    certs = DevCerts(
+        webhook_app.ca.parent,
+        webhook_app.ca,
+        Path(server.cert_file),
+        Path(server.key_file),
+    )
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    old_serial = _serial(certs.cert.read_text())
+
+    # A connection made before the rotation ...
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=context)
+    try:
+        status, der = await _healthz(reader, writer)
+        assert status.startswith(b"HTTP/1.1 200")
+        assert _serial(der) == old_serial
+
+        renew_serving_cert(certs)
+        new_serial = _serial(certs.cert.read_text())
+        assert new_serial != old_serial
+
+        # ... keeps working with the certificate it was made with (nothing in flight drops),
+        status, der = await _healthz(reader, writer)
+        assert status.startswith(b"HTTP/1.1 200")
+        assert _serial(der) == old_serial
+    finally:
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+
+    # while every new connection gets the new one, from the same running server.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=context)
+    try:
+        status, der = await _healthz(reader, writer)
+        assert status.startswith(b"HTTP/1.1 200")
+        assert _serial(der) == new_serial
+        assert der == ssl.PEM_cert_to_DER_cert(certs.cert.read_text())
+    finally:
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()
+    assert server.certificate.reloads == 1
+
+    # The apiserver still reaches the webhook (same CA): an annotated pod is mutated.
+    async def mutated() -> bool:
+        name = f"after-{secrets.token_hex(3)}"
+        body = pod_manifest(name, labels={}, node=None, annotations=ANNOTATED)
+        made = await client.create(PODS, body, namespace=namespace)
+        return any(v["name"] == c.VOLUME_NAME for v in made["spec"].get("volumes") or ())
+
+    await eventually(mutated, within=30, interval=0.3)
+
+    # A half-written pair (a certificate without its key) keeps the last good one serving.
+    (tmp_path / "other").mkdir()
+    stray = ensure_dev_certs(tmp_path / "other")
+    os.replace(stray.cert, certs.cert)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=context)
+    try:
+        _, der = await _healthz(reader, writer)
+        assert _serial(der) == new_serial
+    finally:
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            await writer.wait_closed()

@@ -73,7 +73,7 @@ class NodePluginProcess:
         assert self.proc is None or self.proc.poll() is not None
         argv = [
             sys.executable, "-m", "dynvol", "--log-level", "DEBUG",
-            "node", "--csi-only",
+            "node", "--csi-only", "--publish-guard", "off",
             "--endpoint", f"unix://{self.socket}",
             "--node-id", "test-node",
             "--root", str(self.root),

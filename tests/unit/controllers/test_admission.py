@@ -216,3 +216,38 @@ def test_webhook_configurations_choose_failure_policies() -> None:
         c.PLURAL_CLAIM,
         c.PLURAL_CLASS,
     }
+
+
+def test_the_opt_in_is_written_onto_the_pod() -> None:
+    """A pod carrying the volume carries, itself, the annotations it was made from."""
+    namespace = {
+        "metadata": {
+            "name": "ns",
+            "labels": {LABEL_INJECT: "enabled"},
+            "annotations": {
+                c.ANNOTATION_STORAGE_PROVIDER_CLASS: "ns-class",
+                c.ANNOTATION_MOUNT_PATH_ROOT: "/from-ns",
+            },
+        }
+    }
+    bare = pod()
+    bare["metadata"].pop("annotations")
+    stamped = apply_patch(bare, mutate_pod(bare, namespace).patch)
+    assert stamped["metadata"]["annotations"] == {
+        c.ANNOTATION_STORAGE_PROVIDER_CLASS: "ns-class",
+        c.ANNOTATION_MOUNT_PATH_ROOT: "/from-ns",
+        c.ANNOTATION_DISPATCH_POLICY: c.POLICY_INDEPENDENT,
+    }
+    # The pod's own annotations win and are kept as written; the missing ones are added.
+    own = pod({c.ANNOTATION_DISPATCH_POLICY: "shared", "other/key": "v"})
+    patch = mutate_pod(own, namespace).patch
+    assert [op["path"] for op in patch if op["path"].startswith("/metadata")] == [
+        "/metadata/annotations/dynamicvolume.csi.cloudnative101.net~1storage-provider-class",
+        "/metadata/annotations/dynamicvolume.csi.cloudnative101.net~1volume-mount-path-root",
+    ]
+    mutated = apply_patch(own, patch)
+    assert mutated["metadata"]["annotations"]["other/key"] == "v"
+    assert mutated["metadata"]["annotations"][c.ANNOTATION_DISPATCH_POLICY] == "shared"
+    assert mutate_pod(mutated, namespace).patch == ()
+    # Not opted in: nothing is written.
+    assert mutate_pod(pod()).patch == ()
