@@ -24,6 +24,7 @@ import os
 import posixpath
 import select
 import signal
+import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import PurePosixPath
@@ -43,15 +44,23 @@ from dynvol_providers.base import (
     Reason,
 )
 
-__all__ = ["LocalHost", "MountTableWatch", "read_mount_table", "redact"]
+__all__ = ["REASON_UNSAFE_TARGET", "LocalHost", "MountTableWatch", "read_mount_table", "redact"]
 
 log = logging.getLogger(__name__)
 
 _MNT_DETACH = 2
+_UMOUNT_NOFOLLOW = 8
 _MOUNTINFO = "/proc/self/mountinfo"
 _OUTPUT_LINES = 40
 #: Looked up in a new mount to see that the backend answers (see LocalHost._answers).
 _PROBE_NAME = ".dynvol-ready-probe"
+#: Mounters that take ``/proc/self/fd/N`` as their mount point and mount on exactly the
+#: directory that descriptor holds (checked for real in tests/integration/dmp). rclone is
+#: not one: it hands the path to fusermount, a process of its own, where the descriptor
+#: number means something else, so it gets the real path (and the post-mount check).
+_FD_MOUNT_POINT_MOUNTERS = frozenset({"s3fs"})
+#: The reason for a mount target that changed while it was being mounted on.
+REASON_UNSAFE_TARGET = "UnsafeMountTarget"
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -118,13 +127,62 @@ _libc: ctypes.CDLL | None = None
 
 
 def _umount2(target: str, flags: int) -> int:
-    """umount2(2); returns 0 or the errno."""
+    """umount2(2) of ``target`` without following a symbolic link anywhere on its path.
+
+    The parent directory is reached one name at a time from ``/`` with ``O_NOFOLLOW``, and
+    the mount point is then named through that descriptor (``/proc/self/fd/N/name``) with
+    ``UMOUNT_NOFOLLOW``: a link planted at any component (one that would lead to the mount
+    pod's own ``/etc``) makes this fail with ELOOP or ENOTDIR instead of unmounting whatever
+    the link points at. Returns 0 or the errno.
+    """
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if _libc.umount2(os.fsencode(target), flags) == 0:
-        return 0
-    return ctypes.get_errno()
+    try:
+        parent_fd, name = _open_parent(target)
+    except OSError as exc:
+        return exc.errno or errno.EINVAL
+    try:
+        path = f"/proc/self/fd/{parent_fd}/{name}"
+        if _libc.umount2(os.fsencode(path), flags | _UMOUNT_NOFOLLOW) == 0:
+            return 0
+        return ctypes.get_errno()
+    finally:
+        os.close(parent_fd)
+
+
+def _open_parent(path: str) -> tuple[int, str]:
+    """An O_PATH descriptor of ``path``'s parent, reached without following links, and the
+    last name. ``path`` is absolute and normalised, as mountinfo lists mount points.
+
+    :raises OSError: ELOOP or ENOTDIR for a link or a non-directory on the way, EINVAL for a
+        path that is not absolute and normal.
+    """
+    names = path.split("/")
+    if names[0] != "" or any(name in ("", ".", "..") for name in names[1:]):
+        raise OSError(errno.EINVAL, f"{path!r} is not a normalised absolute path")
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in names[1:-1]:
+            next_fd = os.open(
+                name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, names[-1]
+
+
+def _same_directory(fd: int, path: PurePosixPath) -> bool:
+    """Whether ``path``, not followed if it is a link, is the directory ``fd`` holds."""
+    try:
+        now = os.lstat(path)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return stat.S_ISDIR(now.st_mode) and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 @attrs.define
@@ -155,6 +213,25 @@ class LocalHost:
     probe_limit: float = 5.0
     _daemons: dict[int, _Daemon] = attrs.field(factory=dict, init=False)
     _watch: MountTableWatch = attrs.field(factory=MountTableWatch, init=False)
+    _pinned: dict[PurePosixPath, int] = attrs.field(factory=dict, init=False)
+
+    # -- targets opened by the owner ----------------------------------------------------
+
+    def pin_target(self, target: PurePosixPath, fd: int) -> None:
+        """Mount ``target`` through ``fd``, an O_PATH descriptor of that very directory.
+
+        The owner (the DMP agent) opened it without following links and keeps it open
+        until :meth:`unpin_target`. While it is pinned, a daemon mounting ``target`` gets
+        the descriptor (and ``/proc/self/fd/N`` as its mount point, if it accepts that),
+        no directory is made along the path, and a mount attempt fails at once
+        (``UnsafeMountTarget``) if ``target`` stops being that directory, e.g. because
+        it was swapped for a symbolic link.
+        """
+        self._pinned[_canonical(target)] = fd
+
+    def unpin_target(self, target: PurePosixPath) -> None:
+        """Forget the descriptor of ``target`` (the owner closes it)."""
+        self._pinned.pop(_canonical(target), None)
 
     # -- processes ----------------------------------------------------------------------
 
@@ -176,11 +253,14 @@ class LocalHost:
             finally:
                 os.close(fd)
 
-    async def _spawn(self, spec: CommandSpec) -> asyncio.subprocess.Process:
+    async def _spawn(
+        self, spec: CommandSpec, *, argv: tuple[str, ...] | None = None, fds: tuple[int, ...] = ()
+    ) -> asyncio.subprocess.Process:
         self._write_files(spec.files)
         try:
             return await asyncio.create_subprocess_exec(
-                *spec.argv,
+                *(argv or spec.argv),
+                pass_fds=(*spec.pass_fds, *fds),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
@@ -261,8 +341,17 @@ class LocalHost:
                     f"{spec.preflight.argv[0]} could not reach the storage: {_tail(result.output)}",
                 )
         target = _canonical(spec.target)
-        await asyncio.to_thread(os.makedirs, target, exist_ok=True)
-        proc = await self._spawn(spec.command)
+        pinned = self._pinned.get(target)
+        argv = spec.command.argv
+        fds: tuple[int, ...] = ()
+        if pinned is None:
+            await asyncio.to_thread(os.makedirs, target, exist_ok=True)
+        else:
+            fds = (pinned,)
+            if os.path.basename(argv[0]) in _FD_MOUNT_POINT_MOUNTERS:
+                fd_path = f"/proc/self/fd/{pinned}"  # the same number in the child
+                argv = tuple(fd_path if arg == str(target) else arg for arg in argv)
+        proc = await self._spawn(spec.command, argv=argv, fds=fds)
         handle = DaemonHandle(pid=proc.pid, argv=spec.command.argv)
         name = f"{os.path.basename(spec.command.argv[0])}[{proc.pid}]"
         output: collections.deque[str] = collections.deque(maxlen=_OUTPUT_LINES)
@@ -286,6 +375,19 @@ class LocalHost:
                         return handle
                     if not done.done() and time.monotonic() < deadline:
                         continue
+                if (
+                    entry is None
+                    and pinned is not None
+                    and not _same_directory(pinned, target)
+                    and _mount_at(target) is None  # not mounted in the meantime
+                ):
+                    raise MountFailed(
+                        REASON_UNSAFE_TARGET,
+                        f"{target} changed while it was being mounted on (it is no longer "
+                        "the directory that was opened: replaced, moved or made a symbolic "
+                        "link); nothing is mounted through it",
+                        retryable=True,
+                    )
                 if done.done():
                     name = os.path.basename(spec.command.argv[0])
                     raise MountFailed(
