@@ -138,8 +138,11 @@ class Agent:
     _trusted: dict[Key, tuple[str, int]] = attrs.field(factory=dict, init=False)
     #: The last refusal reported for each object, so that it is reported once.
     _refused: dict[Key, tuple[str, int, str]] = attrs.field(factory=dict, init=False)
-    #: Targets of mount attempts under way (another attempt's new mount is not a stray).
-    _attempts: dict[Key, PurePosixPath] = attrs.field(factory=dict, init=False)
+    #: Target and staging directory of each mount attempt under way (another attempt's
+    #: new mounts are not strays of this one).
+    _attempts: dict[Key, tuple[PurePosixPath, PurePosixPath]] = attrs.field(
+        factory=dict, init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         self.host = LocalHost(on_daemon_exit=self._on_daemon_exit)
@@ -152,19 +155,22 @@ class Agent:
 
     async def start(self) -> None:
         """Clean up after a previous run, then watch and reconcile in the background."""
-        xvols = PurePosixPath(self.settings.xvols)
-        if _within(PurePosixPath(self.settings.work_dir), xvols):
-            raise ValueError("--work-dir must not be inside --xvols (it would reach the pods)")
-        await asyncio.to_thread(os.makedirs, self.settings.work_dir, 0o700, True)
-        # Targets are walked from here without following links, and unmounts walk from /:
-        # the trusted root is spelled as the kernel lists it in mountinfo.
-        real = Path(await asyncio.to_thread(os.path.realpath, self.settings.xvols))
-        self.settings = attrs.evolve(self.settings, xvols=real)
-        xvols = PurePosixPath(real)
+        # Targets are walked from --xvols without following links, and unmounts walk from
+        # /: both roots are spelled as the kernel lists them in mountinfo.
+        realpath = os.path.realpath
+        xvols = PurePosixPath(await asyncio.to_thread(realpath, self.settings.xvols))
+        work_dir = PurePosixPath(await asyncio.to_thread(realpath, self.settings.work_dir))
+        if _within(work_dir, xvols) or _within(xvols, work_dir):
+            raise ValueError("--work-dir and --xvols must not contain each other (the staging "
+                             "mounts would reach the pods)")  # fmt: skip
+        self.settings = attrs.evolve(self.settings, xvols=Path(xvols), work_dir=Path(work_dir))
+        await asyncio.to_thread(os.makedirs, work_dir, 0o700, True)
         self.identity = await self._read_identity()
-        for step in plan_teardown(read_mount_table(), xvols, include_scope=False):
-            log.info("removing mount left by a previous run: %s", step.target)
-            await self.host.unmount(step.target, lazy=True)
+        table = read_mount_table()
+        for scope in (xvols, self._staging_root):
+            for step in plan_teardown(table, scope, include_scope=False):
+                log.info("removing mount left by a previous run: %s", step.target)
+                await self.host.unmount(step.target, lazy=True)
         spawn = asyncio.create_task
         self._tasks.append(
             spawn(watch_assigned(self.api, self.label_selector, self.cache, self.queue.add))
@@ -535,13 +541,19 @@ class Agent:
             log.warning("%s/%s: %s", *key, message)
             await self._report(obj, MountPhase.FAILED, REASON_UNSAFE, message)
             return False
-        before = read_mount_table()
-        self._attempts[key] = request.target
-        self.host.pin_target(request.target, opened.fd)
+        # The provider mounts at a staging directory of the agent's own, which no pod can
+        # reach; the agent then binds that mount onto the opened target (attach), so the
+        # path to the target is never resolved again after the no-follow walk.
+        staging = self._staging_root / (dvm.uid or dvm.name)
         try:
-            return await self._mount_opened(obj, dvm, provider, request, desired_key, before)
+            await asyncio.to_thread(os.makedirs, staging, 0o700, True)
+            before = read_mount_table()
+            self._attempts[key] = (request.target, staging)
+            staged = attrs.evolve(request, target=staging)
+            return await self._mount_opened(
+                obj, dvm, provider, request, staged, opened.fd, desired_key, before
+            )
         finally:
-            self.host.unpin_target(request.target)
             self._attempts.pop(key, None)
             opened.close()
 
@@ -551,13 +563,16 @@ class Agent:
         dvm: DynamicVolumeMount,
         provider: Provider,
         request: MountRequest,
+        staged: MountRequest,
+        target_fd: int,
         desired_key: str,
         before: tuple[MountEntry, ...],
     ) -> bool:
         key = (dvm.namespace, dvm.name)
+        target, staging = request.target, staged.target
         # The API writes (finalizer, Mounting) run while the mounter starts: they are not
         # on the path to the mount being usable.
-        mounting = asyncio.create_task(provider.mount(request, self.host))
+        mounting = asyncio.create_task(provider.mount(staged, self.host))
         conflict: APIConflict | None = None
         try:
             try:
@@ -565,7 +580,7 @@ class Agent:
             except APIConflict as exc:
                 conflict = exc
             if _announces_mounting(obj):
-                message = f"mounting {dvm.spec.provider} at {request.target}"
+                message = f"mounting {dvm.spec.provider} at {target}"
                 obj = await self._report(obj, MountPhase.MOUNTING, "Mounting", message)
         except BaseException:
             mounting.cancel()
@@ -575,22 +590,29 @@ class Agent:
         try:
             handle = await mounting
         except MountFailed as failure:
-            await self.host.unmount(request.target, lazy=True)
-            message = failure.message + await self._undo_strays(key, request.target, "", before)
+            await self.host.unmount(staging, lazy=True)
+            message = failure.message.replace(str(staging), str(target))
+            message += await self._undo_strays(key, target, "", before)
             log.warning("mounting %s/%s failed: %s", *key, message)
             await self._report(obj, MountPhase.FAILED, failure.reason, message)
             return False
         except OSError as exc:
-            await self.host.unmount(request.target, lazy=True)
-            message = f"cannot mount at {request.target}: {exc}"
-            message += await self._undo_strays(key, request.target, "", before)
+            await self.host.unmount(staging, lazy=True)
+            message = f"cannot mount at {target}: {exc}".replace(str(staging), str(target))
+            message += await self._undo_strays(key, target, "", before)
             await self._report(obj, MountPhase.FAILED, "MountFailed", message)
             return False
+        try:
+            await self.host.attach(staging, target_fd, target)
+        except OSError as exc:
+            attach_error: str | None = str(exc)
+        else:
+            attach_error = None
         landing = landing_of(
-            before, read_mount_table(), target=request.target, fs_type=handle.fs_type,
+            before, read_mount_table(), target=target, fs_type=handle.fs_type,
             others=self._other_targets(key),
         )  # fmt: skip
-        if not landing.ok:
+        if attach_error is not None or not landing.ok:
             for entry in landing.stray:
                 await self.host.unmount(entry.path, lazy=True)
             with contextlib.suppress(OSError):
@@ -598,30 +620,37 @@ class Agent:
             if handle.daemon is not None:
                 await self.host.stop_daemon(handle.daemon, kill_after=2.0)
             message = (
-                f"the mount of {request.target} did not land where planned: "
-                f"{landing.describe()}; it was undone. Something changed the mount target "
-                "while it was being mounted on"
+                f"the mount of {target} did not land where planned: "
+                f"{attach_error or landing.describe()}; it was undone"
             )
             log.warning("%s/%s: %s", *key, message)
             await self._report(obj, MountPhase.FAILED, REASON_UNSAFE, message)
             return False
         previous = self._owned.get(key)
         self._owned[key] = _Owned(
-            key=key, desired_key=desired_key, target=request.target, provider=provider,
+            key=key, desired_key=desired_key, target=target, provider=provider,
             request=request, handle=handle,
             repairs=previous.repairs if previous is not None else [],
         )  # fmt: skip
-        log.info("mounted %s/%s at %s", *key, request.target)
+        log.info("mounted %s/%s at %s", *key, target)
         if conflict is not None:
             raise conflict  # the object changed: the next pass adds the finalizer
-        await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {request.target}",
+        await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {target}",
                            mounted=True)  # fmt: skip
         return True
 
+    @property
+    def _staging_root(self) -> PurePosixPath:
+        """Where providers mount before the agent attaches their mounts to the targets."""
+        return PurePosixPath(self.settings.work_dir) / ".staging"
+
     def _other_targets(self, key: Key) -> set[PurePosixPath]:
-        """Where other mounts of this agent are, or are being made."""
+        """Where other mounts of this agent are, or are being made (and staged)."""
         targets = {o.target for k, o in self._owned.items() if k != key}
-        return targets | {t for k, t in self._attempts.items() if k != key}
+        for other, paths in self._attempts.items():
+            if other != key:
+                targets.update(paths)
+        return targets
 
     async def _undo_strays(
         self, key: Key, target: PurePosixPath, fs_type: str, before: tuple[MountEntry, ...]
@@ -866,7 +895,11 @@ async def run(settings: Settings, *, kubeconfig: str | None, registry: ProviderR
     api = await KubeApi.connect(kubeconfig)
     agent = Agent(settings=settings, api=api, registry=registry)
     try:
-        await agent.start()
+        try:
+            await agent.start()
+        except (RuntimeError, ValueError) as exc:
+            log.error("cannot start: %s", exc)
+            return 1
         log.info("DMP %s watching %s", settings.name, agent.label_selector)
         await stop.wait()
     finally:

@@ -24,7 +24,6 @@ import os
 import posixpath
 import select
 import signal
-import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import PurePosixPath
@@ -44,7 +43,7 @@ from dynvol_providers.base import (
     Reason,
 )
 
-__all__ = ["REASON_UNSAFE_TARGET", "LocalHost", "MountTableWatch", "read_mount_table", "redact"]
+__all__ = ["LocalHost", "MountTableWatch", "read_mount_table", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +53,7 @@ _MOUNTINFO = "/proc/self/mountinfo"
 _OUTPUT_LINES = 40
 #: Looked up in a new mount to see that the backend answers (see LocalHost._answers).
 _PROBE_NAME = ".dynvol-ready-probe"
-#: Mounters that take ``/proc/self/fd/N`` as their mount point and mount on exactly the
-#: directory that descriptor holds (checked for real in tests/integration/dmp). rclone is
-#: not one: it hands the path to fusermount, a process of its own, where the descriptor
-#: number means something else, so it gets the real path (and the post-mount check).
-_FD_MOUNT_POINT_MOUNTERS = frozenset({"s3fs"})
-#: The reason for a mount target that changed while it was being mounted on.
-REASON_UNSAFE_TARGET = "UnsafeMountTarget"
+_MS_BIND = 0x1000
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -126,6 +119,26 @@ class MountTableWatch:
 _libc: ctypes.CDLL | None = None
 
 
+def _libc_handle() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+def _bind_onto_fd(source: str, target_fd: int) -> int:
+    """mount(2) ``source`` (bind) onto the directory ``target_fd`` holds; 0 or the errno.
+
+    The target is named ``/proc/self/fd/N``: the kernel resolves that to exactly the
+    descriptor's directory, whatever the path to it has become since it was opened.
+    """
+    libc = _libc_handle()
+    target = f"/proc/self/fd/{target_fd}".encode()
+    if libc.mount(os.fsencode(source), target, None, ctypes.c_ulong(_MS_BIND), None) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
 def _umount2(target: str, flags: int) -> int:
     """umount2(2) of ``target`` without following a symbolic link anywhere on its path.
 
@@ -135,16 +148,14 @@ def _umount2(target: str, flags: int) -> int:
     pod's own ``/etc``) makes this fail with ELOOP or ENOTDIR instead of unmounting whatever
     the link points at. Returns 0 or the errno.
     """
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = _libc_handle()
     try:
         parent_fd, name = _open_parent(target)
     except OSError as exc:
         return exc.errno or errno.EINVAL
     try:
         path = f"/proc/self/fd/{parent_fd}/{name}"
-        if _libc.umount2(os.fsencode(path), flags | _UMOUNT_NOFOLLOW) == 0:
+        if libc.umount2(os.fsencode(path), flags | _UMOUNT_NOFOLLOW) == 0:
             return 0
         return ctypes.get_errno()
     finally:
@@ -175,16 +186,6 @@ def _open_parent(path: str) -> tuple[int, str]:
     return fd, names[-1]
 
 
-def _same_directory(fd: int, path: PurePosixPath) -> bool:
-    """Whether ``path``, not followed if it is a link, is the directory ``fd`` holds."""
-    try:
-        now = os.lstat(path)
-    except OSError:
-        return False
-    mine = os.fstat(fd)
-    return stat.S_ISDIR(now.st_mode) and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
-
-
 @attrs.define
 class _Daemon:
     handle: DaemonHandle
@@ -213,25 +214,34 @@ class LocalHost:
     probe_limit: float = 5.0
     _daemons: dict[int, _Daemon] = attrs.field(factory=dict, init=False)
     _watch: MountTableWatch = attrs.field(factory=MountTableWatch, init=False)
-    _pinned: dict[PurePosixPath, int] = attrs.field(factory=dict, init=False)
+    #: Mounts made at a staging directory and then attached elsewhere: staging -> where.
+    _attached: dict[PurePosixPath, PurePosixPath] = attrs.field(factory=dict, init=False)
 
-    # -- targets opened by the owner ----------------------------------------------------
+    # -- mounts made at a staging directory ---------------------------------------------
 
-    def pin_target(self, target: PurePosixPath, fd: int) -> None:
-        """Mount ``target`` through ``fd``, an O_PATH descriptor of that very directory.
+    async def attach(self, staging: PurePosixPath, target_fd: int, target: PurePosixPath) -> None:
+        """Move the mount at ``staging`` onto the directory ``target_fd`` holds (``target``).
 
-        The owner (the DMP agent) opened it without following links and keeps it open
-        until :meth:`unpin_target`. While it is pinned, a daemon mounting ``target`` gets
-        the descriptor (and ``/proc/self/fd/N`` as its mount point, if it accepts that),
-        no directory is made along the path, and a mount attempt fails at once
-        (``UnsafeMountTarget``) if ``target`` stops being that directory, e.g. because
-        it was swapped for a symbolic link.
+        The owner (the DMP agent) has a provider mount at a staging directory of its own,
+        which no pod can reach, and opened ``target`` without following links. The mount
+        is bound onto the descriptor (so no path is resolved again: a link swapped in on
+        the way since does not matter) and the staging mount is detached. From then on
+        ``staging`` in :meth:`unmount` and :meth:`probe` means ``target``: providers keep
+        their handles as they made them.
+
+        :raises OSError: if the bind fails; the staging mount is then left as it is.
         """
-        self._pinned[_canonical(target)] = fd
+        source = str(_canonical(staging))
+        err = await asyncio.to_thread(_bind_onto_fd, source, target_fd)
+        if err:
+            raise OSError(err, f"cannot attach the mount at {source} to {target}: "
+                               f"{os.strerror(err)}")  # fmt: skip
+        self._attached[_canonical(staging)] = _canonical(target)
+        await asyncio.to_thread(_umount2, source, _MNT_DETACH)
 
-    def unpin_target(self, target: PurePosixPath) -> None:
-        """Forget the descriptor of ``target`` (the owner closes it)."""
-        self._pinned.pop(_canonical(target), None)
+    def _where(self, path: PurePosixPath | str) -> PurePosixPath:
+        canonical = _canonical(path)
+        return self._attached.get(canonical, canonical)
 
     # -- processes ----------------------------------------------------------------------
 
@@ -253,14 +263,11 @@ class LocalHost:
             finally:
                 os.close(fd)
 
-    async def _spawn(
-        self, spec: CommandSpec, *, argv: tuple[str, ...] | None = None, fds: tuple[int, ...] = ()
-    ) -> asyncio.subprocess.Process:
+    async def _spawn(self, spec: CommandSpec) -> asyncio.subprocess.Process:
         self._write_files(spec.files)
         try:
             return await asyncio.create_subprocess_exec(
-                *(argv or spec.argv),
-                pass_fds=(*spec.pass_fds, *fds),
+                *spec.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
@@ -341,17 +348,9 @@ class LocalHost:
                     f"{spec.preflight.argv[0]} could not reach the storage: {_tail(result.output)}",
                 )
         target = _canonical(spec.target)
-        pinned = self._pinned.get(target)
-        argv = spec.command.argv
-        fds: tuple[int, ...] = ()
-        if pinned is None:
-            await asyncio.to_thread(os.makedirs, target, exist_ok=True)
-        else:
-            fds = (pinned,)
-            if os.path.basename(argv[0]) in _FD_MOUNT_POINT_MOUNTERS:
-                fd_path = f"/proc/self/fd/{pinned}"  # the same number in the child
-                argv = tuple(fd_path if arg == str(target) else arg for arg in argv)
-        proc = await self._spawn(spec.command, argv=argv, fds=fds)
+        self._attached.pop(target, None)  # a new mount there, not attached (yet)
+        await asyncio.to_thread(os.makedirs, target, exist_ok=True)
+        proc = await self._spawn(spec.command)
         handle = DaemonHandle(pid=proc.pid, argv=spec.command.argv)
         name = f"{os.path.basename(spec.command.argv[0])}[{proc.pid}]"
         output: collections.deque[str] = collections.deque(maxlen=_OUTPUT_LINES)
@@ -375,19 +374,6 @@ class LocalHost:
                         return handle
                     if not done.done() and time.monotonic() < deadline:
                         continue
-                if (
-                    entry is None
-                    and pinned is not None
-                    and not _same_directory(pinned, target)
-                    and _mount_at(target) is None  # not mounted in the meantime
-                ):
-                    raise MountFailed(
-                        REASON_UNSAFE_TARGET,
-                        f"{target} changed while it was being mounted on (it is no longer "
-                        "the directory that was opened: replaced, moved or made a symbolic "
-                        "link); nothing is mounted through it",
-                        retryable=True,
-                    )
                 if done.done():
                     name = os.path.basename(spec.command.argv[0])
                     raise MountFailed(
@@ -482,14 +468,20 @@ class LocalHost:
         return self._watch.changed()
 
     async def unmount(self, target: PurePosixPath, *, lazy: bool = False) -> None:
-        """Unmount every mount stacked at ``target``; busy or stale ones lazily."""
-        path = str(_canonical(target))
+        """Unmount every mount stacked at ``target``; busy or stale ones lazily.
+
+        No symbolic link is followed on the way (see :func:`_umount2`). ``target`` may be
+        a staging directory whose mount was attached elsewhere (:meth:`attach`).
+        """
+        staging = _canonical(target)
+        path = str(self._where(staging))
         # A FUSE daemon exits once its mount is gone: that exit is expected, not a crash.
         for daemon in self._daemons.values():
-            if str(daemon.target) == path:
+            if str(self._where(daemon.target)) == path:
                 daemon.stopping = True
         for _ in range(16):
             if _mount_at(PurePosixPath(path)) is None:
+                self._attached.pop(staging, None)
                 return
             flags = _MNT_DETACH if lazy else 0
             err = await asyncio.to_thread(_umount2, path, flags)
@@ -501,7 +493,7 @@ class LocalHost:
         raise OSError(errno.EBUSY, f"{path} stays mounted after repeated unmounts")
 
     async def probe(self, target: PurePosixPath) -> Health:
-        path = _canonical(target)
+        path = self._where(target)
         limit = self.probe_limit
         if _mount_at(path) is None:
             return Health(state=HealthState.ABSENT, message=f"{path} is not mounted")
