@@ -352,3 +352,29 @@ async def test_an_agent_that_is_not_a_mount_pod_refuses_to_start(
     agent.process = None
     assert proc.poll() != 0
     assert "does not exist" in proc.log_tail(60)
+
+
+async def test_unmounts_never_follow_a_link(rshared_dir: Path) -> None:
+    """The host's unmount walks the path without following links: a link to a mount
+    point, or through a link to its parent, does not unmount it."""
+    import errno
+    import subprocess
+
+    from dynvol_providers.hosting import LocalHost, _umount2
+
+    real = rshared_dir / "real"
+    (real / "x").mkdir(parents=True)
+    argv = ["mount", "-t", "tmpfs", "-o", "size=1m", "victim", str(real / "x")]
+    await asyncio.to_thread(subprocess.run, argv, check=True)
+    (rshared_dir / "link").symlink_to(real)
+    (real / "y").symlink_to(real / "x")
+    host = LocalHost()
+    try:
+        for path in (rshared_dir / "link" / "x", real / "y"):
+            assert _umount2(str(path), 2) in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL)
+            await host.unmount(PurePosixPath(path), lazy=True)
+            assert mounts_under(real) == [str(real / "x")], path
+        await host.unmount(PurePosixPath(real / "x"), lazy=True)
+        assert mounts_under(real) == []
+    finally:
+        host._watch.close()
