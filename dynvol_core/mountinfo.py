@@ -485,16 +485,29 @@ def landing_of(
     target: str | PurePosixPath,
     fs_type: str,
     others: Iterable[str | PurePosixPath] = (),
+    shared_root: str | PurePosixPath | None = None,
+    own: str | PurePosixPath | None = None,
 ) -> Landing:
     """Check, from the mount tables before and after a mount attempt, where it landed.
 
     :param fs_type: the type the attempt mounts (``fuse.s3fs``); an empty string counts
         every new mount as the attempt's.
     :param others: the targets of other attempts made at the same time.
+    :param shared_root: a tree others mount in too (a shared mount pod's class directory,
+        where independent mount pods of the same class mount into their own slots): new
+        mounts below it count only if they are below ``own`` (the attempt's slot).
     """
     planned = _as_path(target)
     theirs = {_as_path(path) for path in others} - {planned}
     fresh = [e for e in new_mounts(before, after) if not fs_type or e.fs_type == fs_type]
     at_target = [e for e in fresh if e.path == planned]
-    stray = tuple(e for e in fresh if e.path != planned and e.path not in theirs)
+
+    def counts(entry: MountEntry) -> bool:
+        if entry.path == planned or entry.path in theirs:
+            return False
+        if shared_root is None or not path_is_within(entry.path, _as_path(shared_root)):
+            return True
+        return own is not None and path_is_within(entry.path, _as_path(own))
+
+    stray = tuple(e for e in fresh if counts(e))
     return Landing(target=planned, at_target=at_target[-1] if at_target else None, stray=stray)

@@ -531,7 +531,7 @@ class Agent:
         key = (dvm.namespace, dvm.name)
         assert self.identity is not None
         try:
-            _, slot_part = target_names(self.identity, dvm)
+            names, slot_part = target_names(self.identity, dvm)
             opened = await asyncio.to_thread(
                 open_below, PurePosixPath(self.settings.xvols), request.target,
                 create_from=slot_part,
@@ -550,8 +550,9 @@ class Agent:
             before = read_mount_table()
             self._attempts[key] = (request.target, staging)
             staged = attrs.evolve(request, target=staging)
+            slot = PurePosixPath(self.settings.xvols).joinpath(*names[:slot_part])
             return await self._mount_opened(
-                obj, dvm, provider, request, staged, opened.fd, desired_key, before
+                obj, dvm, provider, request, staged, opened.fd, desired_key, before, slot
             )
         finally:
             self._attempts.pop(key, None)
@@ -567,6 +568,7 @@ class Agent:
         target_fd: int,
         desired_key: str,
         before: tuple[MountEntry, ...],
+        slot: PurePosixPath,
     ) -> bool:
         key = (dvm.namespace, dvm.name)
         target, staging = request.target, staged.target
@@ -592,14 +594,14 @@ class Agent:
         except MountFailed as failure:
             await self.host.unmount(staging, lazy=True)
             message = failure.message.replace(str(staging), str(target))
-            message += await self._undo_strays(key, target, "", before)
+            message += await self._undo_strays(key, target, slot, before)
             log.warning("mounting %s/%s failed: %s", *key, message)
             await self._report(obj, MountPhase.FAILED, failure.reason, message)
             return False
         except OSError as exc:
             await self.host.unmount(staging, lazy=True)
             message = f"cannot mount at {target}: {exc}".replace(str(staging), str(target))
-            message += await self._undo_strays(key, target, "", before)
+            message += await self._undo_strays(key, target, slot, before)
             await self._report(obj, MountPhase.FAILED, "MountFailed", message)
             return False
         try:
@@ -610,7 +612,7 @@ class Agent:
             attach_error = None
         landing = landing_of(
             before, read_mount_table(), target=target, fs_type=handle.fs_type,
-            others=self._other_targets(key),
+            others=self._other_targets(key), shared_root=PurePosixPath(self.settings.xvols), own=slot,
         )  # fmt: skip
         if attach_error is not None or not landing.ok:
             for entry in landing.stray:
@@ -653,13 +655,14 @@ class Agent:
         return targets
 
     async def _undo_strays(
-        self, key: Key, target: PurePosixPath, fs_type: str, before: tuple[MountEntry, ...]
+        self, key: Key, target: PurePosixPath, slot: PurePosixPath, before: tuple[MountEntry, ...]
     ) -> str:
-        """Lazily unmount what a failed attempt mounted anywhere but at its target; a note
-        for the status message (empty if there was nothing)."""
+        """Lazily unmount what a failed attempt mounted anywhere but at its target (in its
+        own slot, or outside --xvols); a note for the status message (empty if nothing).
+        The mounter's type is not known after a failure: any new mount there counts."""
         landing = landing_of(
-            before, read_mount_table(), target=target, fs_type=fs_type,
-            others=self._other_targets(key),
+            before, read_mount_table(), target=target, fs_type="",
+            others=self._other_targets(key), shared_root=PurePosixPath(self.settings.xvols), own=slot,
         )  # fmt: skip
         if not landing.stray:
             return ""

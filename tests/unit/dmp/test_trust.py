@@ -231,3 +231,18 @@ def test_an_old_mount_is_not_new_even_with_a_reused_id() -> None:
     # The ID came back for another mount (other device): that one is new.
     after = _table("40 30 0:60 / /xvols/data rw - fuse.s3fs s3fs rw")
     assert landing_of(before, after, target="/xvols/data", fs_type="fuse.s3fs").ok
+
+
+def test_in_a_shared_class_directory_only_the_own_slot_counts() -> None:
+    before = _table()
+    after = _table(
+        "40 30 0:50 / /xvols/u1/p1/data rw - fuse.s3fs s3fs rw",  # this attempt's
+        "41 30 0:51 / /xvols/u2/p2/data rw - fuse.s3fs s3fs rw",  # another mount pod's
+        "42 30 0:52 / /xvols/u1/p1/else rw - fuse.s3fs s3fs rw",  # stray in its own slot
+        "43 20 0:53 / /etc rw - fuse.s3fs s3fs rw",  # stray outside
+    )
+    landing = landing_of(
+        before, after, target="/xvols/u1/p1/data", fs_type="fuse.s3fs",
+        shared_root="/xvols", own="/xvols/u1/p1",
+    )  # fmt: skip
+    assert sorted(e.mount_point for e in landing.stray) == ["/etc", "/xvols/u1/p1/else"]
