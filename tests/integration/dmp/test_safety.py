@@ -49,8 +49,10 @@ def _fuse_mounts(pid: int) -> list[str]:
     return [e.mount_point for e in table if e.fs_type.startswith("fuse.")]
 
 
-def _outside(points: list[str], slot: Slot) -> list[str]:
-    return [p for p in points if not path_is_within(PurePosixPath(p), PurePosixPath(slot.path))]
+def _outside(points: list[str], slot: Slot, private: Path | None = None) -> list[str]:
+    """The mount points not in the slot (nor in the agent's ``private`` staging tree)."""
+    allowed = [PurePosixPath(slot.path)] + ([PurePosixPath(private)] if private else [])
+    return [p for p in points if not any(path_is_within(PurePosixPath(p), a) for a in allowed)]
 
 
 def _listing(directory: Path) -> list[str]:
@@ -150,6 +152,7 @@ class _Swapper(threading.Thread):
                 with contextlib.suppress(OSError):
                     os.rmdir(self.aside)  # "race" is back as the agent's own directory
             self.swaps += 1
+            time.sleep(0.001 * (self.swaps % 8))  # a directory for varying spells
 
     def stop(self) -> None:
         self.stopping.set()
@@ -161,9 +164,9 @@ class _Watcher(threading.Thread):
     """Samples a namespace's mount table: FUSE mounts outside the slot, and whether a
     mount that must stay up ever went missing."""
 
-    def __init__(self, pid: int, slot: Slot, stays: str) -> None:
+    def __init__(self, pid: int, slot: Slot, stays: str, private: Path) -> None:
         super().__init__(daemon=True)
-        self.pid, self.slot, self.stays = pid, slot, stays
+        self.pid, self.slot, self.stays, self.private = pid, slot, stays, private
         self.stopping = threading.Event()
         self.outside: set[str] = set()
         self.missing = 0
@@ -172,7 +175,7 @@ class _Watcher(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             points = _fuse_mounts(self.pid)
-            self.outside.update(_outside(points, self.slot))
+            self.outside.update(_outside(points, self.slot, self.private))
             if self.stays not in points:
                 self.missing += 1
             self.samples += 1
@@ -203,9 +206,12 @@ async def test_a_directory_swapped_for_a_link_while_mounting_never_gets_a_mount_
 
     (slot.path / "race").mkdir()
     swapper = _Swapper(slot.path, dmp_etc)
+    # The agent's staging tree (its private work directory, which no pod reaches) is where
+    # its mounters mount before it attaches their mounts to the opened targets.
+    staging = agent.work_dir / ".staging"
     watchers = [
-        _Watcher(agent.process.pid, slot, str(slot.path / "stable")),
-        _Watcher(os.getpid(), slot, str(slot.path / "stable")),
+        _Watcher(agent.process.pid, slot, str(slot.path / "stable"), staging),
+        _Watcher(os.getpid(), slot, str(slot.path / "stable"), staging),
     ]
     outcomes: list[str] = []
     for thread in (swapper, *watchers):
@@ -222,7 +228,7 @@ async def test_a_directory_swapped_for_a_link_while_mounting_never_gets_a_mount_
                 assert (slot.path / "race" / "hello.txt").read_text() == "hello\n"
             else:
                 assert ready["reason"] == "UnsafeMountTarget", ready
-                outcomes.append(ready["reason"])
+                outcomes.append(ready["message"])
             await mounts.delete(name)
             await mounts.wait(name, lambda o: o is None, what="deletion", agent=agent)
             await asyncio.sleep(0.05)
@@ -233,6 +239,7 @@ async def test_a_directory_swapped_for_a_link_while_mounting_never_gets_a_mount_
 
     assert swapper.swaps > 0
     assert all(w.samples > 100 for w in watchers)
+    print("outcomes:", *outcomes, sep="\n  ")
     assert [w.outside for w in watchers] == [set(), set()], outcomes
     assert [w.missing for w in watchers] == [0, 0]
     assert _listing(dmp_etc) == ["passwd"]
