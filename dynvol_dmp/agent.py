@@ -6,14 +6,21 @@ cache and queues their keys; workers take keys from :mod:`dynvol_dmp.queueing` a
 :func:`dynvol_core.mountplans.plan_mounts`, execute the steps through the provider, report
 the outcome on the object's status.
 
+Before acting on an object the agent checks it (:mod:`dynvol_dmp.trust`: its node, the pod
+it serves, the claim, the class); one that does not check out gets a Warning Event and is
+left alone. A mount is made at a private staging directory and attached to its target,
+which :mod:`dynvol_dmp.targets` opened without following links; the mount table must then
+show it exactly there, or it is undone (DESIGN.md §6.2, §6.3).
+
 The agent owns every mounter process (through :class:`dynvol_providers.hosting.LocalHost`,
 which waits for each of them): a daemon that dies marks its mount stale and queues the key,
 so the next reconcile repairs it (lazy unmount, mount again) at once, and with a growing
 delay if it keeps dying. Mount table changes and a slow health probe catch the rest.
 
-Lifecycle: :meth:`Agent.start` cleans up mounts a previous run left below ``--xvols`` and
-starts watching; :meth:`Agent.close` (first SIGTERM) stops watching, unmounts everything
-it owns and stops its daemons; the second SIGTERM makes :func:`run` exit at once.
+Lifecycle: :meth:`Agent.start` reads the mount pod's own Pod, cleans up mounts a previous
+run left below ``--xvols`` and in its staging tree, and starts watching; :meth:`Agent.close`
+(first SIGTERM) stops watching, unmounts everything it owns and stops its daemons; the
+second SIGTERM makes :func:`run` exit at once.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from dynvol_core.models import (
     set_condition,
     thaw_json,
 )
-from dynvol_core.mountinfo import MountEntry, entries_under, landing_of, topmost_at
+from dynvol_core.mountinfo import Landing, MountEntry, entries_under, landing_of, topmost_at
 from dynvol_core.mountplans import (
     DesiredMount,
     LazyUnmount,
@@ -610,10 +617,7 @@ class Agent:
             attach_error: str | None = str(exc)
         else:
             attach_error = None
-        landing = landing_of(
-            before, read_mount_table(), target=target, fs_type=handle.fs_type,
-            others=self._other_targets(key), shared_root=PurePosixPath(self.settings.xvols), own=slot,
-        )  # fmt: skip
+        landing = self._landing(key, before, target, handle.fs_type, slot)
         if attach_error is not None or not landing.ok:
             for entry in landing.stray:
                 await self.host.unmount(entry.path, lazy=True)
@@ -654,16 +658,28 @@ class Agent:
                 targets.update(paths)
         return targets
 
+    def _landing(
+        self,
+        key: Key,
+        before: tuple[MountEntry, ...],
+        target: PurePosixPath,
+        fs_type: str,
+        slot: PurePosixPath,
+    ) -> Landing:
+        """Where an attempt's mounts went, from the mount table now (see ``landing_of``)."""
+        return landing_of(
+            before, read_mount_table(), target=target, fs_type=fs_type,
+            others=self._other_targets(key), shared_root=PurePosixPath(self.settings.xvols),
+            own=slot,
+        )  # fmt: skip
+
     async def _undo_strays(
         self, key: Key, target: PurePosixPath, slot: PurePosixPath, before: tuple[MountEntry, ...]
     ) -> str:
         """Lazily unmount what a failed attempt mounted anywhere but at its target (in its
         own slot, or outside --xvols); a note for the status message (empty if nothing).
         The mounter's type is not known after a failure: any new mount there counts."""
-        landing = landing_of(
-            before, read_mount_table(), target=target, fs_type="",
-            others=self._other_targets(key), shared_root=PurePosixPath(self.settings.xvols), own=slot,
-        )  # fmt: skip
+        landing = self._landing(key, before, target, "", slot)
         if not landing.stray:
             return ""
         for entry in landing.stray:

@@ -10,10 +10,14 @@ anything else that is not a directory stops the walk with :class:`UnsafeTarget`,
 missing directory is made with ``mkdirat`` relative to its parent's descriptor and then
 opened the same way (a link swapped in meanwhile is still refused).
 
-The result is a descriptor of the target directory itself. The mounter is given
-``/proc/self/fd/N`` where it accepts it (see :mod:`dynvol_providers.hosting`), and the
-agent checks afterwards, from the mount table, that the mount landed exactly at the
-planned path (:func:`dynvol_core.mountinfo.landing_of`).
+The result is a descriptor of the target directory itself. No mounter is given a path in
+the slot: each mounts at a private staging directory, and the host binds that mount onto
+``/proc/self/fd/N``, which the kernel resolves to exactly this directory
+(:meth:`dynvol_providers.hosting.LocalHost.attach`). Handing ``/proc/self/fd/N`` to the
+mounters themselves does not do that: libfuse (s3fs) turns it back into a path with
+realpath(3) before mount(2), and rclone passes it to fusermount, a process of its own.
+The agent then checks, from the mount table, that the mount landed exactly at the planned
+path (:func:`dynvol_core.mountinfo.landing_of`), and undoes it otherwise.
 
 Neighbours: :mod:`dynvol_dmp.agent` (the caller), :func:`dynvol_core.paths.components_below`
 (the names of a target below its root).
