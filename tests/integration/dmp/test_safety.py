@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import subprocess
 import threading
 import time
 import uuid
@@ -25,10 +27,12 @@ import pytest
 
 from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import mounts_under
+from dynvol_core import constants as c
+from dynvol_core.dispatch import DmpSpec, dmp_pod_manifest
 from dynvol_core.mountinfo import parse_mountinfo
 from dynvol_core.paths import path_is_within
 
-from .conftest import AgentRunner, Container, Mounts, Slot, phase_is
+from .conftest import NODE, AgentRunner, Container, Mounts, Slot, phase_is, user_pod_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -364,9 +368,6 @@ async def test_an_agent_that_is_not_a_mount_pod_refuses_to_start(
 async def test_unmounts_never_follow_a_link(rshared_dir: Path) -> None:
     """The host's unmount walks the path without following links: a link to a mount
     point, or through a link to its parent, does not unmount it."""
-    import errno
-    import subprocess
-
     from dynvol_providers.hosting import LocalHost, _umount2
 
     real = rshared_dir / "real"
@@ -385,3 +386,73 @@ async def test_unmounts_never_follow_a_link(rshared_dir: Path) -> None:
         assert mounts_under(real) == []
     finally:
         host._watch.close()
+
+
+async def test_a_shared_mount_pod_mounts_only_into_the_slot_of_the_mounts_pod(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    kube_client: Any,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    """A shared mount pod sees the whole class directory: its mounts go into the slot of
+    the mount's own pod (which must exist: only the mountpoint is made), never another's."""
+    from kubernetes_asyncio import client
+
+    core = client.CoreV1Api(kube_client)
+    class_dir = slot.path.parent.parent
+    manifest = user_pod_manifest(f"shared-{uuid.uuid4().hex[:6]}", slot.class_name)
+    manifest["spec"]["volumes"][0]["csi"]["volumeAttributes"][c.VOLUME_ATTR_POLICY] = "shared"
+    pod = await core.create_namespaced_pod(slot.namespace, manifest)
+    pod_slot = class_dir / str(uuid.uuid4()) / pod.metadata.uid
+    pod_slot.mkdir(parents=True)
+    other_slot = class_dir / str(uuid.uuid4()) / str(uuid.uuid4())  # someone else's
+    other_slot.mkdir(parents=True)
+    dmp = DmpSpec(
+        name=f"dmp-shared-{uuid.uuid4().hex[:6]}", namespace=c.DEFAULT_SYSTEM_NAMESPACE,
+        node_name=NODE, class_name=slot.class_name, policy=c.POLICY_SHARED,
+        image="registry.invalid/dynvol:test", host_path=str(class_dir),
+    )  # fmt: skip
+    await core.create_namespaced_pod(c.DEFAULT_SYSTEM_NAMESPACE, dmp_pod_manifest(dmp))
+    try:
+        bucket = _bucket(minio, "shared", {"hello.txt": b"shared\n"})
+        config = {"bucket": bucket, "endpoint": minio.endpoint}
+        await mounts.create_class(name=slot.class_name)
+        agent = agent_factory(s3_keys)
+        agent.name, agent.xvols = dmp.name, class_dir
+        agent.start()
+        served = Slot(
+            slot.root, slot.class_name, pod.metadata.uid, pod_slot, slot.container_root,
+            namespace=slot.namespace, pod_name=manifest["metadata"]["name"], dmp_name=dmp.name,
+        )  # fmt: skip
+        relative = pod_slot.relative_to(class_dir)
+        good = await mounts.create(
+            slot=served, config=config, dmp_target_path=f"/xvols/{relative}/data"
+        )
+        await mounts.wait(good, phase_is("Mounted"), what="Mounted", agent=agent)
+        assert (pod_slot / "data" / "hello.txt").read_text() == "shared\n"
+
+        other = other_slot.relative_to(class_dir)
+        forged = await mounts.create(
+            slot=served, config=config, mountpoint="/x", dmp_target_path=f"/xvols/{other}/x"
+        )
+        await _assert_refused(mounts, forged, agent, "in the slot of pod UID")
+        # A slot that does not exist is not made.
+        gone = await mounts.create(
+            slot=served, config=config, mountpoint="/y",
+            dmp_target_path=f"/xvols/{uuid.uuid4()}/{pod.metadata.uid}/y",
+        )  # fmt: skip
+        obj = await mounts.wait(gone, phase_is("Failed"), what="Failed", agent=agent)
+        assert _ready(obj)["reason"] == "UnsafeMountTarget"
+        assert "does not exist" in _ready(obj)["message"]
+        assert list(other_slot.iterdir()) == []
+        assert mounts_under(class_dir) == [str(pod_slot / "data")]
+        assert agent.stop() == 0
+        assert mounts_under(class_dir) == []
+    finally:
+        for ns, name in (
+            (slot.namespace, manifest["metadata"]["name"]),
+            (c.DEFAULT_SYSTEM_NAMESPACE, dmp.name),
+        ):
+            await core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
