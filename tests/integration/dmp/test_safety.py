@@ -54,9 +54,16 @@ def _fuse_mounts(pid: int) -> list[str]:
 
 
 def _outside(points: list[str], slot: Slot, private: Path | None = None) -> list[str]:
-    """The mount points not in the slot (nor in the agent's ``private`` staging tree)."""
+    """The mount points in this test's directory (where the planted links point) but not in
+    the slot nor in the agent's ``private`` staging tree. Other tests on the machine mount
+    elsewhere under /tmp, and those mounts can propagate into these namespaces too."""
+    mine = PurePosixPath(slot.root.parent)
     allowed = [PurePosixPath(slot.path)] + ([PurePosixPath(private)] if private else [])
-    return [p for p in points if not any(path_is_within(PurePosixPath(p), a) for a in allowed)]
+    return [
+        p for p in points
+        if path_is_within(PurePosixPath(p), mine)
+        and not any(path_is_within(PurePosixPath(p), a) for a in allowed)
+    ]  # fmt: skip
 
 
 def _listing(directory: Path) -> list[str]:
@@ -115,8 +122,9 @@ async def test_a_link_planted_in_the_slot_fails_the_mount_and_nothing_lands_outs
 
     # Nothing was mounted through the link, nor created behind it, in any namespace.
     assert _listing(dmp_etc) == ["passwd"]
-    assert _outside(_fuse_mounts(agent.process.pid), slot) == []
-    assert _outside(_fuse_mounts(os.getpid()), slot) == []
+    staging = agent.work_dir / ".staging"
+    assert _outside(_fuse_mounts(agent.process.pid), slot, staging) == []
+    assert _outside(_fuse_mounts(os.getpid()), slot, staging) == []
     assert mounts_under(slot.path) == [str(slot.path / "other")]
     assert len(agent.daemons()) == 1
     # The other claim is still there for the pod.
