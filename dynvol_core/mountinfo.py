@@ -28,6 +28,7 @@ from dynvol_core.errors import DynvolError
 from dynvol_core.paths import path_is_within
 
 __all__ = [
+    "Landing",
     "MalformedMountinfo",
     "MountEntry",
     "Propagation",
@@ -37,7 +38,9 @@ __all__ = [
     "entries_under",
     "escape_field",
     "format_mountinfo",
+    "landing_of",
     "mount_containing",
+    "new_mounts",
     "parse_mountinfo",
     "propagation_of",
     "resolve_mount",
@@ -430,3 +433,81 @@ def visible_stack_at(
         seen.add(top.mount_id)
         top = by_id.get(top.parent_id)
     return tuple(reversed(stack))
+
+
+def _identity(entry: MountEntry) -> tuple[int, int, int, str]:
+    # Mount IDs are reused after an unmount; with the device and the place, a reused ID
+    # that now names another mount is still told apart.
+    return (entry.mount_id, entry.major, entry.minor, entry.mount_point)
+
+
+def new_mounts(before: Iterable[MountEntry], after: Iterable[MountEntry]) -> tuple[MountEntry, ...]:
+    """The entries of ``after`` that ``before`` did not have, in ``after``'s order."""
+    seen = {_identity(entry) for entry in before}
+    return tuple(entry for entry in after if _identity(entry) not in seen)
+
+
+@attrs.frozen(kw_only=True)
+class Landing:
+    """Where a mount attempt's new mounts of its filesystem type ended up.
+
+    ``at_target``: the new mount exactly at the planned place (None if there is none).
+    ``stray``: new mounts of that type anywhere else, except at places other attempts
+    under way are mounting (those are theirs); each one must be undone.
+    """
+
+    target: PurePosixPath
+    at_target: MountEntry | None
+    stray: tuple[MountEntry, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Whether the mount is where it was planned and nowhere else."""
+        return self.at_target is not None and not self.stray
+
+    def describe(self) -> str:
+        """Why the landing is not ok, for a status message (empty when it is)."""
+        if self.ok:
+            return ""
+        parts = []
+        if self.at_target is None:
+            parts.append(f"no new mount appeared at {self.target}")
+        if self.stray:
+            places = ", ".join(sorted({entry.mount_point for entry in self.stray}))
+            parts.append(f"a new mount appeared at {places} instead")
+        return "; ".join(parts)
+
+
+def landing_of(
+    before: Iterable[MountEntry],
+    after: Iterable[MountEntry],
+    *,
+    target: str | PurePosixPath,
+    fs_type: str,
+    others: Iterable[str | PurePosixPath] = (),
+    shared_root: str | PurePosixPath | None = None,
+    own: str | PurePosixPath | None = None,
+) -> Landing:
+    """Check, from the mount tables before and after a mount attempt, where it landed.
+
+    :param fs_type: the type the attempt mounts (``fuse.s3fs``); an empty string counts
+        every new mount as the attempt's.
+    :param others: the targets of other attempts made at the same time.
+    :param shared_root: a tree others mount in too (a shared mount pod's class directory,
+        where independent mount pods of the same class mount into their own slots): new
+        mounts below it count only if they are below ``own`` (the attempt's slot).
+    """
+    planned = _as_path(target)
+    theirs = {_as_path(path) for path in others} - {planned}
+    fresh = [e for e in new_mounts(before, after) if not fs_type or e.fs_type == fs_type]
+    at_target = [e for e in fresh if e.path == planned]
+
+    def counts(entry: MountEntry) -> bool:
+        if entry.path == planned or entry.path in theirs:
+            return False
+        if shared_root is None or not path_is_within(entry.path, _as_path(shared_root)):
+            return True
+        return own is not None and path_is_within(entry.path, _as_path(own))
+
+    stray = tuple(e for e in fresh if counts(e))
+    return Landing(target=planned, at_target=at_target[-1] if at_target else None, stray=stray)

@@ -29,6 +29,7 @@ __all__ = [
     "DispatchPolicy",
     "PodSlot",
     "XvolsLayout",
+    "components_below",
     "path_is_within",
     "validate_class_name",
     "validate_uid",
@@ -114,6 +115,32 @@ def path_is_within(path: PurePosixPath, base: PurePosixPath) -> bool:
     ``/a/b`` is within ``/a`` but ``/a/bc`` is not. Both paths should be normalised.
     """
     return path == base or base in path.parents
+
+
+def components_below(path: str | PurePosixPath, base: str | PurePosixPath) -> tuple[str, ...]:
+    """The names leading from ``base`` down to ``path``, each one path component.
+
+    For a walk that opens one name at a time (never a path, so nothing can be reinterpreted
+    along the way): every name is non-empty, not ``.`` or ``..``, and free of control
+    characters; ``path`` must lie strictly below ``base``. The text is checked as given,
+    not normalised, so ``/xvols/a/../b`` is refused rather than read as ``/xvols/b``.
+
+    :raises InvalidPath: naming what is wrong.
+    """
+    text, root = str(path), str(base)
+    if not root.startswith("/") or has_control_chars(root):
+        raise InvalidPath(f"base {root!r} must be an absolute path without control characters")
+    prefix = root.rstrip("/") + "/"
+    if not text.startswith(prefix):
+        raise InvalidPath(f"{text!r} is not below {root!r}")
+    names = tuple(text[len(prefix) :].split("/"))
+    for name in names:
+        if name in ("", ".", "..") or has_control_chars(name):
+            raise InvalidPath(
+                f"{text!r} has the component {name!r}; each component below {root!r} must "
+                "be a plain name (no empty, '.' or '..' components, no control characters)"
+            )
+    return names
 
 
 def _to_path(value: str | PurePosixPath) -> PurePosixPath:

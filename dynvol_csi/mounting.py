@@ -28,6 +28,7 @@ from dynvol_core.mountinfo import MountEntry, entries_under, escape_field, parse
 __all__ = [
     "MountFailed",
     "bind",
+    "ensure_read_only",
     "ensure_rshared_mount",
     "lazy_unmount",
     "mounted_under",
@@ -115,15 +116,32 @@ def bind(source: PurePosixPath, target: PurePosixPath, *, read_only: bool) -> No
     if not read_only:
         return
     try:
-        kept = os.statvfs(target).f_flag
-        flags = MS_BIND | MS_REMOUNT | MS_RDONLY
-        for st_flag, ms_flag in _KEPT_FLAGS:
-            if kept & st_flag:
-                flags |= ms_flag
-        _mount(None, target, flags, operation="remount read-only")
+        _remount_read_only(target)
     except BaseException:
         lazy_unmount(target)
         raise
+
+
+def _remount_read_only(target: PurePosixPath) -> None:
+    # MS_REMOUNT|MS_BIND changes only the per-mount flags of the mount at target; the
+    # mount keeps its peer group, so sub-mounts of its source still propagate into it.
+    kept = os.statvfs(target).f_flag
+    flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+    for st_flag, ms_flag in _KEPT_FLAGS:
+        if kept & st_flag:
+            flags |= ms_flag
+    _mount(None, target, flags, operation="remount read-only")
+
+
+def ensure_read_only(target: PurePosixPath) -> bool:
+    """Make the mount at ``target`` read-only if it is not; True if it had to be changed.
+
+    :raises MountFailed: if the remount fails.
+    """
+    if os.statvfs(target).f_flag & os.ST_RDONLY:
+        return False
+    _remount_read_only(target)
+    return True
 
 
 def make_rshared(path: PurePosixPath) -> None:

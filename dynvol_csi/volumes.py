@@ -33,6 +33,7 @@ from dynvol_core.records import VolumeRecord
 from dynvol_csi.errors import ShuttingDown, TargetUnavailable, VolumeConflict, VolumeNotFound
 from dynvol_csi.mounting import (
     bind,
+    ensure_read_only,
     lazy_unmount,
     mounted_under,
     read_mountinfo,
@@ -175,6 +176,7 @@ class VolumeManager:
                     self._forget(record.volume_id)
                 elif entries_at(entries, record.target_path):
                     log.info("volume %s is published at %s", record.volume_id, record.target_path)
+                    ensure_read_only(record.target_path)
                 elif Path(record.target_path).parent.is_dir():
                     log.warning(
                         "volume %s lost its bind at %s; binding its slot again",
@@ -217,6 +219,7 @@ class VolumeManager:
             slot = existing.slot(self.layout)
             if existing.phase == "published":
                 if self._is_bound(slot.path, existing.target_path):
+                    ensure_read_only(existing.target_path)
                     return existing
                 # Bound before but not any more (someone unmounted it): bind again, and
                 # keep the slot and the record whatever happens, as they may be in use.
@@ -376,7 +379,16 @@ class VolumeManager:
                     f"target path {target} exists and is not a directory"
                 ) from exc
         if not self._is_bound(slot, record.target_path):
-            bind(slot, record.target_path, read_only=record.read_only)
+            # Always read-only, whatever the volume asks (DESIGN.md §6.2): a pod that could
+            # write its slot could plant a symbolic link where a claim's mountpoint goes and
+            # redirect the DMP's mount. record.read_only is kept only so that a publish with
+            # other parameters is still recognised as a conflict. Sub-mounts the DMP makes
+            # later keep their own flags (a read-only bind is not recursive), so claims
+            # stay writable where they say so.
+            bind(slot, record.target_path, read_only=True)
+        else:
+            # A bind made by an earlier version (or by hand) may be writable.
+            ensure_read_only(record.target_path)
 
     @staticmethod
     def _is_bound(slot: PurePosixPath, target: PurePosixPath) -> bool:

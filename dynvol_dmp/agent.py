@@ -6,14 +6,21 @@ cache and queues their keys; workers take keys from :mod:`dynvol_dmp.queueing` a
 :func:`dynvol_core.mountplans.plan_mounts`, execute the steps through the provider, report
 the outcome on the object's status.
 
+Before acting on an object the agent checks it (:mod:`dynvol_dmp.trust`: its node, the pod
+it serves, the claim, the class); one that does not check out gets a Warning Event and is
+left alone. A mount is made at a private staging directory and attached to its target,
+which :mod:`dynvol_dmp.targets` opened without following links; the mount table must then
+show it exactly there, or it is undone (DESIGN.md §6.2, §6.3).
+
 The agent owns every mounter process (through :class:`dynvol_providers.hosting.LocalHost`,
 which waits for each of them): a daemon that dies marks its mount stale and queues the key,
 so the next reconcile repairs it (lazy unmount, mount again) at once, and with a growing
 delay if it keeps dying. Mount table changes and a slow health probe catch the rest.
 
-Lifecycle: :meth:`Agent.start` cleans up mounts a previous run left below ``--xvols`` and
-starts watching; :meth:`Agent.close` (first SIGTERM) stops watching, unmounts everything
-it owns and stops its daemons; the second SIGTERM makes :func:`run` exit at once.
+Lifecycle: :meth:`Agent.start` reads the mount pod's own Pod, cleans up mounts a previous
+run left below ``--xvols`` and in its staging tree, and starts watching; :meth:`Agent.close`
+(first SIGTERM) stops watching, unmounts everything it owns and stops its daemons; the
+second SIGTERM makes :func:`run` exit at once.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from dynvol_core.models import (
     set_condition,
     thaw_json,
 )
-from dynvol_core.mountinfo import entries_under, topmost_at
+from dynvol_core.mountinfo import Landing, MountEntry, entries_under, landing_of, topmost_at
 from dynvol_core.mountplans import (
     DesiredMount,
     LazyUnmount,
@@ -56,6 +63,8 @@ from dynvol_core.mountplans import (
 )
 from dynvol_dmp.k8s import APIConflict, APIError, APINotFound, KubeApi
 from dynvol_dmp.queueing import WorkQueue
+from dynvol_dmp.targets import REASON_UNSAFE, UnsafeTarget, open_below, remove_dir_below
+from dynvol_dmp.trust import REASON_UNTRUSTED, Identity, check_mount, target_names
 from dynvol_dmp.watching import Key, MountCache, watch_assigned
 from dynvol_providers import (
     DaemonHandle,
@@ -75,6 +84,8 @@ CONDITION_READY = "Ready"
 CONDITION_REPAIRED = "Repaired"
 #: Seconds a StorageProviderClass read from the API is reused.
 CLASS_TTL = 30.0
+#: Seconds the agent keeps trying to read its own Pod at start before giving up.
+IDENTITY_TIMEOUT = 60.0
 
 
 @attrs.frozen(kw_only=True)
@@ -128,6 +139,17 @@ class Agent:
     _tasks: list[asyncio.Task[None]] = attrs.field(factory=list, init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _classes: dict[str, tuple[float, dict[str, Any]]] = attrs.field(factory=dict, init=False)
+    #: Who this mount pod is (its own Pod); read at start, before anything is acted on.
+    identity: Identity | None = attrs.field(default=None, init=False)
+    #: The (uid, generation) of each object that passed the trust checks.
+    _trusted: dict[Key, tuple[str, int]] = attrs.field(factory=dict, init=False)
+    #: The last refusal reported for each object, so that it is reported once.
+    _refused: dict[Key, tuple[str, int, str]] = attrs.field(factory=dict, init=False)
+    #: Target and staging directory of each mount attempt under way (another attempt's
+    #: new mounts are not strays of this one).
+    _attempts: dict[Key, tuple[PurePosixPath, PurePosixPath]] = attrs.field(
+        factory=dict, init=False
+    )
 
     def __attrs_post_init__(self) -> None:
         self.host = LocalHost(on_daemon_exit=self._on_daemon_exit)
@@ -140,13 +162,22 @@ class Agent:
 
     async def start(self) -> None:
         """Clean up after a previous run, then watch and reconcile in the background."""
-        xvols = PurePosixPath(self.settings.xvols)
-        if _within(PurePosixPath(self.settings.work_dir), xvols):
-            raise ValueError("--work-dir must not be inside --xvols (it would reach the pods)")
-        await asyncio.to_thread(os.makedirs, self.settings.work_dir, 0o700, True)
-        for step in plan_teardown(read_mount_table(), xvols, include_scope=False):
-            log.info("removing mount left by a previous run: %s", step.target)
-            await self.host.unmount(step.target, lazy=True)
+        # Targets are walked from --xvols without following links, and unmounts walk from
+        # /: both roots are spelled as the kernel lists them in mountinfo.
+        realpath = os.path.realpath
+        xvols = PurePosixPath(await asyncio.to_thread(realpath, self.settings.xvols))
+        work_dir = PurePosixPath(await asyncio.to_thread(realpath, self.settings.work_dir))
+        if _within(work_dir, xvols) or _within(xvols, work_dir):
+            raise ValueError("--work-dir and --xvols must not contain each other (the staging "
+                             "mounts would reach the pods)")  # fmt: skip
+        self.settings = attrs.evolve(self.settings, xvols=Path(xvols), work_dir=Path(work_dir))
+        await asyncio.to_thread(os.makedirs, work_dir, 0o700, True)
+        self.identity = await self._read_identity()
+        table = read_mount_table()
+        for scope in (xvols, self._staging_root):
+            for step in plan_teardown(table, scope, include_scope=False):
+                log.info("removing mount left by a previous run: %s", step.target)
+                await self.host.unmount(step.target, lazy=True)
         spawn = asyncio.create_task
         self._tasks.append(
             spawn(watch_assigned(self.api, self.label_selector, self.cache, self.queue.add))
@@ -155,6 +186,36 @@ class Agent:
         self._tasks.append(spawn(self._watch_mount_table()))
         self._tasks.append(spawn(self._probe_health()))
         self._tasks.append(spawn(self._watch_credentials()))
+
+    async def _read_identity(self) -> Identity:
+        """This mount pod's own Pod, as the node plugin made it; retried while the API is
+        unreachable. :raises RuntimeError: if it does not exist or is not a mount pod."""
+        name, namespace = self.settings.name, self.settings.namespace
+        deadline = time.monotonic() + IDENTITY_TIMEOUT
+        delay = 0.5
+        while True:
+            try:
+                identity = Identity.from_pod(await self.api.get_pod(namespace, name))
+            except APINotFound:
+                raise RuntimeError(
+                    f"this mount pod's own Pod {namespace}/{name} does not exist; --name and "
+                    "--namespace must name the Pod this agent runs in"
+                ) from None
+            except ValueError as exc:
+                raise RuntimeError(str(exc)) from None
+            except APIError as exc:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cannot read this mount pod's own Pod: {exc}") from exc
+                log.warning("cannot read this mount pod's own Pod yet: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            log.info(
+                "mount pod %s/%s: node %s, policy %s, class %s%s",
+                namespace, name, identity.node_name, identity.policy, identity.class_label,
+                f", pod {identity.pod_namespace}/{identity.pod_uid}" if identity.pod_uid else "",
+            )  # fmt: skip
+            return identity
 
     async def close(self) -> None:
         """Stop watching, unmount everything this agent owns, stop its daemons."""
@@ -281,6 +342,14 @@ class Agent:
             await self._report(obj, MountPhase.FAILED, "InvalidPath", message)
             return None
         try:
+            problem = await self._untrusted(key, dvm)
+        except APIError as exc:
+            log.warning("cannot check %s/%s yet: %s", *key, exc)
+            return self._backoff(key)
+        if problem is not None:
+            await self._refuse(obj, dvm, problem)
+            return None
+        try:
             provider, request = await self._mount_request(dvm, target)
         except MountFailed as failure:
             if owned is not None:
@@ -328,6 +397,49 @@ class Agent:
             await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {target}")
         self._failures.pop(key, None)
         return None
+
+    async def _untrusted(self, key: Key, dvm: DynamicVolumeMount) -> str | None:
+        """Why this mount pod must not act on ``dvm`` (see :mod:`dynvol_dmp.trust`), or None.
+
+        Reads the user pod, the claim and the class; a verdict is kept for the object's
+        generation. :raises APIError: if the API cannot tell (the caller retries).
+        """
+        assert self.identity is not None
+        version = (dvm.uid, dvm.generation)
+        if self._trusted.get(key) == version:
+            return None
+        spec, namespace = dvm.spec, dvm.namespace
+        pod = claim = raw_class = None
+        with contextlib.suppress(APINotFound):
+            pod = await self.api.get_pod(namespace, spec.pod_name)
+        with contextlib.suppress(APINotFound):
+            claim = await self.api.get_claim(namespace, spec.claim_name)
+        with contextlib.suppress(APINotFound):
+            raw_class = await self._get_class(spec.storage_provider_class)
+        spc = None
+        if raw_class is not None:
+            try:
+                spc = StorageProviderClass.from_object(raw_class)
+            except InvalidObject as exc:
+                return f"StorageProviderClass {spec.storage_provider_class!r} is invalid: {exc}"
+        problem = check_mount(self.identity, dvm, pod=pod, claim=claim, spc=spc)
+        if problem is None:
+            self._trusted[key] = version
+            self._refused.pop(key, None)
+        else:
+            self._trusted.pop(key, None)
+        return problem
+
+    async def _refuse(self, obj: dict[str, Any], dvm: DynamicVolumeMount, problem: str) -> None:
+        """Report a refused object once per generation, and touch nothing else of it."""
+        key = (dvm.namespace, dvm.name)
+        seen = (dvm.uid, dvm.generation, problem)
+        if self._refused.get(key) == seen:
+            return
+        self._refused[key] = seen
+        message = f"mount pod {self.settings.name} does not act on this mount: {problem}"
+        log.warning("refusing %s/%s: %s", *key, problem)
+        await self._event(obj, REASON_UNTRUSTED, message, "Warning")
 
     def _target(self, dvm: DynamicVolumeMount) -> PurePosixPath | None:
         """Where to mount, inside this agent's view of /xvols; None if unsafe."""
@@ -424,9 +536,52 @@ class Agent:
         desired_key: str,
     ) -> bool:
         key = (dvm.namespace, dvm.name)
+        assert self.identity is not None
+        try:
+            names, slot_part = target_names(self.identity, dvm)
+            opened = await asyncio.to_thread(
+                open_below, PurePosixPath(self.settings.xvols), request.target,
+                create_from=slot_part,
+            )  # fmt: skip
+        except (UnsafeTarget, InvalidObject) as exc:
+            message = f"refusing to mount at {request.target}: {exc}"
+            log.warning("%s/%s: %s", *key, message)
+            await self._report(obj, MountPhase.FAILED, REASON_UNSAFE, message)
+            return False
+        # The provider mounts at a staging directory of the agent's own, which no pod can
+        # reach; the agent then binds that mount onto the opened target (attach), so the
+        # path to the target is never resolved again after the no-follow walk.
+        staging = self._staging_root / (dvm.uid or dvm.name)
+        try:
+            await asyncio.to_thread(os.makedirs, staging, 0o700, True)
+            before = read_mount_table()
+            self._attempts[key] = (request.target, staging)
+            staged = attrs.evolve(request, target=staging)
+            slot = PurePosixPath(self.settings.xvols).joinpath(*names[:slot_part])
+            return await self._mount_opened(
+                obj, dvm, provider, request, staged, opened.fd, desired_key, before, slot
+            )
+        finally:
+            self._attempts.pop(key, None)
+            opened.close()
+
+    async def _mount_opened(
+        self,
+        obj: dict[str, Any],
+        dvm: DynamicVolumeMount,
+        provider: Provider,
+        request: MountRequest,
+        staged: MountRequest,
+        target_fd: int,
+        desired_key: str,
+        before: tuple[MountEntry, ...],
+        slot: PurePosixPath,
+    ) -> bool:
+        key = (dvm.namespace, dvm.name)
+        target, staging = request.target, staged.target
         # The API writes (finalizer, Mounting) run while the mounter starts: they are not
         # on the path to the mount being usable.
-        mounting = asyncio.create_task(self._start_mount(provider, request))
+        mounting = asyncio.create_task(provider.mount(staged, self.host))
         conflict: APIConflict | None = None
         try:
             try:
@@ -434,7 +589,7 @@ class Agent:
             except APIConflict as exc:
                 conflict = exc
             if _announces_mounting(obj):
-                message = f"mounting {dvm.spec.provider} at {request.target}"
+                message = f"mounting {dvm.spec.provider} at {target}"
                 obj = await self._report(obj, MountPhase.MOUNTING, "Mounting", message)
         except BaseException:
             mounting.cancel()
@@ -444,31 +599,94 @@ class Agent:
         try:
             handle = await mounting
         except MountFailed as failure:
-            await self.host.unmount(request.target, lazy=True)
-            log.warning("mounting %s/%s failed: %s", *key, failure.message)
-            await self._report(obj, MountPhase.FAILED, failure.reason, failure.message)
+            await self.host.unmount(staging, lazy=True)
+            message = failure.message.replace(str(staging), str(target))
+            message += await self._undo_strays(key, target, slot, before)
+            log.warning("mounting %s/%s failed: %s", *key, message)
+            await self._report(obj, MountPhase.FAILED, failure.reason, message)
             return False
         except OSError as exc:
-            await self.host.unmount(request.target, lazy=True)
-            await self._report(obj, MountPhase.FAILED, "MountFailed",
-                               f"cannot mount at {request.target}: {exc}")  # fmt: skip
+            await self.host.unmount(staging, lazy=True)
+            message = f"cannot mount at {target}: {exc}".replace(str(staging), str(target))
+            message += await self._undo_strays(key, target, slot, before)
+            await self._report(obj, MountPhase.FAILED, "MountFailed", message)
+            return False
+        try:
+            await self.host.attach(staging, target_fd, target)
+        except OSError as exc:
+            attach_error: str | None = str(exc)
+        else:
+            attach_error = None
+        landing = self._landing(key, before, target, handle.fs_type, slot)
+        if attach_error is not None or not landing.ok:
+            for entry in landing.stray:
+                await self.host.unmount(entry.path, lazy=True)
+            with contextlib.suppress(OSError):
+                await provider.unmount(handle, self.host)
+            if handle.daemon is not None:
+                await self.host.stop_daemon(handle.daemon, kill_after=2.0)
+            message = (
+                f"the mount of {target} did not land where planned: "
+                f"{attach_error or landing.describe()}; it was undone"
+            )
+            log.warning("%s/%s: %s", *key, message)
+            await self._report(obj, MountPhase.FAILED, REASON_UNSAFE, message)
             return False
         previous = self._owned.get(key)
         self._owned[key] = _Owned(
-            key=key, desired_key=desired_key, target=request.target, provider=provider,
+            key=key, desired_key=desired_key, target=target, provider=provider,
             request=request, handle=handle,
             repairs=previous.repairs if previous is not None else [],
         )  # fmt: skip
-        log.info("mounted %s/%s at %s", *key, request.target)
+        log.info("mounted %s/%s at %s", *key, target)
         if conflict is not None:
             raise conflict  # the object changed: the next pass adds the finalizer
-        await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {request.target}",
+        await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {target}",
                            mounted=True)  # fmt: skip
         return True
 
-    async def _start_mount(self, provider: Provider, request: MountRequest) -> MountHandle:
-        await asyncio.to_thread(os.makedirs, request.target, 0o755, True)
-        return await provider.mount(request, self.host)
+    @property
+    def _staging_root(self) -> PurePosixPath:
+        """Where providers mount before the agent attaches their mounts to the targets."""
+        return PurePosixPath(self.settings.work_dir) / ".staging"
+
+    def _other_targets(self, key: Key) -> set[PurePosixPath]:
+        """Where other mounts of this agent are, or are being made (and staged)."""
+        targets = {o.target for k, o in self._owned.items() if k != key}
+        for other, paths in self._attempts.items():
+            if other != key:
+                targets.update(paths)
+        return targets
+
+    def _landing(
+        self,
+        key: Key,
+        before: tuple[MountEntry, ...],
+        target: PurePosixPath,
+        fs_type: str,
+        slot: PurePosixPath,
+    ) -> Landing:
+        """Where an attempt's mounts went, from the mount table now (see ``landing_of``)."""
+        return landing_of(
+            before, read_mount_table(), target=target, fs_type=fs_type,
+            others=self._other_targets(key), shared_root=PurePosixPath(self.settings.xvols),
+            own=slot,
+        )  # fmt: skip
+
+    async def _undo_strays(
+        self, key: Key, target: PurePosixPath, slot: PurePosixPath, before: tuple[MountEntry, ...]
+    ) -> str:
+        """Lazily unmount what a failed attempt mounted anywhere but at its target (in its
+        own slot, or outside --xvols); a note for the status message (empty if nothing).
+        The mounter's type is not known after a failure: any new mount there counts."""
+        landing = self._landing(key, before, target, "", slot)
+        if not landing.stray:
+            return ""
+        for entry in landing.stray:
+            log.warning("%s/%s: undoing a stray mount at %s", *key, entry.mount_point)
+            await self.host.unmount(entry.path, lazy=True)
+        places = ", ".join(sorted({e.mount_point for e in landing.stray}))
+        return f" (a mount that appeared at {places} instead was undone)"
 
     def _repair_delay(self, key: Key) -> float:
         """0 for the first repairs; a growing delay when the mounter keeps dying."""
@@ -531,8 +749,7 @@ class Agent:
             await self.host.unmount(owned.target, lazy=True)
             if owned.handle.daemon is not None:
                 await self.host.stop_daemon(owned.handle.daemon, kill_after=2.0)
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(os.rmdir, owned.target)
+        await asyncio.to_thread(remove_dir_below, PurePosixPath(self.settings.xvols), owned.target)
         log.info("unmounted %s/%s from %s", *owned.key, owned.target)
 
     async def _release(
@@ -550,7 +767,13 @@ class Agent:
             obj = await self._report(obj, MountPhase.UNMOUNTING, "Unmounting", message)
         if owned is not None:
             await self._unmount_owned(owned)
-        elif target is not None and topmost_at(read_mount_table(), target) is not None:
+        elif (
+            target is not None
+            and target not in self._other_targets((dvm.namespace, dvm.name))
+            and topmost_at(read_mount_table(), target) is not None
+        ):
+            # Never another object's mount: a second object naming the same target must
+            # not be able to unmount it by going away.
             await self.host.unmount(target, lazy=True)
         if c.FINALIZER_MOUNT in dvm.finalizers:
             remaining = [f for f in dvm.finalizers if f != c.FINALIZER_MOUNT]
@@ -691,7 +914,11 @@ async def run(settings: Settings, *, kubeconfig: str | None, registry: ProviderR
     api = await KubeApi.connect(kubeconfig)
     agent = Agent(settings=settings, api=api, registry=registry)
     try:
-        await agent.start()
+        try:
+            await agent.start()
+        except (RuntimeError, ValueError) as exc:
+            log.error("cannot start: %s", exc)
+            return 1
         log.info("DMP %s watching %s", settings.name, agent.label_selector)
         await stop.wait()
     finally:

@@ -168,6 +168,31 @@ class KubeApi:
             raise _translate(exc, f"get StorageProviderClass {name}") from exc
         return result
 
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        """The Pod ``namespace/name`` as a plain dict. :raises APINotFound:"""
+        try:
+            pod = await client.CoreV1Api(self.api_client).read_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            raise _translate(exc, f"get Pod {namespace}/{name}") from exc
+        except aiohttp.ClientError as exc:
+            raise APIError(f"get Pod {namespace}/{name}: {exc}") from exc
+        result: dict[str, Any] = self.api_client.sanitize_for_serialization(pod)
+        result.setdefault("apiVersion", "v1")
+        result.setdefault("kind", "Pod")
+        return result
+
+    async def get_claim(self, namespace: str, name: str) -> dict[str, Any]:
+        """The DynamicVolumeClaim ``namespace/name``. :raises APINotFound:"""
+        try:
+            result: dict[str, Any] = await self._custom.get_namespaced_custom_object(
+                c.GROUP, c.VERSION, namespace, c.PLURAL_CLAIM, name
+            )
+        except ApiException as exc:
+            raise _translate(exc, f"get DynamicVolumeClaim {namespace}/{name}") from exc
+        except aiohttp.ClientError as exc:
+            raise APIError(f"get DynamicVolumeClaim {namespace}/{name}: {exc}") from exc
+        return result
+
     async def record_event(
         self,
         *,

@@ -7,6 +7,11 @@ change), so waiting for a daemon's mount costs no polling. Its owner (the DMP ag
 conformance kit) passes ``on_daemon_exit`` to hear about daemons that die by themselves and
 decides what to do about it: restart policy does not live here.
 
+Paths into a pod's slot are not trusted (DESIGN.md §6.2): :meth:`LocalHost.unmount` walks
+to a mount point without following links, and :meth:`LocalHost.attach` lets the owner move
+a mount made at a private staging directory onto a directory it opened itself, by
+descriptor, so that no path in the slot is resolved after the owner checked it.
+
 Neighbours: :mod:`dynvol_providers.base` (the contract), :mod:`dynvol_dmp` (the owner in
 production).
 """
@@ -48,10 +53,12 @@ __all__ = ["LocalHost", "MountTableWatch", "read_mount_table", "redact"]
 log = logging.getLogger(__name__)
 
 _MNT_DETACH = 2
+_UMOUNT_NOFOLLOW = 8
 _MOUNTINFO = "/proc/self/mountinfo"
 _OUTPUT_LINES = 40
 #: Looked up in a new mount to see that the backend answers (see LocalHost._answers).
 _PROBE_NAME = ".dynvol-ready-probe"
+_MS_BIND = 0x1000
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -117,14 +124,71 @@ class MountTableWatch:
 _libc: ctypes.CDLL | None = None
 
 
-def _umount2(target: str, flags: int) -> int:
-    """umount2(2); returns 0 or the errno."""
+def _libc_handle() -> ctypes.CDLL:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if _libc.umount2(os.fsencode(target), flags) == 0:
+    return _libc
+
+
+def _bind_onto_fd(source: str, target_fd: int) -> int:
+    """mount(2) ``source`` (bind) onto the directory ``target_fd`` holds; 0 or the errno.
+
+    The target is named ``/proc/self/fd/N``: the kernel resolves that to exactly the
+    descriptor's directory, whatever the path to it has become since it was opened.
+    """
+    libc = _libc_handle()
+    target = f"/proc/self/fd/{target_fd}".encode()
+    if libc.mount(os.fsencode(source), target, None, ctypes.c_ulong(_MS_BIND), None) == 0:
         return 0
     return ctypes.get_errno()
+
+
+def _umount2(target: str, flags: int) -> int:
+    """umount2(2) of ``target`` without following a symbolic link anywhere on its path.
+
+    The parent directory is reached one name at a time from ``/`` with ``O_NOFOLLOW``, and
+    the mount point is then named through that descriptor (``/proc/self/fd/N/name``) with
+    ``UMOUNT_NOFOLLOW``: a link planted at any component (one that would lead to the mount
+    pod's own ``/etc``) makes this fail with ELOOP or ENOTDIR instead of unmounting whatever
+    the link points at. Returns 0 or the errno.
+    """
+    libc = _libc_handle()
+    try:
+        parent_fd, name = _open_parent(target)
+    except OSError as exc:
+        return exc.errno or errno.EINVAL
+    try:
+        path = f"/proc/self/fd/{parent_fd}/{name}"
+        if libc.umount2(os.fsencode(path), flags | _UMOUNT_NOFOLLOW) == 0:
+            return 0
+        return ctypes.get_errno()
+    finally:
+        os.close(parent_fd)
+
+
+def _open_parent(path: str) -> tuple[int, str]:
+    """An O_PATH descriptor of ``path``'s parent, reached without following links, and the
+    last name. ``path`` is absolute and normalised, as mountinfo lists mount points.
+
+    :raises OSError: ELOOP or ENOTDIR for a link or a non-directory on the way, EINVAL for a
+        path that is not absolute and normal.
+    """
+    names = path.split("/")
+    if names[0] != "" or any(name in ("", ".", "..") for name in names[1:]):
+        raise OSError(errno.EINVAL, f"{path!r} is not a normalised absolute path")
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in names[1:-1]:
+            next_fd = os.open(
+                name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, names[-1]
 
 
 @attrs.define
@@ -155,6 +219,34 @@ class LocalHost:
     probe_limit: float = 5.0
     _daemons: dict[int, _Daemon] = attrs.field(factory=dict, init=False)
     _watch: MountTableWatch = attrs.field(factory=MountTableWatch, init=False)
+    #: Mounts made at a staging directory and then attached elsewhere: staging -> where.
+    _attached: dict[PurePosixPath, PurePosixPath] = attrs.field(factory=dict, init=False)
+
+    # -- mounts made at a staging directory ---------------------------------------------
+
+    async def attach(self, staging: PurePosixPath, target_fd: int, target: PurePosixPath) -> None:
+        """Move the mount at ``staging`` onto the directory ``target_fd`` holds (``target``).
+
+        The owner (the DMP agent) has a provider mount at a staging directory of its own,
+        which no pod can reach, and opened ``target`` without following links. The mount
+        is bound onto the descriptor (so no path is resolved again: a link swapped in on
+        the way since does not matter) and the staging mount is detached. From then on
+        ``staging`` in :meth:`unmount` and :meth:`probe` means ``target``: providers keep
+        their handles as they made them.
+
+        :raises OSError: if the bind fails; the staging mount is then left as it is.
+        """
+        source = str(_canonical(staging))
+        err = await asyncio.to_thread(_bind_onto_fd, source, target_fd)
+        if err:
+            raise OSError(err, f"cannot attach the mount at {source} to {target}: "
+                               f"{os.strerror(err)}")  # fmt: skip
+        self._attached[_canonical(staging)] = _canonical(target)
+        await asyncio.to_thread(_umount2, source, _MNT_DETACH)
+
+    def _where(self, path: PurePosixPath | str) -> PurePosixPath:
+        canonical = _canonical(path)
+        return self._attached.get(canonical, canonical)
 
     # -- processes ----------------------------------------------------------------------
 
@@ -261,6 +353,7 @@ class LocalHost:
                     f"{spec.preflight.argv[0]} could not reach the storage: {_tail(result.output)}",
                 )
         target = _canonical(spec.target)
+        self._attached.pop(target, None)  # a new mount there, not attached (yet)
         await asyncio.to_thread(os.makedirs, target, exist_ok=True)
         proc = await self._spawn(spec.command)
         handle = DaemonHandle(pid=proc.pid, argv=spec.command.argv)
@@ -380,14 +473,20 @@ class LocalHost:
         return self._watch.changed()
 
     async def unmount(self, target: PurePosixPath, *, lazy: bool = False) -> None:
-        """Unmount every mount stacked at ``target``; busy or stale ones lazily."""
-        path = str(_canonical(target))
+        """Unmount every mount stacked at ``target``; busy or stale ones lazily.
+
+        No symbolic link is followed on the way (see :func:`_umount2`). ``target`` may be
+        a staging directory whose mount was attached elsewhere (:meth:`attach`).
+        """
+        staging = _canonical(target)
+        path = str(self._where(staging))
         # A FUSE daemon exits once its mount is gone: that exit is expected, not a crash.
         for daemon in self._daemons.values():
-            if str(daemon.target) == path:
+            if str(self._where(daemon.target)) == path:
                 daemon.stopping = True
         for _ in range(16):
             if _mount_at(PurePosixPath(path)) is None:
+                self._attached.pop(staging, None)
                 return
             flags = _MNT_DETACH if lazy else 0
             err = await asyncio.to_thread(_umount2, path, flags)
@@ -399,7 +498,7 @@ class LocalHost:
         raise OSError(errno.EBUSY, f"{path} stays mounted after repeated unmounts")
 
     async def probe(self, target: PurePosixPath) -> Health:
-        path = _canonical(target)
+        path = self._where(target)
         limit = self.probe_limit
         if _mount_at(path) is None:
             return Health(state=HealthState.ABSENT, message=f"{path} is not mounted")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from grpclib import GRPCError, Status
 
+from dynvol_core.mountinfo import MountEntry
 from dynvol_csi._proto.csi import v1 as csi
 
 from .conftest import (
@@ -145,6 +146,94 @@ async def test_read_only_volume_is_a_read_only_bind(
         (vol.target / "x").write_text("no")
     assert info.value.errno == errno.EROFS
     slot = slot_of(node_plugin, vol)
+    await csi_client.node.node_unpublish_volume(vol.unpublish_request())
+    assert_gone(node_plugin, vol, slot)
+
+
+def _entry_at(path: Path) -> MountEntry:
+    [entry] = [e for e in mounts_of() if e.mount_point == str(path)]
+    return entry
+
+
+def _assert_not_writable(root: Path) -> None:
+    """Nothing can be made at ``root``: no file, no directory, no symbolic link."""
+    attempts = [
+        lambda: (root / "file").write_text("no"),
+        lambda: (root / "dir").mkdir(),
+        lambda: (root / "data").symlink_to("/etc"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError, match="Read-only file system") as info:
+            attempt()
+        assert info.value.errno == errno.EROFS
+    assert list(root.iterdir()) == []
+
+
+async def test_the_slot_is_read_only_in_the_pod_whatever_the_volume_says(
+    node_plugin: NodePluginProcess,
+    csi_client: CsiClient,
+    mount_namespaces: list[MountNamespace],
+    rshared_dir: Path,
+) -> None:
+    # The volume asks for a writable root (readOnly: false, as a hand-written pod could).
+    vol = new_pod_volume(node_plugin, read_only=False)
+    await csi_client.node.node_publish_volume(vol.publish_request())
+    slot = slot_of(node_plugin, vol)
+    assert "ro" in _entry_at(vol.target).options
+    _assert_not_writable(vol.target)
+    # The bind is still a peer of the slot: a DMP's later mount propagates into it, and
+    # keeps its own flags there (the claim's storage stays writable).
+    assert _entry_at(vol.target).shared_peer_group == _entry_at(node_plugin.xvols).shared_peer_group
+    dmp = spawn_namespace(mount_namespaces, rshared_dir.parent / "dmp.log")
+    dmp_root = rshared_dir / "dmp"
+    dmp_root.mkdir()
+    dmp.run("mount", "--make-slave", str(rshared_dir))
+    dmp.run("mount", "--bind", str(slot), str(dmp_root))
+    dmp.run("mount", "--make-shared", str(dmp_root))
+    (slot / "data").mkdir()  # the DMP makes its mount points: the slot is writable there
+    dmp.run("mount", "-t", "tmpfs", "-o", "size=1m", "claim-data", str(dmp_root / "data"))
+    assert is_mount_point(vol.target / "data")
+    (vol.target / "data" / "written-by-the-pod").write_text("ok")
+    assert dmp.run("cat", str(dmp_root / "data" / "written-by-the-pod")) == "ok"
+    assert "ro" not in _entry_at(vol.target / "data").options
+
+    # A restart of the node plugin keeps it so, and propagation still works.
+    node_plugin.kill()
+    node_plugin.start()
+    csi_client.reconnect()
+    assert "ro" in _entry_at(vol.target).options
+    await csi_client.node.node_publish_volume(vol.publish_request())  # kubelet's retry
+    assert "ro" in _entry_at(vol.target).options
+    (slot / "logs").mkdir()
+    dmp.run("mount", "-t", "tmpfs", "-o", "size=1m", "claim-logs", str(dmp_root / "logs"))
+    assert is_mount_point(vol.target / "logs")
+    dmp.run("umount", str(dmp_root / "logs"))
+    assert not is_mount_point(vol.target / "logs")
+
+    await csi_client.node.node_unpublish_volume(vol.unpublish_request())
+    assert_gone(node_plugin, vol, slot)
+    assert dmp.mount_points_under(dmp_root / "data") == []
+
+
+@pytest.mark.parametrize("when", ["restart", "publish"])
+async def test_a_writable_bind_left_behind_is_made_read_only(
+    node_plugin: NodePluginProcess, csi_client: CsiClient, when: str
+) -> None:
+    vol = new_pod_volume(node_plugin)
+    await csi_client.node.node_publish_volume(vol.publish_request())
+    slot = slot_of(node_plugin, vol)
+    # What an earlier version (or a hand) left: the same bind, writable.
+    sh("mount", "-o", "remount,bind,rw", str(vol.target))
+    assert "rw" in _entry_at(vol.target).options
+    if when == "restart":
+        node_plugin.kill()
+        node_plugin.start()
+        csi_client.reconnect()
+    else:
+        await csi_client.node.node_publish_volume(vol.publish_request())
+    assert "ro" in _entry_at(vol.target).options
+    _assert_not_writable(vol.target)
+    assert len(mount_points_under(vol.target)) == 1
     await csi_client.node.node_unpublish_volume(vol.unpublish_request())
     assert_gone(node_plugin, vol, slot)
 

@@ -28,10 +28,12 @@ from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import mounts_under
 from dynvol.testing.processes import Process
 from dynvol_core import constants as c
-from dynvol_core.dispatch import label_value
+from dynvol_core.dispatch import DmpSpec, dmp_pod_manifest, label_value
 from dynvol_core.models import DynamicVolumeMount, MountSpec
 
 DYNVOL = str(Path(sys.executable).with_name("dynvol"))
+#: The node the test pods and mount pods are on (there is no kubelet: it is only a name).
+NODE = "dmp-test-node"
 
 
 def descendants(pid: int) -> list[int]:
@@ -63,25 +65,84 @@ def process_name(pid: int) -> str:
 
 @attrs.define
 class Slot:
-    """A pod slot under an rshared root, and where a container sees it."""
+    """A pod slot under an rshared root, and where a container sees it.
+
+    The user pod (``pod_name``, ``pod_uid``, in ``namespace`` on :data:`NODE`) and the
+    Pod object of the independent mount pod serving it (``dmp_name``, in the system
+    namespace) exist in the API, as the node plugin would have made them: the agent reads
+    its own Pod and checks every mount against them.
+    """
 
     root: Path
     class_name: str
     pod_uid: str
     path: Path
     container_root: Path
+    namespace: str = ""
+    pod_name: str = ""
+    dmp_name: str = ""
+
+
+def user_pod_manifest(name: str, class_name: str, *, node: str = NODE) -> dict[str, Any]:
+    """A user pod carrying the dynvol volume of ``class_name`` (as the webhook injects it)."""
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "dmp-test"}},
+        "spec": {
+            "nodeName": node, "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "app", "image": "registry.invalid/app:1"}],
+            "volumes": [{"name": c.VOLUME_NAME, "csi": {
+                "driver": c.DRIVER_NAME, "readOnly": True,
+                "volumeAttributes": {c.VOLUME_ATTR_CLASS: class_name,
+                                     c.VOLUME_ATTR_POLICY: c.POLICY_INDEPENDENT}}}],
+        },
+    }  # fmt: skip
+
+
+async def _ensure_namespace(core: Any, name: str) -> None:
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    try:
+        await core.create_namespace({"metadata": {"name": name}})
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
 
 
 @pytest.fixture
-def slot(rshared_dir: Path, tmp_path: Path) -> Slot:
+async def slot(
+    rshared_dir: Path, tmp_path: Path, kube_client: Any, namespace: str
+) -> AsyncIterator[Slot]:
+    from kubernetes_asyncio import client
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    core = client.CoreV1Api(kube_client)
     class_name = f"s3-{secrets.token_hex(3)}"
-    pod_uid = str(uuid.uuid4())
+    pod_name = f"app-{secrets.token_hex(3)}"
+    pod = await core.create_namespaced_pod(namespace, user_pod_manifest(pod_name, class_name))
+    pod_uid = pod.metadata.uid
     path = rshared_dir / "xvols" / class_name / str(uuid.uuid4()) / pod_uid
     path.mkdir(parents=True)
+    dmp = DmpSpec(
+        name=f"dmp-{secrets.token_hex(4)}", namespace=c.DEFAULT_SYSTEM_NAMESPACE,
+        node_name=NODE, class_name=class_name, policy=c.POLICY_INDEPENDENT,
+        image="registry.invalid/dynvol:test", host_path=str(path),
+        pod_namespace=namespace, pod_name=pod_name, pod_uid=pod_uid,
+    )  # fmt: skip
+    await _ensure_namespace(core, c.DEFAULT_SYSTEM_NAMESPACE)
+    await core.create_namespaced_pod(c.DEFAULT_SYSTEM_NAMESPACE, dmp_pod_manifest(dmp))
     # Outside the rshared tree, so the container's bind cannot propagate back to the host.
     container_root = tmp_path / "container-root"
     container_root.mkdir()
-    return Slot(rshared_dir, class_name, pod_uid, path, container_root)
+    try:
+        yield Slot(
+            rshared_dir, class_name, pod_uid, path, container_root,
+            namespace=namespace, pod_name=pod_name, dmp_name=dmp.name,
+        )  # fmt: skip
+    finally:
+        for ns, name in ((namespace, pod_name), (c.DEFAULT_SYSTEM_NAMESPACE, dmp.name)):
+            with contextlib.suppress(ApiException):
+                await core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
 
 
 @attrs.define
@@ -188,7 +249,7 @@ def agent_factory(
         for key, value in secret_data.items():
             (secrets_dir / key).write_text(value)
         runner = AgentRunner(
-            name=f"dmp-{secrets.token_hex(4)}",
+            name=slot.dmp_name,  # the mount pod whose Pod object the slot fixture made
             kubeconfig=control_plane.kubeconfig,
             xvols=slot.path,
             secrets_dir=secrets_dir,
@@ -212,6 +273,7 @@ class Mounts:
 
     api: Any
     namespace: str
+    classes: list[str] = attrs.field(factory=list)
 
     @property
     def custom(self) -> Any:
@@ -219,43 +281,75 @@ class Mounts:
 
         return client.CustomObjectsApi(self.api)
 
-    async def create_class(self, parameters: dict[str, str] | None = None) -> str:
-        name = f"class-{secrets.token_hex(4)}"
+    async def create_class(
+        self,
+        parameters: dict[str, str] | None = None,
+        *,
+        name: str,
+        allowed_namespaces: list[str] | None = None,
+    ) -> str:
+        spec: dict[str, Any] = {"provider": "s3", "parameters": parameters or {}}
+        if allowed_namespaces is not None:
+            spec["allowedNamespaces"] = allowed_namespaces
         await self.custom.create_cluster_custom_object(
             c.GROUP, c.VERSION, c.PLURAL_CLASS,
             {"apiVersion": c.API_VERSION, "kind": c.KIND_CLASS, "metadata": {"name": name},
-             "spec": {"provider": "s3", "parameters": parameters or {}}},
+             "spec": spec},
         )  # fmt: skip
+        self.classes.append(name)
         return name
+
+    async def create_claim(self, config: dict[str, Any], mountpoint: str) -> tuple[str, str]:
+        """A claim (its name and UID) as the user would write it."""
+        name = f"claim-{secrets.token_hex(4)}"
+        obj = await self.custom.create_namespaced_custom_object(
+            c.GROUP, c.VERSION, self.namespace, c.PLURAL_CLAIM,
+            {"apiVersion": c.API_VERSION, "kind": c.KIND_CLAIM,
+             "metadata": {"name": name, "namespace": self.namespace},
+             "spec": {"storageProvider": "s3", "mountpoint": mountpoint, "s3Config": config,
+                      "selector": {"matchLabels": {"app": "dmp-test"}}}},
+        )  # fmt: skip
+        return name, obj["metadata"]["uid"]
 
     async def create(
         self,
         *,
-        dmp: str,
-        class_name: str,
+        slot: Slot,
         config: dict[str, Any],
         mountpoint: str = "/data",
         read_only: bool = False,
-        slot_path: Path,
-        pod_uid: str,
+        **changes: Any,
     ) -> str:
+        """A DynamicVolumeMount of a new claim into ``slot``'s pod, assigned to its mount
+        pod, as the node plugin writes it; ``changes`` override spec fields (a forgery)."""
         name = f"dvm-{secrets.token_hex(4)}"
+        claim_name, claim_uid = await self.create_claim(config, mountpoint)
+        spec = MountSpec(
+            claim_name=claim_name, claim_uid=claim_uid, pod_name=slot.pod_name,
+            pod_uid=slot.pod_uid, node_name=NODE, dmp_name=slot.dmp_name, provider="s3",
+            storage_provider_class=slot.class_name, config=config, read_only=read_only,
+            mountpoint=mountpoint, slot_path=str(slot.path),
+            dmp_target_path=f"{c.DMP_XVOLS_DIR}{mountpoint}",
+        )  # fmt: skip
         dvm = DynamicVolumeMount(
             name=name,
             namespace=self.namespace,
-            labels={c.LABEL_DMP: label_value(dmp)},
-            spec=MountSpec(
-                claim_name="claim", claim_uid=str(uuid.uuid4()), pod_name="pod",
-                pod_uid=pod_uid, node_name="node", dmp_name=dmp, provider="s3",
-                storage_provider_class=class_name, config=config, read_only=read_only,
-                mountpoint=mountpoint, slot_path=str(slot_path),
-                dmp_target_path=f"{c.DMP_XVOLS_DIR}{mountpoint}",
-            ),
-        )  # fmt: skip
+            labels={c.LABEL_DMP: label_value(slot.dmp_name)},
+            spec=attrs.evolve(spec, **changes),
+        )
         await self.custom.create_namespaced_custom_object(
             c.GROUP, c.VERSION, self.namespace, c.PLURAL_MOUNT, dvm.to_object()
         )
         return name
+
+    async def events(self, name: str) -> list[dict[str, Any]]:
+        """The Events about the DynamicVolumeMount ``name``."""
+        from kubernetes_asyncio import client
+
+        listing = await client.CoreV1Api(self.api).list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name}"
+        )
+        return [self.api.sanitize_for_serialization(e) for e in listing.items]
 
     async def get(self, name: str) -> dict[str, Any] | None:
         from kubernetes_asyncio.client.exceptions import ApiException
@@ -310,6 +404,11 @@ class Mounts:
                     _content_type="application/merge-patch+json",
                 )  # fmt: skip
                 await self.delete(obj["metadata"]["name"])
+        for name in self.classes:
+            with contextlib.suppress(ApiException):
+                await self.custom.delete_cluster_custom_object(
+                    c.GROUP, c.VERSION, c.PLURAL_CLASS, name
+                )
 
 
 def phase_is(phase: str) -> Callable[[dict[str, Any] | None], bool]:

@@ -57,13 +57,11 @@ async def _assign_bucket(
     class_parameters: dict[str, str] | None = None,
 ) -> str:
     """Start ``agent`` and assign it a DynamicVolumeMount of ``bucket`` at /data; its name."""
-    class_name = await mounts.create_class(class_parameters)
+    await mounts.create_class(class_parameters, name=slot.class_name)
     agent.start()
     return await mounts.create(
-        dmp=agent.name, class_name=class_name,
-        config={"bucket": bucket, "endpoint": minio.endpoint}, read_only=read_only,
-        slot_path=slot.path, pod_uid=slot.pod_uid,
-    )  # fmt: skip
+        slot=slot, config={"bucket": bucket, "endpoint": minio.endpoint}, read_only=read_only
+    )
 
 
 @pytest.mark.parametrize("mounter", ["s3fs", "rclone"])
@@ -195,13 +193,10 @@ async def test_bad_config_fails_with_an_actionable_message(
         bucket = "no-such-bucket-dynvol"
     else:
         endpoint = "http://127.0.0.1:9"  # discard port: nothing listens
-    class_name = await mounts.create_class()
+    await mounts.create_class(name=slot.class_name)
     agent = agent_factory(keys)
     agent.start()
-    name = await mounts.create(
-        dmp=agent.name, class_name=class_name, config={"bucket": bucket, "endpoint": endpoint},
-        slot_path=slot.path, pod_uid=slot.pod_uid,
-    )  # fmt: skip
+    name = await mounts.create(slot=slot, config={"bucket": bucket, "endpoint": endpoint})
     obj = await mounts.wait(name, phase_is("Failed"), limit=60, what="Failed", agent=agent)
     assert obj is not None
     ready = {x["type"]: x for x in obj["status"]["conditions"]}["Ready"]

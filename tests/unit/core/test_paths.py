@@ -13,6 +13,7 @@ from dynvol_core.paths import (
     DEFAULT_DMP_ROOT,
     PodSlot,
     XvolsLayout,
+    components_below,
     path_is_within,
     validate_volume_id,
 )
@@ -223,3 +224,55 @@ def test_path_is_within_is_component_wise() -> None:
     assert path_is_within(PurePosixPath("/a"), PurePosixPath("/"))
     assert not path_is_within(PurePosixPath("/a/bc"), PurePosixPath("/a/b"))
     assert not path_is_within(PurePosixPath("/a"), PurePosixPath("/a/b"))
+
+
+# ---- components_below: the names a no-follow walk opens one at a time ------------------
+
+
+def test_components_below() -> None:
+    assert components_below("/xvols/data", "/xvols") == ("data",)
+    assert components_below(PurePosixPath("/xvols/a/b/c"), PurePosixPath("/xvols")) == (
+        "a",
+        "b",
+        "c",
+    )
+    assert components_below("/xvols/a", "/xvols/") == ("a",)
+
+
+@pytest.mark.parametrize(
+    ("path", "base", "message"),
+    [
+        ("/xvols", "/xvols", "is not below"),
+        ("/xvols/", "/xvols", "component ''"),
+        ("/xvols/a/../b", "/xvols", "component '..'"),
+        ("/xvols/..", "/xvols", "component '..'"),
+        ("/xvols/./a", "/xvols", "component '.'"),
+        ("/xvols//a", "/xvols", "component ''"),
+        ("/xvols/a/", "/xvols", "component ''"),
+        ("/xvols/a\nb", "/xvols", "control"),
+        ("/xvolsx/a", "/xvols", "is not below"),
+        ("/etc/passwd", "/xvols", "is not below"),
+        ("xvols/a", "xvols", "absolute"),
+    ],
+)
+def test_components_below_refuses(path: str, base: str, message: str) -> None:
+    with pytest.raises(InvalidPath, match=message):
+        components_below(path, base)
+
+
+@given(text=mountpoint_text)
+@settings(max_examples=300)
+def test_components_below_are_plain_names_that_rebuild_the_path(text: str) -> None:
+    path = f"/xvols/{text}"
+    try:
+        names = components_below(path, "/xvols")
+    except InvalidPath:
+        return
+    assert names
+    for name in names:
+        assert name not in ("", ".", "..")
+        assert "/" not in name
+        assert "\0" not in name
+    # Nothing was normalised away: joining the names gives back the very text.
+    assert "/xvols/" + "/".join(names) == path
+    assert path_is_within(PurePosixPath(path), PurePosixPath("/xvols"))
