@@ -28,7 +28,7 @@ def test_default_is_nfs_4_1_read_write() -> None:
     config = PROVIDER.parse_config({"server": "nfs.example.com", "path": "/exports"}, parameters={})
     spec = PROVIDER.mount_command(request(config))
     assert spec.argv == (
-        "mount", "-t", "nfs4", "-o", "vers=4.1,rw", "nfs.example.com:/exports", "/xvols/share",
+        "mount", "-t", "nfs4", "-o", "vers=4.1,rw,nosuid,nodev", "nfs.example.com:/exports", "/xvols/share",
     )  # fmt: skip
     assert PROVIDER.mount_fs_type(request(config)) == "nfs4"
 
@@ -40,7 +40,7 @@ def test_v3_read_only_with_options_and_ipv6() -> None:
     )
     spec = PROVIDER.mount_command(request(config, read_only=True))
     assert spec.argv == (
-        "mount", "-t", "nfs", "-o", "vers=3,ro,hard,timeo=600", "[fd00::1]:/srv/a", "/xvols/share",
+        "mount", "-t", "nfs", "-o", "hard,timeo=600,vers=3,ro,nosuid,nodev", "[fd00::1]:/srv/a", "/xvols/share",
     )  # fmt: skip
     assert PROVIDER.mount_fs_type(request(config)) == "nfs"
 
