@@ -29,7 +29,14 @@ from typing import Any
 from dynvol_core import constants as c
 from dynvol_core.dispatch import match, mountpoints_overlap, selected_pods
 from dynvol_core.errors import DynvolError, InvalidObject
-from dynvol_core.models import DynamicVolumeClaim, PodInfo, StorageProviderClass, thaw_json
+from dynvol_core.models import (
+    ConnectionPolicy,
+    DynamicVolumeClaim,
+    PodInfo,
+    StorageProviderClass,
+    thaw_json,
+)
+from dynvol_providers.base import parse_provider_config
 
 from . import objects
 from .admission import AdmissionDecision, mutate_pod
@@ -391,11 +398,20 @@ class ClusterController:
             except DynvolError as exc:
                 return False, "UnknownProvider", str(exc)
             params: Mapping[str, str] = {}
+            # Unknown until a pod names the class, unless the claim pins one: then its
+            # connection policy (spec.connection) is checked here too, not only in the DMP.
+            connection: ConnectionPolicy | None = None
             if claim.storage_provider_class:
                 pinned = self._class_model(claim.storage_provider_class)
                 params = pinned.provider_parameters if pinned is not None else {}
+                connection = pinned.connection if pinned is not None else None
             try:
-                provider.parse_config(thaw_json(claim.provider_config.values), parameters=params)
+                parse_provider_config(
+                    provider,
+                    thaw_json(claim.provider_config.values),
+                    parameters=params,
+                    connection=connection,
+                )
             except InvalidObject as exc:
                 return False, "InvalidConfig", f"spec.{claim.provider_config.kind}: {exc}"
         if claim.storage_provider_class:
