@@ -224,7 +224,9 @@ class Mounts:
         await self.custom.create_cluster_custom_object(
             c.GROUP, c.VERSION, c.PLURAL_CLASS,
             {"apiVersion": c.API_VERSION, "kind": c.KIND_CLASS, "metadata": {"name": name},
-             "spec": {"provider": "s3", "parameters": parameters or {}}},
+             # MinIO listens on 127.0.0.1: the class must allow loopback endpoints.
+             "spec": {"provider": "s3", "parameters": parameters or {},
+                      "connection": {"allowLoopback": True}}},
         )  # fmt: skip
         return name
 
