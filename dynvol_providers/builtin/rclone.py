@@ -310,22 +310,24 @@ class RcloneProvider(FuseProvider):
                     )
                 )
                 continue
-            if _SECRET_OPTION.search(key):
-                errors.append(
-                    FieldError(
-                        where,
-                        "is a secret: put it in the StorageProviderClass's Secret, not in "
-                        "the claim, where everyone who can read the claim would see it",
-                    )
-                )
-                continue
-            if is_local_option(key) and key not in allowed_local:
+            local = is_local_option(key)
+            if local and key not in allowed_local:
                 errors.append(
                     FieldError(
                         where,
                         "reads or writes the mount pod's files, runs a program or uses the "
                         "node's identity; the StorageProviderClass must list it in its "
                         f"{PARAM_ALLOWED_OPTIONS} parameter to allow it",
+                    )
+                )
+                continue
+            # A local option the class allows (key_file...) holds a path, not a secret.
+            if not local and _SECRET_OPTION.search(key):
+                errors.append(
+                    FieldError(
+                        where,
+                        "is a secret: put it in the StorageProviderClass's Secret, not in "
+                        "the claim, where everyone who can read the claim would see it",
                     )
                 )
                 continue
