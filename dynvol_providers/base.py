@@ -57,6 +57,7 @@ __all__ = [
     "config_error",
     "join_mount_options",
     "parse_provider_config",
+    "qualify_config_errors",
     "split_mount_options",
 ]
 
@@ -470,6 +471,25 @@ def parse_provider_config(
     if accepts:
         return provider.parse_config(values, parameters=parameters, connection=connection)
     return provider.parse_config(values, parameters=parameters)
+
+
+def qualify_config_errors(
+    exc: InvalidObject, *, block: str, class_name: str | None = None
+) -> InvalidObject:
+    """``exc`` from ``parse_config`` with full field paths, for users to act on.
+
+    Claim fields (relative to the block, e.g. ``endpoint``, ``parameters[url]``) become
+    ``spec.<block>.<path>``; class fields (``parameters.<key>``, ``connection.<...>``)
+    become ``spec.<path>`` with the class named in the message.
+    """
+    qualified: list[FieldError] = []
+    for error in exc.errors:
+        if error.path.startswith(("parameters.", "connection.")):
+            where = f"StorageProviderClass {class_name!r}" if class_name else "the class"
+            qualified.append(FieldError(f"spec.{error.path}", f"{error.message} (in {where})"))
+        else:
+            qualified.append(FieldError(f"spec.{block}.{error.path}", error.message))
+    return InvalidObject(qualified, kind=exc.kind, name=exc.name)
 
 
 # --------------------------------------------------------------------------- mount options

@@ -42,7 +42,7 @@ from dynvol_providers.hookspecs import hookimpl
 if TYPE_CHECKING:
     from dynvol_providers.registry import ProviderRegistry
 
-__all__ = ["NfsConfig", "NfsProvider"]
+__all__ = ["CHOICES", "FLAGS", "MANAGED", "NUMERIC", "NfsConfig", "NfsProvider", "option_pattern"]
 
 VERSIONS: Final = ("3", "4", "4.0", "4.1", "4.2")
 _FIELDS = frozenset({"server", "path", "version", "options"})
@@ -82,6 +82,17 @@ CHOICES: Final[Mapping[str, frozenset[str]]] = {
     "xprtsec": frozenset({"none", "tls", "mtls"}),
 }
 _NUMBER = re.compile(r"[0-9]{1,9}")
+
+
+def option_pattern() -> str:
+    """The allowlist as one regular expression (RE2 and Python), for the CRD's CEL rule.
+
+    The CRD repeats it; a unit test checks that the two are the same.
+    """
+    choices = "|".join(
+        f"{key}=({'|'.join(sorted(values))})" for key, values in sorted(CHOICES.items())
+    )
+    return f"^(({'|'.join(sorted(FLAGS))})|({'|'.join(sorted(NUMERIC))})=[0-9]{{1,9}}|{choices})$"
 
 
 def _option_problem(option: object) -> str | None:
