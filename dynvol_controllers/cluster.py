@@ -36,7 +36,7 @@ from dynvol_core.models import (
     StorageProviderClass,
     thaw_json,
 )
-from dynvol_providers.base import parse_provider_config
+from dynvol_providers.base import parse_provider_config, qualify_config_errors
 
 from . import objects
 from .admission import AdmissionDecision, mutate_pod
@@ -413,7 +413,10 @@ class ClusterController:
                     connection=connection,
                 )
             except InvalidObject as exc:
-                return False, "InvalidConfig", f"spec.{claim.provider_config.kind}: {exc}"
+                qualified = qualify_config_errors(
+                    exc, block=claim.provider_config.kind, class_name=claim.storage_provider_class
+                )
+                return False, "InvalidConfig", str(qualified)
         if claim.storage_provider_class:
             spc = self._class_model(claim.storage_provider_class)
             if spc is None:
