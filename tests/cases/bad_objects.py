@@ -761,6 +761,16 @@ PROVIDER_BAD_CLAIMS: tuple[BadCase, ...] = tuple(
         ("selinux-context", "context=system_u:object_r:x", "not an NFS", "dynvol allows"),
         ("bad-number", "timeo=soon", "timeo=<number>", "dynvol allows"),
     )
+) + (
+    _dvc_case(
+        "rclone-parameter-newline",
+        "spec.rcloneConfig.parameters",
+        "without control characters",
+        api_message="control characters",
+        s3Config=_DROP,
+        storageProvider="rclone",
+        rcloneConfig={"type": "webdav", "parameters": {"vendor": "other\nurl = http://x"}},
+    ),
 )
 
 
