@@ -740,7 +740,7 @@ EDGE_GOOD_OBJECTS: tuple[dict[str, Any], ...] = (
 #: Claims whose config block the CRD schema and the provider's ``parse_config`` (hence the
 #: validating webhook) refuse, but ``DynamicVolumeClaim.from_object`` does not: the provider
 #: owns these rules (the NFS option allowlist), the CRD repeats them.
-PROVIDER_BAD_CLAIMS: tuple[BadCase, ...] = tuple(
+_NFS_OPTION_CASES = tuple(
     _dvc_case(
         f"nfs-option-{case_id}",
         "spec.nfsConfig.options[0]",
@@ -761,7 +761,9 @@ PROVIDER_BAD_CLAIMS: tuple[BadCase, ...] = tuple(
         ("selinux-context", "context=system_u:object_r:x", "not an NFS", "dynvol allows"),
         ("bad-number", "timeo=soon", "timeo=<number>", "dynvol allows"),
     )
-) + (
+)
+PROVIDER_BAD_CLAIMS: tuple[BadCase, ...] = (
+    *_NFS_OPTION_CASES,
     _dvc_case(
         "rclone-parameter-newline",
         "spec.rcloneConfig.parameters",
