@@ -53,6 +53,7 @@ __all__ = [
     "MountRequest",
     "Provider",
     "Reason",
+    "check_command_spec",
     "check_option_value",
     "config_error",
     "join_mount_options",
@@ -442,13 +443,47 @@ def require_keys(
 
 
 def _invalid_as_failure(build: Any, request: MountRequest) -> Any:
-    """Call a pure spec builder; a value it refuses becomes a non-retryable MountFailed."""
+    """Call a pure spec builder and check what it built (:func:`check_command_spec`); a
+    value either refuses becomes a non-retryable MountFailed."""
     try:
-        return build(request)
+        spec = build(request)
+        commands = [spec.command, spec.preflight] if isinstance(spec, DaemonSpec) else [spec]
+        errors = [e for c in commands if c is not None for e in check_command_spec(c)]
+        if errors:
+            raise InvalidObject(errors)
     except InvalidObject as exc:
         raise MountFailed(
             Reason.INVALID_CONFIG, f"refusing to mount {request.name}: {exc}", retryable=False
         ) from None
+    return spec
+
+
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_command_spec(spec: CommandSpec) -> list[FieldError]:
+    """What no provider's command may contain, whatever it was built from.
+
+    The host runs every command a provider describes; this is the last check before it does
+    (used by :class:`FuseProvider` and :class:`CommandMountProvider`): no NUL or other
+    control character in an argument, no ``-o`` value with an empty option (``a,,b``, a
+    trailing ``,``), environment names of letters, digits and '_', no NUL in an environment
+    value. Messages never show values (they may be secrets).
+    """
+    errors: list[FieldError] = []
+    after_o = False
+    for index, arg in enumerate(spec.argv):
+        if _CONTROL.search(arg):
+            errors.append(FieldError(f"argv[{index}]", "contains a control character"))
+        elif after_o and any(not o for o in arg.split(",")):
+            errors.append(FieldError(f"argv[{index}]", "has an empty mount option"))
+        after_o = arg == "-o"
+    for name, value in spec.env.items():
+        if not _ENV_NAME.fullmatch(name):
+            errors.append(FieldError("env", f"{name!r} is not an environment variable name"))
+        elif "\x00" in value:
+            errors.append(FieldError(f"env[{name}]", "contains NUL"))
+    return errors
 
 
 def parse_provider_config(
@@ -496,6 +531,7 @@ def qualify_config_errors(
 
 #: An option name as s3fs, libfuse and mount(8) spell them.
 _OPTION_KEY: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: Characters no option value may hold. libfuse and libmount split on ',', libfuse takes '\'
 #: as an escape, libmount honours double quotes; whitespace and control characters end or
 #: break an option in fstab-style parsers and in logs.

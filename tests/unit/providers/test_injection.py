@@ -20,8 +20,16 @@ from hypothesis import strategies as st
 
 from dynvol_core.errors import InvalidObject
 from dynvol_core.models import ConnectionPolicy
-from dynvol_providers import CommandSpec, MountRequest
+from dynvol_providers import (
+    CommandSpec,
+    DaemonSpec,
+    FuseProvider,
+    MountFailed,
+    MountRequest,
+    Reason,
+)
 from dynvol_providers.base import (
+    check_command_spec,
     check_option_value,
     join_mount_options,
     split_mount_options,
@@ -333,3 +341,74 @@ def test_nfs_gets_exactly_the_expected_options(values: dict[str, Any], read_only
     assert dict(options)["vers"] == config.version
     assert not {"suid", "dev", "exec", "defaults"} & {key for key, _ in options}
     assert all(key in FLAGS or value is not None for key, value in options[: len(user)])
+
+
+# --------------------------------------------------------------------------- the last check
+
+
+class _Forging(FuseProvider):
+    """A third-party-style provider that builds whatever argv and env it is given."""
+
+    name = "forging"
+
+    def __init__(self, argv: tuple[str, ...], env: dict[str, str]) -> None:
+        self.argv, self.env = argv, env
+
+    def parse_config(self, values: Any, *, parameters: Any, connection: Any = None) -> Any:
+        return dict(values)
+
+    def parse_credentials(self, secret_data: Any) -> Any:
+        return S3.parse_credentials({})
+
+    def daemon_spec(self, request: MountRequest) -> DaemonSpec:
+        return DaemonSpec(
+            command=CommandSpec(argv=self.argv, env=self.env),
+            target=request.target,
+            fs_type="fuse.forging",
+        )
+
+
+class _NoHost:
+    """Fails the test if the provider gets as far as running anything."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the host was asked to {name}")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (("mounter", "-o", "a,\x00dev"), {}),
+        (("mounter", "src\nx", "/t"), {}),
+        (("mounter", "-o", "ro,,suid"), {}),
+        (("mounter", "-o", "ro,"), {}),
+        (("mounter",), {"BAD NAME": "x"}),
+        (("mounter",), {"A=B": "x"}),
+        (("mounter",), {"OK": "x\x00y"}),
+    ],
+)
+async def test_base_refuses_commands_no_provider_may_run(
+    argv: tuple[str, ...], env: dict[str, str]
+) -> None:
+    provider = _Forging(argv, env)
+    request = MountRequest(
+        name="ns/forged",
+        target=PurePosixPath("/xvols/f"),
+        read_only=False,
+        config={},
+        credentials=S3.parse_credentials({}),
+        work_dir=PurePosixPath("/run/dynvol/f"),
+    )
+    with pytest.raises(MountFailed) as info:
+        await provider.mount(request, _NoHost())  # type: ignore[arg-type]
+    assert info.value.reason == Reason.INVALID_CONFIG
+    assert not info.value.retryable
+    for value in env.values():
+        assert value not in info.value.message
+
+
+def test_command_check_accepts_what_the_builtins_build() -> None:
+    config = S3.parse_config({"bucket": "data", "endpoint": "http://127.0.0.1:9000"}, parameters={})
+    spec = S3.daemon_spec(_request(S3, config, read_only=True, keys=KEYS))
+    assert check_command_spec(spec.command) == []
+    assert check_command_spec(CommandSpec(argv=("m", "-o", "a,,b"))) != []
