@@ -6,9 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dynvol_core.errors import InvalidObject
 from dynvol_core.models import ConnectionPolicy
+from dynvol_core.validation import HostKind, check_hostname, classify_host, host_matches
 from dynvol_providers.base import parse_provider_config
 from dynvol_providers.builtin.nfs import NfsProvider
 from dynvol_providers.builtin.rclone import PARAM_ALLOWED_OPTIONS, RcloneProvider
@@ -297,3 +300,62 @@ def test_providers_without_the_keyword_are_called_without_it() -> None:
         parse_provider_config(
             S3, {"bucket": "data", "endpoint": "http://127.0.0.1"}, parameters={}, connection=STRICT
         )
+
+
+# --------------------------------------------------------------------------- properties
+
+_OCTET = st.integers(min_value=0, max_value=255)
+_IPV4 = st.builds(lambda *o: ".".join(map(str, o)), _OCTET, _OCTET, _OCTET, _OCTET)
+_SPECIAL = st.sampled_from(
+    ["127.0.0.1", "169.254.169.254", "10.0.0.1", "0.0.0.0", "100.100.100.200", "192.168.1.1"]
+)
+_HOSTS = st.one_of(
+    _IPV4,
+    _SPECIAL,
+    _SPECIAL.map(lambda a: f"[::ffff:{a}]"),
+    _SPECIAL.map(lambda a: f"[64:ff9b::{a}]"),
+    st.integers(min_value=0, max_value=2**32 - 1).map(str),
+    st.sampled_from(["localhost", "metadata", "minio", "a.svc", "s3.example.com", "x.internal",
+                     "[::1]", "[fe80::1]", "[fd00:ec2::254]", "[2001:db8::1]", "0x7f.1"]),
+    st.text(alphabet="abc019.:-_[]%x", min_size=1, max_size=20),
+)  # fmt: skip
+
+
+def _bare(host: str) -> str:
+    return host[1:-1] if host.startswith("[") else host
+
+
+@settings(max_examples=300, deadline=None)
+@given(host=_HOSTS, port=st.sampled_from(["", ":9000"]))
+def test_a_strict_class_only_ever_sends_credentials_to_public_hosts(host: str, port: str) -> None:
+    for provider, values, field in (
+        (S3, {"bucket": "data", "endpoint": f"http://{host}{port}"}, "endpoint"),
+        (NFS, {"server": _bare(host), "path": "/x"}, "server"),
+        (RCLONE, {"type": "webdav", "parameters": {"url": f"https://{host}{port}/d"}}, "url"),
+        (RCLONE, {"type": "sftp", "parameters": {"host": host}}, "host"),
+    ):
+        try:
+            provider.parse_config(values, parameters={}, connection=STRICT)
+        except InvalidObject:
+            continue
+        assert check_hostname(_bare(host), "h") == [], (provider.name, field, host)
+        assert classify_host(_bare(host)) is HostKind.PUBLIC, (provider.name, field, host)
+
+
+@settings(max_examples=200, deadline=None)
+@given(host=_HOSTS)
+def test_allowed_hosts_bound_every_accepted_host(host: str) -> None:
+    policy = ConnectionPolicy(
+        allowed_hosts=("*.example.com", "10.0.0.0/8"),
+        allow_loopback=True,
+        allow_private_networks=True,
+        allow_cluster_local=True,
+        allow_link_local=True,
+    )
+    try:
+        S3.parse_config(
+            {"bucket": "data", "endpoint": f"http://{host}"}, parameters={}, connection=policy
+        )
+    except InvalidObject:
+        return
+    assert host_matches(_bare(host), policy.allowed_hosts), host
