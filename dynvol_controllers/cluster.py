@@ -614,9 +614,22 @@ class ClusterController:
             return AdmissionDecision.deny(str(exc))
         if self.registry is not None:
             try:
-                self.registry.get(spc.provider)
+                provider = self.registry.get(spc.provider)
             except DynvolError as exc:
                 return AdmissionDecision.deny(f"spec.provider: {exc}")
+            # The provider owns the meaning of its parameters and pinned connection fields:
+            # parse an empty claim and keep only what it says about the class.
+            try:
+                parse_provider_config(
+                    provider, {}, parameters=spc.provider_parameters, connection=spc.connection
+                )
+            except InvalidObject as exc:
+                bad = [e for e in exc.errors if e.path.startswith(("parameters.", "connection."))]
+                if bad:
+                    qualified = qualify_config_errors(
+                        InvalidObject(bad), block="", class_name=spc.name
+                    )
+                    return AdmissionDecision.deny(str(qualified))
         return AdmissionDecision.allow()
 
     def _validate_claim(self, obj: Mapping[str, Any]) -> AdmissionDecision:
