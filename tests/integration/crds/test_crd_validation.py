@@ -377,3 +377,42 @@ async def test_api_accepts_and_webhook_judges_policy_cases(
             assert decision.allowed, decision.message
     finally:
         await api.delete(spc)
+
+
+@pytest.mark.parametrize(
+    ("spec", "path"),
+    [
+        ({"provider": "s3", "connection": {"pinned": {"server": "x"}}},
+         "spec.connection.pinned[server]"),
+        ({"provider": "s3", "connection": {"pinned": {"endpoint": "http://h/a,dev"}}},
+         "spec.connection.pinned[endpoint]"),
+        ({"provider": "nfs", "connection": {"pinned": {"exportPrefix": "relative"}}},
+         "spec.connection.pinned[exportPrefix]"),
+        ({"provider": "rclone", "parameters": {"rclone-allowed-options": "Key-File"}},
+         "spec.parameters.rclone-allowed-options"),
+        ({"provider": "s3", "parameters": {"s3-mounter": "goofys"}}, "spec.parameters.s3-mounter"),
+    ],
+)  # fmt: skip
+async def test_webhook_refuses_class_settings_the_provider_rejects(
+    admission: Any, spec: dict[str, Any], path: str
+) -> None:
+    obj = {"apiVersion": c.API_VERSION, "kind": SPC, "metadata": {"name": "x"}, "spec": spec}
+    StorageProviderClass.from_object(obj)  # well-formed: only the provider can tell
+    decision = admission.validate(_review(obj))
+    assert not decision.allowed
+    assert path in decision.message, decision.message
+
+
+async def test_webhook_accepts_the_seed_class_and_a_pinned_one(admission: Any) -> None:
+    seed = next(o for o in GOOD_OBJECTS if o["kind"] == SPC)
+    assert admission.validate(_review(json.loads(json.dumps(seed)))).allowed
+    pinned = {
+        "apiVersion": c.API_VERSION,
+        "kind": SPC,
+        "metadata": {"name": "pinned"},
+        "spec": {
+            "provider": "s3",
+            "connection": {"pinned": {"endpoint": "https://s3.example.com"}},
+        },
+    }
+    assert admission.validate(_review(pinned)).allowed
