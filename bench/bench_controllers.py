@@ -155,6 +155,8 @@ async def populate(client: Client, args: argparse.Namespace) -> list[str]:
                     c.PARAM_MOUNT_CPU_REQUEST: "10m",
                     c.PARAM_MOUNT_MEMORY_REQUEST: "50Mi",
                 },
+                # The claims point at 127.0.0.1.
+                "connection": {"allowLoopback": True},
             },
         },
         None,

@@ -195,7 +195,8 @@ async def main(count: int, *, agent_log: Path | None = None) -> int:
             await custom.create_cluster_custom_object(
                 c.GROUP, c.VERSION, c.PLURAL_CLASS,
                 {"apiVersion": c.API_VERSION, "kind": c.KIND_CLASS, "metadata": {"name": cls},
-                 "spec": {"provider": "s3", "parameters": {}}},
+                 "spec": {"provider": "s3", "parameters": {},
+                          "connection": {"allowLoopback": True}}},
             )  # fmt: skip
             with rshared_dir(base / "rshared") as root:
                 pod_uid = str(uuid.uuid4())

@@ -120,6 +120,8 @@ class Bench:
                         f"{GROUP}/storage-provider-secret-name": "creds",
                         f"{GROUP}/storage-provider-secret-namespace": self.ns,
                     },
+                    # MinIO listens on 127.0.0.1.
+                    "connection": {"allowLoopback": True},
                 },
             },
             {

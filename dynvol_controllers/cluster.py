@@ -35,7 +35,14 @@ from typing import Any
 from dynvol_core import constants as c
 from dynvol_core.dispatch import match, mountpoints_overlap, selected_pods
 from dynvol_core.errors import DynvolError, InvalidObject
-from dynvol_core.models import DynamicVolumeClaim, PodInfo, StorageProviderClass, thaw_json
+from dynvol_core.models import (
+    ConnectionPolicy,
+    DynamicVolumeClaim,
+    PodInfo,
+    StorageProviderClass,
+    thaw_json,
+)
+from dynvol_providers.base import parse_provider_config, qualify_config_errors
 
 from . import objects
 from .admission import AdmissionDecision, mutate_pod
@@ -570,13 +577,25 @@ class ClusterController:
             except DynvolError as exc:
                 return False, "UnknownProvider", str(exc)
             params: Mapping[str, str] = {}
+            # Unknown until a pod names the class, unless the claim pins one: then its
+            # connection policy (spec.connection) is checked here too, not only in the DMP.
+            connection: ConnectionPolicy | None = None
             if claim.storage_provider_class:
                 pinned = self._class_model(claim.storage_provider_class)
                 params = pinned.provider_parameters if pinned is not None else {}
+                connection = pinned.connection if pinned is not None else None
             try:
-                provider.parse_config(thaw_json(claim.provider_config.values), parameters=params)
+                parse_provider_config(
+                    provider,
+                    thaw_json(claim.provider_config.values),
+                    parameters=params,
+                    connection=connection,
+                )
             except InvalidObject as exc:
-                return False, "InvalidConfig", f"spec.{claim.provider_config.kind}: {exc}"
+                qualified = qualify_config_errors(
+                    exc, block=claim.provider_config.kind, class_name=claim.storage_provider_class
+                )
+                return False, "InvalidConfig", str(qualified)
         if claim.storage_provider_class:
             spc = self._class_model(claim.storage_provider_class)
             if spc is None:
@@ -774,9 +793,22 @@ class ClusterController:
             return AdmissionDecision.deny(str(exc))
         if self.registry is not None:
             try:
-                self.registry.get(spc.provider)
+                provider = self.registry.get(spc.provider)
             except DynvolError as exc:
                 return AdmissionDecision.deny(f"spec.provider: {exc}")
+            # The provider owns the meaning of its parameters and pinned connection fields:
+            # parse an empty claim and keep only what it says about the class.
+            try:
+                parse_provider_config(
+                    provider, {}, parameters=spc.provider_parameters, connection=spc.connection
+                )
+            except InvalidObject as exc:
+                bad = [e for e in exc.errors if e.path.startswith(("parameters.", "connection."))]
+                if bad:
+                    qualified = qualify_config_errors(
+                        InvalidObject(bad), block="", class_name=spc.name
+                    )
+                    return AdmissionDecision.deny(str(qualified))
         return AdmissionDecision.allow()
 
     def _validate_claim(self, obj: Mapping[str, Any]) -> AdmissionDecision:

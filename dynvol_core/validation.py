@@ -12,19 +12,27 @@ most bad objects and this module is the second line for anything that reaches dy
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import re
+from collections.abc import Iterable
 from typing import Final
+
+import attrs
 
 from dynvol_core.errors import FieldError, InvalidObject
 
 __all__ = [
     "MAX_MOUNTPOINT_BYTES",
     "MAX_PATH_COMPONENT_BYTES",
+    "HostKind",
+    "UrlParts",
     "check_bucket_name",
     "check_dns1123_label",
     "check_dns1123_subdomain",
     "check_endpoint",
+    "check_host_pattern",
+    "check_hostname",
     "check_label_value",
     "check_mountpoint",
     "check_nfs_path",
@@ -32,8 +40,11 @@ __all__ = [
     "check_qualified_name",
     "check_rclone_type",
     "check_s3_prefix",
+    "classify_host",
     "has_control_chars",
+    "host_matches",
     "normalize_mountpoint",
+    "split_endpoint",
 ]
 
 #: Upper bound of a mountpoint, in UTF-8 bytes, as written by the user (before normalising).
@@ -56,6 +67,10 @@ _BUCKET_CHARS = re.compile(r"[a-z0-9.-]+")
 _IPV4_LIKE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
 # scheme://authority[path][?query][#fragment]; everything from '?' on is "rest".
 _URL = re.compile(r"https?://(?P<authority>[^/?#]*)(?P<path>[^?#]*)(?P<rest>[?#].*)?", re.S)
+#: The only characters an endpoint's path may hold: RFC 3986 unreserved characters, '/' and
+#: percent-escapes. No ',' (s3fs and libfuse split -o values on it), no ';', '=', quotes or
+#: backslashes (option-string and shell metacharacters), no '@' or ':' (authority lookalikes).
+_URL_PATH = re.compile(r"(/([A-Za-z0-9._~-]|%[0-9A-Fa-f]{2})*)*")
 _URL_HOST = re.compile(
     r"[A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([-A-Za-z0-9_]*[A-Za-z0-9_])?)*"
 )
@@ -259,6 +274,11 @@ def check_endpoint(value: object, path: str) -> list[FieldError]:
         )
     elif match["rest"]:
         problem = "must not have a query string or fragment"
+    elif not _URL_PATH.fullmatch(match["path"]):
+        problem = (
+            "must have a path of letters, digits, '/', '-', '.', '_', '~' and %-escapes only "
+            "(no ',', '=', ';', quotes or backslashes, which a mounter could read as options)"
+        )
     else:
         problem = _authority_problem(match["authority"])
     if problem is None:
@@ -273,6 +293,8 @@ def _authority_problem(authority: str) -> str | None:
         if after and not after.startswith(":"):
             return "must name a host: junk after the bracketed IPv6 address"
         port = after[1:]
+        if "%" in host:
+            return "must name a host: IPv6 zone identifiers ('%') are not allowed"
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
@@ -283,6 +305,9 @@ def _authority_problem(authority: str) -> str | None:
             return "must name a host, e.g. https://s3.example.com"
         if len(host) > 253 or not _URL_HOST.fullmatch(host):
             return "must name a host: letters, digits, '-', '_' and '.' or an IP address"
+        numeric = _numeric_host_problem(host)
+        if numeric:
+            return numeric
     if port and not (port.isdigit() and 0 < int(port) < 65536):
         return "must have a port between 1 and 65535"
     return None
@@ -292,6 +317,8 @@ def check_nfs_server(value: object, path: str) -> list[FieldError]:
     """An NFS server: a host name (RFC 1123) or an IPv4/IPv6 address (IPv6 without brackets)."""
     if not isinstance(value, str):
         return _not_string(path, value)
+    if "%" in value:
+        return [FieldError(path, f"server {value!r} must not have an IPv6 zone identifier")]
     try:
         ipaddress.ip_address(value)
     except ValueError:
@@ -299,7 +326,8 @@ def check_nfs_server(value: object, path: str) -> list[FieldError]:
     else:
         return []
     if len(value) <= 253 and _HOSTNAME.fullmatch(value):
-        return []
+        numeric = _numeric_host_problem(value)
+        return [FieldError(path, f"server {value!r} {numeric}")] if numeric else []
     return [
         FieldError(
             path,
@@ -349,3 +377,254 @@ def check_rclone_type(value: object, path: str) -> list[FieldError]:
             )
         ]
     return []
+
+
+# --------------------------------------------------------------------------- where a host is
+
+#: A last label made only of digits, or a 0x hex number, makes a URL host an IPv4 address
+#: for browsers and curl (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``127.1``).
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
+_CANONICAL_IPV4 = re.compile(r"(0|[1-9][0-9]{0,2})(\.(0|[1-9][0-9]{0,2})){3}")
+
+
+def _numeric_host_problem(host: str) -> str | None:
+    """Why an IPv4-looking host is refused: only the canonical dotted quad is accepted.
+
+    Clients disagree on the other forms (curl reads ``2130706433`` as 127.0.0.1, Go resolves
+    it as a name), so a checker cannot know where they lead: refusing them is the only safe
+    reading.
+    """
+    last = host.rstrip(".").rpartition(".")[2]
+    if not _NUMERIC_LABEL.fullmatch(last):
+        return None
+    if _CANONICAL_IPV4.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            pass
+        else:
+            return None
+    return (
+        "must write an IP address as a plain dotted quad such as 192.0.2.10 (decimal, octal, "
+        "hexadecimal and shortened IPv4 forms are refused)"
+    )
+
+
+class HostKind(enum.StrEnum):
+    """Where a host name or address leads, as far as can be told without DNS."""
+
+    PUBLIC = "public"
+    #: 127.0.0.0/8, ::1, 0.0.0.0 and :: (Linux connects those to the local host), localhost.
+    LOOPBACK = "loopback"
+    #: 169.254.0.0/16, fe80::/10 and the cloud metadata services (fd00:ec2::254,
+    #: 100.100.100.200, metadata.google.internal, ...): credentials sent there leak.
+    LINK_LOCAL = "link-local"
+    #: RFC 1918, unique-local (fc00::/7) and shared (100.64.0.0/10) addresses, and names
+    #: under private-use suffixes (.internal, .local, .lan, .home.arpa, ...).
+    PRIVATE = "private"
+    #: Names that resolve inside the cluster: single labels (search domains), *.svc,
+    #: *.cluster.local.
+    CLUSTER_LOCAL = "cluster-local"
+    #: Multicast, broadcast and reserved addresses: never a storage server.
+    RESERVED = "reserved"
+
+
+_METADATA_ADDRESSES: Final = frozenset(
+    ipaddress.ip_address(a)
+    for a in ("fd00:ec2::254", "100.100.100.200", "169.254.169.254", "169.254.170.2")
+)
+_METADATA_NAMES: Final = frozenset(
+    {
+        "metadata",
+        "metadata.google.internal",
+        "metadata.goog",
+        "metadata.azure.internal",
+        "instance-data",
+        "instance-data.ec2.internal",
+        "metadata.tencentyun.com",
+        "metadata.platformequinix.com",
+    }
+)
+_LOOPBACK_NAMES: Final = frozenset(
+    {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", "loopback"}
+)
+_CLUSTER_SUFFIXES: Final = (".svc", ".cluster.local", ".svc.cluster.local")
+_PRIVATE_SUFFIXES: Final = (
+    ".internal", ".local", ".localdomain", ".lan", ".home.arpa", ".intranet", ".corp",
+    ".home", ".private",
+)  # fmt: skip
+_SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries to the same host (mapped, NAT64)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def _address_kind(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> HostKind:
+    if address in _METADATA_ADDRESSES:
+        return HostKind.LINK_LOCAL
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = _embedded_ipv4(address)
+        if embedded is not None:
+            return _address_kind(embedded)
+    if (
+        address.is_loopback
+        or address.is_unspecified
+        or address in ipaddress.ip_network("0.0.0.0/8")
+    ):
+        return HostKind.LOOPBACK
+    if address.is_link_local:
+        return HostKind.LINK_LOCAL
+    if address.is_multicast or (
+        isinstance(address, ipaddress.IPv4Address)
+        and (address.is_reserved or address == ipaddress.IPv4Address("255.255.255.255"))
+    ):
+        return HostKind.RESERVED
+    if isinstance(address, ipaddress.IPv6Address) and address.is_reserved:
+        # ::/8 holds the deprecated IPv4-compatible form (::127.0.0.1) among others.
+        return HostKind.RESERVED
+    if (
+        address.is_private
+        or address in _SHARED_ADDRESS_SPACE
+        or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local)
+    ):
+        return HostKind.PRIVATE
+    return HostKind.PUBLIC
+
+
+def _parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if "%" in text:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def classify_host(host: str) -> HostKind:
+    """Where ``host`` (a name, an IP literal, or a bracketed IPv6 literal) leads.
+
+    Names are not resolved (no I/O here): a public name that resolves to a private address
+    is PUBLIC. Call only on hosts that passed :func:`check_hostname`.
+    """
+    address = _parse_ip(host)
+    if address is not None:
+        return _address_kind(address)
+    name = host.lower().rstrip(".")
+    if name in _METADATA_NAMES:
+        return HostKind.LINK_LOCAL
+    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
+        return HostKind.LOOPBACK
+    if "." not in name or name.endswith(_CLUSTER_SUFFIXES):
+        return HostKind.CLUSTER_LOCAL
+    if name.endswith(_PRIVATE_SUFFIXES):
+        return HostKind.PRIVATE
+    return HostKind.PUBLIC
+
+
+def check_hostname(value: object, path: str) -> list[FieldError]:
+    """A host: a DNS name, a dotted-quad IPv4 address or an IPv6 address (bracketed or not).
+
+    Numeric forms other than the dotted quad and IPv6 zone identifiers are refused, so the
+    host means the same thing to this check and to every client.
+    """
+    if not isinstance(value, str):
+        return _not_string(path, value)
+    if _parse_ip(value) is not None:
+        return []
+    if "%" in value:
+        return [FieldError(path, f"host {value!r} must not have an IPv6 zone identifier")]
+    if len(value) > 253 or not _URL_HOST.fullmatch(value):
+        return [
+            FieldError(
+                path,
+                f"host {value!r} must be a host name (letters, digits, '-', '_' and '.') or "
+                "an IP address",
+            )
+        ]
+    numeric = _numeric_host_problem(value)
+    return [FieldError(path, f"host {value!r} {numeric}")] if numeric else []
+
+
+@attrs.frozen(kw_only=True)
+class UrlParts:
+    """An endpoint URL that passed :func:`check_endpoint`, taken apart."""
+
+    scheme: str
+    #: Without brackets for IPv6, lower-cased.
+    host: str
+    port: int | None
+    path: str
+
+
+def split_endpoint(value: str) -> UrlParts:
+    """Take apart an endpoint URL; :raises ValueError: if :func:`check_endpoint` refuses it."""
+    if check_endpoint(value, "endpoint"):
+        raise ValueError(f"not a valid endpoint URL: {value!r}")
+    match = _URL.fullmatch(value)
+    assert match is not None
+    authority = match["authority"]
+    if authority.startswith("["):
+        host, _, after = authority[1:].partition("]")
+        port = after[1:]
+    else:
+        host, _, port = authority.partition(":")
+    return UrlParts(
+        scheme=value.split(":", 1)[0],
+        host=host.lower(),
+        port=int(port) if port else None,
+        path=match["path"],
+    )
+
+
+def check_host_pattern(value: object, path: str) -> list[FieldError]:
+    """An entry of a class's ``allowedHosts``: a host, ``*.domain``, or an address/CIDR."""
+    if not isinstance(value, str):
+        return _not_string(path, value)
+    if "/" in value:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return [FieldError(path, f"{value!r} is not a valid CIDR block such as 10.0.0.0/8")]
+        return []
+    host = value[2:] if value.startswith("*.") else value
+    if value.startswith("*.") and _parse_ip(host) is not None:
+        return [FieldError(path, f"{value!r}: '*.' goes with a domain name, not an address")]
+    return check_hostname(host, path)
+
+
+def host_matches(host: str, patterns: Iterable[str]) -> bool:
+    """Whether ``host`` is one of ``patterns`` (see :func:`check_host_pattern`).
+
+    ``*.example.com`` matches every name below example.com but not example.com itself; a
+    CIDR block matches the addresses in it. Names compare case-insensitively, without a
+    trailing dot.
+    """
+    address = _parse_ip(host)
+    name = host.lower().rstrip(".")
+    for pattern in patterns:
+        if "/" in pattern:
+            try:
+                network = ipaddress.ip_network(pattern, strict=False)
+            except ValueError:
+                continue
+            if address is not None and address.version == network.version and address in network:
+                return True
+        elif pattern.startswith("*."):
+            if address is None and name.endswith(pattern[1:].lower().rstrip(".")):
+                return True
+        else:
+            other = _parse_ip(pattern)
+            if address is not None and other is not None:
+                if address == other:
+                    return True
+            elif address is None and name == pattern.lower().rstrip("."):
+                return True
+    return False

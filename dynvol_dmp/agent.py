@@ -75,6 +75,7 @@ from dynvol_providers import (
     ProviderRegistry,
     UnknownProvider,
 )
+from dynvol_providers.base import parse_provider_config
 from dynvol_providers.hosting import LocalHost, read_mount_table
 
 log = logging.getLogger(__name__)
@@ -474,8 +475,11 @@ class Agent:
             ) from None
         try:
             spc = StorageProviderClass.from_object(raw_class)
-            config = provider.parse_config(
-                thaw_json(dvm.spec.config), parameters=spc.provider_parameters
+            config = parse_provider_config(
+                provider,
+                thaw_json(dvm.spec.config),
+                parameters=spc.provider_parameters,
+                connection=spc.connection,
             )
         except InvalidObject as exc:
             raise MountFailed(

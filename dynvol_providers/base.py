@@ -24,18 +24,22 @@ from __future__ import annotations
 
 import abc
 import enum
+import inspect
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import PurePosixPath
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 
 import attrs
 
 from dynvol_core.errors import DynvolError, FieldError, InvalidObject
+from dynvol_core.models import ConnectionPolicy
 
 __all__ = [
     "CommandMountProvider",
     "CommandResult",
     "CommandSpec",
+    "ConnectionPolicy",
     "Credentials",
     "DaemonHandle",
     "DaemonSpec",
@@ -49,7 +53,13 @@ __all__ = [
     "MountRequest",
     "Provider",
     "Reason",
+    "check_command_spec",
+    "check_option_value",
     "config_error",
+    "join_mount_options",
+    "parse_provider_config",
+    "qualify_config_errors",
+    "split_mount_options",
 ]
 
 
@@ -268,11 +278,23 @@ class Provider(Protocol):
         """The value of a claim's ``storageProvider`` that selects this provider."""
         ...
 
-    def parse_config(self, values: Mapping[str, Any], *, parameters: Mapping[str, str]) -> Any:
+    def parse_config(
+        self,
+        values: Mapping[str, Any],
+        *,
+        parameters: Mapping[str, str],
+        connection: ConnectionPolicy | None = None,
+    ) -> Any:
         """Validate the claim's config block and the class's parameters.
 
         :param values: the claim's provider config (e.g. ``s3Config``), as plain data.
         :param parameters: the StorageProviderClass's ``spec.parameters``.
+        :param connection: the class's ``spec.connection``: where the class lets its
+            credentials go. ``None`` only where the class is not known yet (admission of a
+            claim that does not pin a class); the DMP always passes the class's policy,
+            and a provider enforces it on every host, server or URL a claim names.
+            Providers written before this parameter existed are called without it (see
+            :func:`parse_provider_config`).
         :returns: an immutable config value for :class:`MountRequest`.
         :raises InvalidObject: field paths relative to the block (``bucket``) or
             ``parameters.<key>``.
@@ -316,7 +338,13 @@ class FuseProvider(abc.ABC):
     name: ClassVar[str]
 
     @abc.abstractmethod
-    def parse_config(self, values: Mapping[str, Any], *, parameters: Mapping[str, str]) -> Any:
+    def parse_config(
+        self,
+        values: Mapping[str, Any],
+        *,
+        parameters: Mapping[str, str],
+        connection: ConnectionPolicy | None = None,
+    ) -> Any:
         """See :meth:`Provider.parse_config`."""
 
     @abc.abstractmethod
@@ -332,7 +360,7 @@ class FuseProvider(abc.ABC):
         return failure
 
     async def mount(self, request: MountRequest, host: MountHost) -> MountHandle:
-        spec = self.daemon_spec(request)
+        spec = _invalid_as_failure(self.daemon_spec, request)
         try:
             daemon = await host.start_daemon(spec)
         except MountFailed as failure:
@@ -357,7 +385,13 @@ class CommandMountProvider(abc.ABC):
     name: ClassVar[str]
 
     @abc.abstractmethod
-    def parse_config(self, values: Mapping[str, Any], *, parameters: Mapping[str, str]) -> Any:
+    def parse_config(
+        self,
+        values: Mapping[str, Any],
+        *,
+        parameters: Mapping[str, str],
+        connection: ConnectionPolicy | None = None,
+    ) -> Any:
         """See :meth:`Provider.parse_config`."""
 
     @abc.abstractmethod
@@ -381,7 +415,7 @@ class CommandMountProvider(abc.ABC):
         )
 
     async def mount(self, request: MountRequest, host: MountHost) -> MountHandle:
-        spec = self.mount_command(request)
+        spec = _invalid_as_failure(self.mount_command, request)
         result = await host.run(spec)
         if result.returncode != 0:
             await host.unmount(request.target, lazy=True)
@@ -406,3 +440,200 @@ def require_keys(
         for key in keys
         if values.get(key) in (None, "")
     ]
+
+
+def _invalid_as_failure(build: Any, request: MountRequest) -> Any:
+    """Call a pure spec builder and check what it built (:func:`check_command_spec`); a
+    value either refuses becomes a non-retryable MountFailed."""
+    try:
+        spec = build(request)
+        commands = [spec.command, spec.preflight] if isinstance(spec, DaemonSpec) else [spec]
+        errors = [e for c in commands if c is not None for e in check_command_spec(c)]
+        if errors:
+            raise InvalidObject(errors)
+    except InvalidObject as exc:
+        raise MountFailed(
+            Reason.INVALID_CONFIG, f"refusing to mount {request.name}: {exc}", retryable=False
+        ) from None
+    return spec
+
+
+_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_command_spec(spec: CommandSpec) -> list[FieldError]:
+    """What no provider's command may contain, whatever it was built from.
+
+    The host runs every command a provider describes; this is the last check before it does
+    (used by :class:`FuseProvider` and :class:`CommandMountProvider`): no NUL or other
+    control character in an argument, no ``-o`` value with an empty option (``a,,b``, a
+    trailing ``,``), environment names of letters, digits and '_', no NUL in an environment
+    value. Messages never show values (they may be secrets).
+    """
+    errors: list[FieldError] = []
+    after_o = False
+    for index, arg in enumerate(spec.argv):
+        if _CONTROL.search(arg):
+            errors.append(FieldError(f"argv[{index}]", "contains a control character"))
+        elif after_o and any(not o for o in arg.split(",")):
+            errors.append(FieldError(f"argv[{index}]", "has an empty mount option"))
+        after_o = arg == "-o"
+    for name, value in spec.env.items():
+        if not _ENV_NAME.fullmatch(name):
+            errors.append(FieldError("env", f"{name!r} is not an environment variable name"))
+        elif "\x00" in value:
+            errors.append(FieldError(f"env[{name}]", "contains NUL"))
+    return errors
+
+
+def parse_provider_config(
+    provider: Provider,
+    values: Mapping[str, Any],
+    *,
+    parameters: Mapping[str, str],
+    connection: ConnectionPolicy | None = None,
+) -> Any:
+    """Call ``provider.parse_config``, passing ``connection`` if the provider takes it.
+
+    A third-party provider written before ``connection`` existed is called without it; it
+    cannot enforce the class's connection policy, which ``docs/providers.md`` tells its
+    authors to do.
+    """
+    try:
+        accepts = "connection" in inspect.signature(provider.parse_config).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    if accepts:
+        return provider.parse_config(values, parameters=parameters, connection=connection)
+    return provider.parse_config(values, parameters=parameters)
+
+
+def qualify_config_errors(
+    exc: InvalidObject, *, block: str, class_name: str | None = None
+) -> InvalidObject:
+    """``exc`` from ``parse_config`` with full field paths, for users to act on.
+
+    Claim fields (relative to the block, e.g. ``endpoint``, ``parameters[url]``) become
+    ``spec.<block>.<path>``; class fields (``parameters.<key>``, ``connection.<...>``)
+    become ``spec.<path>`` with the class named in the message.
+    """
+    qualified: list[FieldError] = []
+    for error in exc.errors:
+        if error.path.startswith(("parameters.", "connection.")):
+            where = f"StorageProviderClass {class_name!r}" if class_name else "the class"
+            qualified.append(FieldError(f"spec.{error.path}", f"{error.message} (in {where})"))
+        else:
+            qualified.append(FieldError(f"spec.{block}.{error.path}", error.message))
+    return InvalidObject(qualified, kind=exc.kind, name=exc.name)
+
+
+# --------------------------------------------------------------------------- mount options
+
+#: An option name as s3fs, libfuse and mount(8) spell them.
+_OPTION_KEY: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Characters no option value may hold. libfuse and libmount split on ',', libfuse takes '\'
+#: as an escape, libmount honours double quotes; whitespace and control characters end or
+#: break an option in fstab-style parsers and in logs.
+_UNSAFE_VALUE: Final = re.compile(r"""[,\\"'\s\x00-\x1f\x7f-\x9f]""")
+MAX_OPTION_VALUE: Final = 4096
+
+
+def check_option_value(value: object, path: str) -> list[FieldError]:
+    """Errors naming ``path`` if ``value`` cannot travel inside a ``-o`` option string.
+
+    Refused: ',' (the separator), '\\' (libfuse's escape), quotes (libmount's), whitespace,
+    NUL and other control characters, the empty string, and more than
+    :data:`MAX_OPTION_VALUE` characters. '=' is fine in a value: the option's name is split
+    off at the first '='.
+    """
+    if not isinstance(value, str):
+        return [FieldError(path, f"must be a string, not {type(value).__name__}")]
+    if not value:
+        return [FieldError(path, "must not be empty")]
+    if len(value) > MAX_OPTION_VALUE:
+        return [FieldError(path, f"must be at most {MAX_OPTION_VALUE} characters")]
+    bad = _UNSAFE_VALUE.search(value)
+    if bad:
+        return [
+            FieldError(
+                path,
+                f"must not contain {bad.group()!r}: commas, backslashes, quotes, spaces and "
+                "control characters would let the value set other mount options",
+            )
+        ]
+    return []
+
+
+def join_mount_options(
+    options: Iterable[str | tuple[str, str]], *, fields: Mapping[str, str] | None = None
+) -> str:
+    """A ``-o`` option string that means exactly ``options``, or :class:`InvalidObject`.
+
+    Each option is a flag (``"allow_other"``) or a ``(name, value)`` pair. Names must be
+    lowercase words (``[a-z][a-z0-9_]*``); values pass :func:`check_option_value`; no name
+    may appear twice (later ones would silently win). ``fields`` maps an option name to the
+    claim field its value came from, so an error names that field (default
+    ``options[<name>]``). The result splits back (:func:`split_mount_options`) into exactly
+    the options given, which this function checks before returning.
+    """
+    fields = fields or {}
+    errors: list[FieldError] = []
+    parts: list[str] = []
+    seen: set[str] = set()
+    expected: list[tuple[str, str | None]] = []
+    for option in options:
+        key, value = (option, None) if isinstance(option, str) else option
+        where = fields.get(key, f"options[{key}]")
+        if not isinstance(key, str) or not _OPTION_KEY.fullmatch(key):
+            errors.append(FieldError(where, f"{key!r} is not a mount option name"))
+            continue
+        if key in seen:
+            errors.append(FieldError(where, f"option {key!r} is given twice"))
+            continue
+        seen.add(key)
+        if value is None:
+            parts.append(key)
+        else:
+            bad = check_option_value(value, where)
+            if bad:
+                errors += bad
+                continue
+            parts.append(f"{key}={value}")
+        expected.append((key, value))
+    if errors:
+        raise InvalidObject(errors)
+    text = ",".join(parts)
+    if split_mount_options(text) != expected:  # pragma: no cover - defence in depth
+        raise InvalidObject((FieldError("options", "mount options do not round-trip"),))
+    return text
+
+
+def split_mount_options(text: str) -> list[tuple[str, str | None]]:
+    """Split an option string as libfuse does: on unescaped ',', then at the first '='.
+
+    A backslash escapes the next character (as in libfuse's ``fuse_opt_parse``); this is
+    the reading the mounter applies, used to check what an option string really says.
+    """
+    options: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ",":
+            options.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    options.append("".join(current))
+    result: list[tuple[str, str | None]] = []
+    for option in options:
+        if not option:
+            continue
+        key, eq, value = option.partition("=")
+        result.append((key, value if eq else None))
+    return result

@@ -43,19 +43,29 @@ import attrs
 import pytest
 
 from dynvol_core.errors import InvalidObject
+from dynvol_core.models import ConnectionPolicy
 from dynvol_core.mountinfo import MountEntry, entries_under, topmost_at
 from dynvol_providers.base import (
     CommandMountProvider,
+    CommandSpec,
     Credentials,
     FuseProvider,
     MountHandle,
     MountRequest,
     Provider,
+    parse_provider_config,
+    split_mount_options,
 )
 from dynvol_providers.hosting import LocalHost, read_mount_table
 from dynvol_providers.registry import ProviderRegistry, make_plugin_manager
 
-__all__ = ["ConformanceCase", "ProviderConformance", "pytest_addoption", "rshared_mount_dir"]
+__all__ = [
+    "ConformanceCase",
+    "ProviderConformance",
+    "command_shape",
+    "pytest_addoption",
+    "rshared_mount_dir",
+]
 
 T = TypeVar("T")
 
@@ -77,6 +87,8 @@ class ConformanceCase:
 
     :param config: a valid config block (what a claim's ``<provider>Config`` holds).
     :param parameters: the StorageProviderClass parameters to use.
+    :param connection: the class's ``spec.connection`` (e.g. allowing loopback for a test
+        server on 127.0.0.1).
     :param secret_data: the class's Secret (values are checked never to leak).
     :param invalid_configs: ``(config, field path)`` pairs that must be refused.
     :param invalid_secrets: ``(secret_data, field path)`` pairs that must be refused.
@@ -89,6 +101,7 @@ class ConformanceCase:
 
     config: Mapping[str, Any]
     parameters: Mapping[str, str] = attrs.field(factory=dict)
+    connection: ConnectionPolicy = attrs.field(factory=ConnectionPolicy)
     secret_data: Mapping[str, bytes | str] = attrs.field(factory=dict, repr=False)
     invalid_configs: Sequence[tuple[Mapping[str, Any], str]] = ()
     invalid_secrets: Sequence[tuple[Mapping[str, bytes | str], str]] = ()
@@ -199,7 +212,7 @@ class ProviderConformance:
     def test_valid_config_and_credentials_parse(
         self, dynvol_provider: Provider, dynvol_case: ConformanceCase
     ) -> None:
-        config = dynvol_provider.parse_config(dynvol_case.config, parameters=dynvol_case.parameters)
+        config = _parse(dynvol_provider, dynvol_case, dynvol_case.config)
         hash(config)  # an immutable value: the DMP keys and compares it
         creds = dynvol_provider.parse_credentials(dynvol_case.secret_data)
         assert isinstance(creds, Credentials)
@@ -212,13 +225,29 @@ class ProviderConformance:
     ) -> None:
         for values, path in dynvol_case.invalid_configs:
             with pytest.raises(InvalidObject) as info:
-                dynvol_provider.parse_config(values, parameters=dynvol_case.parameters)
+                _parse(dynvol_provider, dynvol_case, values)
             assert path in info.value.paths, f"{values!r}: {info.value}"
         with pytest.raises(InvalidObject):
-            dynvol_provider.parse_config(
-                {**dynvol_case.config, "noSuchField-dynvol": 1},
-                parameters=dynvol_case.parameters,
-            )
+            _parse(dynvol_provider, dynvol_case, {**dynvol_case.config, "noSuchField-dynvol": 1})
+
+    def test_values_cannot_add_mount_options(
+        self, dynvol_provider: Provider, dynvol_case: ConformanceCase, tmp_path: Path
+    ) -> None:
+        """Every string in the config, with a payload appended that tries to add mount
+        options (',dev,suid', a newline, an escaped comma, a quoted list), is refused or
+        changes no option name, no flag and no environment variable name of the mounter."""
+        if not isinstance(dynvol_provider, (FuseProvider, CommandMountProvider)):
+            pytest.skip("the provider builds its commands itself")
+        baseline = self._shapes(dynvol_provider, dynvol_case, dynvol_case.config, tmp_path)
+        variants = list(_with_payloads(dynvol_case.config))
+        if not variants:
+            pytest.skip("the config has no string values to try")
+        for values in variants:
+            try:
+                shapes = self._shapes(dynvol_provider, dynvol_case, values, tmp_path)
+            except InvalidObject:
+                continue
+            assert shapes == baseline, f"{values!r} changed the mounter's options"
 
     def test_invalid_secrets_name_the_field_without_values(
         self, dynvol_provider: Provider, dynvol_case: ConformanceCase
@@ -254,6 +283,21 @@ class ProviderConformance:
             for argv in argvs:
                 assert not any(secret in arg for arg in argv), "a secret is on the command line"
 
+    def _shapes(
+        self, provider: Provider, case: ConformanceCase, values: Mapping[str, Any], tmp: Path
+    ) -> list[tuple[object, ...]]:
+        request = attrs.evolve(
+            self._request(provider, case, tmp / "t", tmp / "w"),
+            config=_parse(provider, case, values),
+        )
+        specs: list[CommandSpec] = []
+        if isinstance(provider, FuseProvider):
+            daemon = provider.daemon_spec(request)
+            specs += [daemon.command] + ([daemon.preflight] if daemon.preflight else [])
+        elif isinstance(provider, CommandMountProvider):
+            specs.append(provider.mount_command(request))
+        return [command_shape(spec) for spec in specs]
+
     # -- the round trip -------------------------------------------------------------------
 
     def _request(
@@ -269,7 +313,7 @@ class ProviderConformance:
             name=f"conformance/{provider.name}",
             target=PurePosixPath(target),
             read_only=read_only,
-            config=provider.parse_config(case.config, parameters=case.parameters),
+            config=_parse(provider, case, case.config),
             credentials=provider.parse_credentials(case.secret_data),
             work_dir=PurePosixPath(work_dir),
         )
@@ -375,3 +419,52 @@ def _secrets(case: ConformanceCase) -> list[str]:
         if len(text) >= 4:
             values.append(text)
     return values
+
+
+def _parse(provider: Provider, case: ConformanceCase, values: Mapping[str, Any]) -> Any:
+    return parse_provider_config(
+        provider, values, parameters=case.parameters, connection=case.connection
+    )
+
+
+#: Appended to config strings by ``test_values_cannot_add_mount_options``.
+INJECTION_PAYLOADS = (",dev,suid,allow_other", "\nuse_cache=/tmp", "\\,dev", '",dev"', "'a,b'")
+
+
+def _with_payloads(values: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Copies of ``values`` with one string (top level, or one level down) made hostile."""
+    for key, value in values.items():
+        if isinstance(value, str):
+            for payload in INJECTION_PAYLOADS:
+                yield {**values, key: value + payload}
+        elif isinstance(value, Mapping):
+            for inner, item in value.items():
+                if isinstance(item, str):
+                    for payload in INJECTION_PAYLOADS:
+                        yield {**values, key: {**value, inner: item + payload}}
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                if isinstance(item, str):
+                    for payload in INJECTION_PAYLOADS:
+                        changed = list(value)
+                        changed[index] = item + payload
+                        yield {**values, key: changed}
+
+
+def command_shape(spec: CommandSpec) -> tuple[object, ...]:
+    """What a command's values must never change: the program, its flags, the names of
+    the options after each ``-o`` (split as libfuse and libmount split them), how many
+    plain arguments it has, and the names of its environment variables."""
+    shape: list[object] = []
+    after_o = False
+    for arg in spec.argv:
+        if after_o:
+            shape.append(("-o", tuple(key for key, _ in split_mount_options(arg))))
+            after_o = False
+        elif arg == "-o":
+            after_o = True
+        elif arg.startswith("-") or not shape:
+            shape.append(arg)
+        else:
+            shape.append("<arg>")
+    return (tuple(shape), tuple(sorted(spec.env)), tuple(sorted(spec.unset_env)))

@@ -7,7 +7,9 @@ Claim (``nfsConfig``)::
 
 No credentials: the class may still name a Secret, whose keys are ignored. ``readOnly``
 adds ``ro`` to the mount options; ``ro``/``rw`` in ``options`` are refused because the
-claim's ``readOnly`` decides.
+claim's ``readOnly`` decides. Every mount is ``nosuid,nodev``. ``options`` is an allowlist
+(:data:`FLAGS`, :data:`NUMERIC`, :data:`CHOICES`). A class may pin ``server`` and
+``exportPrefix`` (``spec.connection.pinned``).
 
 Neighbours: :class:`dynvol_providers.base.CommandMountProvider` runs the command.
 """
@@ -23,6 +25,7 @@ import attrs
 
 from dynvol_core.constants import PROVIDER_NFS
 from dynvol_core.errors import FieldError, InvalidObject
+from dynvol_core.models import ConnectionPolicy
 from dynvol_core.validation import check_nfs_path, check_nfs_server
 from dynvol_providers.base import (
     CommandMountProvider,
@@ -32,19 +35,101 @@ from dynvol_providers.base import (
     MountFailed,
     MountRequest,
     Reason,
+    join_mount_options,
 )
 from dynvol_providers.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from dynvol_providers.registry import ProviderRegistry
 
-__all__ = ["NfsConfig", "NfsProvider"]
+__all__ = ["CHOICES", "FLAGS", "MANAGED", "NUMERIC", "NfsConfig", "NfsProvider", "option_pattern"]
 
 VERSIONS: Final = ("3", "4", "4.0", "4.1", "4.2")
 _FIELDS = frozenset({"server", "path", "version", "options"})
-_OPTION = re.compile(r"[a-z][a-z0-9_]*(=[A-Za-z0-9_.:/-]+)?")
-#: Options the provider decides itself, or that would defeat the claim's intent.
-_MANAGED = frozenset({"ro", "rw", "vers", "nfsvers", "minorversion"})
+#: The connection fields a class may pin (``spec.connection.pinned``).
+PINNABLE: Final = ("server", "exportPrefix")
+#: Options dynvol always sets: a claim's readOnly decides ro/rw, its version vers, and an
+#: NFS export never brings set-user-ID programs or device nodes into a pod.
+MANAGED: Final = frozenset(
+    {"ro", "rw", "vers", "nfsvers", "minorversion", "suid", "nosuid", "dev", "nodev", "defaults"}
+)
+#: The options a claim may add: an allowlist, so a new or obscure option cannot redirect the
+#: mount (addr=, clientaddr=, mounthost=) or weaken it.
+FLAGS: Final = frozenset(
+    {
+        "hard", "soft", "softreval", "nosoftreval", "intr", "nointr", "ac", "noac", "cto",
+        "nocto", "lock", "nolock", "resvport", "noresvport", "sharecache", "nosharecache",
+        "fsc", "nofsc", "rdirplus", "nordirplus", "acl", "noacl", "atime", "noatime",
+        "diratime", "nodiratime", "relatime", "norelatime", "strictatime", "nostrictatime",
+        "lazytime", "nolazytime", "noexec", "sync", "async", "posix", "noposix", "tcp", "udp",
+        "rdma", "bg", "fg",
+    }
+)  # fmt: skip
+NUMERIC: Final = frozenset(
+    {
+        "timeo", "retrans", "rsize", "wsize", "acregmin", "acregmax", "acdirmin", "acdirmax",
+        "actimeo", "retry", "port", "mountport", "mountvers", "namlen", "nconnect",
+        "max_connect",
+    }
+)  # fmt: skip
+_PROTOS = frozenset({"tcp", "udp", "rdma", "tcp6", "udp6", "rdma6"})
+CHOICES: Final[Mapping[str, frozenset[str]]] = {
+    "proto": _PROTOS,
+    "mountproto": _PROTOS,
+    "sec": frozenset({"sys", "none", "krb5", "krb5i", "krb5p"}),
+    "lookupcache": frozenset({"all", "none", "pos", "positive"}),
+    "local_lock": frozenset({"none", "all", "flock", "posix"}),
+    "xprtsec": frozenset({"none", "tls", "mtls"}),
+}
+_NUMBER = re.compile(r"[0-9]{1,9}")
+
+
+def option_pattern() -> str:
+    """The allowlist as one regular expression (RE2 and Python), for the CRD's CEL rule.
+
+    The CRD repeats it; a unit test checks that the two are the same.
+    """
+    choices = "|".join(
+        f"{key}=({'|'.join(sorted(values))})" for key, values in sorted(CHOICES.items())
+    )
+    return f"^(({'|'.join(sorted(FLAGS))})|({'|'.join(sorted(NUMERIC))})=[0-9]{{1,9}}|{choices})$"
+
+
+def _option_problem(option: object) -> str | None:
+    """Why a claim may not add this NFS mount option, or None."""
+    if not isinstance(option, str):
+        return "must be a string"
+    key, eq, value = option.partition("=")
+    if key in MANAGED:
+        return f"{option!r} is set by dynvol (use readOnly and version; nosuid,nodev are always on)"
+    if key in FLAGS and not eq:
+        return None
+    if key in NUMERIC and eq and _NUMBER.fullmatch(value):
+        return None
+    if key in CHOICES and eq and value in CHOICES[key]:
+        return None
+    if key in NUMERIC:
+        return f"{option!r} must be {key}=<number>"
+    if key in CHOICES:
+        return f"{option!r} must be {key}=one of {', '.join(sorted(CHOICES[key]))}"
+    return (
+        f"{option!r} is not an NFS mount option dynvol allows; allowed are "
+        f"{', '.join(sorted(FLAGS))}, {', '.join(f'{k}=N' for k in sorted(NUMERIC))} and "
+        f"{', '.join(f'{k}=...' for k in sorted(CHOICES))}"
+    )
+
+
+def _as_pair(option: str) -> str | tuple[str, str]:
+    key, eq, value = option.partition("=")
+    return (key, value) if eq else key
+
+
+def _normal_path(path: str) -> str:
+    return "/" + "/".join(p for p in path.split("/") if p not in ("", "."))
+
+
+def _is_under(path: str, prefix: str) -> bool:
+    return prefix == "/" or path == prefix or path.startswith(prefix + "/")
 
 
 @attrs.frozen(kw_only=True)
@@ -60,12 +145,20 @@ class NfsProvider(CommandMountProvider):
 
     name: ClassVar[str] = PROVIDER_NFS
 
-    def parse_config(self, values: Mapping[str, Any], *, parameters: Mapping[str, str]) -> Any:
+    def parse_config(
+        self,
+        values: Mapping[str, Any],
+        *,
+        parameters: Mapping[str, str],
+        connection: ConnectionPolicy | None = None,
+    ) -> Any:
         errors: list[FieldError] = [
             FieldError(key, f"unknown field; nfsConfig has {', '.join(sorted(_FIELDS))}")
             for key in sorted(set(values) - _FIELDS)
         ]
         server, path = values.get("server"), values.get("path")
+        if connection is not None and connection.pinned.get("server") and server in (None, ""):
+            server = connection.pinned["server"]
         if server in (None, ""):
             errors.append(FieldError("server", "is required"))
         else:
@@ -74,6 +167,8 @@ class NfsProvider(CommandMountProvider):
             errors.append(FieldError("path", "is required (the exported path, e.g. /exports)"))
         else:
             errors += check_nfs_path(path, "path")
+        if connection is not None:
+            errors += self._check_connection(connection, server, path, errors)
         version = values.get("version", "4.1")
         if isinstance(version, (int, float)) and not isinstance(version, bool):
             version = str(version)
@@ -84,23 +179,62 @@ class NfsProvider(CommandMountProvider):
         if isinstance(raw, str) or not isinstance(raw, (list, tuple)):
             errors.append(FieldError("options", "must be a list of mount options"))
             raw = []
+        seen: set[str] = set()
         for index, option in enumerate(raw):
             where = f"options[{index}]"
-            if not isinstance(option, str) or not _OPTION.fullmatch(option):
-                errors.append(FieldError(where, f"{option!r} is not a valid NFS mount option"))
-            elif option.split("=", 1)[0] in _MANAGED:
-                errors.append(
-                    FieldError(
-                        where, f"{option!r} is set by dynvol (use readOnly and version instead)"
-                    )
-                )
+            problem = _option_problem(option)
+            if problem is None and str(option).partition("=")[0] in seen:
+                problem = f"{option!r} is given twice"
+            if problem is not None:
+                errors.append(FieldError(where, problem))
             else:
-                options.append(option)
+                seen.add(str(option).partition("=")[0])
+                options.append(str(option))
         if errors:
             raise InvalidObject(errors)
         return NfsConfig(
-            server=str(server), path=str(path), version=str(version), options=tuple(options)
+            server=str(server),
+            path=_normal_path(str(path)),
+            version=str(version),
+            options=tuple(options),
         )
+
+    @staticmethod
+    def _check_connection(
+        connection: ConnectionPolicy, server: object, path: object, errors: list[FieldError]
+    ) -> list[FieldError]:
+        found: list[FieldError] = [
+            FieldError(
+                f"connection.pinned[{key}]", f"the nfs provider pins only {', '.join(PINNABLE)}"
+            )
+            for key in sorted(set(connection.pinned) - set(PINNABLE))
+        ]
+        bad_server = any(e.path == "server" for e in errors)
+        pinned_server = connection.pinned.get("server")
+        if pinned_server is not None:
+            found += [
+                FieldError("connection.pinned[server]", e.message)
+                for e in check_nfs_server(pinned_server, "server")
+            ]
+            if not bad_server and str(server).lower() != pinned_server.lower():
+                found += connection.pin("server", server, "server")[1]
+        elif not bad_server:
+            found += connection.check_host(str(server), "server")
+        prefix = connection.pinned.get("exportPrefix")
+        if prefix is not None:
+            bad = check_nfs_path(prefix, "connection.pinned[exportPrefix]")
+            found += bad
+            if not bad and not any(e.path == "path" for e in errors):
+                normal = _normal_path(prefix)
+                if not _is_under(_normal_path(str(path)), normal):
+                    found.append(
+                        FieldError(
+                            "path",
+                            f"export path {path!r} is outside {normal!r}, the prefix the "
+                            "StorageProviderClass allows (spec.connection.pinned[exportPrefix])",
+                        )
+                    )
+        return found
 
     def parse_credentials(self, secret_data: Mapping[str, bytes | str]) -> Credentials:
         # NFS (AUTH_SYS) takes no secrets; whatever the class's Secret holds is not used.
@@ -120,14 +254,32 @@ class NfsProvider(CommandMountProvider):
                 server = f"[{server}]"
         except ValueError:
             pass
-        options = [f"vers={config.version}", "ro" if request.read_only else "rw", *config.options]
+        problems = [p for p in map(_option_problem, config.options) if p is not None]
+        problems += [e.message for e in check_nfs_server(config.server, "server")]
+        problems += [e.message for e in check_nfs_path(config.path, "path")]
+        if config.version not in VERSIONS:
+            problems.append(f"version {config.version!r} is not one of {', '.join(VERSIONS)}")
+        if problems:
+            # Defence in depth: parse_config refuses these already.
+            raise InvalidObject([FieldError("options", p) for p in problems])
+        # dynvol's own options come last: mount option parsers let the last one win.
+        options = join_mount_options(
+            [
+                *(_as_pair(option) for option in config.options),
+                ("vers", config.version),
+                "ro" if request.read_only else "rw",
+                "nosuid",
+                "nodev",
+            ],
+            fields={"vers": "version"},
+        )
         return CommandSpec(
             argv=(
                 "mount",
                 "-t",
                 self.mount_fs_type(request),
                 "-o",
-                ",".join(options),
+                options,
                 f"{server}:{config.path}",
                 str(request.target),
             ),

@@ -27,8 +27,8 @@ import attrs
 
 from dynvol_core.constants import PROVIDER_RCLONE
 from dynvol_core.errors import FieldError, InvalidObject
-from dynvol_core.models import FrozenMap
-from dynvol_core.validation import check_rclone_type, check_s3_prefix
+from dynvol_core.models import ConnectionPolicy, FrozenMap
+from dynvol_core.validation import check_rclone_type, check_s3_prefix, has_control_chars
 from dynvol_providers.base import (
     CommandSpec,
     Credentials,
@@ -44,7 +44,14 @@ from dynvol_providers.hookspecs import hookimpl
 if TYPE_CHECKING:
     from dynvol_providers.registry import ProviderRegistry
 
-__all__ = ["RcloneConfig", "RcloneProvider", "rclone_daemon_spec"]
+__all__ = [
+    "PARAM_ALLOWED_OPTIONS",
+    "RcloneConfig",
+    "RcloneProvider",
+    "is_host_option",
+    "is_local_option",
+    "rclone_daemon_spec",
+]
 
 #: The name the remote gets in the environment of its rclone process.
 REMOTE: Final = "dynvol"
@@ -58,6 +65,66 @@ _SECRET_OPTION = re.compile(
 #: rclone options a claim may not set through ``options`` (dynvol sets them itself).
 _RESERVED = frozenset({"type"})
 _ENV_BLOCKLIST: Final = ("AWS_CA_BUNDLE",)
+#: Class parameter: comma-separated names of options that reach the DMP's own files or run
+#: programs (see :func:`is_local_option`) that claims of the class may nevertheless set.
+PARAM_ALLOWED_OPTIONS: Final = "rclone-allowed-options"
+#: Options that read or write files of the DMP, run programs, or take credentials from the
+#: DMP's environment or instance identity. Matched by name or by suffix.
+_LOCAL_NAMES: Final = frozenset(
+    {
+        "ssh", "env_auth", "use_msi", "ask_password", "profile", "ca_cert", "client_cert",
+        "client_key", "use_emulator", "use_az", "use_cli", "use_azure_cli", "unix_socket",
+        "env_auth_token", "shared_credentials_file",
+    }
+)  # fmt: skip
+_LOCAL_PATTERN = re.compile(
+    r"(^|_)(file|files|command|cmd|dir|path_override|socket|program|exec|executable)$|^msi_"
+)
+#: Options whose value names a host the backend connects to (URLs or bare host names).
+_HOST_PATTERN = re.compile(
+    r"^(url|host|hostname|endpoint|server|address|proxy)$|_(url|uri|host|endpoint|server|proxy)$"
+)
+#: scheme://[userinfo@]host[:port][/...]
+_URLISH = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?P<authority>[^/?#]*)(?P<rest>.*)", re.S)
+
+
+def is_local_option(name: str) -> bool:
+    """Whether rclone option ``name`` reaches the DMP's files, programs or identity."""
+    return name in _LOCAL_NAMES or _LOCAL_PATTERN.search(name) is not None
+
+
+def is_host_option(name: str) -> bool:
+    """Whether rclone option ``name`` says where the backend connects (url, host, ...)."""
+    return _HOST_PATTERN.search(name) is not None
+
+
+def _host_of(value: str) -> str | None:
+    """The host a URL or ``host[:port]`` value names, or None if it has none or credentials."""
+    match = _URLISH.fullmatch(value)
+    authority = match["authority"] if match else value
+    if "@" in authority or not authority:
+        return None
+    if authority.startswith("["):
+        host, sep, after = authority[1:].partition("]")
+        if not sep or (after and not after.startswith(":")):
+            return None
+        return host
+    host, _, port = authority.partition(":")
+    if port and not port.isdigit():
+        return None
+    return host
+
+
+def allowed_local_options(parameters: Mapping[str, str]) -> tuple[frozenset[str], list[FieldError]]:
+    """The option names the class's ``rclone-allowed-options`` parameter lets claims set."""
+    raw = parameters.get(PARAM_ALLOWED_OPTIONS, "")
+    names = frozenset(n.strip() for n in raw.split(",") if n.strip())
+    errors = [
+        FieldError(f"parameters.{PARAM_ALLOWED_OPTIONS}", f"{name!r} is not an rclone option name")
+        for name in sorted(names)
+        if not _OPTION.fullmatch(name)
+    ]
+    return names, errors
 
 
 def _frozen(values: Mapping[str, str]) -> FrozenMap[str, str]:
@@ -95,6 +162,17 @@ def rclone_daemon_spec(
     Options and secrets travel in the environment; rclone gets an empty private config
     file so it never reads one from the image.
     """
+    errors = check_rclone_type(remote_type, "type") + check_s3_prefix(remote_path, "remotePath")
+    for where, values in (("parameters", options), ("secret", secret_options)):
+        for key, value in values.items():
+            # One option, one variable: a name outside [a-z0-9_] or "type" could set another
+            # remote's or another option's variable; NUL would cut the value short.
+            if not _OPTION.fullmatch(key) or key in _RESERVED:
+                errors.append(FieldError(f"{where}[{key}]", "is not an rclone option name"))
+            elif "\x00" in value:
+                errors.append(FieldError(f"{where}[{key}]", "must not contain NUL"))
+    if errors:
+        raise InvalidObject(errors)
     prefix = f"RCLONE_CONFIG_{REMOTE.upper()}_"
     env = {f"{prefix}TYPE": remote_type}
     env.update({f"{prefix}{k.upper()}": v for k, v in options.items()})
@@ -186,18 +264,31 @@ class RcloneProvider(FuseProvider):
 
     name: ClassVar[str] = PROVIDER_RCLONE
 
-    def parse_config(self, values: Mapping[str, Any], *, parameters: Mapping[str, str]) -> Any:
+    def parse_config(
+        self,
+        values: Mapping[str, Any],
+        *,
+        parameters: Mapping[str, str],
+        connection: ConnectionPolicy | None = None,
+    ) -> Any:
         errors: list[FieldError] = []
         unknown = sorted(set(values) - {"type", "remotePath", "parameters"})
         errors += [
             FieldError(k, "unknown field; rcloneConfig has type, remotePath and parameters")
             for k in unknown
         ]
+        allowed_local, param_errors = allowed_local_options(parameters)
+        errors += param_errors
+        pinned: Mapping[str, str] = connection.pinned if connection is not None else {}
         remote_type = values.get("type")
+        if remote_type in (None, "") and "type" in pinned:
+            remote_type = pinned["type"]
         if remote_type in (None, ""):
             errors.append(FieldError("type", "is required (the rclone backend, e.g. webdav)"))
         else:
             errors += check_rclone_type(remote_type, "type")
+            if connection is not None:
+                errors += connection.pin("type", remote_type, "type")[1]
         path = values.get("remotePath", "")
         if path in (None, ""):
             path = ""
@@ -219,7 +310,19 @@ class RcloneProvider(FuseProvider):
                     )
                 )
                 continue
-            if _SECRET_OPTION.search(key):
+            local = is_local_option(key)
+            if local and key not in allowed_local:
+                errors.append(
+                    FieldError(
+                        where,
+                        "reads or writes the mount pod's files, runs a program or uses the "
+                        "node's identity; the StorageProviderClass must list it in its "
+                        f"{PARAM_ALLOWED_OPTIONS} parameter to allow it",
+                    )
+                )
+                continue
+            # A local option the class allows (key_file...) holds a path, not a secret.
+            if not local and _SECRET_OPTION.search(key):
                 errors.append(
                     FieldError(
                         where,
@@ -229,15 +332,70 @@ class RcloneProvider(FuseProvider):
                 )
                 continue
             text = _option_value(value)
-            if text is None or "\n" in text or "\x00" in text:
-                errors.append(FieldError(where, "must be a string, number or boolean"))
+            if text is None or has_control_chars(text):
+                errors.append(
+                    FieldError(
+                        where, "must be a string, number or boolean without control characters"
+                    )
+                )
                 continue
             options[key] = text
+        if connection is not None:
+            errors += self._check_connection(connection, options)
+            options.update({k: v for k, v in pinned.items() if k != "type"})
         if errors:
             raise InvalidObject(errors)
         assert isinstance(remote_type, str)
         assert isinstance(path, str)
         return RcloneConfig(type=remote_type, path=path, options=options)
+
+    @staticmethod
+    def _check_connection(
+        connection: ConnectionPolicy, options: Mapping[str, str]
+    ) -> list[FieldError]:
+        errors: list[FieldError] = []
+        for key, value in connection.pinned.items():
+            where = f"connection.pinned[{key}]"
+            if key != "type" and (not _OPTION.fullmatch(key) or _SECRET_OPTION.search(key)):
+                errors.append(
+                    FieldError(where, "must be 'type' or a non-secret rclone option name")
+                )
+            elif has_control_chars(value):
+                errors.append(FieldError(where, "must not contain control characters"))
+        host_options = 0
+        for key, value in options.items():
+            where = f"parameters[{key}]"
+            if key in connection.pinned:
+                errors += connection.pin(key, value, where)[1]
+                continue
+            if not is_host_option(key):
+                continue
+            host_options += 1
+            host = _host_of(value)
+            if host is None:
+                errors.append(
+                    FieldError(
+                        where,
+                        f"{value!r} must be a URL or host[:port] naming a host, without "
+                        "user:password@",
+                    )
+                )
+            else:
+                errors += connection.check_host(host, where)
+        if (
+            connection.allowed_hosts
+            and not host_options
+            and not any(is_host_option(k) for k in connection.pinned)
+        ):
+            errors.append(
+                FieldError(
+                    "parameters",
+                    "the StorageProviderClass allows only some hosts "
+                    "(spec.connection.allowedHosts): name the host in an option such as url, "
+                    "host or endpoint",
+                )
+            )
+        return errors
 
     def parse_credentials(self, secret_data: Mapping[str, bytes | str]) -> Credentials:
         creds = Credentials.from_secret_data(secret_data)

@@ -27,7 +27,13 @@ import attrs
 
 from dynvol_core.constants import PROVIDER_S3
 from dynvol_core.errors import FieldError, InvalidObject
-from dynvol_core.validation import check_bucket_name, check_endpoint, check_s3_prefix
+from dynvol_core.models import ConnectionPolicy
+from dynvol_core.validation import (
+    check_bucket_name,
+    check_endpoint,
+    check_s3_prefix,
+    split_endpoint,
+)
 from dynvol_providers.base import (
     CommandSpec,
     Credentials,
@@ -37,6 +43,8 @@ from dynvol_providers.base import (
     MountFailed,
     MountRequest,
     Reason,
+    check_option_value,
+    join_mount_options,
 )
 from dynvol_providers.builtin.rclone import explain_rclone_failure, rclone_daemon_spec
 from dynvol_providers.hookspecs import hookimpl
@@ -54,6 +62,8 @@ KEY_ACCESS: Final = "access-key-id"
 KEY_SECRET: Final = "secret-access-key"
 AWS_ENDPOINT: Final = "https://s3.amazonaws.com"
 _FIELDS = frozenset({"bucket", "endpoint", "region", "prefix", "pathStyle"})
+#: The connection fields a class may pin (``spec.connection.pinned``).
+PINNABLE: Final = ("endpoint", "region")
 _REGION_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dt[\d:.]+z?|\(\d+\)")
 _HTTP_404 = re.compile(r"(?<![\d.:])404(?![\d.:])")
@@ -79,7 +89,13 @@ class S3Provider(FuseProvider):
     #: Seconds s3fs waits for a connection; low so an unreachable endpoint fails fast.
     connect_timeout: int = 5
 
-    def parse_config(self, values: Mapping[str, Any], *, parameters: Mapping[str, str]) -> Any:
+    def parse_config(
+        self,
+        values: Mapping[str, Any],
+        *,
+        parameters: Mapping[str, str],
+        connection: ConnectionPolicy | None = None,
+    ) -> Any:
         errors: list[FieldError] = [
             FieldError(key, f"unknown field; s3Config has {', '.join(sorted(_FIELDS))}")
             for key in sorted(set(values) - _FIELDS)
@@ -89,10 +105,37 @@ class S3Provider(FuseProvider):
             errors.append(FieldError("bucket", "is required"))
         else:
             errors += check_bucket_name(bucket, "bucket")
-        endpoint = values.get("endpoint") or None
-        if endpoint is not None:
-            errors += check_endpoint(endpoint, "endpoint")
-        region = values.get("region") or "us-east-1"
+        claimed_endpoint = values.get("endpoint") or None
+        endpoint: object = claimed_endpoint
+        if claimed_endpoint is not None:
+            errors += check_endpoint(claimed_endpoint, "endpoint")
+        region: object = values.get("region") or None
+        if connection is not None:
+            errors += [
+                FieldError(
+                    f"connection.pinned[{key}]",
+                    f"the s3 provider pins only {', '.join(PINNABLE)}",
+                )
+                for key in sorted(set(connection.pinned) - set(PINNABLE))
+            ]
+            pinned_endpoint = connection.pinned.get("endpoint")
+            if pinned_endpoint is not None:
+                errors += [
+                    FieldError("connection.pinned[endpoint]", e.message)
+                    for e in check_endpoint(pinned_endpoint, "endpoint")
+                ]
+                if claimed_endpoint is not None and _normal_endpoint(
+                    claimed_endpoint
+                ) != _normal_endpoint(pinned_endpoint):
+                    errors += connection.pin("endpoint", claimed_endpoint, "endpoint")[1]
+                endpoint = pinned_endpoint
+            elif not any(e.path == "endpoint" for e in errors):
+                # The claim chose where the credentials go: hold it to the class's rules.
+                host = split_endpoint(str(claimed_endpoint or AWS_ENDPOINT)).host
+                errors += connection.check_host(host, "endpoint")
+            region, pin_errors = connection.pin("region", region, "region")
+            errors += pin_errors
+        region = region or "us-east-1"
         if not isinstance(region, str) or not 1 <= len(region) <= 64 or set(region) - _REGION_CHARS:
             errors.append(
                 FieldError("region", f"region {region!r} must be lowercase letters, digits and '-'")
@@ -116,7 +159,7 @@ class S3Provider(FuseProvider):
             raise InvalidObject(errors)
         return S3Config(
             bucket=str(bucket),
-            endpoint=str(endpoint or AWS_ENDPOINT).rstrip("/"),
+            endpoint=_normal_endpoint(endpoint) or AWS_ENDPOINT,
             region=str(region),
             prefix=str(prefix).strip("/"),
             path_style=bool(path_style),
@@ -157,14 +200,22 @@ class S3Provider(FuseProvider):
         return self._s3fs_spec(request, config)
 
     def _s3fs_spec(self, request: MountRequest, config: S3Config) -> DaemonSpec:
+        # Defence in depth: parse_config already refused these, but a config value can also
+        # come from an older dynvol or a hand-made MountRequest.
+        errors = check_endpoint(config.endpoint, "endpoint") + check_s3_prefix(
+            config.prefix, "prefix"
+        )
+        errors += check_option_value(config.region, "region")
+        if errors:
+            raise InvalidObject(errors)
         source = f"{config.bucket}:/{config.prefix}" if config.prefix else config.bucket
-        options = [
-            f"url={config.endpoint}",
-            f"endpoint={config.region}",
+        options: list[str | tuple[str, str]] = [
+            ("url", config.endpoint),
+            ("endpoint", config.region),
             "allow_other",
-            f"connect_timeout={self.connect_timeout}",
-            "retries=2",
-            "dbglevel=warn",
+            ("connect_timeout", str(self.connect_timeout)),
+            ("retries", "2"),
+            ("dbglevel", "warn"),
             "nonempty",
         ]
         files: tuple[FileSpec, ...] = ()
@@ -172,15 +223,19 @@ class S3Provider(FuseProvider):
         if access and secret:
             passwd = request.work_dir / "passwd-s3fs"
             files = (FileSpec(path=passwd, content=f"{access}:{secret}\n".encode(), mode=0o600),)
-            options.append(f"passwd_file={passwd}")
+            options.append(("passwd_file", str(passwd)))
         else:
-            options.append("public_bucket=1")
+            options.append(("public_bucket", "1"))
         if config.path_style:
             options.append("use_path_request_style")
         if request.read_only:
             options.append("ro")
+        joined = join_mount_options(
+            options, fields={"url": "endpoint", "endpoint": "region", "passwd_file": "workDir"}
+        )
         argv = ["s3fs", source, str(request.target), "-f"]
-        for option in options:
+        # One option per -o (joined has no escaped commas: join_mount_options refuses them).
+        for option in joined.split(","):
             argv += ["-o", option]
         command = CommandSpec(
             argv=tuple(argv),
@@ -250,6 +305,11 @@ class S3Provider(FuseProvider):
                 f"network ({failure.message})",
             )
         return failure
+
+
+def _normal_endpoint(value: object) -> str | None:
+    """An endpoint as compared and stored: without trailing slashes (None if not a string)."""
+    return value.rstrip("/") if isinstance(value, str) and value else None
 
 
 @hookimpl

@@ -490,6 +490,115 @@ BAD_OBJECTS: tuple[BadCase, ...] = (
         strict_only=True,
         readonly=True,
     ),
+    # ------------------------------------------------------------ mounter option injection
+    _dvc_case(
+        "endpoint-comma-injects-s3fs-options",
+        "spec.s3Config.endpoint",
+        "must have a path",
+        api_message="must have a path",
+        s3Config={"bucket": "b-1", "endpoint": "http://host:9000/x,use_cache=/tmp,dbglevel=info"},
+    ),
+    _dvc_case(
+        "endpoint-escaped-comma",
+        "spec.s3Config.endpoint",
+        "must have a path",
+        api_message="must have a path",
+        s3Config={"bucket": "b-1", "endpoint": "http://host:9000/x\\,dev,suid"},
+    ),
+    _dvc_case(
+        "endpoint-equals-in-path",
+        "spec.s3Config.endpoint",
+        "must have a path",
+        api_message="must have a path",
+        s3Config={"bucket": "b-1", "endpoint": "https://s3.example.com/iam_role=auto"},
+    ),
+    _dvc_case(
+        "endpoint-quote-in-path",
+        "spec.s3Config.endpoint",
+        "must have a path",
+        api_message="must have a path",
+        s3Config={"bucket": "b-1", "endpoint": 'https://s3.example.com/"a,b"'},
+    ),
+    _dvc_case(
+        "endpoint-decimal-ip",
+        "spec.s3Config.endpoint",
+        "dotted quad",
+        api_message="dotted quad",
+        s3Config={"bucket": "b-1", "endpoint": "http://2130706433:9000"},
+    ),
+    _dvc_case(
+        "endpoint-octal-ip",
+        "spec.s3Config.endpoint",
+        "dotted quad",
+        api_message="dotted quad",
+        s3Config={"bucket": "b-1", "endpoint": "http://0177.0.0.1:9000"},
+    ),
+    _dvc_case(
+        "endpoint-hex-ip",
+        "spec.s3Config.endpoint",
+        "dotted quad",
+        api_message="dotted quad",
+        s3Config={"bucket": "b-1", "endpoint": "http://0xa9.254.169.254"},
+    ),
+    _dvc_case(
+        "endpoint-short-ip",
+        "spec.s3Config.endpoint",
+        "dotted quad",
+        api_message="dotted quad",
+        s3Config={"bucket": "b-1", "endpoint": "http://169.254.43518"},
+    ),
+    _dvc_case(
+        "endpoint-ipv6-zone",
+        "spec.s3Config.endpoint",
+        "zone",
+        api_message="zone",
+        s3Config={"bucket": "b-1", "endpoint": "http://[fe80::1%25eth0]:9000"},
+    ),
+    _dvc_case(
+        "nfs-server-decimal-ip",
+        "spec.nfsConfig.server",
+        "dotted quad",
+        api_message="dotted quad",
+        s3Config=_DROP,
+        nfsConfig={"server": "2852039166", "path": "/exports"},
+    ),
+    # ------------------------------------------------------------ class connection policy
+    _spc_case(
+        "class-pinned-key-invalid",
+        {"provider": "s3", "connection": {"pinned": {"end-point": "https://s3.example.com"}}},
+        "spec.connection.pinned",
+        "letters, digits and '_'",
+        api_message="pinned field names",
+    ),
+    _spc_case(
+        "class-pinned-value-control-chars",
+        {"provider": "s3", "connection": {"pinned": {"endpoint": "https://a\nb"}}},
+        "spec.connection.pinned",
+        "control chars",
+        api_message="control characters",
+    ),
+    _spc_case(
+        "class-allowed-host-invalid",
+        {"provider": "s3", "connection": {"allowedHosts": ["s3.example.com,evil.net"]}},
+        "spec.connection.allowedHosts[0]",
+        "host name",
+        api_message="should match",
+    ),
+    _spc_case(
+        "class-allow-flag-not-boolean",
+        {"provider": "s3", "connection": {"allowLoopback": "yes"}},
+        "spec.connection.allowLoopback",
+        "must be a boolean",
+        api_message="boolean",
+    ),
+    _spc_case(
+        "class-connection-unknown-field",
+        {"provider": "s3", "connection": {"allowEverything": True}},
+        "spec.connection.allowEverything",
+        "unknown field",
+        api_message="unknown field",
+        strict_only=True,
+    ),
 )
 
 #: The seed examples of DESIGN.md section 2, exactly as written there.
@@ -624,4 +733,238 @@ EDGE_GOOD_OBJECTS: tuple[dict[str, Any], ...] = (
             },
         },
     },
+)
+
+
+# --------------------------------------------------------------------------- provider rules
+#: Claims whose config block the CRD schema and the provider's ``parse_config`` (hence the
+#: validating webhook) refuse, but ``DynamicVolumeClaim.from_object`` does not: the provider
+#: owns these rules (the NFS option allowlist), the CRD repeats them.
+_NFS_OPTION_CASES = tuple(
+    _dvc_case(
+        f"nfs-option-{case_id}",
+        "spec.nfsConfig.options[0]",
+        message,
+        api_message=api_message,
+        s3Config=_DROP,
+        nfsConfig={"server": "nfs.example.com", "path": "/exports", "options": [option]},
+    )
+    for case_id, option, message, api_message in (
+        ("suid", "suid", "set by dynvol", "set by dynvol"),
+        ("dev", "dev", "set by dynvol", "set by dynvol"),
+        ("defaults", "defaults", "set by dynvol", "set by dynvol"),
+        ("ro-override", "rw", "set by dynvol", "set by dynvol"),
+        ("vers-override", "vers=3", "set by dynvol", "set by dynvol"),
+        ("addr-redirect", "addr=169.254.169.254", "not an NFS mount option", "dynvol allows"),
+        ("clientaddr", "clientaddr=10.0.0.1", "not an NFS mount option", "dynvol allows"),
+        ("exec", "exec", "not an NFS mount option", "dynvol allows"),
+        ("selinux-context", "context=system_u:object_r:x", "not an NFS", "dynvol allows"),
+        ("bad-number", "timeo=soon", "timeo=<number>", "dynvol allows"),
+    )
+)
+PROVIDER_BAD_CLAIMS: tuple[BadCase, ...] = (
+    *_NFS_OPTION_CASES,
+    _dvc_case(
+        "rclone-parameter-newline",
+        "spec.rcloneConfig.parameters",
+        "without control characters",
+        api_message="control characters",
+        s3Config=_DROP,
+        storageProvider="rclone",
+        rcloneConfig={"type": "webdav", "parameters": {"vendor": "other\nurl = http://x"}},
+    ),
+)
+
+
+@dataclass(frozen=True)
+class PolicyCase:
+    """A claim that pins a class whose ``spec.connection`` (or parameters) refuse it.
+
+    Only the provider (with the class's policy) can judge these: the DMP always does, the
+    validating webhook does when the claim pins the class. ``allowed`` is a change to the
+    class that makes the same claim acceptable (``None`` when nothing should).
+    """
+
+    id: str
+    provider: str
+    config: Mapping[str, Any]
+    path: str
+    message: str
+    connection: Mapping[str, Any] | None = None
+    parameters: Mapping[str, str] | None = None
+    allowed: Mapping[str, Any] | None = None
+
+    @property
+    def block(self) -> str:
+        return {"s3": "s3Config", "nfs": "nfsConfig", "rclone": "rcloneConfig"}[self.provider]
+
+    def spc(self, name: str, *, allowed: bool = False) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "provider": self.provider,
+            "parameters": dict(self.parameters or {}),
+        }
+        if self.connection is not None:
+            spec["connection"] = copy.deepcopy(dict(self.connection))
+        if allowed and self.allowed is not None:
+            spec.update(copy.deepcopy(dict(self.allowed)))
+        return {"apiVersion": API_VERSION, "kind": SPC, "metadata": {"name": name}, "spec": spec}
+
+    def claim(self, class_name: str, *, namespace: str = "default") -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": DVC,
+            "metadata": {"name": f"policy-{self.id}", "namespace": namespace},
+            "spec": {
+                "mountpoint": "/data",
+                "selector": _GOOD_SELECTOR,
+                "storageProvider": self.provider,
+                "storageProviderClass": class_name,
+                self.block: copy.deepcopy(dict(self.config)),
+            },
+        }
+
+
+_PINNED_S3 = {"pinned": {"endpoint": "https://s3.eu.example.com", "region": "eu-west-1"}}
+POLICY_CASES: tuple[PolicyCase, ...] = (
+    PolicyCase(
+        "s3-loopback-endpoint",
+        "s3",
+        {"bucket": "b-1", "endpoint": "http://127.0.0.1:9000"},
+        "spec.s3Config.endpoint",
+        "allowLoopback",
+        allowed={"connection": {"allowLoopback": True}},
+    ),
+    PolicyCase(
+        "s3-mapped-loopback-endpoint",
+        "s3",
+        {"bucket": "b-1", "endpoint": "http://[::ffff:127.0.0.1]:9000"},
+        "spec.s3Config.endpoint",
+        "allowLoopback",
+        allowed={"connection": {"allowLoopback": True}},
+    ),
+    PolicyCase(
+        "s3-metadata-endpoint",
+        "s3",
+        {"bucket": "b-1", "endpoint": "http://169.254.169.254"},
+        "spec.s3Config.endpoint",
+        "allowLinkLocal",
+        connection={"allowLoopback": True, "allowClusterLocal": True},
+        allowed={"connection": {"allowLinkLocal": True}},
+    ),
+    PolicyCase(
+        "s3-metadata-name",
+        "s3",
+        {"bucket": "b-1", "endpoint": "http://metadata.google.internal"},
+        "spec.s3Config.endpoint",
+        "allowLinkLocal",
+    ),
+    PolicyCase(
+        "s3-ec2-ipv6-metadata",
+        "s3",
+        {"bucket": "b-1", "endpoint": "http://[fd00:ec2::254]"},
+        "spec.s3Config.endpoint",
+        "allowLinkLocal",
+    ),
+    PolicyCase(
+        "s3-cluster-service",
+        "s3",
+        {"bucket": "b-1", "endpoint": "http://minio.other-team.svc.cluster.local:9000"},
+        "spec.s3Config.endpoint",
+        "allowClusterLocal",
+        allowed={"connection": {"allowClusterLocal": True}},
+    ),
+    PolicyCase(
+        "s3-endpoint-not-pinned-one",
+        "s3",
+        {"bucket": "b-1", "endpoint": "https://collector.evil.example"},
+        "spec.s3Config.endpoint",
+        "pins endpoint",
+        connection=_PINNED_S3,
+    ),
+    PolicyCase(
+        "s3-region-not-pinned-one",
+        "s3",
+        {"bucket": "b-1", "region": "us-east-1"},
+        "spec.s3Config.region",
+        "pins region",
+        connection=_PINNED_S3,
+    ),
+    PolicyCase(
+        "s3-host-not-allowed",
+        "s3",
+        {"bucket": "b-1", "endpoint": "https://s3.evil.example"},
+        "spec.s3Config.endpoint",
+        "allowedHosts",
+        connection={"allowedHosts": ["*.example.com"]},
+        allowed={"connection": {"allowedHosts": ["*.example.com", "*.evil.example"]}},
+    ),
+    PolicyCase(
+        "nfs-server-not-pinned-one",
+        "nfs",
+        {"server": "nfs.evil.example", "path": "/exports/team-a"},
+        "spec.nfsConfig.server",
+        "pins server",
+        connection={"pinned": {"server": "nfs.example.com", "exportPrefix": "/exports/team-a"}},
+    ),
+    PolicyCase(
+        "nfs-path-outside-export-prefix",
+        "nfs",
+        {"server": "nfs.example.com", "path": "/exports/team-a-other"},
+        "spec.nfsConfig.path",
+        "outside",
+        connection={"pinned": {"server": "nfs.example.com", "exportPrefix": "/exports/team-a"}},
+    ),
+    PolicyCase(
+        "nfs-private-server",
+        "nfs",
+        {"server": "10.0.0.2", "path": "/exports"},
+        "spec.nfsConfig.server",
+        "allowPrivateNetworks",
+        allowed={"connection": {"allowPrivateNetworks": True}},
+    ),
+    PolicyCase(
+        "rclone-url-to-metadata",
+        "rclone",
+        {"type": "webdav", "parameters": {"url": "http://169.254.169.254/latest/"}},
+        "spec.rcloneConfig.parameters[url]",
+        "allowLinkLocal",
+    ),
+    PolicyCase(
+        "rclone-host-not-pinned-one",
+        "rclone",
+        {"type": "sftp", "parameters": {"host": "sftp.evil.example"}},
+        "spec.rcloneConfig.parameters[host]",
+        "pins host",
+        connection={"pinned": {"type": "sftp", "host": "sftp.example.com"}},
+    ),
+    PolicyCase(
+        "rclone-type-not-pinned-one",
+        "rclone",
+        {"type": "ftp", "parameters": {"host": "sftp.example.com"}},
+        "spec.rcloneConfig.type",
+        "pins type",
+        connection={"pinned": {"type": "sftp"}},
+    ),
+    PolicyCase(
+        "rclone-key-file-not-allowed",
+        "rclone",
+        {"type": "sftp", "parameters": {"host": "sftp.example.com", "key_file": "/etc/shadow"}},
+        "spec.rcloneConfig.parameters[key_file]",
+        "rclone-allowed-options",
+        allowed={"parameters": {"rclone-allowed-options": "key_file"}},
+    ),
+    PolicyCase(
+        "rclone-ssh-command-not-allowed",
+        "rclone",
+        {"type": "sftp", "parameters": {"host": "sftp.example.com", "ssh": "sh -c id"}},
+        "spec.rcloneConfig.parameters[ssh]",
+        "rclone-allowed-options",
+    ),
+    PolicyCase(
+        "rclone-env-auth-not-allowed",
+        "rclone",
+        {"type": "s3", "parameters": {"endpoint": "https://s3.example.com", "env_auth": "true"}},
+        "spec.rcloneConfig.parameters[env_auth]",
+        "rclone-allowed-options",
+    ),
 )

@@ -168,6 +168,8 @@ class Storage:
                         f"{GROUP}/mount-cpu-limit": "500m",
                         f"{GROUP}/mount-memory-limit": "256Mi",
                     },
+                    # The MinIO fixture listens on 127.0.0.1.
+                    "connection": {"allowLoopback": True},
                 },
             },
         )

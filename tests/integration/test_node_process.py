@@ -85,7 +85,7 @@ async def test_publish_feeds_the_reconciler(
         await client.create(NAMESPACES, {"metadata": {"name": c.DEFAULT_SYSTEM_NAMESPACE}})
     await client.create(CLASSES, {
         "apiVersion": c.API_VERSION, "kind": c.KIND_CLASS, "metadata": {"name": class_name},
-        "spec": {"provider": "s3", "parameters": {}},
+        "spec": {"provider": "s3", "parameters": {}, "connection": {"allowLoopback": True}},
     })  # fmt: skip
     volume = {
         "name": c.VOLUME_NAME,

@@ -94,7 +94,12 @@ class Objects:
         if secret:
             params[c.PARAM_SECRET_NAME] = secret
             params[c.PARAM_SECRET_NAMESPACE] = self.namespace
-        spec: dict[str, Any] = {"provider": provider, "parameters": params}
+        # The claims these tests make point at 127.0.0.1 (see claim()).
+        spec: dict[str, Any] = {
+            "provider": provider,
+            "parameters": params,
+            "connection": {"allowLoopback": True},
+        }
         if allowed_namespaces is not None:
             spec["allowedNamespaces"] = allowed_namespaces
         obj = await self.client.create(

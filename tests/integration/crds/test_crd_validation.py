@@ -6,6 +6,7 @@ so the API and the core are held to the same rules.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from tests.cases.bad_objects import (
     DVC,
     EDGE_GOOD_OBJECTS,
     GOOD_OBJECTS,
+    POLICY_CASES,
+    PROVIDER_BAD_CLAIMS,
     SPC,
     BadCase,
 )
@@ -109,7 +112,7 @@ async def _ensure_namespace(api: Api, name: str) -> None:
             raise
 
 
-@pytest.mark.parametrize("case", BAD_OBJECTS, ids=lambda case: case.id)
+@pytest.mark.parametrize("case", BAD_OBJECTS + PROVIDER_BAD_CLAIMS, ids=lambda case: case.id)
 async def test_api_rejects_bad_object(api: Api, namespace: str, case: BadCase) -> None:
     from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -288,3 +291,128 @@ def test_kubectl_explain_shows_the_descriptions(control_plane: ControlPlane) -> 
         time.sleep(1)
     spc = control_plane.kubectl("explain", "spc.spec.parameters")
     assert "storage-provider-secret-name" in spc
+
+
+# --------------------------------------------------------------------------- the webhook
+
+
+@pytest.fixture
+async def admission(kube_client: Any) -> Any:
+    """The validating webhook's decision function, over a classes cache of the real API."""
+    from dynvol_controllers import Client, ClusterController, EventRecorder
+    from dynvol_providers.registry import load_registry
+
+    client = Client.wrap(kube_client)
+    controller = ClusterController(
+        client,
+        recorder=EventRecorder(client=client, component="dynvol-test"),
+        registry=load_registry(),
+    )
+    await controller.classes.start()
+    try:
+        await controller.classes.wait_synced(within=30)
+        yield controller
+    finally:
+        await controller.classes.close()
+
+
+def _review(obj: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "uid": "0d3b0c8e-0000-4000-8000-000000000000",
+        "kind": {"group": c.GROUP, "version": c.VERSION, "kind": obj["kind"]},
+        "operation": "CREATE",
+        "namespace": obj["metadata"].get("namespace"),
+        "object": obj,
+    }
+
+
+async def test_webhook_refuses_every_bad_object(admission: Any) -> None:
+    """The webhook agrees with the API and the core on the whole table."""
+    for case in BAD_OBJECTS + PROVIDER_BAD_CLAIMS:
+        decision = admission.validate(_review(case.fresh()))
+        assert not decision.allowed, case.id
+        assert case.path.split("[")[0] in decision.message, (case.id, decision.message)
+
+
+async def _wait_cached(admission: Any, name: str, generation: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        cached = admission.classes.store.get(name)
+        if cached is not None and cached["metadata"].get("generation") == generation:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"class {name} did not reach the webhook's cache")
+
+
+@pytest.mark.parametrize("case", POLICY_CASES, ids=lambda case: case.id)
+async def test_api_accepts_and_webhook_judges_policy_cases(
+    api: Api, admission: Any, namespace: str, case: Any
+) -> None:
+    """The API cannot see across objects; the webhook asks the provider with the class's
+    policy, refuses naming the claim's field, and accepts once the class allows it."""
+    name = f"policy-{case.id}"[:63]
+    spc = case.spc(name)
+    stored = await api.create(spc)
+    try:
+        await _wait_cached(admission, name, stored["metadata"]["generation"])
+        claim = case.claim(name, namespace=namespace)
+        decision = admission.validate(_review(claim))
+        assert not decision.allowed
+        assert case.path in decision.message, decision.message
+        assert case.message in decision.message, decision.message
+        # The API itself takes the claim: only the class can refuse it.
+        await api.create(json.loads(json.dumps(claim)))
+        await api.delete(claim)
+        if case.allowed is not None:
+            allowed = case.spc(name, allowed=True)
+            current = await api.custom.get_cluster_custom_object(
+                c.GROUP, c.VERSION, c.PLURAL_CLASS, name
+            )
+            allowed["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            replaced = await api.custom.replace_cluster_custom_object(
+                c.GROUP, c.VERSION, c.PLURAL_CLASS, name, allowed
+            )
+            await _wait_cached(admission, name, replaced["metadata"]["generation"])
+            decision = admission.validate(_review(claim))
+            assert decision.allowed, decision.message
+    finally:
+        await api.delete(spc)
+
+
+@pytest.mark.parametrize(
+    ("spec", "path"),
+    [
+        ({"provider": "s3", "connection": {"pinned": {"server": "x"}}},
+         "spec.connection.pinned[server]"),
+        ({"provider": "s3", "connection": {"pinned": {"endpoint": "http://h/a,dev"}}},
+         "spec.connection.pinned[endpoint]"),
+        ({"provider": "nfs", "connection": {"pinned": {"exportPrefix": "relative"}}},
+         "spec.connection.pinned[exportPrefix]"),
+        ({"provider": "rclone", "parameters": {"rclone-allowed-options": "Key-File"}},
+         "spec.parameters.rclone-allowed-options"),
+        ({"provider": "s3", "parameters": {"s3-mounter": "goofys"}}, "spec.parameters.s3-mounter"),
+    ],
+)  # fmt: skip
+async def test_webhook_refuses_class_settings_the_provider_rejects(
+    admission: Any, spec: dict[str, Any], path: str
+) -> None:
+    obj = {"apiVersion": c.API_VERSION, "kind": SPC, "metadata": {"name": "x"}, "spec": spec}
+    StorageProviderClass.from_object(obj)  # well-formed: only the provider can tell
+    decision = admission.validate(_review(obj))
+    assert not decision.allowed
+    assert path in decision.message, decision.message
+
+
+async def test_webhook_accepts_the_seed_class_and_a_pinned_one(admission: Any) -> None:
+    seed = next(o for o in GOOD_OBJECTS if o["kind"] == SPC)
+    assert admission.validate(_review(json.loads(json.dumps(seed)))).allowed
+    pinned = {
+        "apiVersion": c.API_VERSION,
+        "kind": SPC,
+        "metadata": {"name": "pinned"},
+        "spec": {
+            "provider": "s3",
+            "connection": {"pinned": {"endpoint": "https://s3.example.com"}},
+        },
+    }
+    assert admission.validate(_review(pinned)).allowed

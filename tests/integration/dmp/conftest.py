@@ -288,7 +288,12 @@ class Mounts:
         name: str,
         allowed_namespaces: list[str] | None = None,
     ) -> str:
-        spec: dict[str, Any] = {"provider": "s3", "parameters": parameters or {}}
+        # MinIO listens on 127.0.0.1: the class must allow loopback endpoints.
+        spec: dict[str, Any] = {
+            "provider": "s3",
+            "parameters": parameters or {},
+            "connection": {"allowLoopback": True},
+        }
         if allowed_namespaces is not None:
             spec["allowedNamespaces"] = allowed_namespaces
         await self.custom.create_cluster_custom_object(

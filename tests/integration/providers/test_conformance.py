@@ -17,7 +17,11 @@ import pytest
 
 from dynvol.testing.minio import MinioServer
 from dynvol.testing.processes import Process, free_port, run, wait_until
+from dynvol_core.models import ConnectionPolicy
 from dynvol_providers.testing import ConformanceCase, ProviderConformance
+
+#: The test servers listen on 127.0.0.1; their classes allow loopback and nothing more.
+LOOPBACK = ConnectionPolicy(allow_loopback=True)
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +36,14 @@ def _s3_case(minio: MinioServer, mounter: str) -> ConformanceCase:
     return ConformanceCase(
         config={"bucket": bucket, "endpoint": minio.endpoint},
         parameters={"s3-mounter": mounter},
+        connection=LOOPBACK,
         secret_data={"access-key-id": minio.access_key, "secret-access-key": minio.secret_key},
-        invalid_configs=[({"endpoint": minio.endpoint}, "bucket"), ({"bucket": "A_B"}, "bucket")],
+        invalid_configs=[
+            ({"endpoint": minio.endpoint}, "bucket"),
+            ({"bucket": "A_B"}, "bucket"),
+            ({"bucket": bucket, "endpoint": f"{minio.endpoint}/x,use_cache=/tmp"}, "endpoint"),
+            ({"bucket": bucket, "endpoint": "http://169.254.169.254"}, "endpoint"),
+        ],
         invalid_secrets=[({"access-key-id": minio.access_key}, "data.secret-access-key")],
         check_object=check_object,
     )
@@ -97,10 +107,16 @@ class TestRcloneWebdav(ProviderConformance):
 
         return ConformanceCase(
             config={"type": "webdav", "parameters": {"url": url, "vendor": "other"}},
+            connection=LOOPBACK,
             secret_data={"user": user, "pass": obscured},
             invalid_configs=[
                 ({"type": "local"}, "type"),
                 ({"type": "webdav", "parameters": {"pass": "x"}}, "parameters[pass]"),
+                (
+                    {"type": "webdav", "parameters": {"url": url, "bearer_token_command": "id"}},
+                    "parameters[bearer_token_command]",
+                ),
+                ({"type": "webdav", "parameters": {"url": "http://[fe80::1]/"}}, "parameters[url]"),
             ],
             invalid_secrets=[({"not an option": "value"}, "data.not an option")],
             check_object=check_object,
@@ -114,7 +130,13 @@ class TestNfs(ProviderConformance):
     def dynvol_case(self) -> ConformanceCase:
         return ConformanceCase(
             config={"server": "127.0.0.1", "path": "/exports"},
-            invalid_configs=[({"server": "127.0.0.1"}, "path"), ({"path": "/x"}, "server")],
+            connection=LOOPBACK,
+            invalid_configs=[
+                ({"server": "127.0.0.1"}, "path"),
+                ({"path": "/x"}, "server"),
+                ({"server": "127.0.0.1", "path": "/x", "options": ["suid"]}, "options[0]"),
+                ({"server": "169.254.169.254", "path": "/x"}, "server"),
+            ],
             mountable=(
                 "this machine has no NFS client (mount.nfs) and no NFS server; the mount "
                 "command is covered by tests/unit/providers/test_nfs.py"

@@ -12,6 +12,7 @@ from dynvol_core.errors import FieldError, InvalidObject
 from dynvol_core.models import (
     Condition,
     ConditionStatus,
+    ConnectionPolicy,
     DynamicVolumeClaim,
     DynamicVolumeMount,
     FrozenMap,
@@ -147,6 +148,80 @@ def test_class_collects_all_errors() -> None:
         f"spec.parameters[{c.PARAM_SECRET_NAME}]",
         "spec.extra",
     }
+
+
+def test_class_connection_defaults_to_public_hosts_only() -> None:
+    spc = StorageProviderClass.from_object(_seed(c.KIND_CLASS, "s3-sample"))
+    assert spc.connection == ConnectionPolicy()
+    assert spc.connection.to_object() == {}
+    assert spc.connection.check_host("s3.example.com", "endpoint") == []
+    (error,) = spc.connection.check_host("127.0.0.1", "endpoint")
+    assert error.path == "endpoint"
+    assert "spec.connection.allowLoopback" in error.message
+
+
+def test_class_connection_round_trip() -> None:
+    connection = {
+        "pinned": {"endpoint": "https://s3.eu.example.com", "region": "eu-west-1"},
+        "allowedHosts": ["*.example.com", "10.0.0.0/8"],
+        "allowLoopback": True,
+        "allowClusterLocal": True,
+        "allowPrivateNetworks": True,
+        "allowLinkLocal": True,
+    }
+    spc = StorageProviderClass.from_object(
+        {"metadata": {"name": "pinned"}, "spec": {"provider": "s3", "connection": connection}}
+    )
+    assert spc.connection.to_object() == connection
+    assert dict(spc.connection.pinned) == connection["pinned"]
+    assert spc.connection.allowed_hosts == ("*.example.com", "10.0.0.0/8")
+    assert spc.connection == ConnectionPolicy(
+        pinned=connection["pinned"],
+        allowed_hosts=("*.example.com", "10.0.0.0/8"),
+        allow_loopback=True,
+        allow_cluster_local=True,
+        allow_private_networks=True,
+        allow_link_local=True,
+    )
+    hash(spc)
+
+
+def test_class_connection_errors_name_the_field() -> None:
+    with pytest.raises(InvalidObject) as info:
+        StorageProviderClass.from_object(
+            {
+                "metadata": {"name": "x"},
+                "spec": {
+                    "provider": "s3",
+                    "connection": {
+                        "pinned": {"bad-key": "v", "endpoint": "a\nb", "region": 5},
+                        "allowedHosts": ["a,b", "10.0.0.0/40", 7],
+                        "allowLoopback": "yes",
+                        "allowEverything": True,
+                    },
+                },
+            }
+        )
+    assert set(info.value.paths) == {
+        "spec.connection.pinned[bad-key]",
+        "spec.connection.pinned[endpoint]",
+        "spec.connection.pinned[region]",
+        "spec.connection.allowedHosts[0]",
+        "spec.connection.allowedHosts[1]",
+        "spec.connection.allowedHosts[2]",
+        "spec.connection.allowLoopback",
+        "spec.connection.allowEverything",
+    }
+
+
+def test_connection_pin() -> None:
+    policy = ConnectionPolicy(pinned={"region": "eu-west-1"})
+    assert policy.pin("region", None, "region") == ("eu-west-1", [])
+    assert policy.pin("region", "eu-west-1", "region") == ("eu-west-1", [])
+    value, errors = policy.pin("region", "us-east-1", "region")
+    assert value == "eu-west-1"
+    assert [e.path for e in errors] == ["region"]
+    assert policy.pin("endpoint", "https://x", "endpoint") == ("https://x", [])
 
 
 def test_class_must_be_an_object() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
 from decimal import Decimal
 
@@ -13,17 +14,23 @@ from dynvol_core.errors import InvalidObject
 from dynvol_core.quantities import parse_quantity
 from dynvol_core.validation import (
     MAX_MOUNTPOINT_BYTES,
+    HostKind,
     check_bucket_name,
     check_dns1123_label,
     check_dns1123_subdomain,
     check_endpoint,
+    check_host_pattern,
+    check_hostname,
     check_label_value,
     check_nfs_path,
     check_nfs_server,
     check_qualified_name,
     check_rclone_type,
     check_s3_prefix,
+    classify_host,
+    host_matches,
     normalize_mountpoint,
+    split_endpoint,
 )
 
 # ----------------------------------------------------------------------------- mountpoints
@@ -228,6 +235,23 @@ def test_endpoint_ok(url: str) -> None:
         ("https://x example.com", "spaces"),
         ("https://[zz::1]/", "IPv6"),
         ("https://" + "a" * 2048, "at most"),
+        ("http://h:9000/x,use_cache=/tmp,dbglevel=info", "must have a path"),
+        ("http://h/a;b", "must have a path"),
+        ("http://h/a=b", "must have a path"),
+        ("http://h/a\\,dev", "must have a path"),
+        ("http://h/a'b", "must have a path"),
+        ('http://h/a"b', "must have a path"),
+        ("http://h/%zz", "must have a path"),
+        ("http://h/@x", "must have a path"),
+        ("http://h,dev/", "must name a host"),
+        ("http://2130706433:9000", "dotted quad"),
+        ("http://0x7f.1", "dotted quad"),
+        ("http://0177.0.0.1", "dotted quad"),
+        ("http://127.1", "dotted quad"),
+        ("http://127.0.0.01", "dotted quad"),
+        ("http://256.0.0.1", "dotted quad"),
+        ("http://a.b.1", "dotted quad"),
+        ("http://[fe80::1%25eth0]:9000", "zone"),
     ],
 )
 def test_endpoint_bad(url: str, fragment: str) -> None:
@@ -263,6 +287,11 @@ def test_s3_prefix(prefix: str, ok: bool) -> None:
         ("nfs_1", False),
         ("", False),
         ("-nfs", False),
+        ("2130706433", False),
+        ("0x7f000001", False),
+        ("010.0.0.2", False),
+        ("10.2", False),
+        ("fe80::1%eth0", False),
     ],
 )
 def test_nfs_server(server: str, ok: bool) -> None:
@@ -351,3 +380,133 @@ def test_quantity_order_uses_value() -> None:
 def test_quantity_integer_forms(number: int, suffix: str) -> None:
     scale = {"": 1, "m": Decimal("0.001"), "k": 1000, "Ki": 1024, "Mi": 1024**2}[suffix]
     assert parse_quantity(f"{number}{suffix}").value == number * scale
+
+
+# ----------------------------------------------------------------------------- hosts
+
+
+def test_endpoints_with_escapes_and_ports_split() -> None:
+    assert check_endpoint("https://s3.example.com/a%2Cb/~c", "e") == []
+    parts = split_endpoint("https://S3.Example.com:8443/base")
+    assert (parts.scheme, parts.host, parts.port, parts.path) == (
+        "https",
+        "s3.example.com",
+        8443,
+        "/base",
+    )
+    assert split_endpoint("http://[::1]/").host == "::1"
+    with pytest.raises(ValueError, match="not a valid endpoint"):
+        split_endpoint("http://h/x,dev")
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("s3.example.com", HostKind.PUBLIC),
+        ("8.8.8.8", HostKind.PUBLIC),
+        ("2001:4860::8888", HostKind.PUBLIC),
+        ("127.0.0.1", HostKind.LOOPBACK),
+        ("127.255.0.9", HostKind.LOOPBACK),
+        ("0.0.0.0", HostKind.LOOPBACK),
+        ("0.1.2.3", HostKind.LOOPBACK),
+        ("::", HostKind.LOOPBACK),
+        ("::1", HostKind.LOOPBACK),
+        ("[::1]", HostKind.LOOPBACK),
+        ("::ffff:127.0.0.1", HostKind.LOOPBACK),
+        ("::ffff:7f00:1", HostKind.LOOPBACK),
+        ("64:ff9b::127.0.0.1", HostKind.LOOPBACK),
+        ("localhost", HostKind.LOOPBACK),
+        ("LocalHost", HostKind.LOOPBACK),
+        ("db.localhost", HostKind.LOOPBACK),
+        ("ip6-localhost", HostKind.LOOPBACK),
+        ("169.254.169.254", HostKind.LINK_LOCAL),
+        ("169.254.0.1", HostKind.LINK_LOCAL),
+        ("fe80::1", HostKind.LINK_LOCAL),
+        ("febf::1", HostKind.LINK_LOCAL),
+        ("fd00:ec2::254", HostKind.LINK_LOCAL),
+        ("::ffff:169.254.169.254", HostKind.LINK_LOCAL),
+        ("100.100.100.200", HostKind.LINK_LOCAL),
+        ("metadata.google.internal", HostKind.LINK_LOCAL),
+        ("Metadata.Google.Internal", HostKind.LINK_LOCAL),
+        ("metadata", HostKind.LINK_LOCAL),
+        ("instance-data", HostKind.LINK_LOCAL),
+        ("minio", HostKind.CLUSTER_LOCAL),
+        ("minio.team.svc", HostKind.CLUSTER_LOCAL),
+        ("minio.team.svc.cluster.local", HostKind.CLUSTER_LOCAL),
+        ("10.0.0.1", HostKind.PRIVATE),
+        ("172.16.0.1", HostKind.PRIVATE),
+        ("192.168.0.1", HostKind.PRIVATE),
+        ("100.64.0.1", HostKind.PRIVATE),
+        ("fd12:3456::1", HostKind.PRIVATE),
+        ("::ffff:10.0.0.1", HostKind.PRIVATE),
+        ("nas.internal", HostKind.PRIVATE),
+        ("printer.local", HostKind.PRIVATE),
+        ("224.0.0.1", HostKind.RESERVED),
+        ("ff02::1", HostKind.RESERVED),
+        ("255.255.255.255", HostKind.RESERVED),
+        ("240.0.0.1", HostKind.RESERVED),
+        ("::127.0.0.1", HostKind.RESERVED),
+    ],
+)
+def test_host_kinds(host: str, kind: HostKind) -> None:
+    assert check_hostname(host, "h") == []
+    assert classify_host(host) is kind
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["2130706433", "0x7f000001", "0x7f.1", "0177.0.0.1", "127.1", "127.0.1", "017700000001",
+     "1.2.3.04", "a.0x10", "fe80::1%eth0", "[fe80::1%25eth0]", "h,dev", "h\nx", "", "a" * 254],
+)  # fmt: skip
+def test_ambiguous_hosts_are_refused(host: str) -> None:
+    (error,) = check_hostname(host, "spec.nfsConfig.server")
+    assert error.path == "spec.nfsConfig.server"
+
+
+_IPV4 = st.integers(min_value=0, max_value=2**32 - 1).map(ipaddress.IPv4Address)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_IPV4)
+def test_an_ipv4_address_is_one_kind_in_every_spelling(address: ipaddress.IPv4Address) -> None:
+    kind = classify_host(str(address))
+    for spelling in (f"::ffff:{address}", f"[::ffff:{address}]", f"64:ff9b::{address}"):
+        assert check_hostname(spelling, "h") == []
+        assert classify_host(spelling) is kind, spelling
+    # Every other numeric spelling is refused outright, never classified.
+    for spelling in (str(int(address)), hex(int(address)), f"0{oct(int(address))[2:]}"):
+        if spelling != str(address):
+            assert check_hostname(spelling, "h"), spelling
+    parts = str(address).split(".")
+    assert check_hostname(".".join(f"0{p}" if p != "0" else "00" for p in parts), "h")
+
+
+@pytest.mark.parametrize(
+    ("host", "patterns", "ok"),
+    [
+        ("s3.example.com", ["s3.example.com"], True),
+        ("S3.Example.COM", ["s3.example.com"], True),
+        ("a.s3.example.com", ["*.example.com"], True),
+        ("example.com", ["*.example.com"], False),
+        ("badexample.com", ["*.example.com"], False),
+        ("s3.example.com.evil.net", ["*.example.com"], False),
+        ("10.1.2.3", ["10.0.0.0/8"], True),
+        ("11.1.2.3", ["10.0.0.0/8"], False),
+        ("::ffff:10.1.2.3", ["10.0.0.0/8"], False),
+        ("fd00::5", ["fd00::/64"], True),
+        ("10.1.2.3", ["10.1.2.3"], True),
+        ("10.1.2.3", ["*.1.2.3"], False),
+        ("[::1]", ["::1"], True),
+    ],
+)
+def test_host_matches(host: str, patterns: list[str], ok: bool) -> None:
+    assert host_matches(host, patterns) is ok
+
+
+@pytest.mark.parametrize(
+    ("pattern", "ok"),
+    [("s3.example.com", True), ("*.example.com", True), ("10.0.0.0/8", True), ("::1", True),
+     ("10.0.0.0/33", False), ("*.10.0.0.1", False), ("a,b", False), ("2130706433", False)],
+)  # fmt: skip
+def test_host_patterns(pattern: str, ok: bool) -> None:
+    assert (check_host_pattern(pattern, "p") == []) is ok

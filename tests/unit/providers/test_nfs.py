@@ -28,7 +28,8 @@ def test_default_is_nfs_4_1_read_write() -> None:
     config = PROVIDER.parse_config({"server": "nfs.example.com", "path": "/exports"}, parameters={})
     spec = PROVIDER.mount_command(request(config))
     assert spec.argv == (
-        "mount", "-t", "nfs4", "-o", "vers=4.1,rw", "nfs.example.com:/exports", "/xvols/share",
+        "mount", "-t", "nfs4", "-o", "vers=4.1,rw,nosuid,nodev",
+        "nfs.example.com:/exports", "/xvols/share",
     )  # fmt: skip
     assert PROVIDER.mount_fs_type(request(config)) == "nfs4"
 
@@ -40,7 +41,8 @@ def test_v3_read_only_with_options_and_ipv6() -> None:
     )
     spec = PROVIDER.mount_command(request(config, read_only=True))
     assert spec.argv == (
-        "mount", "-t", "nfs", "-o", "vers=3,ro,hard,timeo=600", "[fd00::1]:/srv/a", "/xvols/share",
+        "mount", "-t", "nfs", "-o", "hard,timeo=600,vers=3,ro,nosuid,nodev",
+        "[fd00::1]:/srv/a", "/xvols/share",
     )  # fmt: skip
     assert PROVIDER.mount_fs_type(request(config)) == "nfs"
 
@@ -64,3 +66,43 @@ def test_config_errors_name_the_field(values: dict[str, object], path: str) -> N
     with pytest.raises(InvalidObject) as info:
         PROVIDER.parse_config(values, parameters={})
     assert path in info.value.paths
+
+
+@pytest.mark.parametrize(
+    ("option", "fragment"),
+    [
+        ("suid", "set by dynvol"),
+        ("dev", "set by dynvol"),
+        ("nosuid", "set by dynvol"),
+        ("defaults", "set by dynvol"),
+        ("nfsvers=3", "set by dynvol"),
+        ("minorversion=1", "set by dynvol"),
+        ("addr=169.254.169.254", "not an NFS mount option dynvol allows"),
+        ("mounthost=evil.example", "not an NFS mount option dynvol allows"),
+        ("exec", "not an NFS mount option dynvol allows"),
+        ("timeo=soon", "timeo=<number>"),
+        ("sec=krb9", "sec=one of"),
+    ],
+)
+def test_managed_and_unknown_options_are_refused(option: str, fragment: str) -> None:
+    with pytest.raises(InvalidObject) as info:
+        PROVIDER.parse_config({"server": "s", "path": "/x", "options": [option]}, parameters={})
+    (error,) = info.value.errors
+    assert error.path == "options[0]"
+    assert fragment in error.message
+
+
+def test_repeated_options_are_refused() -> None:
+    with pytest.raises(InvalidObject, match="given twice"):
+        PROVIDER.parse_config(
+            {"server": "s", "path": "/x", "options": ["timeo=1", "timeo=2"]}, parameters={}
+        )
+
+
+def test_a_forged_config_never_reaches_mount() -> None:
+    forged = NfsConfig(server="s", path="/x", options=("suid",))
+    with pytest.raises(InvalidObject):
+        PROVIDER.mount_command(request(forged))
+    forged = NfsConfig(server="s", path="/x", options=("hard,dev",))
+    with pytest.raises(InvalidObject):
+        PROVIDER.mount_command(request(forged))

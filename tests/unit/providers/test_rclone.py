@@ -82,3 +82,34 @@ def test_secret_keys_must_be_option_names() -> None:
     with pytest.raises(InvalidObject) as info:
         PROVIDER.parse_credentials({"not an option": b"x"})
     assert info.value.paths == ("data.not an option",)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"bad\nkey": "v"}, {"type": "local"}, {"URL": "x"}, {"url": "a\x00b"}],
+)
+def test_a_forged_config_never_reaches_the_environment(options: dict[str, str]) -> None:
+    forged = RcloneConfig(type="webdav", options=options)
+    req = MountRequest(
+        name="ns/m",
+        target=PurePosixPath("/xvols/r"),
+        read_only=False,
+        config=forged,
+        credentials=PROVIDER.parse_credentials({}),
+        work_dir=PurePosixPath("/run/dynvol/m"),
+    )
+    with pytest.raises(InvalidObject):
+        PROVIDER.daemon_spec(req)
+
+
+def test_a_forged_local_type_never_reaches_the_environment() -> None:
+    req = MountRequest(
+        name="ns/m",
+        target=PurePosixPath("/xvols/r"),
+        read_only=False,
+        config=RcloneConfig(type="local"),
+        credentials=PROVIDER.parse_credentials({}),
+        work_dir=PurePosixPath("/run/dynvol/m"),
+    )
+    with pytest.raises(InvalidObject, match="not allowed"):
+        PROVIDER.daemon_spec(req)

@@ -178,3 +178,30 @@ def test_timestamps_are_not_http_codes() -> None:
     output = "2026-11-26T21:30:38.404Z [CRT] s3fs.cpp:s3fs_check_service(3597): unable to connect"
     failure = MountFailed(Reason.MOUNTER_EXITED, output)
     assert PROVIDER.explain_failure(request(config), failure).reason == Reason.UNREACHABLE
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://h:9000/x,use_cache=/tmp", "http://h/x\\,dev", "http://h/\nx", "http://h/a b"],
+)
+def test_s3fs_refuses_a_forged_endpoint_itself(endpoint: str) -> None:
+    # A config that bypassed parse_config (older dynvol, hand-made request) still stops here.
+    forged = S3Config(bucket="data", endpoint=endpoint)
+    with pytest.raises(InvalidObject) as info:
+        PROVIDER.daemon_spec(request(forged))
+    assert info.value.paths == ("endpoint",)
+
+
+def test_s3fs_refuses_a_forged_region_itself() -> None:
+    with pytest.raises(InvalidObject) as info:
+        PROVIDER.daemon_spec(request(S3Config(bucket="data", region="x,dev")))
+    assert info.value.paths == ("region",)
+
+
+def test_claim_with_injected_endpoint_is_refused() -> None:
+    with pytest.raises(InvalidObject) as info:
+        PROVIDER.parse_config(
+            {"bucket": "data", "endpoint": "http://host:9000/x,use_cache=/tmp,dbglevel=info"},
+            parameters={},
+        )
+    assert info.value.paths == ("endpoint",)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import attrs
 
 from dynvol_core.errors import FieldError, InvalidObject
+from dynvol_core.models import ConnectionPolicy
 from dynvol_providers import (
     CommandMountProvider,
     CommandSpec,
@@ -25,6 +26,7 @@ from dynvol_providers import (
     ProviderRegistry,
     hookimpl,
 )
+from dynvol_providers.base import join_mount_options
 
 _SIZE = re.compile(r"([1-9][0-9]{0,6})(Ki|Mi|Gi)")
 _MODE = re.compile(r"0?[0-7]{3}")
@@ -42,7 +44,16 @@ class TmpfsProvider(CommandMountProvider):
 
     name: ClassVar[str] = "tmpfs"
 
-    def parse_config(self, values: Mapping[str, Any], *, parameters: Mapping[str, str]) -> Any:
+    def parse_config(
+        self,
+        values: Mapping[str, Any],
+        *,
+        parameters: Mapping[str, str],
+        connection: ConnectionPolicy | None = None,
+    ) -> Any:
+        # tmpfs connects nowhere, so the class's connection policy has nothing to check. A
+        # provider that reaches a server passes every host a claim names to
+        # connection.check_host(host, field) and honours connection.pin(...).
         errors = [
             FieldError(k, "unknown field; config has size and mode")
             for k in sorted(set(values) - {"size", "mode"})
@@ -69,7 +80,12 @@ class TmpfsProvider(CommandMountProvider):
         match = _SIZE.fullmatch(config.size)
         assert match is not None
         size = match.group(1) + _UNITS[match.group(2)]
-        options = f"size={size},mode={config.mode},{'ro' if request.read_only else 'rw'}"
+        # join_mount_options refuses any value that could split into more options.
+        options = join_mount_options(
+            [("size", size), ("mode", config.mode), "ro" if request.read_only else "rw",
+             "nosuid", "nodev"],
+            fields={"size": "size", "mode": "mode"},
+        )  # fmt: skip
         return CommandSpec(
             argv=("mount", "-t", "tmpfs", "-o", options, "dynvol-tmpfs", str(request.target))
         )
