@@ -447,8 +447,11 @@ def mirrors() -> Mirrors:
         or DEFAULT_SECURITY_MIRROR
     )
     return Mirrors(
-        _check_mirror(main, "DYNVOL_DEBIAN_MIRROR"),
-        _check_mirror(security, "DYNVOL_DEBIAN_SECURITY_MIRROR"),
+        _check_mirror(main, f"DYNVOL_DEBIAN_MIRROR (or the host's apt source for {SUITE})"),
+        _check_mirror(
+            security,
+            f"DYNVOL_DEBIAN_SECURITY_MIRROR (or the host's apt source for {SUITE}-security)",
+        ),
     )
 
 
