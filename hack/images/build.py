@@ -32,6 +32,8 @@ the same inputs only checks that the archive exists.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
@@ -44,7 +46,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -763,7 +765,27 @@ def finish_archive(pushed: Path, out: Path, name: str) -> dict[str, object]:
     }
 
 
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """One build of ``name`` at a time on this machine: checkouts share the cache and
+    buildah's storage, where the image's tag is the same for all of them."""
+    path = cache_root() / f".{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another build of {name} on this machine")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def build_dynvol() -> Built:
+    with _locked("dynvol"):
+        return _build_dynvol()
+
+
+def _build_dynvol() -> Built:
     m = mirrors()
     try:
         state = debian_state(m)
