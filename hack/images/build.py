@@ -1,34 +1,40 @@
 #!/usr/bin/env python3
-"""Build dynvol's container images on this machine, with no registry and no container engine.
+"""Build dynvol's container images on this machine, with no registry and no daemon.
 
     hack/images/build.py build [IMAGE...]          build (or reuse) OCI archives; print paths
     hack/images/build.py import --address SOCK [IMAGE...]
                                                    build, then import into containerd (k8s.io)
-    hack/images/build.py list                      the images, their names and cache keys
+    hack/images/build.py list                      the images and their names
 
 IMAGE is one of: pause, busybox, dynvol (default: all three).
 
 Every image is an OCI image layout packed as a tar archive (``oci-layout``, ``index.json``,
-``blobs/sha256/...``), written by this script and imported with ``ctr images import``.
-Layers are uncompressed tars made by GNU tar with sorted names, zeroed times and numeric
-owners, so the same inputs give the same digests.
+``blobs/sha256/...``) with uncompressed layers, imported with ``ctr images import``.
 
 - ``pause``: a static C program (hack/images/pause.c), the pod sandbox process.
 - ``busybox``: the workload image for tests: Debian's busybox-static from this machine.
-- ``dynvol``: two layers. The base is a Debian bookworm root file system made with
-  ``debootstrap --variant=minbase`` plus python3, fuse3, s3fs, rclone and nfs-common, and a
-  virtualenv at /opt/dynvol holding dynvol's runtime dependencies (pinned by
-  hack/constraints.txt). The top layer is a wheel of this checkout installed into that
-  virtualenv, made in an overlay mount so that it holds only the files the wheel adds.
+- ``dynvol``: the repository's ``Dockerfile``, built by ``buildah build --isolation
+  chroot`` on ``localhost/debian:bookworm-slim``, a base this script makes with debootstrap
+  from bookworm, bookworm-updates and bookworm-security, shaped like Debian's slim image.
+  The pip configuration and CA bundle of this machine reach the build as build secrets.
+
+The tars this script writes itself (pause, busybox, the Debian base) have sorted names,
+zeroed times and numeric owners, so the same inputs give the same digests.
 
 Everything built is cached under ``$DYNVOL_IMAGE_CACHE`` (default
 ``~/.cache/dynvol/images``) in directories named ``<name>-<key>``, where the key is a digest
-of the inputs: a second run with the same inputs only checks that the archive exists.
+of the inputs; buildah's storage (its layer cache) is ``<cache>/buildah``. dynvol's key
+covers the Dockerfile, the build context, the pins and the Debian package state (a digest
+of the three suites' package indices, read from the mirror on every run): a second run with
+the same inputs only checks that the archive exists.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -38,10 +44,12 @@ import sys
 import tarfile
 import tempfile
 import time
-import tomllib
-from collections.abc import Callable, Iterable, Sequence
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 TOP = HERE.parent.parent
@@ -49,18 +57,6 @@ TOP = HERE.parent.parent
 #: Bump to rebuild every image (the keys include it).
 RECIPE = "3"
 SUITE = "bookworm"
-#: The Debian packages of the dynvol image's base layer, beyond minbase.
-DYNVOL_PACKAGES = (
-    "python3",
-    "python3-venv",
-    "ca-certificates",
-    "fuse3",
-    "s3fs",
-    "rclone",
-    "nfs-common",
-    "procps",
-)
-VENV = "/opt/dynvol"
 #: One fixed time for configs and tar entries, for reproducible digests.
 EPOCH = 0
 CREATED = "1970-01-01T00:00:00Z"
@@ -331,33 +327,317 @@ def build_busybox() -> Built:
 
 
 # --- dynvol ------------------------------------------------------------------------------
+#
+# The Dockerfile is the one definition of dynvol's image. It is built with buildah
+# (``--isolation chroot``: no daemon, no container runtime) in a storage of this cache's
+# own, on a base made here with debootstrap: Debian bookworm with its updates and security
+# suites, shaped like Debian's official slim image. The result is pushed to an OCI archive
+# that ``import`` feeds to containerd.
+
+#: The Debian suites of the base image, all from the component ``main``.
+SUITES = (SUITE, f"{SUITE}-updates", f"{SUITE}-security")
+BASE_NAME = "localhost/debian:bookworm-slim"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+HOST_APT_SOURCES = Path("/etc/apt")
+
+#: dpkg leaves these out of every package installed on the base (as the slim image does);
+#: copyright files stay, they are the packages' licences.
+DPKG_SLIM = """\
+# A container image needs no documentation, manuals or translations.
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/linda/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+"""
+#: apt keeps no downloaded packages or binary caches, fetches no translations, keeps its
+#: lists compressed and does not treat Suggests as important.
+_APT_CLEAN = (
+    '"rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb'
+    ' /var/cache/apt/*.bin || true"'
+)
+APT_SLIM = f"""\
+DPkg::Post-Invoke {{ {_APT_CLEAN}; }};
+APT::Update::Post-Invoke {{ {_APT_CLEAN}; }};
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+Acquire::Languages "none";
+Acquire::GzipIndexes "true";
+Acquire::CompressionTypes::Order:: "gz";
+Apt::AutoRemove::SuggestsImportant "false";
+"""
+#: Services never start while packages are installed into an image.
+POLICY_RC_D = "#!/bin/sh\n# no service starts inside an image build\nexit 101\n"
 
 
-def mirror() -> str:
-    return os.environ.get("DYNVOL_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+@dataclass(frozen=True)
+class Mirrors:
+    """Where apt gets Debian's packages: the host's own configuration, or the environment's
+    ``DYNVOL_DEBIAN_MIRROR`` and ``DYNVOL_DEBIAN_SECURITY_MIRROR``."""
+
+    main: str
+    security: str
+
+    def of(self, suite: str) -> str:
+        return self.security if suite.endswith("-security") else self.main
+
+    def sources(self) -> str:
+        """The base image's /etc/apt/sources.list.d/debian.sources (deb822)."""
+        keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+        return (
+            f"Types: deb\nURIs: {self.main}\nSuites: {SUITE} {SUITE}-updates\n"
+            f"Components: main\nSigned-By: {keyring}\n\n"
+            f"Types: deb\nURIs: {self.security}\nSuites: {SUITE}-security\n"
+            f"Components: main\nSigned-By: {keyring}\n"
+        )
 
 
-def runtime_requirements() -> list[str]:
-    project = tomllib.loads((TOP / "pyproject.toml").read_text())["project"]
-    return list(project["dependencies"])
+def _check_mirror(uri: str, what: str) -> str:
+    uri = uri.strip().rstrip("/")
+    scheme, sep, rest = uri.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or any(c.isspace() for c in uri):
+        raise SystemExit(f"images: {what} {uri!r} is not an http(s) URI")
+    return uri
 
 
-def base_key() -> str:
-    return key_of(
-        RECIPE,
-        SUITE,
-        mirror(),
-        " ".join(DYNVOL_PACKAGES),
-        "\n".join(runtime_requirements()),
-        (TOP / "hack" / "constraints.txt").read_bytes(),
+def host_suite_uris(apt_dir: Path = HOST_APT_SOURCES) -> dict[str, str]:
+    """The first URI the host's apt uses for each suite (one-line and deb822 sources)."""
+    found: dict[str, str] = {}
+    files = [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list"))]
+    for path in files:
+        if not path.is_file():
+            continue
+        for raw in path.read_text(errors="replace").splitlines():
+            words = raw.split("#", 1)[0].split()
+            if len(words) >= 3 and words[0] == "deb":
+                if words[1].startswith("["):
+                    while words and not words[0].endswith("]"):
+                        words.pop(0)
+                    words = ["deb", *words[1:]]
+                if len(words) >= 3:
+                    found.setdefault(words[2], words[1])
+    for path in sorted((apt_dir / "sources.list.d").glob("*.sources")):
+        if not path.is_file():
+            continue
+        for para in path.read_text(errors="replace").split("\n\n"):
+            fields: dict[str, str] = {}
+            for line in para.splitlines():
+                if line.startswith("#") or ":" not in line or line[:1].isspace():
+                    continue
+                name, _, value = line.partition(":")
+                fields[name.strip().lower()] = value.strip()
+            if "deb" not in fields.get("types", "").split() or fields.get("enabled") == "no":
+                continue
+            uris = fields.get("uris", "").split()
+            for suite in fields.get("suites", "").split():
+                if uris:
+                    found.setdefault(suite, uris[0])
+    return found
+
+
+def mirrors() -> Mirrors:
+    host = host_suite_uris()
+    main = os.environ.get("DYNVOL_DEBIAN_MIRROR") or host.get(SUITE) or DEFAULT_MIRROR
+    security = (
+        os.environ.get("DYNVOL_DEBIAN_SECURITY_MIRROR")
+        or host.get(f"{SUITE}-security")
+        or DEFAULT_SECURITY_MIRROR
+    )
+    return Mirrors(
+        _check_mirror(main, f"DYNVOL_DEBIAN_MIRROR (or the host's apt source for {SUITE})"),
+        _check_mirror(
+            security,
+            f"DYNVOL_DEBIAN_SECURITY_MIRROR (or the host's apt source for {SUITE}-security)",
+        ),
     )
 
 
-def source_files() -> list[Path]:
-    """The files that go into dynvol's wheel (the importable packages and the metadata)."""
-    files = [TOP / "pyproject.toml"]
+def mirror() -> str:
+    return mirrors().main
+
+
+def packages_indices(in_release: str) -> list[str]:
+    """The SHA256 lines of a suite's InRelease that name main's amd64 package lists: they
+    change exactly when a package of that suite is added, updated or removed."""
+    lines, in_sha256 = [], False
+    for line in in_release.splitlines():
+        if not line[:1].isspace():
+            in_sha256 = line.strip() == "SHA256:"
+            continue
+        words = line.split()
+        if in_sha256 and len(words) == 3 and words[2].startswith("main/binary-amd64/Packages"):
+            lines.append(" ".join(words))
+    return sorted(lines)
+
+
+def debian_state(m: Mirrors, *, timeout: float = 30.0) -> str:
+    """A digest of the Debian package state the base is built from (three small downloads)."""
+    parts: list[str | bytes] = []
+    for suite in SUITES:
+        url = f"{m.of(suite)}/dists/{suite}/InRelease"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                text = response.read().decode("utf-8", "replace")
+        except (OSError, urllib.error.URLError) as err:
+            raise DebianUnreachable(f"{url}: {err}") from err
+        indices = packages_indices(text)
+        if not indices:
+            raise DebianUnreachable(f"{url} lists no main/binary-amd64/Packages")
+        parts += [suite, "\n".join(indices)]
+    return key_of(*parts)
+
+
+class DebianUnreachable(Exception):
+    """The Debian archive could not be asked for its package state."""
+
+
+def _slim_rootfs(root: Path) -> None:
+    """Remove what the slim image does not carry from a root made by debootstrap (the dpkg
+    excludes keep later packages from bringing it back)."""
+    doc = root / "usr/share/doc"
+    for entry in doc.iterdir() if doc.is_dir() else ():
+        if entry.is_dir() and not entry.is_symlink():
+            for sub in entry.iterdir():
+                if sub.name != "copyright":
+                    shutil.rmtree(sub) if sub.is_dir() and not sub.is_symlink() else sub.unlink()
+            if not any(entry.iterdir()):
+                entry.rmdir()
+        else:
+            entry.unlink()
+    for rel in ("usr/share/man", "usr/share/groff", "usr/share/info", "usr/share/lintian",
+                "usr/share/linda"):  # fmt: skip
+        path = root / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+            path.mkdir()
+    locale = root / "usr/share/locale"
+    for entry in locale.iterdir() if locale.is_dir() else ():
+        if entry.name != "locale.alias":
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for rel in ("var/lib/apt/lists", "var/cache/apt", "var/log", "tmp", "dev", "run"):
+        path = root / rel
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            path.mkdir()
+    (root / "var/lib/apt/lists/partial").mkdir()
+    (root / "var/cache/apt/archives/partial").mkdir(parents=True)
+    (root / "tmp").chmod(0o1777)
+    # debootstrap copies the host's name and resolver; the runtime provides both.
+    for rel in ("etc/resolv.conf", "etc/hostname"):
+        (root / rel).unlink(missing_ok=True)
+
+
+def _base_key(m: Mirrors, state: str) -> str:
+    return key_of(RECIPE, " ".join(SUITES), m.main, m.security, state, DPKG_SLIM, APT_SLIM)
+
+
+def build_debian_base(m: Mirrors, state: str) -> Path:
+    """The slim-shaped bookworm base as an OCI archive, cached by the Debian state."""
+    out = cache_root() / f"debian-base-{_base_key(m, state)}"
+    archive = out / "image.tar"
+    if archive.exists():
+        return archive
+    if shutil.which("debootstrap") is None:
+        raise SystemExit("images: debootstrap is missing: apt-get install debootstrap")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="dynvol-debian-") as tmp:
+        root = Path(tmp) / "rootfs"
+        log(f"debootstrap {SUITE} from {m.main} (a few minutes)")
+        run(
+            ["debootstrap", "--variant=minbase", "--components=main", SUITE, str(root), m.main],
+            stdout=subprocess.DEVNULL,
+        )
+        (root / "etc/apt/sources.list").unlink(missing_ok=True)
+        (root / "etc/apt/sources.list.d/debian.sources").write_text(m.sources())
+        (root / "etc/dpkg/dpkg.cfg.d/90slim").write_text(DPKG_SLIM)
+        (root / "etc/apt/apt.conf.d/90slim").write_text(APT_SLIM)
+        policy = root / "usr/sbin/policy-rc.d"
+        policy.write_text(POLICY_RC_D)
+        policy.chmod(0o755)
+        log(f"apt-get upgrade from {', '.join(SUITES)}")
+        chroot(root, ["apt-get", "update", "-qq"])
+        chroot(root, ["apt-get", "upgrade", "-y", "-qq"], quiet=True)
+        chroot(root, ["apt-get", "clean"])
+        _slim_rootfs(root)
+        tar_dir(root, out / "layer.tar")
+    layer = Layer.from_tar(out / "layer.tar", f"debootstrap --variant=minbase {' '.join(SUITES)}")
+    write_archive(
+        name=BASE_NAME,
+        layers=[layer],
+        out=archive,
+        config={
+            "Cmd": ["bash"],
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        },
+    )
+    (out / "layer.tar").unlink()
+    (out / "layer.json").unlink(missing_ok=True)
+    return archive
+
+
+def buildah(*args: str) -> list[str]:
+    """buildah with this cache's own storage, which the machine's other users never see."""
+    if shutil.which("buildah") is None:
+        raise SystemExit("images: buildah is missing: apt-get install buildah (hack/setup.sh)")
+    store = cache_root() / "buildah"
+    return [
+        "buildah",
+        "--root",
+        str(store / "storage"),
+        "--runroot",
+        str(store / "run"),
+        "--storage-driver",
+        "overlay",
+        *args,
+    ]
+
+
+def _output(argv: Sequence[str]) -> str:
+    return subprocess.run(list(argv), check=True, text=True, capture_output=True).stdout
+
+
+def storage_images() -> list[dict[str, object]]:
+    """The images in buildah's storage (``buildah images NAME`` fails on a missing NAME)."""
+    return list(json.loads(_output(buildah("images", "--json")) or "[]"))
+
+
+def load_base(archive: Path) -> str:
+    """Make the base ``BASE_NAME`` in buildah's storage; returns its image ID."""
+    want = json.loads((archive.parent / "image.json").read_text())["config"].removeprefix("sha256:")
+    if any(
+        image.get("id") == want and BASE_NAME in (image.get("names") or [])
+        for image in storage_images()
+    ):
+        return want
+    log(f"loading {BASE_NAME} into buildah's storage")
+    image_id = _output(buildah("pull", "--quiet", f"oci-archive:{archive}")).strip()
+    run(buildah("tag", image_id, BASE_NAME))
+    return image_id
+
+
+#: The files of the build context outside the Python packages, and the build's recipe.
+CONTEXT_TOP_FILES = (
+    "pyproject.toml",
+    "README.md",
+    "hack/constraints.txt",
+    "hack/images/pinned.py",
+    "Dockerfile",
+    ".dockerignore",
+)
+
+
+def context_files() -> list[Path]:
+    """The build context as .dockerignore lets it through (the metadata, the pins, the
+    Python packages): the files the image is made of, and so part of its cache key."""
+    files = [TOP / rel for rel in CONTEXT_TOP_FILES]
     for pkg in sorted(TOP.glob("dynvol*")):
-        if not pkg.is_dir() or pkg.name.endswith(".egg-info") or not (pkg / "__init__.py").exists():
+        if not pkg.is_dir() or pkg.name.endswith(".egg-info"):
             continue
         for path in sorted(pkg.rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
@@ -365,207 +645,243 @@ def source_files() -> list[Path]:
     return files
 
 
-def app_key(base: str) -> str:
-    parts: list[str | bytes] = [RECIPE, base]
-    for path in source_files():
+def app_key(base: str, state: str) -> str:
+    parts: list[str | bytes] = [RECIPE, base, state]
+    for path in context_files():
         parts += [str(path.relative_to(TOP)), path.read_bytes()]
     return key_of(*parts)
 
 
-def chroot(root: Path, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+def chroot(
+    root: Path, argv: Sequence[str], env: dict[str, str] | None = None, *, quiet: bool = False
+) -> None:
     clean = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "LANG": "C.UTF-8",
         "HOME": "/root",
         "DEBIAN_FRONTEND": "noninteractive",
     }
-    run(["chroot", str(root), *argv], env={**clean, **(env or {})})
-
-
-def _host_ca_into(root: Path) -> dict[str, str]:
-    """pip inside the chroot must trust what the host trusts (a proxy's CA, for one)."""
-    host_ca = Path(os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt")
-    if not host_ca.exists():
-        return {}
-    shutil.copy(host_ca, root / "tmp" / "host-ca.crt")
-    return {"PIP_CERT": "/tmp/host-ca.crt", "SSL_CERT_FILE": "/tmp/host-ca.crt"}
-
-
-def _slim(root: Path) -> None:
-    """Drop what a container never uses: docs, caches, device nodes (the runtime makes /dev)."""
-    for rel in (
-        "usr/share/doc",
-        "usr/share/man",
-        "usr/share/info",
-        "usr/share/locale",
-        "var/cache/apt",
-        "var/lib/apt/lists",
-        "var/cache/debconf/templates.dat-old",
-        "var/log",
-        "tmp",
-        "dev",
-        "run",
-    ):
-        path = root / rel
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-            path.mkdir()
-        elif path.exists():
-            path.unlink()
-    (root / "tmp").chmod(0o1777)
-    for pyc_dir in root.joinpath("usr/lib/python3").rglob("__pycache__"):
-        shutil.rmtree(pyc_dir, ignore_errors=True)
-
-
-def build_dynvol_base() -> tuple[Path, Layer]:
-    """The debootstrap root file system and its layer, cached by :func:`base_key`."""
-    out = cache_root() / f"dynvol-base-{base_key()}"
-    rootfs, layer_tar = out / "rootfs", out / "layer.tar"
-    created_by = f"debootstrap --variant=minbase {SUITE} + {' '.join(DYNVOL_PACKAGES)} + venv"
-    if layer_tar.exists():
-        return rootfs, Layer.from_tar(layer_tar, created_by)
-    if shutil.which("debootstrap") is None:
-        raise SystemExit("images: debootstrap is missing: apt-get install debootstrap")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    log(f"debootstrap {SUITE} into {rootfs} (a few minutes)")
-    # debootstrap resolves dependencies naively (it picks fuse for s3fs, which conflicts
-    # with fuse3), so it lays down minbase only and apt installs the rest.
     run(
-        ["debootstrap", "--variant=minbase", SUITE, str(rootfs), mirror()],
-        stdout=subprocess.DEVNULL,
+        ["chroot", str(root), *argv],
+        env={**clean, **(env or {})},
+        stdout=subprocess.DEVNULL if quiet else None,
     )
-    policy = rootfs / "usr" / "sbin" / "policy-rc.d"
-    policy.write_text("#!/bin/sh\n# no service starts while the image is built\nexit 101\n")
-    policy.chmod(0o755)
-    log(f"apt-get install {' '.join(DYNVOL_PACKAGES)}")
-    chroot(rootfs, ["apt-get", "update", "-q"])
-    chroot(rootfs, ["apt-get", "install", "-y", "-q", "--no-install-recommends", *DYNVOL_PACKAGES])
-    chroot(rootfs, ["apt-get", "clean"])
-    policy.unlink()
-    env = _host_ca_into(rootfs)
-    constraints = rootfs / "tmp" / "constraints.txt"
-    shutil.copy(TOP / "hack" / "constraints.txt", constraints)
-    log(f"virtualenv {VENV} with {', '.join(runtime_requirements())}")
-    chroot(rootfs, ["python3", "-m", "venv", VENV])
-    chroot(
-        rootfs,
-        [
-            f"{VENV}/bin/pip",
-            "install",
-            "--no-cache-dir",
-            "--disable-pip-version-check",
-            "-q",
-            "-c",
-            "/tmp/constraints.txt",
-            *runtime_requirements(),
-        ],
-        env,
-    )
-    _slim(rootfs)
-    tar_dir(rootfs, layer_tar)
-    return rootfs, Layer.from_tar(layer_tar, created_by)
 
 
-def _whiteouts(upper: Path) -> list[Path]:
-    """overlayfs marks deletions with 0:0 character devices; an OCI layer cannot carry them."""
-    found = []
-    for path in upper.rglob("*"):
-        st = path.lstat()
-        if (st.st_mode & 0o170000) == 0o020000 and st.st_rdev == 0:
-            found.append(path)
-    return found
+def host_ca() -> Path | None:
+    """The CA bundle this machine's pip trusts (a proxy's CA, for one)."""
+    for var in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        value = os.environ.get(var)
+        if value and Path(value).is_file():
+            return Path(value)
+    default = Path("/etc/ssl/certs/ca-certificates.crt")
+    return default if default.is_file() else None
+
+
+def host_pip_config(listed: str) -> str:
+    """A pip configuration file for the build from ``pip config list`` on this machine
+    (files and ``PIP_*`` variables). Settings naming a host path are left out: the build
+    cannot see them (the CA goes in as its own secret)."""
+    sections: dict[str, dict[str, str]] = {}
+    for line in listed.splitlines():
+        name, sep, quoted = line.partition("=")
+        section, dot, key = name.rpartition(".")
+        if not sep or not dot or not key:
+            continue
+        value = quoted.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if value.startswith("/") or key in ("cert", "client-cert") or "\n" in value:
+            continue
+        section = "global" if section == ":env:" else section
+        sections.setdefault(section, {})[key] = value
+    return "".join(
+        f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in sorted(items.items()))
+        for section, items in sorted(sections.items())
+    )
+
+
+def _pip_config_list() -> str:
+    pip = TOP / ".venv" / "bin" / "pip"
+    argv = [str(pip)] if pip.exists() else [sys.executable, "-m", "pip"]
+    done = subprocess.run([*argv, "config", "list"], text=True, capture_output=True, check=False)
+    return done.stdout if done.returncode == 0 else ""
+
+
+def finish_archive(pushed: Path, out: Path, name: str) -> dict[str, object]:
+    """Copy the archive ``buildah push`` wrote to ``out``, naming the image for containerd
+    (``ctr images import`` names an image after ``io.containerd.image.name``, as in the
+    archives written here), and return its metadata for image.json: the digests, the size
+    of each layer as stored (gzip) and unpacked, and the config's environment."""
+    with tarfile.open(pushed) as src:
+        members = {m.name.removeprefix("./"): m for m in src.getmembers()}
+
+        def read(name_in_tar: str) -> bytes:
+            f = src.extractfile(members[name_in_tar])
+            if f is None:
+                raise SystemExit(f"images: {pushed} has no file {name_in_tar}")
+            return f.read()
+
+        def blob(digest: str) -> dict[str, Any]:
+            return dict(json.loads(read(f"blobs/sha256/{digest.removeprefix('sha256:')}")))
+
+        index = json.loads(read("index.json"))
+        if len(index.get("manifests", [])) != 1:
+            raise SystemExit(f"images: {pushed} should hold one image")
+        entry = index["manifests"][0]
+        entry.setdefault("annotations", {})["io.containerd.image.name"] = name
+        manifest = blob(entry["digest"])
+        config = blob(manifest["config"]["digest"])
+        layers = []
+        for desc in manifest["layers"]:
+            f = src.extractfile(members[f"blobs/sha256/{desc['digest'].removeprefix('sha256:')}"])
+            assert f is not None
+            unpacked = 0
+            stream = gzip.GzipFile(fileobj=f) if desc["mediaType"].endswith("+gzip") else f
+            while chunk := stream.read(1 << 20):
+                unpacked += len(chunk)
+            layers.append({"digest": desc["digest"], "size": desc["size"], "unpacked": unpacked})
+        tmp = out.with_suffix(".partial")
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as dst:
+            for member_name, member in members.items():
+                if member_name == "index.json":
+                    data = json.dumps(index, indent=1).encode()
+                    info = tarfile.TarInfo("index.json")
+                    info.size, info.mtime, info.mode = len(data), EPOCH, 0o644
+                    dst.addfile(info, fileobj=_BytesReader(data))
+                elif member.isfile():
+                    dst.addfile(member, fileobj=src.extractfile(member))
+                else:
+                    dst.addfile(member)
+        tmp.rename(out)
+    return {
+        "name": name,
+        "manifest": entry["digest"],
+        "config": manifest["config"]["digest"],
+        "layers": layers,
+        "size": sum(layer["unpacked"] for layer in layers),
+        "stored": sum(int(layer["size"]) for layer in layers),
+        "env": config.get("config", {}).get("Env", []),
+    }
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """One build of ``name`` at a time on this machine: checkouts share the cache and
+    buildah's storage, where the image's tag is the same for all of them."""
+    path = cache_root() / f".{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another build of {name} on this machine")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def build_dynvol() -> Built:
-    base_rootfs, base_layer = build_dynvol_base()
-    key = app_key(base_layer.digest)
+    with _locked("dynvol"):
+        return _build_dynvol()
+
+
+def _build_dynvol() -> Built:
+    m = mirrors()
+    try:
+        state = debian_state(m)
+    except DebianUnreachable as err:
+        # Offline: the newest archive built before is the best there is, but say so.
+        newest = _newest("dynvol-", exclude="dynvol-base-")
+        if newest is None:
+            raise SystemExit(f"images: cannot read the Debian package state: {err}") from err
+        log(f"WARNING: cannot read the Debian package state ({err}); reusing {newest}")
+        return Built(IMAGE_NAMES["dynvol"], newest / "image.tar", True, 0.0)
+    base_archive = build_debian_base(m, state)
+    base_config = json.loads((base_archive.parent / "image.json").read_text())["config"]
+    key = app_key(base_config, state)
 
     def build(out: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix="dynvol-image-") as tmp:
-            wheels = Path(tmp) / "wheels"
-            log("building dynvol's wheel")
-            python = TOP / ".venv" / "bin" / "python"
+        load_base(base_archive)
+        name = IMAGE_NAMES["dynvol"]
+        with tempfile.TemporaryDirectory(prefix="dynvol-build-") as tmp:
+            secrets = []
+            pip_conf = Path(tmp) / "pip.conf"
+            pip_conf.write_text(host_pip_config(_pip_config_list()))
+            pip_conf.chmod(0o600)
+            secrets += ["--secret", f"id=pipconf,src={pip_conf}"]
+            ca = host_ca()
+            if ca is not None:
+                secrets += ["--secret", f"id=cacert,src={ca}"]
+            log(f"buildah build {TOP / 'Dockerfile'} on {BASE_NAME}")
             run(
-                [
-                    str(python if python.exists() else sys.executable),
-                    "-m",
-                    "pip",
-                    "wheel",
-                    "--no-deps",
-                    "--no-build-isolation",
-                    "-q",
-                    "-w",
-                    str(wheels),
-                    str(TOP),
-                ],
-                cwd=tmp,
-            )
-            wheel = next(wheels.glob("dynvol-*.whl"))
-            upper, work, merged = (Path(tmp) / d for d in ("upper", "work", "merged"))
-            for d in (upper, work, merged):
-                d.mkdir()
-            run(
-                [
-                    "mount",
+                buildah(
+                    "build",
+                    "--isolation",
+                    "chroot",
+                    "--layers",
+                    "--pull=never",
+                    "--build-arg",
+                    f"BASE={BASE_NAME}",
+                    "--build-arg",
+                    f"DEBIAN_STATE={state}",
+                    *secrets,
+                    "-f",
+                    str(TOP / "Dockerfile"),
                     "-t",
-                    "overlay",
-                    "overlay",
-                    "-o",
-                    f"lowerdir={base_rootfs},upperdir={upper},workdir={work}",
-                    str(merged),
-                ]
+                    name,
+                    str(TOP),
+                ),
+                stdout=sys.stderr,
             )
-            try:
-                shutil.copy(wheel, merged / "tmp" / wheel.name)
-                chroot(
-                    merged,
-                    [
-                        f"{VENV}/bin/pip",
-                        "install",
-                        "--no-deps",
-                        "--no-index",
-                        "--no-cache-dir",
-                        "--disable-pip-version-check",
-                        "-q",
-                        f"/tmp/{wheel.name}",
-                    ],
-                )
-                (merged / "tmp" / wheel.name).unlink()
-            finally:
-                run(["umount", str(merged)])
-            # The upper dir holds the wheel's files plus a removed /tmp entry or two.
-            for path in _whiteouts(upper):
-                if path.relative_to(upper).parts[0] != "tmp":
-                    raise SystemExit(f"images: unexpected deletion in the app layer: {path}")
-                path.unlink()
-            shutil.rmtree(upper / "tmp", ignore_errors=True)
-            tar_dir(upper, out / "layer.tar")
-        layer = Layer.from_tar(out / "layer.tar", f"pip install {wheel.name}")
-        write_archive(
-            name=IMAGE_NAMES["dynvol"],
-            layers=[base_layer, layer],
-            out=out / "image.tar",
-            config={
-                "Entrypoint": [f"{VENV}/bin/dynvol"],
-                "WorkingDir": "/",
-                "Env": [
-                    f"PATH={VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "LANG=C.UTF-8",
-                    "PYTHONUNBUFFERED=1",
-                ],
-            },
-        )
+        pushed = out / "pushed.tar"
+        pushed.unlink(missing_ok=True)
+        run(buildah("push", "--quiet", "--format", "oci", name, f"oci-archive:{pushed}:{name}"))
+        meta = finish_archive(pushed, out / "image.tar", name)
+        pushed.unlink()
+        (out / "image.json").write_text(json.dumps(meta, indent=1))
 
     built = _cached("dynvol", key, build)
-    prune("dynvol-base-", keep=base_rootfs.parent)
+    meta = json.loads((built.archive.parent / "image.json").read_text())
+    log(
+        f"dynvol: image size {meta['size'] / 1e6:.1f} MB unpacked, "
+        f"{meta['stored'] / 1e6:.1f} MB compressed (archive {built.archive})"
+    )
+    prune("debian-base-", keep=base_archive.parent)
     prune("dynvol-", keep=built.archive.parent, exclude="dynvol-base-")
+    prune_storage()
     return built
+
+
+def _newest(prefix: str, *, exclude: str | None = None) -> Path | None:
+    entries = [
+        p
+        for p in cache_root().glob(f"{prefix}*")
+        if (p / "image.tar").exists() and not (exclude and p.name.startswith(exclude))
+    ]
+    return max(entries, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def prune_storage() -> None:
+    """Keep buildah's storage bounded. Its unnamed images are the layer cache that makes a
+    rebuild after a code change fast, so they go only once the storage has grown large."""
+    used = _du(cache_root() / "buildah" / "storage")
+    if used > STORAGE_LIMIT:
+        log(f"buildah storage holds {used / 1e9:.1f} GB; pruning unnamed images")
+        run(buildah("rmi", "--prune"), stdout=subprocess.DEVNULL)
+
+
+#: Past this, the layer cache is dropped (each code change adds ~50 MB of layers).
+STORAGE_LIMIT = 3_000_000_000
+
+
+def _du(path: Path) -> int:
+    done = subprocess.run(["du", "-sb", str(path)], text=True, capture_output=True, check=False)
+    return int(done.stdout.split()[0]) if done.returncode == 0 and done.stdout else 0
 
 
 def prune(prefix: str, *, keep: Path, exclude: str | None = None, count: int = 2) -> None:
     """Remove all but the ``count`` newest cache entries named ``prefix<key>``, and never
-    ``keep`` (every source edit makes a new dynvol archive of ~400 MB)."""
+    ``keep`` (every source edit makes a new dynvol archive)."""
     entries = [
         p
         for p in cache_root().glob(f"{prefix}*")
@@ -589,7 +905,9 @@ def build_all(images: Iterable[str]) -> list[Built]:
     built = []
     for image in images:
         b = BUILDERS[image]()
-        size = b.archive.stat().st_size
+        meta_path = b.archive.parent / "image.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        size = int(meta.get("size") or b.archive.stat().st_size)
         log(
             f"{image}: {b.name} {'cached' if b.reused else 'built'} in {b.seconds:.1f}s, "
             f"{size / 1e6:.1f} MB: {b.archive}"
