@@ -31,6 +31,8 @@ KUBERNETES_DEFAULT_VERSION=$KUBERNETES_VERSION
 KUBERNETES_VERSION=${requested:-$KUBERNETES_DEFAULT_VERSION}
 cache=${DYNVOL_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dynvol/tools}
 bin="$top/.tools/bin"
+# The machine's Go builds every pin (Kubernetes v1.37 needs go 1.26); never fetch another.
+export GOTOOLCHAIN=${GOTOOLCHAIN:-local}
 
 if [ "${1:-}" = "--versions" ]; then
   echo "$KUBERNETES_DEFAULT_VERSION $KUBERNETES_OLDEST_VERSION"
