@@ -24,7 +24,6 @@ import pytest
 from dynvol.testing import processes
 from dynvol.testing.controlplane import (
     KUBERNETES_VERSION_ENV,
-    default_bin_dir,
     kubernetes_bin_dir,
     requested_kubernetes_version,
 )
@@ -73,7 +72,8 @@ def _stack_processes() -> dict[int, str]:
 
 
 #: The Kubernetes binaries the header names besides kube-apiserver (which the dynvol pytest
-#: plugin names): kubectl for every tier, the node's for the e2e tier's local cluster.
+#: plugin names), those of the release under test that are built: kubectl for every tier,
+#: the node's for the e2e tier's local cluster.
 _KUBE_HEADER = ("kubectl", "kube-controller-manager", "kube-scheduler", "kubelet")
 
 
@@ -102,9 +102,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [f"dynvol: {exc}"]
     which = f"{wanted} ({KUBERNETES_VERSION_ENV})" if wanted else "the default release"
     lines = [f"dynvol: kubernetes: {which}, binaries from {kube_dir}"]
-    node_dir = default_bin_dir()
     for name in _KUBE_HEADER:
-        path = (kube_dir if name == "kubectl" else node_dir) / name
+        path = kube_dir / name
         if os.access(path, os.X_OK):
             lines.append(f"dynvol: {name}: {_kube_version(path)}")
     return lines
