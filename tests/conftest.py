@@ -100,7 +100,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         kube_dir = kubernetes_bin_dir()
     except ValueError as exc:
         return [f"dynvol: {exc}"]
-    which = f"{wanted} ({KUBERNETES_VERSION_ENV})" if wanted else "the default release"
+    which = f"{wanted} ({KUBERNETES_VERSION_ENV})" if wanted else "the release make tools built"
     lines = [f"dynvol: kubernetes: {which}, binaries from {kube_dir}"]
     for name in _KUBE_HEADER:
         path = kube_dir / name
