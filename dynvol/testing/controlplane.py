@@ -233,7 +233,11 @@ class ControlPlane:
             path = self.kubernetes_bin_dir / name
             build = "make tools"
             if self.kubernetes_version is not None:
-                build = f"KUBERNETES_VERSION={self.kubernetes_version} make tools"
+                # tools-oldest leaves .tools/bin alone; the variable also relinks it.
+                build = (
+                    "make tools-oldest' for the oldest supported release, or "
+                    f"'KUBERNETES_VERSION={self.kubernetes_version} make tools"
+                )
         else:
             path, build = self.bin_dir / name, "make tools"
         if not os.access(path, os.X_OK):
