@@ -1,4 +1,6 @@
 # dynvol: make setup | tools | lint | test | demo | sanity | bench-*
+# (KUBERNETES_VERSION=vX.Y.Z make tools tools-node builds another pinned Kubernetes release
+# into .tools/bin; see hack/tools/build.sh.)
 # Every target installs what it needs first; a second run reuses what is there.
 
 SHELL := /bin/bash
@@ -6,8 +8,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TOOLS := .tools/bin
 PYTEST_ARGS ?=
+# The Kubernetes releases the integration tier runs against, newest (the default) first;
+# from hack/tools/versions.env.
+KUBERNETES_VERSIONS := $(shell bash hack/tools/build.sh --versions)
+KUBERNETES_NEWEST := $(firstword $(KUBERNETES_VERSIONS))
 
-.PHONY: setup tools tools-node lint format protos test test-unit test-integration test-e2e \
+.PHONY: setup tools tools-node tools-oldest tools-e2e lint format protos test test-unit test-integration test-e2e \
         sanity bench bench-csi bench-dmp bench-controllers bench-e2e demo images cluster-up \
         cluster-down cluster-status e2e-kind clean
 
@@ -19,6 +25,14 @@ tools: setup
 
 tools-node: setup
 	@bash hack/tools/build.sh kubernetes-node
+
+# kube-apiserver and kubectl of the oldest supported release, for the integration tier.
+tools-oldest: setup
+	@bash hack/tools/build.sh kubernetes-oldest
+
+# The upstream e2e suite's binary (e2e.test); nothing in `make test` needs it yet.
+tools-e2e: setup
+	@bash hack/tools/build.sh kubernetes-e2e
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -37,13 +51,24 @@ protos: setup
 test-unit: setup
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
-test-integration: tools
-	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+# The integration tier once per supported Kubernetes release (DYNVOL_KUBERNETES_VERSION
+# picks the apiserver and kubectl of .tools/k8s/<version>/bin).
+test-integration: tools tools-oldest
+	@for v in $(KUBERNETES_VERSIONS); do \
+	  echo "== integration tier on Kubernetes $$v"; \
+	  DYNVOL_KUBERNETES_VERSION=$$v $(PY) -m pytest tests/integration $(PYTEST_ARGS) || exit $$?; \
+	done
 
-# The README's test command: lint, unit and integration tiers, csi-sanity, then the e2e
-# tier on a real single-node cluster (root; it brings the cluster up and down itself).
-test: tools tools-node lint
-	$(PY) -m pytest tests/unit tests/integration examples/dynvol-provider-example/tests $(PYTEST_ARGS)
+# The README's test command: lint, the unit tier, the integration tier on the newest and
+# then on the oldest supported Kubernetes release, csi-sanity, then the e2e tier on a real
+# single-node cluster of the newest release (root; it brings the cluster up and down
+# itself).
+test: tools tools-oldest tools-node lint
+	DYNVOL_KUBERNETES_VERSION=$(KUBERNETES_NEWEST) $(PY) -m pytest tests/unit tests/integration examples/dynvol-provider-example/tests $(PYTEST_ARGS)
+	@for v in $(wordlist 2,$(words $(KUBERNETES_VERSIONS)),$(KUBERNETES_VERSIONS)); do \
+	  echo "== integration tier on Kubernetes $$v"; \
+	  DYNVOL_KUBERNETES_VERSION=$$v $(PY) -m pytest tests/integration $(PYTEST_ARGS) || exit $$?; \
+	done
 	@$(MAKE) --no-print-directory sanity
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 

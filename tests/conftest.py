@@ -15,12 +15,18 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from dynvol.testing import processes
+from dynvol.testing.controlplane import (
+    KUBERNETES_VERSION_ENV,
+    kubernetes_bin_dir,
+    requested_kubernetes_version,
+)
 from dynvol_core.mountinfo import parse_mountinfo
 
 _STACK = (
@@ -63,6 +69,44 @@ def _stack_processes() -> dict[int, str]:
         if names & set(_STACK):
             found[int(entry.name)] = " ".join(argv)[:160]
     return found
+
+
+#: The Kubernetes binaries the header names besides kube-apiserver (which the dynvol pytest
+#: plugin names), those of the release under test that are built: kubectl for every tier,
+#: the node's for the e2e tier's local cluster.
+_KUBE_HEADER = ("kubectl", "kube-controller-manager", "kube-scheduler", "kubelet")
+
+
+def _kube_version(path: Path) -> str:
+    args = ["version", "--client"] if path.name == "kubectl" else ["--version"]
+    try:
+        out = processes.run([str(path), *args], timeout=20)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return f"unusable: {exc}"
+    # "Kubernetes v1.37.2" / "Client Version: v1.37.2\nKustomize Version: ..."
+    first = out.strip().splitlines()[0] if out.strip() else "no version printed"
+    return first.split()[-1]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The Kubernetes release this run is against, and where its binaries come from.
+
+    The integration tier runs against ``DYNVOL_KUBERNETES_VERSION`` when it is set (``make
+    test`` runs it once per supported release); the e2e tier's local cluster always runs
+    the default release in ``.tools/bin``.
+    """
+    try:
+        wanted = requested_kubernetes_version()
+        kube_dir = kubernetes_bin_dir()
+    except ValueError as exc:
+        return [f"dynvol: {exc}"]
+    which = f"{wanted} ({KUBERNETES_VERSION_ENV})" if wanted else "the release make tools built"
+    lines = [f"dynvol: kubernetes: {which}, binaries from {kube_dir}"]
+    for name in _KUBE_HEADER:
+        path = kube_dir / name
+        if os.access(path, os.X_OK):
+            lines.append(f"dynvol: {name}: {_kube_version(path)}")
+    return lines
 
 
 _BEFORE: dict[str, object] = {}

@@ -8,12 +8,19 @@ ports and keeps its data under one directory.
 
 There is no kube-controller-manager: namespaces are not finalised and owner references are
 not garbage-collected. Tests that need those behaviours arrange them themselves.
+
+The Kubernetes release is the default one ``make tools`` links into ``.tools/bin`` (the
+newest pinned in ``hack/tools/versions.env``), or the one ``DYNVOL_KUBERNETES_VERSION``
+names, from ``.tools/k8s/<version>/bin``: ``make test`` runs the integration tier once per
+supported release that way. A control plane asked for one release refuses to start with
+the binaries of another.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import ssl
@@ -60,6 +67,58 @@ def default_bin_dir() -> Path:
     return (root / ".tools" / "bin") if root else Path.cwd() / ".tools" / "bin"
 
 
+#: Names the Kubernetes release to run, one of those ``hack/tools/versions.env`` pins;
+#: unset, the default release linked into :func:`default_bin_dir` runs.
+KUBERNETES_VERSION_ENV = "DYNVOL_KUBERNETES_VERSION"
+_RELEASE = re.compile(r"v1\.[0-9]{1,3}\.[0-9]{1,3}")
+#: The binaries that come from the Kubernetes release (the rest: etcd, MinIO, csi-sanity).
+KUBERNETES_BINARIES = frozenset(
+    {
+        "kube-apiserver",
+        "kubectl",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubelet",
+        "kube-proxy",
+        "e2e.test",
+    }
+)
+
+
+def requested_kubernetes_version() -> str | None:
+    """The release ``DYNVOL_KUBERNETES_VERSION`` asks for, or ``None`` for the default.
+
+    Raises :class:`ValueError` naming the variable when it is not a release name: the value
+    becomes a path, so nothing but ``v1.MINOR.PATCH`` is taken.
+    """
+    value = os.environ.get(KUBERNETES_VERSION_ENV, "")
+    if not value:
+        return None
+    if not _RELEASE.fullmatch(value):
+        raise ValueError(
+            f"{KUBERNETES_VERSION_ENV}={value!r} is not a Kubernetes release: "
+            "expected v1.MINOR.PATCH, one of those hack/tools/versions.env pins"
+        )
+    return value
+
+
+def kubernetes_bin_dir(version: str | None = None, *, bin_dir: Path | None = None) -> Path:
+    """Where ``hack/tools/build.sh`` links the binaries of Kubernetes ``version``.
+
+    ``k8s/<version>/bin`` beside ``bin_dir`` (default :func:`default_bin_dir`, so
+    ``.tools/k8s/<version>/bin``); with no version (and no ``DYNVOL_KUBERNETES_VERSION``),
+    ``bin_dir`` itself, which holds the default release.
+    """
+    if version is None:
+        version = requested_kubernetes_version()
+    elif not _RELEASE.fullmatch(version):
+        raise ValueError(f"{version!r} is not a Kubernetes release (v1.MINOR.PATCH)")
+    base = default_bin_dir() if bin_dir is None else bin_dir
+    if version is None:
+        return base
+    return base.parent / "k8s" / version / "bin"
+
+
 def default_crd_paths() -> tuple[Path, ...]:
     root = repo_root()
     return (root / "manifests" / "base" / "crds",) if root else ()
@@ -67,6 +126,14 @@ def default_crd_paths() -> tuple[Path, ...]:
 
 class ToolsMissing(RuntimeError):
     """A binary the control plane needs is not installed; ``make tools`` builds it."""
+
+
+class WrongRelease(RuntimeError):
+    """The binaries found are another Kubernetes release than the one asked for.
+
+    Not a :class:`ToolsMissing`: a tier that would run against the wrong release fails
+    rather than skips.
+    """
 
 
 def _openssl(*args: str) -> None:
@@ -135,6 +202,8 @@ class ControlPlane:
 
     dir: Path
     bin_dir: Path = attrs.field(factory=default_bin_dir)
+    #: The Kubernetes release to run; the default release in ``bin_dir`` when ``None``.
+    kubernetes_version: str | None = attrs.field(factory=requested_kubernetes_version)
     crd_paths: Sequence[Path] = attrs.field(factory=default_crd_paths)
     extra_apiserver_flags: Sequence[str] = ()
     etcd: Process | None = None
@@ -152,10 +221,27 @@ class ControlPlane:
     def ca_file(self) -> Path:
         return self.dir / "pki" / "ca.crt"
 
+    @property
+    def kubernetes_bin_dir(self) -> Path:
+        """Where the Kubernetes binaries of :attr:`kubernetes_version` are."""
+        if self.kubernetes_version is None:
+            return self.bin_dir
+        return kubernetes_bin_dir(self.kubernetes_version, bin_dir=self.bin_dir)
+
     def binary(self, name: str) -> Path:
-        path = self.bin_dir / name
+        if name in KUBERNETES_BINARIES:
+            path = self.kubernetes_bin_dir / name
+            build = "make tools"
+            if self.kubernetes_version is not None:
+                # tools-oldest leaves .tools/bin alone; the variable also relinks it.
+                build = (
+                    "make tools-oldest' for the oldest supported release, or "
+                    f"'KUBERNETES_VERSION={self.kubernetes_version} make tools"
+                )
+        else:
+            path, build = self.bin_dir / name, "make tools"
         if not os.access(path, os.X_OK):
-            raise ToolsMissing(f"{path} is missing: run 'make tools' to build it")
+            raise ToolsMissing(f"{path} is missing: run '{build}' to build it")
         return path
 
     def start(self, *, timeout: float = 90.0) -> ControlPlane:
@@ -168,6 +254,13 @@ class ControlPlane:
             "etcd": run([str(etcd_bin), "--version"]).splitlines()[0].split(":")[-1].strip(),
             "kube-apiserver": run([str(apiserver_bin), "--version"]).split()[-1],
         }
+        wanted = self.kubernetes_version
+        if wanted is not None and self.versions["kube-apiserver"] != wanted:
+            raise WrongRelease(
+                f"{apiserver_bin} is {self.versions['kube-apiserver']}, not the {wanted} "
+                f"that {KUBERNETES_VERSION_ENV} asks for: "
+                f"run 'KUBERNETES_VERSION={wanted} make tools' to build it"
+            )
         try:
             self._start_etcd(etcd_bin, logs)
             self._start_apiserver(apiserver_bin, logs, timeout)

@@ -23,7 +23,13 @@ from typing import Any
 
 import pytest
 
-from dynvol.testing.controlplane import ControlPlane, ToolsMissing, default_bin_dir, run
+from dynvol.testing.controlplane import (
+    ControlPlane,
+    ToolsMissing,
+    default_bin_dir,
+    kubernetes_bin_dir,
+    run,
+)
 from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import rshared_dir as _rshared_dir
 
@@ -37,13 +43,17 @@ def _missing(exc: Exception) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Name the real components the integration tier runs against."""
     bin_dir = default_bin_dir()
+    try:
+        kube_dir = kubernetes_bin_dir()
+    except ValueError as exc:
+        return [f"dynvol: {exc}"]
     lines = []
     for name, args in (
         ("etcd", ["--version"]),
         ("kube-apiserver", ["--version"]),
         ("minio", ["--version"]),
     ):
-        path = bin_dir / name
+        path = (kube_dir if name == "kube-apiserver" else bin_dir) / name
         if os.access(path, os.X_OK):
             try:
                 first = run([str(path), *args], timeout=20).strip().splitlines()[0]

@@ -102,7 +102,23 @@ def test_node_is_ready_with_pinned_parts(local_cluster: Cluster) -> None:
     node = json.loads(local_cluster.kubectl("get", "nodes", "-o", "json").stdout)["items"]
     assert len(node) == 1
     info = node[0]["status"]["nodeInfo"]
-    assert info["kubeletVersion"] == "v1.34.4"
+    # The kubelet is the release .tools/bin holds: the newest pinned one unless
+    # KUBERNETES_VERSION built another, and a pinned one in any case.
+    kubelet = Path(__file__).resolve().parents[2] / ".tools" / "bin" / "kubelet"
+    built = subprocess.run(
+        [str(kubelet), "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()[-1]
+    pinned = subprocess.run(
+        ["bash", str(kubelet.parents[2] / "hack" / "tools" / "build.sh"), "--versions"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()
+    assert built in pinned, (built, pinned)
+    assert info["kubeletVersion"] == built
+    server = json.loads(local_cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
+    assert server["gitVersion"] == built
     assert info["containerRuntimeVersion"].startswith("containerd://")
     ready = {c["type"]: c["status"] for c in node[0]["status"]["conditions"]}
     assert ready["Ready"] == "True"
