@@ -20,7 +20,8 @@ ARG DEBIAN_FRONTEND=noninteractive
 # is reused only while no newer package exists.
 ARG DEBIAN_STATE=unknown
 # The packages beyond the base: python3 for the processes, fuse3 (fusermount3) for the FUSE
-# mounters s3fs and rclone, nfs-common for mount.nfs, ca-certificates for TLS endpoints.
+# mounters s3fs and rclone, nfs-common for mount.nfs, ca-certificates for TLS endpoints,
+# procps (ps, pgrep) for operators looking at a mount pod's daemons.
 # s3fs reads /etc/mime.types (media-types) through mime-support, which also depends on
 # mailcap, a perl script that needs all of perl (47 MB). A local empty package providing
 # `mailcap` stands in for it, so apt installs neither.
@@ -38,7 +39,7 @@ RUN echo "Debian package state: ${DEBIAN_STATE}" \
  && apt-get update \
  && apt-get upgrade -y \
  && apt-get install -y --no-install-recommends \
-      python3 ca-certificates fuse3 s3fs rclone nfs-common \
+      python3 ca-certificates fuse3 s3fs rclone nfs-common procps \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old \
       /var/log/apt /var/log/dpkg.log /var/log/alternatives.log

@@ -343,6 +343,13 @@ def test_mounters_are_there(root: Path) -> None:
     _ok(in_image(root, "fusermount3", "--version"))
 
 
+def test_operators_can_see_the_mounters_processes(root: Path) -> None:
+    """``kubectl exec DMP -- ps`` / ``pgrep`` is how operators (and the e2e tier) find the
+    FUSE daemons of a mount pod."""
+    for tool in ("ps", "pgrep", "pkill"):
+        _ok(in_image(root, tool, "--version"))
+
+
 def test_no_compilers_build_tools_or_caches(root: Path) -> None:
     for tool in ("gcc", "cc", "c++", "g++", "make", "ld", "as", "pip", "pip3", "python3-config"):
         for d in ("usr/bin", "usr/local/bin", "opt/dynvol/bin"):
