@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.e2e
 
 WORKLOAD_IMAGE = "localhost/dynvol/busybox:dev"
-SHARED_ROOT = Path("/var/lib/dynamic")
+#: An rshared directory of this test's own (the fixture below makes it). Not
+#: /var/lib/dynamic: once dynvol is deployed, only its own pods may mount that.
+SHARED_ROOT = Path("/var/tmp/dynvol-e2e-propagation")
 
 
 def _pod(
@@ -162,11 +164,25 @@ def test_host_network_pod(local_cluster: Cluster, pods: list[str]) -> None:
     assert "eth0" in out, "a host-network pod sees the host's interfaces"
 
 
+@pytest.fixture
+def shared_root() -> Iterator[Path]:
+    """SHARED_ROOT bound onto itself and made rshared (this machine's / is private, and
+    containerd refuses a Bidirectional hostPath on a private mount); undone afterwards."""
+    SHARED_ROOT.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(SHARED_ROOT), str(SHARED_ROOT)], check=True)
+    try:
+        subprocess.run(["mount", "--make-rshared", str(SHARED_ROOT)], check=True)
+        yield SHARED_ROOT
+    finally:
+        subprocess.run(["umount", "-l", str(SHARED_ROOT)], check=False)
+        SHARED_ROOT.rmdir()
+
+
 def test_bidirectional_mount_reaches_host_and_other_pods(
-    local_cluster: Cluster, pods: list[str]
+    local_cluster: Cluster, shared_root: Path, pods: list[str]
 ) -> None:
     sub = f"e2e-{uuid.uuid4().hex[:8]}"
-    host_dir = SHARED_ROOT / sub
+    host_dir = shared_root / sub
     host_dir.mkdir(parents=True)
     try:
         reader, _ = _run_pod(local_cluster, pods, propagation="HostToContainer")
