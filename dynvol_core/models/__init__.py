@@ -18,8 +18,11 @@ One module per kind (:mod:`.claims`, :mod:`.mounts`, :mod:`.classes`, :mod:`.pod
 from dynvol_core.models.claims import (
     BUILTIN_CONFIG_BLOCKS,
     CONFIG_BLOCKS,
+    GENERIC_CONFIG_BLOCK,
+    TYPED_CONFIG_BLOCKS,
     DynamicVolumeClaim,
     ProviderConfig,
+    config_block_for,
 )
 from dynvol_core.models.classes import ConnectionPolicy, MountResources, StorageProviderClass
 from dynvol_core.models.conditions import Condition, ConditionStatus, set_condition
@@ -31,6 +34,8 @@ from dynvol_core.models.pods import InjectedVolume, PodInfo
 __all__ = [
     "BUILTIN_CONFIG_BLOCKS",
     "CONFIG_BLOCKS",
+    "GENERIC_CONFIG_BLOCK",
+    "TYPED_CONFIG_BLOCKS",
     "Condition",
     "ConditionStatus",
     "ConnectionPolicy",
@@ -47,6 +52,7 @@ __all__ = [
     "PodInfo",
     "ProviderConfig",
     "StorageProviderClass",
+    "config_block_for",
     "format_time",
     "freeze_json",
     "parse_time",

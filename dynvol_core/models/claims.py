@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -12,7 +11,6 @@ import attrs
 from dynvol_core import constants as c
 from dynvol_core.errors import FieldError, InvalidObject
 from dynvol_core.models.fields import (
-    MAX_PARAMETER_VALUE,
     Fields,
     raise_if_errors,
     read_meta,
@@ -21,40 +19,54 @@ from dynvol_core.models.fields import (
 from dynvol_core.models.freezing import FrozenMap, json_map_of, thaw_json
 from dynvol_core.selectors import LabelSelector
 from dynvol_core.validation import (
-    check_bucket_name,
     check_dns1123_label,
     check_dns1123_subdomain,
-    check_endpoint,
-    check_nfs_path,
-    check_nfs_server,
-    check_rclone_type,
-    check_s3_prefix,
-    has_control_chars,
     normalize_mountpoint,
 )
 
-__all__ = ["BUILTIN_CONFIG_BLOCKS", "CONFIG_BLOCKS", "DynamicVolumeClaim", "ProviderConfig"]
+__all__ = [
+    "BUILTIN_CONFIG_BLOCKS",
+    "CONFIG_BLOCKS",
+    "GENERIC_CONFIG_BLOCK",
+    "TYPED_CONFIG_BLOCKS",
+    "DynamicVolumeClaim",
+    "ProviderConfig",
+    "config_block_for",
+]
 
-#: The config block each built-in provider takes; any other provider takes ``config``.
-BUILTIN_CONFIG_BLOCKS: Final[Mapping[str, str]] = {
-    c.PROVIDER_S3: "s3Config",
-    c.PROVIDER_NFS: "nfsConfig",
-    c.PROVIDER_RCLONE: "rcloneConfig",
-}
+#: The claim API's typed config blocks (fields of the CRD, so ``kubectl explain`` shows
+#: them): ``<provider>Config`` belongs to the provider named ``<provider>``, which alone
+#: parses and validates what is inside (see ``docs/design.md`` section 4). The core knows
+#: only their names; any other provider takes the free-form :data:`GENERIC_CONFIG_BLOCK`.
+TYPED_CONFIG_BLOCKS: Final = ("s3Config", "nfsConfig", "rcloneConfig")
+#: The block a provider without a typed block takes.
+GENERIC_CONFIG_BLOCK: Final = "config"
 #: Every provider config block a claim may carry (exactly one of them).
-CONFIG_BLOCKS: Final = ("s3Config", "nfsConfig", "rcloneConfig", "config")
+CONFIG_BLOCKS: Final = (*TYPED_CONFIG_BLOCKS, GENERIC_CONFIG_BLOCK)
+#: The provider each typed block is for, by the ``<provider>Config`` naming rule.
+BUILTIN_CONFIG_BLOCKS: Final[Mapping[str, str]] = {
+    block.removesuffix("Config"): block for block in TYPED_CONFIG_BLOCKS
+}
+
+
+def config_block_for(provider: str) -> str:
+    """The claim field that carries ``provider``'s config (``s3`` -> ``s3Config``)."""
+    return BUILTIN_CONFIG_BLOCKS.get(provider, GENERIC_CONFIG_BLOCK)
 
 
 @attrs.frozen
 class ProviderConfig:
-    """A claim's provider configuration: which block (``kind``) and its values.
+    """A claim's provider configuration, as the claim gives it: which block and its values.
 
     ``kind`` is the block's field name (``s3Config``, ``nfsConfig``, ``rcloneConfig`` or
-    ``config``); ``values`` is its content, deeply frozen. Never holds secrets.
+    ``config``); ``values`` is its content, deeply frozen and not interpreted here: the
+    provider named by ``provider`` parses it (``Provider.parse_config``), so the rules of a
+    block have one owner. Never holds secrets.
     """
 
     kind: str
     values: FrozenMap[str, object] = attrs.field(factory=FrozenMap, converter=json_map_of)
+    provider: str = ""
 
     def to_object(self) -> dict[str, Any]:
         """The values as a plain dict."""
@@ -62,15 +74,6 @@ class ProviderConfig:
         return result
 
 
-_S3_FIELDS = ("bucket", "endpoint", "region", "prefix", "pathStyle")
-_NFS_FIELDS = ("server", "path", "version", "options")
-# Mount options the NFS provider passes to mount(8) -o; one option per item.
-_NFS_OPTION = re.compile(r"[A-Za-z0-9_.=:/+-]{1,128}")
-_NFS_MAX_OPTIONS = 32
-_NFS_VERSIONS = ("3", "4", "4.0", "4.1", "4.2")
-_RCLONE_FIELDS = ("type", "remotePath", "parameters")
-_RCLONE_PARAM = re.compile(r"[a-z][a-z0-9_]{0,63}")
-_REGION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _CLAIM_FIELDS = (
     "storageProvider",
     "storageProviderClass",
@@ -79,69 +82,6 @@ _CLAIM_FIELDS = (
     "selector",
     *CONFIG_BLOCKS,
 )
-
-
-def _read_s3(f: Fields) -> None:
-    f.only(_S3_FIELDS, "s3Config")
-    bucket = f.obj.get("bucket")
-    if bucket is None:
-        f.error("bucket", "required")
-    else:
-        f.check(check_bucket_name(bucket, f.at("bucket")))
-    if f.has("endpoint"):
-        f.check(check_endpoint(f.obj["endpoint"], f.at("endpoint")))
-    region = f.string("region")
-    if region and not _REGION.fullmatch(region):
-        f.error("region", f"{region!r} must be 1-64 letters, digits, '-' or '_'")
-    if f.has("prefix"):
-        f.check(check_s3_prefix(f.obj["prefix"], f.at("prefix")))
-    f.boolean("pathStyle")
-
-
-def _read_nfs(f: Fields) -> None:
-    f.only(_NFS_FIELDS, "nfsConfig")
-    for key, check in (("server", check_nfs_server), ("path", check_nfs_path)):
-        if not f.has(key):
-            f.error(key, "required")
-        else:
-            f.check(check(f.obj[key], f.at(key)))
-    version = f.string("version")
-    if version and version not in _NFS_VERSIONS:
-        f.error("version", f"{version!r} must be one of {', '.join(_NFS_VERSIONS)}")
-    if f.has("options"):
-        options = f.obj["options"]
-        if not isinstance(options, list) or len(options) > _NFS_MAX_OPTIONS:
-            f.error("options", f"must be a list of at most {_NFS_MAX_OPTIONS} mount options")
-        else:
-            for index, option in enumerate(options):
-                if not isinstance(option, str) or not _NFS_OPTION.fullmatch(option):
-                    f.error(
-                        f"options[{index}]",
-                        f"{option!r} must be one mount option such as 'hard' or 'timeo=600': "
-                        "letters, digits and _.=:/+- only, no commas or spaces",
-                    )
-
-
-def _read_rclone(f: Fields) -> None:
-    f.only(_RCLONE_FIELDS, "rcloneConfig")
-    if not f.has("type"):
-        f.error("type", "required")
-    else:
-        f.check(check_rclone_type(f.obj["type"], f.at("type")))
-    remote_path = f.string("remotePath")
-    if has_control_chars(remote_path) or len(remote_path) > 1024:
-        f.error("remotePath", "must be at most 1024 characters without control characters")
-    for key, value in f.str_map("parameters").items():
-        where = f"{f.at('parameters')}[{key}]"
-        if not _RCLONE_PARAM.fullmatch(key):
-            f.errors.append(
-                FieldError(where, "rclone option names are lowercase words joined by '_'")
-            )
-        if "\x00" in value or len(value) > MAX_PARAMETER_VALUE:
-            f.errors.append(FieldError(where, f"must be at most {MAX_PARAMETER_VALUE} chars"))
-
-
-_BLOCK_READERS = {"s3Config": _read_s3, "nfsConfig": _read_nfs, "rcloneConfig": _read_rclone}
 
 
 @attrs.frozen(kw_only=True)
@@ -209,8 +149,8 @@ class DynamicVolumeClaim:
         if pinned:
             spec.check(check_dns1123_subdomain(pinned, "spec.storageProviderClass"))
         config = _read_config_block(spec, provider)
-        if config is not None and not provider:
-            provider = next(p for p, b in BUILTIN_CONFIG_BLOCKS.items() if b == config.kind)
+        if config is not None:
+            provider = config.provider
         raise_if_errors(errors, c.KIND_CLAIM, top)
         assert config is not None
         return cls(
@@ -244,10 +184,9 @@ def _read_config_block(spec: Fields, provider: str) -> ProviderConfig | None:
     block = present[0]
     before = len(spec.errors)
     raw = spec.obj[block]
+    # Only the shape is the core's: the block is an object. Its content is the provider's.
     f = Fields(raw, spec.at(block), spec.errors)
-    if block in _BLOCK_READERS:
-        _BLOCK_READERS[block](f)
-    expected = BUILTIN_CONFIG_BLOCKS.get(provider, "config") if provider else None
+    expected = config_block_for(provider) if provider else None
     if expected is None:
         if block == "config":
             spec.error(
@@ -263,4 +202,6 @@ def _read_config_block(spec: Fields, provider: str) -> ProviderConfig | None:
         )
     if len(spec.errors) != before:
         return None
-    return ProviderConfig(kind=block, values=f.obj)
+    if not provider:
+        provider = next(p for p, b in BUILTIN_CONFIG_BLOCKS.items() if b == block)
+    return ProviderConfig(kind=block, values=f.obj, provider=provider)
