@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dynvol_core import constants as c
+from dynvol_core.errors import InvalidObject
+from dynvol_core.models import InjectedVolume, PodInfo
 
 from .caching import Obj
 
@@ -113,34 +115,37 @@ def slim_dvm_for_status(dvm: Obj) -> Obj:
     }
 
 
-def injected_volume(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The dynvol CSI volume of a pod, if the webhook injected it."""
-    for volume in (pod.get("spec") or {}).get("volumes") or ():
-        csi: Mapping[str, Any] | None = volume.get("csi")
-        if volume.get("name") == c.VOLUME_NAME and csi and csi.get("driver") == c.DRIVER_NAME:
-            return csi
-    return None
+def pod_info(pod: Mapping[str, Any]) -> PodInfo | None:
+    """The core's reading of ``pod`` (:meth:`PodInfo.from_object`, the one pod reader), or
+    None if it refuses the pod (e.g. a malformed dynvol volume)."""
+    try:
+        return PodInfo.from_object(pod)
+    except InvalidObject:
+        return None
+
+
+def injected_volume(pod: Mapping[str, Any]) -> InjectedVolume | None:
+    """The dynvol CSI volume of a pod, if the webhook injected it (and it is well-formed)."""
+    info = pod_info(pod)
+    return info.volume if info is not None else None
 
 
 def injected_class(pod: Mapping[str, Any]) -> str | None:
     """The StorageProviderClass named by the pod's injected volume."""
-    csi = injected_volume(pod)
-    if csi is None:
-        return None
-    name = (csi.get("volumeAttributes") or {}).get(c.VOLUME_ATTR_CLASS)
-    return name if isinstance(name, str) and name else None
+    volume = injected_volume(pod)
+    return volume.class_name if volume is not None and volume.class_name else None
 
 
 def injected_policy(pod: Mapping[str, Any]) -> str:
     """The dispatch policy named by the pod's injected volume (default independent)."""
-    csi = injected_volume(pod) or {}
-    policy = (csi.get("volumeAttributes") or {}).get(c.VOLUME_ATTR_POLICY)
-    return policy if policy in c.POLICIES else c.POLICY_INDEPENDENT
+    volume = injected_volume(pod)
+    return volume.policy if volume is not None else c.POLICY_INDEPENDENT
 
 
 def is_terminated(pod: Mapping[str, Any]) -> bool:
     """A pod that finished (Succeeded/Failed) will never run containers again."""
-    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+    info = pod_info(pod)
+    return info is not None and info.terminal
 
 
 def is_deleting(obj: Mapping[str, Any]) -> bool:
@@ -172,7 +177,7 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-__all__ += ["injected_volume", "is_deleting", "now"]
+__all__ += ["injected_volume", "is_deleting", "now", "pod_info"]
 
 
 class ModelCache:
