@@ -111,13 +111,19 @@ def _host_of(value: str) -> str | None:
         return None
     if authority.startswith("["):
         host, sep, after = authority[1:].partition("]")
-        if not sep or (after and not after.startswith(":")):
+        port = after[1:]
+        if not sep or (after and not (after.startswith(":") and _valid_port(port))):
             return None
         return host
-    host, _, port = authority.partition(":")
-    if port and not port.isdigit():
+    host, colon, port = authority.partition(":")
+    # An empty port ("host:") is refused like a bad one: it is not a host dynvol can check.
+    if colon and not _valid_port(port):
         return None
     return host
+
+
+def _valid_port(port: str) -> bool:
+    return port.isascii() and port.isdigit() and 0 < int(port) < 65536
 
 
 def allowed_local_options(parameters: Mapping[str, str]) -> tuple[frozenset[str], list[FieldError]]:

@@ -412,6 +412,10 @@ CONFIG_SCHEMA: Final[Mapping[str, Any]] = {
                     ),
                 ),
                 cel_rule(
+                    "!self.matches(r'^https?://[^/?#]*:(/.*)?$')",
+                    "endpoint must give a port after ':' or leave the ':' out",
+                ),
+                cel_rule(
                     "!self.matches(r'^https?://\\[[^\\]]*%')",
                     "endpoint must name a host; IPv6 zone identifiers ('%') are not allowed",
                 ),
