@@ -39,9 +39,7 @@ def render(text: str) -> str:
             raise SystemExit(f"provider {name!r} publishes no schema for {block}")
         start = lines.index(f"{INDENT}{block}:\n")
         end = start + 1
-        while end < len(lines) and (
-            lines[end].startswith(INDENT + " ") or not lines[end].strip()
-        ):
+        while end < len(lines) and (lines[end].startswith(INDENT + " ") or not lines[end].strip()):
             end += 1
         dumped = yaml.safe_dump(dict(schema), sort_keys=False, width=90, allow_unicode=True)
         body = [f"{INDENT}  {line}\n" for line in dumped.splitlines()]

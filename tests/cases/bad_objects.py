@@ -5,7 +5,7 @@ dynvol's CRDs (HTTP 422, or 400 for unknown fields under strict field validation
 core's ``from_object`` (an ``InvalidObject`` naming ``path``). ``path`` is the field path
 both report (the core may add a map key or list index after it: ``spec.parameters[key]``);
 ``message`` is a fragment of the core's message and ``api_message`` (if set) one of the
-apiserver's. :data:`GOOD_OBJECTS` are the seed examples of DESIGN.md section 2, verbatim;
+apiserver's. :data:`GOOD_OBJECTS` are the seed examples of docs/design.md §2, verbatim;
 both must accept them.
 """
 
@@ -601,7 +601,7 @@ BAD_OBJECTS: tuple[BadCase, ...] = (
     ),
 )
 
-#: The seed examples of DESIGN.md section 2, exactly as written there.
+#: The seed examples of docs/design.md §2, exactly as written there.
 GOOD_OBJECTS: tuple[dict[str, Any], ...] = (
     {
         "apiVersion": "v1",
