@@ -327,10 +327,6 @@ class Provider(Protocol):
         ...
 
 
-def _secrets_of(request: MountRequest) -> frozenset[str]:
-    return request.credentials.secret_values()
-
-
 class FuseProvider(abc.ABC):
     """Base for providers whose mounter is a foreground FUSE daemon.
 
@@ -446,17 +442,6 @@ class CommandMountProvider(abc.ABC):
 
     async def check_health(self, handle: MountHandle, host: MountHost) -> Health:
         return await host.probe(handle.target)
-
-
-def require_keys(
-    values: Mapping[str, Any], keys: Iterable[str], *, prefix: str = ""
-) -> list[FieldError]:
-    """Field errors for every key in ``keys`` missing or empty in ``values``."""
-    return [
-        FieldError(path=f"{prefix}{key}", message="is required")
-        for key in keys
-        if values.get(key) in (None, "")
-    ]
 
 
 def _invalid_as_failure(build: Any, request: MountRequest) -> Any:
