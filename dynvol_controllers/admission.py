@@ -1,7 +1,7 @@
 """Admission decisions, as pure functions of the AdmissionReview request.
 
 :func:`mutate_pod` decides whether a pod opted in and returns the JSON patch that injects
-the CSI ephemeral volume and its HostToContainer mounts (DESIGN.md section 1);
+the CSI ephemeral volume and its HostToContainer mounts (docs/design.md §1);
 :func:`review_response` wraps a decision into an AdmissionReview response. The aiohttp
 server in :mod:`.webhooks` calls these; no I/O happens here, so they are unit-tested.
 
@@ -164,7 +164,7 @@ def _normal_root(root: str) -> str:
 
 
 def injected_volume(opt_in: OptIn) -> dict[str, Any]:
-    """The CSI ephemeral inline volume of DESIGN.md section 1."""
+    """The CSI ephemeral inline volume of docs/design.md §1."""
     return {
         "name": c.VOLUME_NAME,
         "csi": {

@@ -8,7 +8,7 @@ whole cluster. Queue: the class name. Process: render the copy the class wants
 (:func:`dynvol_core.dispatch.credential_secret_manifest`) and compare digests. Act: create,
 replace or delete the copy.
 
-Why a copy at all (DESIGN.md §2, §6.5): the Dynamic Mount Pods mount the copy as a Secret
+Why a copy at all (docs/design.md §2, §6.5): the Dynamic Mount Pods mount the copy as a Secret
 volume, so the node plugin needs no access to any Secret, and one compromised node cannot
 read the Secrets of the cluster. The copy is owned by its class (it goes with it) and
 carries the digest of the source data; kubelet refreshes the DMPs' volumes when the copy

@@ -9,7 +9,7 @@ difference. Act: create/replace/delete DynamicVolumeMounts (owned by their user 
 create/delete DMPs per dispatch policy, and delete shared DMPs that have been idle for
 ``shared_idle_grace`` seconds.
 
-The node plugin reads and writes no Secret (DESIGN.md §6.5): a DMP mounts its class's
+The node plugin reads and writes no Secret (docs/design.md §6.5): a DMP mounts its class's
 credentials copy, which the leader-elected controller keeps in the system namespace
 (:mod:`.credentials`). Credential rotation needs nothing from this side either: kubelet
 refreshes the DMP's Secret volume and the DMP agent notices the changed files.

@@ -7,12 +7,17 @@ stays small: only the fields dynvol reads are kept. Reconcilers use the accessor
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dynvol_core import constants as c
+from dynvol_core.errors import InvalidObject
+from dynvol_core.models import InjectedVolume, PodInfo
 
 from .caching import Obj
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "controller_ref",
@@ -113,34 +118,37 @@ def slim_dvm_for_status(dvm: Obj) -> Obj:
     }
 
 
-def injected_volume(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The dynvol CSI volume of a pod, if the webhook injected it."""
-    for volume in (pod.get("spec") or {}).get("volumes") or ():
-        csi: Mapping[str, Any] | None = volume.get("csi")
-        if volume.get("name") == c.VOLUME_NAME and csi and csi.get("driver") == c.DRIVER_NAME:
-            return csi
-    return None
+def pod_info(pod: Mapping[str, Any]) -> PodInfo | None:
+    """The core's reading of ``pod`` (:meth:`PodInfo.from_object`, the one pod reader), or
+    None if it refuses the pod (e.g. a malformed dynvol volume)."""
+    try:
+        return PodInfo.from_object(pod)
+    except InvalidObject:
+        return None
+
+
+def injected_volume(pod: Mapping[str, Any]) -> InjectedVolume | None:
+    """The dynvol CSI volume of a pod, if the webhook injected it (and it is well-formed)."""
+    info = pod_info(pod)
+    return info.volume if info is not None else None
 
 
 def injected_class(pod: Mapping[str, Any]) -> str | None:
     """The StorageProviderClass named by the pod's injected volume."""
-    csi = injected_volume(pod)
-    if csi is None:
-        return None
-    name = (csi.get("volumeAttributes") or {}).get(c.VOLUME_ATTR_CLASS)
-    return name if isinstance(name, str) and name else None
+    volume = injected_volume(pod)
+    return volume.class_name if volume is not None and volume.class_name else None
 
 
 def injected_policy(pod: Mapping[str, Any]) -> str:
     """The dispatch policy named by the pod's injected volume (default independent)."""
-    csi = injected_volume(pod) or {}
-    policy = (csi.get("volumeAttributes") or {}).get(c.VOLUME_ATTR_POLICY)
-    return policy if policy in c.POLICIES else c.POLICY_INDEPENDENT
+    volume = injected_volume(pod)
+    return volume.policy if volume is not None else c.POLICY_INDEPENDENT
 
 
 def is_terminated(pod: Mapping[str, Any]) -> bool:
     """A pod that finished (Succeeded/Failed) will never run containers again."""
-    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+    info = pod_info(pod)
+    return info is not None and info.terminal
 
 
 def is_deleting(obj: Mapping[str, Any]) -> bool:
@@ -172,7 +180,7 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-__all__ += ["injected_volume", "is_deleting", "now"]
+__all__ += ["injected_volume", "is_deleting", "now", "pod_info"]
 
 
 class ModelCache:
@@ -180,12 +188,33 @@ class ModelCache:
 
     Reconcilers re-read the same objects on every pass; parsing each once per revision
     keeps a pass over thousands of pods cheap. Invalid objects memoise their error.
+
+    Parser errors are never swallowed: each revision the parser refuses is logged once
+    and counted (``invalid``: an :class:`InvalidObject`, i.e. bad input; ``failures``:
+    anything else, i.e. a parser bug, logged with its traceback), and :meth:`errors`
+    lists the objects currently refused and why, so an object that "vanished" from a
+    reconciler's view can be explained.
     """
 
     def __init__(self, parse: Any, *, size: int = 50_000) -> None:
         self._parse = parse
         self._size = size
         self._items: dict[tuple[str, str], Any] = {}
+        self._what = getattr(parse, "__qualname__", repr(parse)).removesuffix(".from_object")
+        #: Revisions the parser refused as invalid input (InvalidObject).
+        self.invalid = 0
+        #: Revisions on which the parser raised anything else: a bug in the parser.
+        self.failures = 0
+        self._errors: dict[str, BaseException] = {}
+
+    @property
+    def parse_errors(self) -> int:
+        """Every revision the parser refused or failed on (``invalid + failures``)."""
+        return self.invalid + self.failures
+
+    def errors(self) -> dict[str, str]:
+        """``namespace/name`` -> why the parser refuses its latest cached revision."""
+        return {key: f"{type(exc).__name__}: {exc}" for key, exc in self._errors.items()}
 
     def get(self, obj: Mapping[str, Any]) -> Any:
         """The model of ``obj``; raises the parser's error (memoised) if it is invalid."""
@@ -193,10 +222,22 @@ class ModelCache:
         key = (meta.get("uid") or meta.get("name", ""), meta.get("resourceVersion", ""))
         hit = self._items.get(key)
         if hit is None:
+            name = "/".join(str(p) for p in (meta.get("namespace"), meta.get("name")) if p)
             try:
                 hit = (True, self._parse(obj))
-            except Exception as exc:
+                self._errors.pop(name, None)
+            except InvalidObject as exc:
+                self.invalid += 1
+                log.warning("%s %s is invalid and is ignored: %s", self._what, name, exc)
                 hit = (False, exc)
+            except Exception as exc:
+                self.failures += 1
+                log.error("parsing %s %s failed (a bug)", self._what, name, exc_info=True)
+                hit = (False, exc)
+            if not hit[0]:
+                if len(self._errors) >= self._size:
+                    self._errors.pop(next(iter(self._errors)))
+                self._errors[name] = hit[1]
             if len(self._items) >= self._size:
                 # Drop the oldest half; revisions superseded long ago go first.
                 for old in list(self._items)[: self._size // 2]:
@@ -208,7 +249,7 @@ class ModelCache:
         return value
 
     def get_or_none(self, obj: Mapping[str, Any]) -> Any:
-        """The model of ``obj``, or None if it is invalid."""
+        """The model of ``obj``, or None if the parser refused it (logged and counted)."""
         try:
             return self.get(obj)
         except Exception:

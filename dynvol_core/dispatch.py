@@ -17,7 +17,7 @@ Pure planning, in three steps:
 :func:`dmp_pod_manifest` renders the DMP the node plugin creates; the node plugin executes
 the plan, and planning again after applying a plan yields a plan without actions.
 :func:`credential_secret_manifest` renders the one copy of a class's Secret that the
-leader-elected controller keeps in the system namespace (DESIGN.md §2, §6.5): DMPs mount
+leader-elected controller keeps in the system namespace (docs/design.md §2, §6.5): DMPs mount
 that copy by the name :func:`credentials_secret_name` gives, so the node plugin never
 reads or writes a Secret.
 """

@@ -1,8 +1,8 @@
 """Checks over the mount table that mounts will propagate the way dynvol relies on.
 
 A mount made in a DMP reaches a pod only if the host's ``xvols`` tree is an rshared mount
-and kubelet's target path is a bind of the pod's slot in the same peer group (DESIGN.md
-section 1). The CSI node plugin checks both at start-up and on every publish, and does what
+and kubelet's target path is a bind of the pod's slot in the same peer group (docs/design.md
+§1). The CSI node plugin checks both at start-up and on every publish, and does what
 :func:`xvols_root_status` says; these functions only read parsed mountinfo.
 """
 

@@ -292,7 +292,7 @@ def _authority_problem(authority: str) -> str | None:
         host, _, after = authority[1:].partition("]")
         if after and not after.startswith(":"):
             return "must name a host: junk after the bracketed IPv6 address"
-        port = after[1:]
+        colon, port = after[:1], after[1:]
         if "%" in host:
             return "must name a host: IPv6 zone identifiers ('%') are not allowed"
         try:
@@ -300,7 +300,7 @@ def _authority_problem(authority: str) -> str | None:
         except ValueError:
             return "must name a host: the bracketed IPv6 address is invalid"
     else:
-        host, _, port = authority.partition(":")
+        host, colon, port = authority.partition(":")
         if not host:
             return "must name a host, e.g. https://s3.example.com"
         if len(host) > 253 or not _URL_HOST.fullmatch(host):
@@ -308,6 +308,8 @@ def _authority_problem(authority: str) -> str | None:
         numeric = _numeric_host_problem(host)
         if numeric:
             return numeric
+    if colon and not port:
+        return "must give a port after ':' or leave the ':' out"
     if port and not (port.isdigit() and 0 < int(port) < 65536):
         return "must have a port between 1 and 65535"
     return None

@@ -88,7 +88,7 @@ class ObjectLookup(Protocol):
 
 
 def expected_volume(class_name: str, policy: str) -> dict[str, Any]:
-    """The volume dynvol's webhook injects for this class and policy (DESIGN.md §2)."""
+    """The volume dynvol's webhook injects for this class and policy (docs/design.md §2)."""
     return {
         "name": c.VOLUME_NAME,
         "csi": {

@@ -379,7 +379,7 @@ class VolumeManager:
                     f"target path {target} exists and is not a directory"
                 ) from exc
         if not self._is_bound(slot, record.target_path):
-            # Always read-only, whatever the volume asks (DESIGN.md §6.2): a pod that could
+            # Always read-only, whatever the volume asks (docs/design.md §6.2): a pod that could
             # write its slot could plant a symbolic link where a claim's mountpoint goes and
             # redirect the DMP's mount. record.read_only is kept only so that a publish with
             # other parameters is still recognised as a conflict. Sub-mounts the DMP makes

@@ -10,7 +10,7 @@ Before acting on an object the agent checks it (:mod:`dynvol_dmp.trust`: its nod
 it serves, the claim, the class); one that does not check out gets a Warning Event and is
 left alone. A mount is made at a private staging directory and attached to its target,
 which :mod:`dynvol_dmp.targets` opened without following links; the mount table must then
-show it exactly there, or it is undone (DESIGN.md §6.2, §6.3).
+show it exactly there, or it is undone (docs/design.md §6.2, §6.3).
 
 The agent owns every mounter process (through :class:`dynvol_providers.hosting.LocalHost`,
 which waits for each of them): a daemon that dies marks its mount stale and queues the key,

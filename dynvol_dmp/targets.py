@@ -1,4 +1,4 @@
-"""Mount targets opened without following symbolic links (DESIGN.md §6.2).
+"""Mount targets opened without following symbolic links (docs/design.md §6.2).
 
 A mount target lies inside a pod's slot, a directory the pod must not be able to steer.
 A path is text, and the kernel would follow any symbolic link along it, so a link planted

@@ -1,4 +1,4 @@
-"""Whether a DynamicVolumeMount is one this mount pod may act on (DESIGN.md §6.3).
+"""Whether a DynamicVolumeMount is one this mount pod may act on (docs/design.md §6.3).
 
 Admission lets only the node plugin write DynamicVolumeMounts, but the mount pod is a
 privileged root process and does not rely on that alone: before it mounts anything, it

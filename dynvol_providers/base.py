@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 import attrs
 
 from dynvol_core.errors import DynvolError, FieldError, InvalidObject
-from dynvol_core.models import ConnectionPolicy
+from dynvol_core.models import GENERIC_CONFIG_BLOCK, ConnectionPolicy
 
 __all__ = [
     "CommandMountProvider",
@@ -53,9 +53,12 @@ __all__ = [
     "MountRequest",
     "Provider",
     "Reason",
+    "cel_rule",
     "check_command_spec",
     "check_option_value",
+    "config_block_of",
     "config_error",
+    "config_schema_of",
     "join_mount_options",
     "parse_provider_config",
     "qualify_config_errors",
@@ -324,10 +327,6 @@ class Provider(Protocol):
         ...
 
 
-def _secrets_of(request: MountRequest) -> frozenset[str]:
-    return request.credentials.secret_values()
-
-
 class FuseProvider(abc.ABC):
     """Base for providers whose mounter is a foreground FUSE daemon.
 
@@ -336,6 +335,13 @@ class FuseProvider(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: The claim field this provider's config comes in: ``<name>Config`` for a provider
+    #: the claim API has a typed block for, ``config`` for every other one.
+    config_block: ClassVar[str] = GENERIC_CONFIG_BLOCK
+
+    def config_schema(self) -> Mapping[str, Any] | None:
+        """See :func:`config_schema_of`; None: no published schema (the default)."""
+        return None
 
     @abc.abstractmethod
     def parse_config(
@@ -383,6 +389,13 @@ class CommandMountProvider(abc.ABC):
     """Base for providers mounted by a command that returns once mounted (``mount -t``)."""
 
     name: ClassVar[str]
+    #: The claim field this provider's config comes in: ``<name>Config`` for a provider
+    #: the claim API has a typed block for, ``config`` for every other one.
+    config_block: ClassVar[str] = GENERIC_CONFIG_BLOCK
+
+    def config_schema(self) -> Mapping[str, Any] | None:
+        """See :func:`config_schema_of`; None: no published schema (the default)."""
+        return None
 
     @abc.abstractmethod
     def parse_config(
@@ -431,17 +444,6 @@ class CommandMountProvider(abc.ABC):
         return await host.probe(handle.target)
 
 
-def require_keys(
-    values: Mapping[str, Any], keys: Iterable[str], *, prefix: str = ""
-) -> list[FieldError]:
-    """Field errors for every key in ``keys`` missing or empty in ``values``."""
-    return [
-        FieldError(path=f"{prefix}{key}", message="is required")
-        for key in keys
-        if values.get(key) in (None, "")
-    ]
-
-
 def _invalid_as_failure(build: Any, request: MountRequest) -> Any:
     """Call a pure spec builder and check what it built (:func:`check_command_spec`); a
     value either refuses becomes a non-retryable MountFailed."""
@@ -484,6 +486,41 @@ def check_command_spec(spec: CommandSpec) -> list[FieldError]:
         elif "\x00" in value:
             errors.append(FieldError(f"env[{name}]", "contains NUL"))
     return errors
+
+
+def config_block_of(provider: Provider) -> str:
+    """The claim field that carries ``provider``'s config (``s3Config``, ..., ``config``).
+
+    A provider may say so with a ``config_block`` attribute; one that does not (most
+    third-party ones) takes ``config``. The name follows the core's rule
+    (:func:`dynvol_core.models.config_block_for`), which the registry enforces.
+    """
+    block = getattr(provider, "config_block", None)
+    return block if isinstance(block, str) and block else GENERIC_CONFIG_BLOCK
+
+
+def config_schema_of(provider: Provider) -> Mapping[str, Any] | None:
+    """The OpenAPI v3 schema (with CEL ``x-kubernetes-validations``) of the provider's block.
+
+    Optional: a provider publishes one with a ``config_schema()`` method. A built-in
+    provider's schema is the one place its block's API rules are written; the claim CRD
+    carries exactly it (a test checks), so ``kubectl explain`` and the apiserver see the
+    same rules as :meth:`Provider.parse_config`, which stays the authority (the webhook,
+    the node plugin and the DMP ask it). :raises TypeError: the method returns something
+    that is not a mapping.
+    """
+    method = getattr(provider, "config_schema", None)
+    if method is None:
+        return None
+    schema = method()
+    if schema is not None and not isinstance(schema, Mapping):
+        raise TypeError(f"{provider!r}.config_schema() must return a mapping or None")
+    return schema
+
+
+def cel_rule(rule: str, message: str) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry of a config schema."""
+    return {"rule": rule, "message": message}
 
 
 def parse_provider_config(

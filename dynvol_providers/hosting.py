@@ -7,7 +7,7 @@ change), so waiting for a daemon's mount costs no polling. Its owner (the DMP ag
 conformance kit) passes ``on_daemon_exit`` to hear about daemons that die by themselves and
 decides what to do about it: restart policy does not live here.
 
-Paths into a pod's slot are not trusted (DESIGN.md §6.2): :meth:`LocalHost.unmount` walks
+Paths into a pod's slot are not trusted (docs/design.md §6.2): :meth:`LocalHost.unmount` walks
 to a mount point without following links, and :meth:`LocalHost.attach` lets the owner move
 a mount made at a private staging directory onto a directory it opened itself, by
 descriptor, so that no path in the slot is resolved after the owner checked it.

@@ -10,14 +10,22 @@ Neighbours: :mod:`dynvol_providers.hookspecs` (the hooks),
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import attrs
 import pluggy
 
-from dynvol_core.errors import DynvolError
+from dynvol_core.errors import DynvolError, FieldError, InvalidObject
+from dynvol_core.models import ConnectionPolicy, ProviderConfig, config_block_for, thaw_json
 from dynvol_providers import hookspecs
-from dynvol_providers.base import Provider
+from dynvol_providers.base import (
+    Provider,
+    config_block_of,
+    config_schema_of,
+    parse_provider_config,
+    qualify_config_errors,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -56,6 +64,13 @@ class ProviderRegistry:
         name = provider.name
         if not name or not isinstance(name, str):
             raise TypeError(f"{provider!r} has no provider name")
+        block = config_block_of(provider)
+        if block != config_block_for(name):
+            raise TypeError(
+                f"provider {name!r} says its config comes in {block!r}, but claims give it in "
+                f"{config_block_for(name)!r} (spec.<provider>Config exists only for s3, nfs "
+                "and rclone; every other provider takes spec.config)"
+            )
         if name in self._providers:
             raise DuplicateProvider(
                 f"provider {name!r} is registered twice ({self._providers[name]!r} and "
@@ -87,7 +102,54 @@ class ProviderRegistry:
         return len(self._providers)
 
     def names(self) -> tuple[str, ...]:
+        """The registered provider names, sorted."""
         return tuple(sorted(self._providers))
+
+    def config_schema(self, name: str) -> Mapping[str, Any] | None:
+        """The OpenAPI schema provider ``name`` publishes for its config block, if any.
+
+        :raises UnknownProvider: no such provider.
+        """
+        return config_schema_of(self.get(name))
+
+    def parse_claim_config(
+        self,
+        config: ProviderConfig,
+        *,
+        parameters: Mapping[str, str] | None = None,
+        connection: ConnectionPolicy | None = None,
+        class_name: str | None = None,
+    ) -> Any:
+        """Have the claim's provider parse the claim's config block: the one validator of it.
+
+        :param config: ``claim.provider_config`` (the raw block, as the core read it).
+        :param parameters: the class's provider parameters (``provider_parameters``).
+        :param connection: the class's connection policy, when the class is known.
+        :returns: the provider's parsed config value.
+        :raises UnknownProvider: the claim's provider is not installed.
+        :raises InvalidObject: with full field paths (``spec.s3Config.region``,
+            ``spec.config.<key>``, ``spec.parameters.<key>`` naming the class).
+        """
+        provider = self.get(config.provider)
+        if config_block_of(provider) != config.kind:
+            raise InvalidObject(
+                [
+                    FieldError(
+                        f"spec.{config.kind}",
+                        f"provider {config.provider!r} takes its config in "
+                        f"spec.{config_block_of(provider)}",
+                    )
+                ]
+            )
+        try:
+            return parse_provider_config(
+                provider,
+                thaw_json(config.values),
+                parameters=parameters or {},
+                connection=connection,
+            )
+        except InvalidObject as exc:
+            raise qualify_config_errors(exc, block=config.kind, class_name=class_name) from None
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> ProviderRegistry:

@@ -72,8 +72,9 @@ class MinioServer:
 
     def client(self) -> Any:
         """A boto3 S3 client for this server (path-style addressing)."""
-        import boto3
-        from botocore.config import Config
+        # boto3 ships no type information (its stubs are a separate package).
+        import boto3  # type: ignore[import-untyped]
+        from botocore.config import Config  # type: ignore[import-untyped]
 
         return boto3.client(
             "s3",

@@ -28,10 +28,10 @@ from dynvol.testing.controlplane import (
     ToolsMissing,
     default_bin_dir,
     kubernetes_bin_dir,
-    run,
 )
 from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import rshared_dir as _rshared_dir
+from dynvol.testing.processes import run
 
 
 def _missing(exc: Exception) -> None:
@@ -102,7 +102,9 @@ async def namespace(kube_client: Any) -> AsyncIterator[str]:
 
     name = f"t-{secrets.token_hex(5)}"
     core = client.CoreV1Api(kube_client)
-    await core.create_namespace({"metadata": {"name": name, "labels": {"dynvol.test": "true"}}})
+    await core.create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"dynvol.test": "true"}))
+    )
     try:
         yield name
     finally:

@@ -35,6 +35,7 @@ from dynvol_providers.base import (
     MountFailed,
     MountRequest,
     Reason,
+    cel_rule,
     join_mount_options,
 )
 from dynvol_providers.hookspecs import hookimpl
@@ -42,9 +43,21 @@ from dynvol_providers.hookspecs import hookimpl
 if TYPE_CHECKING:
     from dynvol_providers.registry import ProviderRegistry
 
-__all__ = ["CHOICES", "FLAGS", "MANAGED", "NUMERIC", "NfsConfig", "NfsProvider", "option_pattern"]
+__all__ = [
+    "CHOICES",
+    "CONFIG_SCHEMA",
+    "FLAGS",
+    "MANAGED",
+    "NUMERIC",
+    "NfsConfig",
+    "NfsProvider",
+    "option_pattern",
+]
 
 VERSIONS: Final = ("3", "4", "4.0", "4.1", "4.2")
+#: Bounds on ``options`` (the allowlist's options are all shorter than the length bound).
+MAX_OPTIONS: Final = 32
+MAX_OPTION_LENGTH: Final = 128
 _FIELDS = frozenset({"server", "path", "version", "options"})
 #: The connection fields a class may pin (``spec.connection.pinned``).
 PINNABLE: Final = ("server", "exportPrefix")
@@ -99,6 +112,8 @@ def _option_problem(option: object) -> str | None:
     """Why a claim may not add this NFS mount option, or None."""
     if not isinstance(option, str):
         return "must be a string"
+    if len(option) > MAX_OPTION_LENGTH:
+        return f"must be at most {MAX_OPTION_LENGTH} characters"
     key, eq, value = option.partition("=")
     if key in MANAGED:
         return f"{option!r} is set by dynvol (use readOnly and version; nosuid,nodev are always on)"
@@ -144,6 +159,11 @@ class NfsProvider(CommandMountProvider):
     """NFS exports through the kernel client (``mount.nfs`` must be in the image)."""
 
     name: ClassVar[str] = PROVIDER_NFS
+    config_block: ClassVar[str] = "nfsConfig"
+
+    def config_schema(self) -> Mapping[str, Any]:
+        """The ``nfsConfig`` schema of the claim CRD (:data:`CONFIG_SCHEMA`)."""
+        return CONFIG_SCHEMA
 
     def parse_config(
         self,
@@ -178,6 +198,9 @@ class NfsProvider(CommandMountProvider):
         options: list[str] = []
         if isinstance(raw, str) or not isinstance(raw, (list, tuple)):
             errors.append(FieldError("options", "must be a list of mount options"))
+            raw = []
+        elif len(raw) > MAX_OPTIONS:
+            errors.append(FieldError("options", f"must have at most {MAX_OPTIONS} options"))
             raw = []
         seen: set[str] = set()
         for index, option in enumerate(raw):
@@ -316,6 +339,104 @@ class NfsProvider(CommandMountProvider):
                 f"({result.output.strip()})",
             )
         return super().explain_failure(request, result)
+
+
+# --------------------------------------------------------------------------- claim API schema
+
+#: The OpenAPI v3 schema of ``nfsConfig`` in the DynamicVolumeClaim CRD: the one place its API
+#: rules are written. The CRD carries exactly this (tests/unit/providers/test_schemas.py);
+#: :meth:`parse_config` enforces the same rules (and more: the class's policy), and the
+#: shared table in tests/cases holds both to the same good and bad values.
+CONFIG_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "description": "An NFS export.",
+    "required": ["server", "path"],
+    "properties": {
+        "server": {
+            "type": "string",
+            "description": "The NFS server's host name or IP address.",
+            "minLength": 1,
+            "maxLength": 253,
+            "x-kubernetes-validations": [
+                cel_rule(
+                    (
+                        "self.matches(r'^[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+                        "(\\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$') "
+                        "|| (self.contains(':') && self.matches(r'^[0-9A-Fa-f:.]+$'))"
+                    ),
+                    "server must be a host name (letters, digits, '-' and '.') or an IP address",
+                ),
+                cel_rule(
+                    (
+                        "self.contains(':') || "
+                        "!self.matches(r'(^|\\.)([0-9]+|0[xX][0-9A-Fa-f]*)$') || "
+                        "self.matches(r'^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])$')"
+                    ),
+                    (
+                        "server must write an IP address as a plain dotted quad such as "
+                        "192.0.2.10 (decimal, octal, hexadecimal and shortened IPv4 forms are "
+                        "refused)"
+                    ),
+                ),
+            ],
+        },
+        "path": {
+            "type": "string",
+            "description": "The exported path on the server, absolute, e.g. /exports/data.",
+            "minLength": 1,
+            "maxLength": 1024,
+            "x-kubernetes-validations": [
+                cel_rule(
+                    "self.startsWith('/')",
+                    "path must be an absolute path on the server, such as /exports/data",
+                ),
+                cel_rule(
+                    (
+                        "!self.matches(r'(^|/)\\.\\.(/|$)') && "
+                        "!self.matches(r'[\\x00-\\x1f\\x7f-\\x9f]')"
+                    ),
+                    "path must not contain '..' components or control characters",
+                ),
+            ],
+        },
+        "version": {
+            "type": "string",
+            "description": "The NFS protocol version (optional; the provider picks one otherwise).",
+            "enum": list(VERSIONS),
+        },
+        "options": {
+            "type": "array",
+            "description": (
+                "Extra NFS mount options, one per item (e.g. hard, timeo=600), from the nfs "
+                "provider's allowlist. ro/rw come from spec.readOnly, vers from version; nosuid "
+                "and nodev are always set."
+            ),
+            "maxItems": MAX_OPTIONS,
+            "items": {
+                "type": "string",
+                "maxLength": MAX_OPTION_LENGTH,
+                "pattern": "^[A-Za-z0-9_.=:/+-]+$",
+                "x-kubernetes-validations": [
+                    cel_rule(
+                        f"!self.matches(r'^({'|'.join(sorted(MANAGED))})(=.*)?$')",
+                        (
+                            "this option is set by dynvol: use readOnly and version; nosuid and "
+                            "nodev are always on"
+                        ),
+                    ),
+                    cel_rule(
+                        f"self.matches(r'{option_pattern()}')",
+                        (
+                            "is not an NFS mount option dynvol allows (see docs/providers.md: "
+                            "flags such as hard or noac, numbers such as timeo=600, and proto, "
+                            "sec, lookupcache, local_lock, xprtsec, mountproto choices)"
+                        ),
+                    ),
+                ],
+            },
+        },
+    },
+}
 
 
 @hookimpl

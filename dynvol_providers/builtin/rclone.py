@@ -38,6 +38,7 @@ from dynvol_providers.base import (
     MountFailed,
     MountRequest,
     Reason,
+    cel_rule,
 )
 from dynvol_providers.hookspecs import hookimpl
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from dynvol_providers.registry import ProviderRegistry
 
 __all__ = [
+    "CONFIG_SCHEMA",
     "PARAM_ALLOWED_OPTIONS",
     "RcloneConfig",
     "RcloneProvider",
@@ -64,6 +66,9 @@ _SECRET_OPTION = re.compile(
 )
 #: rclone options a claim may not set through ``options`` (dynvol sets them itself).
 _RESERVED = frozenset({"type"})
+#: Bounds on ``parameters`` (also in :data:`CONFIG_SCHEMA`).
+MAX_PARAMETERS: Final = 64
+MAX_PARAMETER_VALUE: Final = 4096
 _ENV_BLOCKLIST: Final = ("AWS_CA_BUNDLE",)
 #: Class parameter: comma-separated names of options that reach the DMP's own files or run
 #: programs (see :func:`is_local_option`) that claims of the class may nevertheless set.
@@ -106,13 +111,19 @@ def _host_of(value: str) -> str | None:
         return None
     if authority.startswith("["):
         host, sep, after = authority[1:].partition("]")
-        if not sep or (after and not after.startswith(":")):
+        port = after[1:]
+        if not sep or (after and not (after.startswith(":") and _valid_port(port))):
             return None
         return host
-    host, _, port = authority.partition(":")
-    if port and not port.isdigit():
+    host, colon, port = authority.partition(":")
+    # An empty port ("host:") is refused like a bad one: it is not a host dynvol can check.
+    if colon and not _valid_port(port):
         return None
     return host
+
+
+def _valid_port(port: str) -> bool:
+    return port.isascii() and port.isdigit() and 0 < int(port) < 65536
 
 
 def allowed_local_options(parameters: Mapping[str, str]) -> tuple[frozenset[str], list[FieldError]]:
@@ -263,6 +274,11 @@ class RcloneProvider(FuseProvider):
     """Mounts any rclone remote (except ones that reach the local file system)."""
 
     name: ClassVar[str] = PROVIDER_RCLONE
+    config_block: ClassVar[str] = "rcloneConfig"
+
+    def config_schema(self) -> Mapping[str, Any]:
+        """The ``rcloneConfig`` schema of the claim CRD (:data:`CONFIG_SCHEMA`)."""
+        return CONFIG_SCHEMA
 
     def parse_config(
         self,
@@ -301,6 +317,9 @@ class RcloneProvider(FuseProvider):
                 FieldError("parameters", "must be a map of rclone option names to values")
             )
             raw_options = {}
+        if len(raw_options) > MAX_PARAMETERS:
+            errors.append(FieldError("parameters", f"must have at most {MAX_PARAMETERS} options"))
+            raw_options = {}
         for key, value in raw_options.items():
             where = f"parameters[{key}]"
             if not isinstance(key, str) or not _OPTION.fullmatch(key) or key in _RESERVED:
@@ -332,10 +351,12 @@ class RcloneProvider(FuseProvider):
                 )
                 continue
             text = _option_value(value)
-            if text is None or has_control_chars(text):
+            if text is None or has_control_chars(text) or len(text) > MAX_PARAMETER_VALUE:
                 errors.append(
                     FieldError(
-                        where, "must be a string, number or boolean without control characters"
+                        where,
+                        "must be a string, number or boolean without control characters, "
+                        f"at most {MAX_PARAMETER_VALUE} characters",
                     )
                 )
                 continue
@@ -425,6 +446,91 @@ class RcloneProvider(FuseProvider):
 
     def explain_failure(self, request: MountRequest, failure: MountFailed) -> MountFailed:
         return explain_rclone_failure(failure, f"rclone mount of {request.name}")
+
+
+# --------------------------------------------------------------------------- claim API schema
+
+#: The OpenAPI v3 schema of ``rcloneConfig`` in the DynamicVolumeClaim CRD: the one place its API
+#: rules are written. The CRD carries exactly this (tests/unit/providers/test_schemas.py);
+#: :meth:`parse_config` enforces the same rules (and more: the class's policy), and the
+#: shared table in tests/cases holds both to the same good and bad values.
+CONFIG_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "description": (
+        "An rclone remote. Secret options (passwords, keys) come from the "
+        "StorageProviderClass's Secret, never from here."
+    ),
+    "required": ["type"],
+    "properties": {
+        "type": {
+            "type": "string",
+            "description": (
+                "The rclone backend, e.g. s3, sftp, webdav. Backends that reach the local file "
+                "system or wrap other remotes (local, alias, cache, chunker, combine, compress, "
+                "crypt, hasher, union) are not allowed."
+            ),
+            "minLength": 1,
+            "maxLength": 32,
+            "x-kubernetes-validations": [
+                cel_rule(
+                    "self.matches(r'^[a-z][a-z0-9]*$')",
+                    (
+                        "rclone backend type must be lowercase letters or digits, starting with "
+                        "a letter (e.g. s3, sftp, webdav)"
+                    ),
+                ),
+                cel_rule(
+                    (
+                        "!(self in ['local', 'alias', 'cache', 'chunker', 'combine', "
+                        "'compress', 'crypt', 'hasher', 'union'])"
+                    ),
+                    (
+                        "this rclone backend type is not allowed: it reaches the node's file "
+                        "system or wraps another remote; use a storage backend such as s3, sftp "
+                        "or webdav"
+                    ),
+                ),
+            ],
+        },
+        "remotePath": {
+            "type": "string",
+            "description": (
+                "The path on the remote to mount, e.g. bucket/dir (default the remote's root)."
+            ),
+            "maxLength": 1024,
+            "x-kubernetes-validations": [
+                cel_rule(
+                    "!self.startsWith('/') && !self.matches(r'(^|/)\\.\\.(/|$)') && "
+                    "!self.matches(r'[\\x00-\\x1f\\x7f-\\x9f]')",
+                    "remotePath must be relative to the remote's root, without '..' components "
+                    "or control characters",
+                ),
+            ],
+        },
+        "parameters": {
+            "type": "object",
+            "description": (
+                "Non-secret rclone backend options, e.g. provider, region (names as in rclone's "
+                "config file)."
+            ),
+            "maxProperties": MAX_PARAMETERS,
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": MAX_PARAMETER_VALUE,
+            },
+            "x-kubernetes-validations": [
+                cel_rule(
+                    "self.all(k, size(k) <= 64 && k.matches(r'^[a-z][a-z0-9_]*$'))",
+                    "rclone option names are lowercase words joined by '_'",
+                ),
+                cel_rule(
+                    "self.all(k, !self[k].matches(r'[\\x00-\\x1f\\x7f-\\x9f]'))",
+                    "rclone option values must not contain control characters",
+                ),
+            ],
+        },
+    },
+}
 
 
 @hookimpl

@@ -43,6 +43,7 @@ from dynvol_providers.base import (
     MountFailed,
     MountRequest,
     Reason,
+    cel_rule,
     check_option_value,
     join_mount_options,
 )
@@ -52,7 +53,7 @@ from dynvol_providers.hookspecs import hookimpl
 if TYPE_CHECKING:
     from dynvol_providers.registry import ProviderRegistry
 
-__all__ = ["PARAM_MOUNTER", "S3Config", "S3Provider"]
+__all__ = ["CONFIG_SCHEMA", "PARAM_MOUNTER", "REGION_PATTERN", "S3Config", "S3Provider"]
 
 #: Class parameter choosing the mounter. Not under dynvol's API group: parameters without
 #: that prefix belong to the provider.
@@ -64,7 +65,9 @@ AWS_ENDPOINT: Final = "https://s3.amazonaws.com"
 _FIELDS = frozenset({"bucket", "endpoint", "region", "prefix", "pathStyle"})
 #: The connection fields a class may pin (``spec.connection.pinned``).
 PINNABLE: Final = ("endpoint", "region")
-_REGION_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+#: A region as s3fs and rclone take it (and AWS names them): lowercase letters, digits, '-'.
+REGION_PATTERN: Final = "^[a-z0-9-]*$"
+MAX_REGION: Final = 64
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dt[\d:.]+z?|\(\d+\)")
 _HTTP_404 = re.compile(r"(?<![\d.:])404(?![\d.:])")
 _HTTP_401_403 = re.compile(r"(?<![\d.:])40[13](?![\d.:])")
@@ -86,6 +89,7 @@ class S3Provider(FuseProvider):
     """S3 and S3-compatible object stores."""
 
     name: ClassVar[str] = PROVIDER_S3
+    config_block: ClassVar[str] = "s3Config"
     #: Seconds s3fs waits for a connection; low so an unreachable endpoint fails fast.
     connect_timeout: int = 5
 
@@ -136,7 +140,11 @@ class S3Provider(FuseProvider):
             region, pin_errors = connection.pin("region", region, "region")
             errors += pin_errors
         region = region or "us-east-1"
-        if not isinstance(region, str) or not 1 <= len(region) <= 64 or set(region) - _REGION_CHARS:
+        if (
+            not isinstance(region, str)
+            or len(region) > MAX_REGION
+            or not re.fullmatch(REGION_PATTERN, region)
+        ):
             errors.append(
                 FieldError("region", f"region {region!r} must be lowercase letters, digits and '-'")
             )
@@ -165,6 +173,10 @@ class S3Provider(FuseProvider):
             path_style=bool(path_style),
             mounter=mounter,
         )
+
+    def config_schema(self) -> Mapping[str, Any]:
+        """The ``s3Config`` schema of the claim CRD (:data:`CONFIG_SCHEMA`)."""
+        return CONFIG_SCHEMA
 
     def parse_credentials(self, secret_data: Mapping[str, bytes | str]) -> Credentials:
         creds = Credentials.from_secret_data(secret_data)
@@ -310,6 +322,155 @@ class S3Provider(FuseProvider):
 def _normal_endpoint(value: object) -> str | None:
     """An endpoint as compared and stored: without trailing slashes (None if not a string)."""
     return value.rstrip("/") if isinstance(value, str) and value else None
+
+
+# --------------------------------------------------------------------------- claim API schema
+
+#: The OpenAPI v3 schema of ``s3Config`` in the DynamicVolumeClaim CRD: the one place its API
+#: rules are written. The CRD carries exactly this (tests/unit/providers/test_schemas.py);
+#: :meth:`parse_config` enforces the same rules (and more: the class's policy), and the
+#: shared table in tests/cases holds both to the same good and bad values.
+CONFIG_SCHEMA: Final[Mapping[str, Any]] = {
+    "type": "object",
+    "description": (
+        "An S3 (or S3-compatible) bucket. Credentials come from the StorageProviderClass's Secret."
+    ),
+    "required": ["bucket"],
+    "properties": {
+        "bucket": {
+            "type": "string",
+            "description": (
+                "The bucket: 3-63 lowercase letters, digits, '.' and '-', a letter or digit at "
+                "both ends, no '..', not an IP address, not starting with xn-- or sthree-, not "
+                "ending with -s3alias or --ol-s3."
+            ),
+            "minLength": 3,
+            "maxLength": 63,
+            "x-kubernetes-validations": [
+                cel_rule(
+                    "self.matches(r'^[a-z0-9][a-z0-9.-]*[a-z0-9]$')",
+                    (
+                        "bucket name may contain only lowercase letters, digits, '.' and '-' "
+                        "and must start and end with a lowercase letter or digit"
+                    ),
+                ),
+                cel_rule(
+                    "!self.contains('..')", "bucket name must not contain two adjacent periods"
+                ),
+                cel_rule(
+                    "!self.matches(r'^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+$')",
+                    "bucket name must not be formatted as an IP address",
+                ),
+                cel_rule(
+                    "!self.startsWith('xn--') && !self.startsWith('sthree-')",
+                    "bucket name must not start with the reserved prefixes 'xn--' or 'sthree-'",
+                ),
+                cel_rule(
+                    "!self.endsWith('-s3alias') && !self.endsWith('--ol-s3')",
+                    ("bucket name must not end with the reserved suffixes '-s3alias' or '--ol-s3'"),
+                ),
+            ],
+        },
+        "endpoint": {
+            "type": "string",
+            "description": (
+                "The S3 endpoint URL, http:// or https://, with a host and without credentials, "
+                "query or fragment, e.g. https://s3.example.com. Defaults to the provider's "
+                "(AWS) endpoint."
+            ),
+            "maxLength": 2048,
+            "x-kubernetes-validations": [
+                cel_rule(
+                    "self.startsWith('http://') || self.startsWith('https://')",
+                    "endpoint must be an http:// or https:// URL",
+                ),
+                cel_rule(
+                    "!self.matches(r'^[A-Za-z][-A-Za-z0-9+.]*://[^/?#]*@')",
+                    (
+                        "endpoint must not contain credentials (user:password@); put them in "
+                        "the Secret of the StorageProviderClass"
+                    ),
+                ),
+                cel_rule(
+                    "!self.contains('?') && !self.contains('#')",
+                    "endpoint must not have a query string or fragment",
+                ),
+                cel_rule(
+                    "!self.matches(r'[\\s\\x00-\\x1f\\x7f-\\x9f]')",
+                    "endpoint must not contain spaces or control characters",
+                ),
+                cel_rule(
+                    "isURL(self) && url(self).getHostname() != ''",
+                    "endpoint must be a URL naming a host, e.g. https://s3.example.com",
+                ),
+                cel_rule(
+                    "self.matches(r'^https?://[^/?#]*(/([A-Za-z0-9._~-]|%[0-9A-Fa-f]{2})*)*$')",
+                    (
+                        "endpoint must have a path of letters, digits, '/', '-', '.', '_', '~' "
+                        "and %-escapes only (no ',', '=', ';', quotes or backslashes, which a "
+                        "mounter could read as options)"
+                    ),
+                ),
+                cel_rule(
+                    "!self.matches(r'^https?://[^/?#]*:(/.*)?$')",
+                    "endpoint must give a port after ':' or leave the ':' out",
+                ),
+                cel_rule(
+                    "!self.matches(r'^https?://\\[[^\\]]*%')",
+                    "endpoint must name a host; IPv6 zone identifiers ('%') are not allowed",
+                ),
+                cel_rule(
+                    (
+                        "!self.matches(r'^https?://([^/?#:\\[\\]]*\\.)?([0-9]+|0[xX][0-9A-Fa-f]*)"
+                        "(:[^/?#]*)?([/?#].*)?$') "
+                        "|| "
+                        "self.matches(r'^https?://((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(:[^/?#]*)?([/?#].*)?$')"
+                    ),
+                    (
+                        "endpoint must write an IP address as a plain dotted quad such as "
+                        "192.0.2.10 (decimal, octal, hexadecimal and shortened IPv4 forms are "
+                        "refused)"
+                    ),
+                ),
+            ],
+        },
+        "region": {
+            "type": "string",
+            "description": (
+                "The bucket's region: lowercase letters, digits and '-', e.g. eu-west-1 "
+                "(optional; default us-east-1)."
+            ),
+            "maxLength": MAX_REGION,
+            "pattern": REGION_PATTERN,
+        },
+        "prefix": {
+            "type": "string",
+            "description": (
+                "Mount only this key prefix of the bucket (a relative path such as team/data; "
+                "no leading '/', no '..')."
+            ),
+            "maxLength": 1024,
+            "x-kubernetes-validations": [
+                cel_rule(
+                    (
+                        "!self.startsWith('/') && !self.matches(r'(^|/)\\.\\.(/|$)') && "
+                        "!self.matches(r'[\\x00-\\x1f\\x7f-\\x9f]')"
+                    ),
+                    (
+                        "prefix must be relative to the bucket, without '..' components or "
+                        "control characters"
+                    ),
+                ),
+            ],
+        },
+        "pathStyle": {
+            "type": "boolean",
+            "description": (
+                "Use path-style requests (https://host/bucket) instead of virtual-hosted style."
+            ),
+        },
+    },
+}
 
 
 @hookimpl

@@ -5,7 +5,7 @@ dynvol's CRDs (HTTP 422, or 400 for unknown fields under strict field validation
 core's ``from_object`` (an ``InvalidObject`` naming ``path``). ``path`` is the field path
 both report (the core may add a map key or list index after it: ``spec.parameters[key]``);
 ``message`` is a fragment of the core's message and ``api_message`` (if set) one of the
-apiserver's. :data:`GOOD_OBJECTS` are the seed examples of DESIGN.md section 2, verbatim;
+apiserver's. :data:`GOOD_OBJECTS` are the seed examples of docs/design.md §2, verbatim;
 both must accept them.
 """
 
@@ -601,7 +601,7 @@ BAD_OBJECTS: tuple[BadCase, ...] = (
     ),
 )
 
-#: The seed examples of DESIGN.md section 2, exactly as written there.
+#: The seed examples of docs/design.md §2, exactly as written there.
 GOOD_OBJECTS: tuple[dict[str, Any], ...] = (
     {
         "apiVersion": "v1",
@@ -967,4 +967,108 @@ POLICY_CASES: tuple[PolicyCase, ...] = (
         "spec.rcloneConfig.parameters[env_auth]",
         "rclone-allowed-options",
     ),
+)
+
+
+# --------------------------------------------------------------------------- config values
+@dataclass(frozen=True)
+class ConfigValue:
+    """One value of one field of a built-in provider's claim block, good or bad.
+
+    The CRD schema (the apiserver), the validating webhook and the provider's
+    ``parse_config`` must all accept it (``path is None``) or all refuse it, the webhook and
+    the provider naming ``path``. The schema of each block is its provider's
+    (``config_schema()``), so these are the cases where the two ways its rules are written
+    (CEL for the apiserver, Python for the rest) could drift apart.
+    """
+
+    id: str
+    provider: str
+    config: Mapping[str, Any]
+    path: str | None = None
+
+    @property
+    def block(self) -> str:
+        return f"{self.provider}Config"
+
+    def claim(self, *, namespace: str = "default") -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": DVC,
+            "metadata": {"name": f"value-{self.id}"[:63].rstrip("-"), "namespace": namespace},
+            "spec": {
+                "mountpoint": "/data",
+                "selector": _GOOD_SELECTOR,
+                "storageProvider": self.provider,
+                self.block: copy.deepcopy(dict(self.config)),
+            },
+        }
+
+
+def _s3_region(case_id: str, region: str, *, good: bool) -> ConfigValue:
+    config = {**_GOOD_S3, "region": region}
+    return ConfigValue(
+        f"s3-region-{case_id}", "s3", config, None if good else "spec.s3Config.region"
+    )
+
+
+def _nfs_option(case_id: str, option: str, *, good: bool) -> ConfigValue:
+    config = {"server": "nfs.example.com", "path": "/exports", "options": [option]}
+    path = None if good else "spec.nfsConfig.options[0]"
+    return ConfigValue(f"nfs-option-{case_id}", "nfs", config, path)
+
+
+def _rclone(case_id: str, path: str | None, **config: Any) -> ConfigValue:
+    return ConfigValue(f"rclone-{case_id}", "rclone", {"type": "webdav", **config}, path)
+
+
+CONFIG_VALUES: tuple[ConfigValue, ...] = (
+    _s3_region("aws", "eu-west-1", good=True),
+    _s3_region("us-east", "us-east-1", good=True),
+    _s3_region("long-name", "ap-southeast-2", good=True),
+    _s3_region("china", "cn-north-1", good=True),
+    _s3_region("max-length", "r" * 64, good=True),
+    _s3_region("upper-underscore", "EU_WEST", good=False),
+    _s3_region("underscore", "eu_west_1", good=False),
+    _s3_region("mixed-case", "Eu-West-1", good=False),
+    _s3_region("space", "eu west", good=False),
+    _s3_region("comma-option", "eu-west-1,dbglevel=debug", good=False),
+    _s3_region("too-long", "r" * 65, good=False),
+    ConfigValue("s3-endpoint-port", "s3", {**_GOOD_S3, "endpoint": "http://minio.example:9000"}),
+    ConfigValue("s3-endpoint-ipv6-port", "s3", {**_GOOD_S3, "endpoint": "http://[::1]:9000/b"}),
+    ConfigValue(
+        "s3-endpoint-empty-port",
+        "s3",
+        {**_GOOD_S3, "endpoint": "http://minio.example:/"},
+        "spec.s3Config.endpoint",
+    ),
+    ConfigValue(
+        "s3-endpoint-ipv6-empty-port",
+        "s3",
+        {**_GOOD_S3, "endpoint": "http://[::1]:"},
+        "spec.s3Config.endpoint",
+    ),
+    _nfs_option("hard", "hard", good=True),
+    _nfs_option("timeo", "timeo=600", good=True),
+    _nfs_option("proto", "proto=tcp", good=True),
+    _nfs_option("nconnect", "nconnect=16", good=True),
+    _nfs_option("sec", "sec=krb5p", good=True),
+    _nfs_option("noac", "noac", good=True),
+    _nfs_option("suid", "suid", good=False),
+    _nfs_option("rw", "rw", good=False),
+    _nfs_option("addr", "addr=10.0.0.1", good=False),
+    _nfs_option("comma", "hard,suid", good=False),
+    _nfs_option("empty-number", "timeo=", good=False),
+    _nfs_option("ten-digits", "timeo=1234567890", good=False),
+    _nfs_option("upper", "Hard", good=False),
+    _nfs_option("proto-sctp", "proto=sctp", good=False),
+    _nfs_option("too-long", "timeo=" + "1" * 123, good=False),
+    _rclone("path-relative", None, remotePath="bucket/dir"),
+    _rclone("path-with-space", None, remotePath="team a/data"),
+    _rclone("path-absolute", "spec.rcloneConfig.remotePath", remotePath="/etc"),
+    _rclone("path-dotdot", "spec.rcloneConfig.remotePath", remotePath="a/../../b"),
+    _rclone("path-newline", "spec.rcloneConfig.remotePath", remotePath="a\nb"),
+    _rclone("parameter", None, parameters={"vendor": "other"}),
+    _rclone("parameter-upper", "spec.rcloneConfig.parameters", parameters={"Vendor": "x"}),
+    _rclone("parameter-tab", "spec.rcloneConfig.parameters", parameters={"vendor": "a\tb"}),
 )

@@ -1,4 +1,4 @@
-"""Least privilege (DESIGN.md §6.5): the shipped RBAC, applied to a real apiserver.
+"""Least privilege (docs/design.md §6.5): the shipped RBAC, applied to a real apiserver.
 
 The base manifests' RBAC is rendered with kustomize and applied with kubectl. Then:
 

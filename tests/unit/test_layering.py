@@ -1,4 +1,4 @@
-"""The dependency rule of DESIGN.md §4, checked from the source.
+"""The dependency rule of docs/design.md §4, checked from the source.
 
 import-linter (``make lint``) enforces the forbidden and independence contracts; this test
 adds the allow-list half that a forbidden contract cannot express: the core imports only

@@ -17,7 +17,9 @@ import pytest
 from dynvol.testing import ControlPlane
 from dynvol_core import constants as c
 from dynvol_core.dispatch import plan_node
+from dynvol_core.errors import InvalidObject
 from dynvol_core.models import (
+    TYPED_CONFIG_BLOCKS,
     Condition,
     ConditionStatus,
     DynamicVolumeClaim,
@@ -31,6 +33,7 @@ from dynvol_core.models import (
 from dynvol_core.paths import XvolsLayout
 from tests.cases.bad_objects import (
     BAD_OBJECTS,
+    CONFIG_VALUES,
     DVC,
     EDGE_GOOD_OBJECTS,
     GOOD_OBJECTS,
@@ -416,3 +419,71 @@ async def test_webhook_accepts_the_seed_class_and_a_pinned_one(admission: Any) -
         },
     }
     assert admission.validate(_review(pinned)).allowed
+
+
+# --------------------------------------------------------------------------- one rule, three judges
+
+
+def _provider_paths(claim_obj: dict[str, Any]) -> list[str] | None:
+    """The paths the claim's provider names in refusing its block (None: it accepts it)."""
+    from dynvol_providers.registry import load_registry
+
+    claim = DynamicVolumeClaim.from_object(claim_obj)
+    try:
+        load_registry().parse_claim_config(claim.provider_config)
+    except InvalidObject as exc:
+        return list(exc.paths)
+    return None
+
+
+async def test_api_webhook_and_provider_agree_on_every_config_value(
+    api: Api, admission: Any, namespace: str
+) -> None:
+    """On the shared table of good and bad block values, and on every bad object whose bad
+    field is in a provider's block, the CRD schema (the real apiserver), the validating
+    webhook and the provider's parser give the same verdict, naming the same field."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    cases: list[tuple[str, dict[str, Any], str | None]] = [
+        (case.id, case.claim(namespace=namespace), case.path) for case in CONFIG_VALUES
+    ]
+    cases += [
+        (case.id, case.fresh(namespace=namespace), case.path)
+        for case in BAD_OBJECTS + PROVIDER_BAD_CLAIMS
+        if case.kind == DVC
+        and case.path.startswith(tuple(f"spec.{b}." for b in TYPED_CONFIG_BLOCKS))
+        and not case.strict_only
+    ]
+    assert len(cases) >= 60
+    disagreements = []
+    for case_id, obj, path in cases:
+        try:
+            await api.create(json.loads(json.dumps(obj)))
+        except ApiException as exc:
+            message = json.loads(exc.body).get("message", "")
+            api_ok = False
+            api_names = exc.status == 422 and path is not None and path.split("[")[0] in message
+        else:
+            await api.delete(obj)
+            api_ok, api_names = True, False
+        decision = admission.validate(_review(json.loads(json.dumps(obj))))
+        paths = _provider_paths(json.loads(json.dumps(obj)))
+        provider_ok = paths is None
+        if path is None:
+            agree = api_ok and decision.allowed and provider_ok
+        else:
+            agree = (
+                not api_ok
+                and api_names
+                and not decision.allowed
+                and path.split("[")[0] in decision.message
+                and paths is not None
+                and any(p == path or p.startswith((f"{path}[", f"{path}.")) for p in paths)
+            )
+        if not agree:
+            disagreements.append(
+                f"{case_id}: api {'accepts' if api_ok else 'refuses'}, webhook "
+                f"{'accepts' if decision.allowed else 'refuses'} ({decision.message}), "
+                f"provider {'accepts' if provider_ok else f'refuses {paths}'}"
+            )
+    assert not disagreements, "\n".join(disagreements)

@@ -1,7 +1,7 @@
 """The CSI node plugin against real mounts, through a real grpclib client on its socket.
 
 Each test starts ``dynvol node --csi-only`` as a child process, over a root and a kubelet
-directory inside an rshared scratch mount. The other mount namespaces of DESIGN.md §1 are
+directory inside an rshared scratch mount. The other mount namespaces of docs/design.md §1 are
 real too: a "DMP" namespace holding an rshared (peer) bind of the pod's slot, and a
 "container" namespace holding an rslave bind of kubelet's target path.
 """

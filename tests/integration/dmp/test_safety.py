@@ -1,4 +1,4 @@
-"""The mount pod's defences (DESIGN.md §6.2, §6.3) against a real apiserver, real MinIO,
+"""The mount pod's defences (docs/design.md §6.2, §6.3) against a real apiserver, real MinIO,
 real s3fs and real mount namespaces.
 
 * A symbolic link planted where a mount goes fails that mount (``UnsafeMountTarget``) and

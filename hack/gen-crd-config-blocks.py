@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Write the built-in providers' config schemas into the DynamicVolumeClaim CRD.
+
+The providers own the rules of their claim blocks (``S3Provider.config_schema()`` and so on,
+in dynvol_providers/builtin); the CRD carries exactly those fragments so that the apiserver
+and ``kubectl explain`` see them. Run after changing a provider's schema:
+
+    .venv/bin/python hack/gen-crd-config-blocks.py           # rewrite the CRD
+    .venv/bin/python hack/gen-crd-config-blocks.py --check   # exit 1 if it is stale
+
+tests/unit/providers/test_schemas.py fails while the CRD differs from the providers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from dynvol_core.models import TYPED_CONFIG_BLOCKS, config_block_for
+from dynvol_providers.registry import load_registry
+
+CRD = Path(__file__).resolve().parents[1] / "manifests/base/crds/dynamicvolumeclaims.yaml"
+#: The indentation of the claim spec's properties in the CRD.
+INDENT = " " * 16
+
+
+def render(text: str) -> str:
+    """``text`` (the CRD) with each typed block replaced by its provider's schema."""
+    registry = load_registry()
+    lines = text.splitlines(keepends=True)
+    for name in registry:
+        block = config_block_for(name)
+        if block not in TYPED_CONFIG_BLOCKS:
+            continue
+        schema = registry.config_schema(name)
+        if schema is None:
+            raise SystemExit(f"provider {name!r} publishes no schema for {block}")
+        start = lines.index(f"{INDENT}{block}:\n")
+        end = start + 1
+        while end < len(lines) and (lines[end].startswith(INDENT + " ") or not lines[end].strip()):
+            end += 1
+        dumped = yaml.safe_dump(dict(schema), sort_keys=False, width=90, allow_unicode=True)
+        body = [f"{INDENT}  {line}\n" for line in dumped.splitlines()]
+        lines[start + 1 : end] = body
+    return "".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    current = CRD.read_text()
+    wanted = render(current)
+    if "--check" in argv:
+        if wanted != current:
+            print(f"{CRD} is stale: run hack/gen-crd-config-blocks.py", file=sys.stderr)
+            return 1
+        return 0
+    CRD.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
