@@ -260,8 +260,8 @@ class Agent:
     async def _watch_credentials(self) -> None:
         """Wake every mount when the mounted credentials Secret changes.
 
-        The controller keeps the class's credentials copy in step with the class's source Secret, and
-        kubelet swaps the files of a Secret volume atomically. Each mount's desired key
+        The controller keeps the class's credentials copy in step with the class's source
+        Secret, and kubelet swaps the files of a Secret volume atomically. Each mount's desired key
         includes the credentials, so a woken mount whose credentials changed is mounted
         again with the new ones (and a mount that failed on bad credentials is retried at
         once instead of after its backoff). This reads local files at the health interval;
