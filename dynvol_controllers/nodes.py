@@ -48,15 +48,23 @@ from dynvol_core.models import (
     thaw_json,
 )
 from dynvol_core.paths import PodSlot
+from dynvol_kube import (
+    WARNING,
+    APIConflict,
+    APIError,
+    APINotFound,
+    Client,
+    Controller,
+    Event,
+    EventRecorder,
+    Informer,
+    Outcome,
+    RequeueAfter,
+    TemporaryError,
+)
+from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, PODS, Resource
 
 from . import objects
-from .errors import TemporaryError
-from .k8s import APIConflict, APIError, APINotFound, Client
-from .k8s.resources import CLAIMS, CLASSES, MOUNTS, PODS, Resource
-from .outcomes import Outcome, RequeueAfter
-from .processing import Controller
-from .recording import WARNING, EventRecorder
-from .watching import Event, Informer
 
 __all__ = ["NodeReconciler", "SlotLookup"]
 

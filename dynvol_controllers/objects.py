@@ -11,8 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dynvol_core import constants as c
-
-from .caching import Obj
+from dynvol_kube import Obj
 
 __all__ = [
     "controller_ref",

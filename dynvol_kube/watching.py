@@ -21,7 +21,9 @@ from typing import Any
 import attrs
 
 from .caching import IndexFunc, Obj, Store, object_key
-from .k8s import APIError, APIGone, Client, Resource
+from .client import Client
+from .errors import APIError, APIGone
+from .resources import Resource
 
 __all__ = ["Event", "Informer", "slim"]
 
@@ -138,7 +140,7 @@ class Informer:
             raise TimeoutError(f"informer {self.name} did not sync in {within}s")
 
     async def close(self) -> None:
-        """Stop watching (the store keeps its last content)."""
+        """Stop watching (the store keeps its last content; :meth:`start` resumes)."""
         for task in (self._resync_task, self._task):
             if task is not None:
                 task.cancel()
@@ -150,7 +152,9 @@ class Informer:
 
     async def _run(self) -> None:
         failures = 0
-        need_list = True
+        # Started again after close(), it resumes watching where it stopped, as a dropped
+        # watch does; a resourceVersion that expired meanwhile (410) makes it relist.
+        need_list = not self._rv
         while True:
             try:
                 if need_list:
