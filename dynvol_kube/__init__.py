@@ -21,14 +21,14 @@ from .errors import (
     APINotFound,
     TemporaryError,
 )
-from .lifecycle import run_until_signalled
+from .lifecycle import Supervisor, run_until_signalled
 from .managing import Component, Manager
 from .outcomes import DONE, Done, Outcome, RequeueAfter
 from .processing import Controller
 from .queueing import ExponentialBackoff, RateLimiter, WorkQueue
 from .recording import NORMAL, WARNING, EventRecorder
 from .resources import Resource
-from .watching import Event, Informer
+from .watching import ChangePredicate, Event, Informer
 
 __all__ = [
     "DONE",
@@ -40,6 +40,7 @@ __all__ = [
     "APIGone",
     "APIInvalid",
     "APINotFound",
+    "ChangePredicate",
     "Client",
     "Component",
     "Controller",
@@ -56,6 +57,7 @@ __all__ = [
     "RequeueAfter",
     "Resource",
     "Store",
+    "Supervisor",
     "TemporaryError",
     "WorkQueue",
     "object_key",

@@ -78,6 +78,26 @@ class Store:
             self._index(name, key, obj)
         return old
 
+    def put_if_newer(self, obj: Obj) -> bool:
+        """Take the object a write returned, if cached and not older than the cached one.
+
+        Lets a reconcile read its own write before the watch event for it arrives. The
+        informer's events still come from the watch alone.
+        """
+        key = object_key(obj)
+        old = self._items.get(key)
+        if old is None:
+            return False
+        try:
+            newer = int(obj["metadata"]["resourceVersion"]) >= int(
+                old["metadata"]["resourceVersion"]
+            )
+        except (KeyError, TypeError, ValueError):
+            newer = True
+        if newer:
+            self.put(obj)
+        return newer
+
     def remove(self, key: str) -> Obj | None:
         """Drop an object; returns it if it was cached."""
         old = self._items.pop(key, None)

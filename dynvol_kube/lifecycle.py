@@ -1,22 +1,25 @@
 """Process lifecycle: run a service until SIGTERM/SIGINT, drain on the first, exit on the second.
 
-Used by every process (``dynvol node``, ``dynvol controller``, ``dynvol dmp``) so that all
-three stop the same way: the first signal makes :func:`run_until_signalled` return (the
-caller then closes its components in reverse order, gracefully); a second signal while
-that drain is under way exits the process at once with status 1.
+:func:`run_until_signalled` is used by every process (``dynvol node``, ``dynvol
+controller``, ``dynvol dmp``), so that all three stop the same way: the first signal makes
+it close the service (gracefully, in reverse order of start); a second signal while that
+drain is under way exits the process at once with status 1. :class:`Supervisor` keeps a
+service's background tasks running: one that fails is logged, counted and started again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any
 
-__all__ = ["run_until_signalled", "signal_handling"]
+__all__ = ["Supervisor", "run_until_signalled", "signal_handling"]
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +90,57 @@ async def run_until_signalled(
         finally:
             await close()
     return stop.is_set()
+
+
+TaskFactory = Callable[[], Coroutine[Any, Any, object]]
+
+
+class Supervisor:
+    """Background tasks that are restarted when they fail (or end), until :meth:`close`.
+
+    A failure is logged with its traceback, counted in ``failures[name]`` and followed by a
+    restart after a delay that doubles with each failure in a row (``base`` to ``cap``
+    seconds) and resets once the task has run for ``healthy_after`` seconds. Cancellation
+    is never swallowed.
+    """
+
+    def __init__(self, *, base: float = 0.5, cap: float = 30.0, healthy_after: float = 60.0):
+        self.base, self.cap, self.healthy_after = base, cap, healthy_after
+        self.failures: collections.Counter[str] = collections.Counter()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str, factory: TaskFactory) -> None:
+        """Run ``factory()`` as task ``name``, and again whenever it fails or returns."""
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} is already supervised")
+        self._tasks[name] = asyncio.create_task(self._keep(name, factory), name=name)
+
+    async def _keep(self, name: str, factory: TaskFactory) -> None:
+        loop = asyncio.get_running_loop()
+        in_a_row = 0
+        while True:
+            started = loop.time()
+            try:
+                await factory()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.failures[name] += 1
+                log.exception("background task %s failed; restarting it", name)
+            else:
+                self.failures[name] += 1
+                log.error("background task %s ended; restarting it", name)
+            if loop.time() - started >= self.healthy_after:
+                in_a_row = 0
+            await asyncio.sleep(min(self.cap, self.base * 2.0 ** min(in_a_row, 16)))
+            in_a_row += 1
+
+    async def close(self) -> None:
+        """Cancel every task and wait for it."""
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

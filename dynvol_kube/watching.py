@@ -25,7 +25,7 @@ from .client import Client
 from .errors import APIError, APIGone
 from .resources import Resource
 
-__all__ = ["Event", "Informer", "slim"]
+__all__ = ["ChangePredicate", "Event", "Informer", "slim"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,34 @@ class Event:
 
 
 Handler = Callable[[Event], None]
+
+
+class ChangePredicate:
+    """An event filter: pass an event only when ``part`` of its object changed.
+
+    ``part`` picks what a reconciler acts on (say the spec, the labels and the deletion
+    timestamp, not the status it writes itself). The part is compared with the one last
+    seen *for that key from the informer*, not with the cached object, which a write may
+    have replaced already (:meth:`Store.put_if_newer`). Deletions and resyncs always pass.
+    """
+
+    def __init__(self, part: Callable[[Obj], object]) -> None:
+        self._part = part
+        self._seen: dict[str, object] = {}
+
+    def __call__(self, event: Event) -> bool:
+        key = object_key(event.obj)
+        if event.type == DELETED:
+            self._seen.pop(key, None)
+            return True
+        now = self._part(event.obj)
+        if event.type == RESYNC:
+            self._seen[key] = now
+            return True
+        if key in self._seen and self._seen[key] == now:
+            return False
+        self._seen[key] = now
+        return True
 
 
 def slim(obj: Obj) -> Obj:

@@ -102,7 +102,7 @@ def test_kube_imports_only_core_and_the_client_library(path: Path) -> None:
     assert not bad, "dynvol_kube builds on the core and kubernetes_asyncio only:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("package", _PRODUCTION)
+@pytest.mark.parametrize("package", [*_PRODUCTION, "dynvol_dmp"])
 def test_only_dynvol_kube_imports_the_kubernetes_client(package: str) -> None:
     bad = [
         f"{path.relative_to(ROOT)}:{line} imports {name}"
