@@ -65,6 +65,7 @@ from dynvol_kube import (
 from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, PODS, Resource
 
 from . import objects
+from .expectations import Expectations
 
 __all__ = ["NodeReconciler", "SlotLookup"]
 
@@ -74,9 +75,6 @@ SlotLookup = Callable[[str], PodSlot | None]
 OrphanHook = Callable[[DynamicVolumeMount], Awaitable[None]]
 
 FIELD_MANAGER = "dynvol-node"
-#: How long an object this process wrote is assumed to exist (or be gone) before the
-#: informer cache confirms it; covers watch lag on a busy apiserver.
-_EXPECTATION_TTL = 120.0
 
 
 def _claim_uid_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
@@ -156,12 +154,12 @@ class NodeReconciler:
     _idle_since: dict[str, float] = attrs.field(factory=dict, init=False)
     _idle_deletions: list[PodInfo] = attrs.field(factory=list, init=False)
     _reported: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
-    _created_dvms: dict[tuple[str, str], tuple[float, DynamicVolumeMount]] = attrs.field(
-        factory=dict, init=False
+    #: DynamicVolumeMounts this process wrote, by (namespace, name), until the cache shows.
+    _dvm_writes: Expectations[tuple[str, str], DynamicVolumeMount] = attrs.field(
+        factory=Expectations, init=False
     )
-    _deleted_dvms: dict[str, float] = attrs.field(factory=dict, init=False)
-    _created_dmps: dict[str, tuple[float, PodInfo, str]] = attrs.field(factory=dict, init=False)
-    _deleted_dmps: dict[str, float] = attrs.field(factory=dict, init=False)
+    #: DMPs this process wrote, by name, until the cache shows them.
+    _dmp_writes: Expectations[str, PodInfo] = attrs.field(factory=Expectations, init=False)
     _claims: objects.ModelCache = attrs.field(init=False)
     _pods: objects.ModelCache = attrs.field(init=False)
     _classes: objects.ModelCache = attrs.field(init=False)
@@ -302,7 +300,9 @@ class NodeReconciler:
         return False
 
     def _on_mount(self, event: Event) -> None:
-        if event.type == "ADDED" and self._expected(self._created_dvms, event.obj):
+        meta = event.obj.get("metadata") or {}
+        written = self._dvm_writes.creating((meta.get("namespace", ""), meta.get("name", "")))
+        if event.type == "ADDED" and written is not None and written.uid == meta.get("uid"):
             return  # our own create coming back
         if _changed(event, ignore_status=True):
             self.nudge()
@@ -310,64 +310,49 @@ class NodeReconciler:
     def _on_dmp(self, event: Event) -> None:
         if event.type == "ADDED":
             name = event.obj["metadata"].get("name")
-            created = self._created_dmps.get(name)
-            if created is not None and created[1].uid == event.obj["metadata"].get("uid"):
+            created = self._dmp_writes.creating(name)
+            if created is not None and created.uid == event.obj["metadata"].get("uid"):
                 return  # our own create coming back
         # Phase matters for DMPs: a Failed one is replaced.
         if _changed(event, ignore_status=False):
             self.nudge()
 
-    @staticmethod
-    def _expected(
-        table: Mapping[tuple[str, str], tuple[float, DynamicVolumeMount]], obj: Mapping[str, Any]
-    ) -> bool:
-        meta = obj.get("metadata") or {}
-        entry = table.get((meta.get("namespace", ""), meta.get("name", "")))
-        return entry is not None and entry[1].uid == meta.get("uid")
-
     # -- process -------------------------------------------------------------------------
 
-    def _existing_dvms(self, now: float) -> list[DynamicVolumeMount]:
+    def _existing_dvms(self) -> list[DynamicVolumeMount]:
         cached: dict[tuple[str, str], DynamicVolumeMount] = {}
         for raw in self.mounts.store:
             model = self._dvms.get_or_none(raw)
             if model is not None:
                 cached[(model.namespace, model.name)] = model
-        for key, (deadline, model) in list(self._created_dvms.items()):
-            if key in cached or deadline < now:
-                del self._created_dvms[key]
+        for key, model in self._dvm_writes.pending_creates().items():
+            if key in cached:
+                self._dvm_writes.observed(key)
             else:
                 cached[key] = model
-        for uid, deadline in list(self._deleted_dvms.items()):
-            if deadline < now:
-                del self._deleted_dvms[uid]
         # A mount this process deleted stays in the plan as deleting until the cache drops
         # it: its DMP is still unmounting it (the finalizer), so the DMP must not be
         # reaped as unused meanwhile, and if that DMP is gone the mount is an orphan.
         return [
-            attrs.evolve(m, deleting=True) if m.uid in self._deleted_dvms else m
+            attrs.evolve(m, deleting=True) if self._dvm_writes.deleting(m.uid) else m
             for m in cached.values()
         ]
 
-    def _existing_dmps(self, now: float) -> list[PodInfo]:
+    def _existing_dmps(self) -> list[PodInfo]:
         cached: dict[str, PodInfo] = {}
         for raw in self.dmps.store:
             info = self._pods.get_or_none(raw)
             if info is not None:
                 cached[info.name] = info
-        for name, (deadline, info, _) in list(self._created_dmps.items()):
-            if (name in cached and cached[name].uid == info.uid) or deadline < now:
-                del self._created_dmps[name]
+        for name, info in self._dmp_writes.pending_creates().items():
+            if name in cached and cached[name].uid == info.uid:
+                self._dmp_writes.observed(name)
             elif name not in cached:
                 cached[name] = info
-        for uid, deadline in list(self._deleted_dmps.items()):
-            if deadline < now:
-                del self._deleted_dmps[uid]
-        return [p for p in cached.values() if p.uid not in self._deleted_dmps]
+        return [p for p in cached.values() if not self._dmp_writes.deleting(p.uid)]
 
     def plan(self) -> NodePlan:
         """What this node should have, from the caches (pure apart from slot lookups)."""
-        now = time.monotonic()
         pods = [p for p in (self._pods.get_or_none(raw) for raw in self.pods.store) if p]
         namespaces = {p.namespace for p in pods if p.opted_in}
         claims = [
@@ -396,8 +381,8 @@ class NodeReconciler:
             slots=slots,
             system_namespace=self.system_namespace,
             dmp_image=self.dmp_image,
-            existing_dvms=self._existing_dvms(now),
-            existing_dmps=self._existing_dmps(now),
+            existing_dvms=self._existing_dvms(),
+            existing_dmps=self._existing_dmps(),
             node_uid=self._node_uid,
         )
 
@@ -500,14 +485,10 @@ class NodeReconciler:
             if exc.already_exists:
                 # Made by an earlier pass (or process) and not in the cache yet: assume it
                 # is as wanted until the cache shows it; a difference then means an update.
-                key = (dvm.namespace, dvm.name)
-                self._created_dvms[key] = (time.monotonic() + _EXPECTATION_TTL, dvm)
+                self._dvm_writes.created((dvm.namespace, dvm.name), dvm)
             raise
         model = DynamicVolumeMount.from_object(created)
-        self._created_dvms[(model.namespace, model.name)] = (
-            time.monotonic() + _EXPECTATION_TTL,
-            model,
-        )
+        self._dvm_writes.created((model.namespace, model.name), model)
 
     async def _update_dvm(self, dvm: DynamicVolumeMount) -> None:
         body = dvm.to_object()
@@ -521,7 +502,7 @@ class NodeReconciler:
             return  # a precondition miss: it was replaced; the next pass decides again
         except APINotFound:
             pass
-        self._deleted_dvms[dvm.uid] = time.monotonic() + _EXPECTATION_TTL
+        self._dvm_writes.deleted(dvm.uid)
 
     async def _release_orphan(self, dvm: DynamicVolumeMount) -> None:
         if self.on_orphaned is not None:
@@ -560,7 +541,7 @@ class NodeReconciler:
                 delay=10,
             ) from exc
         info = PodInfo.from_object(created)
-        self._created_dmps[spec.name] = (time.monotonic() + _EXPECTATION_TTL, info, spec.name)
+        self._dmp_writes.created(spec.name, info)
         log.info(
             "node %s: created DMP %s (%s, class %s)",
             self.node_name,
@@ -578,7 +559,7 @@ class NodeReconciler:
                 uid=pod.uid,
                 grace_seconds=self.dmp_delete_grace,
             )
-        self._deleted_dmps[pod.uid] = time.monotonic() + _EXPECTATION_TTL
+        self._dmp_writes.deleted(pod.uid)
         self._idle_since.pop(pod.name, None)
         log.info("node %s: deleted DMP %s (%s)", self.node_name, pod.name, why)
 
