@@ -66,6 +66,7 @@ from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, PODS, Resource
 
 from . import objects
 from .expectations import Expectations
+from .reaping import IdleReaper
 
 __all__ = ["NodeReconciler", "SlotLookup"]
 
@@ -151,8 +152,7 @@ class NodeReconciler:
     last_plan: NodePlan | None = attrs.field(default=None, init=False)
     _node_uid: str = attrs.field(default="", init=False)
     _own_recorder: bool = attrs.field(default=False, init=False)
-    _idle_since: dict[str, float] = attrs.field(factory=dict, init=False)
-    _idle_deletions: list[PodInfo] = attrs.field(factory=list, init=False)
+    _reaper: IdleReaper = attrs.field(init=False)
     _reported: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
     #: DynamicVolumeMounts this process wrote, by (namespace, name), until the cache shows.
     _dvm_writes: Expectations[tuple[str, str], DynamicVolumeMount] = attrs.field(
@@ -169,6 +169,7 @@ class NodeReconciler:
 
     def __attrs_post_init__(self) -> None:
         node_label = label_value(self.node_name)
+        self._reaper = IdleReaper(self.shared_idle_grace)
         self._claims = objects.ModelCache(DynamicVolumeClaim.from_object)
         self._pods = objects.ModelCache(PodInfo.from_object)
         self._classes = objects.ModelCache(StorageProviderClass.from_object)
@@ -446,9 +447,8 @@ class NodeReconciler:
         ]
         await asyncio.gather(*(run(step) for step in steps))
 
-        wait = self._handle_idle(plan)
-        idle = [self._delete_dmp(pod, "IdleGraceExpired") for pod in self._idle_deletions]
-        self._idle_deletions = []
+        expired, wait = self._reaper.due(plan.idle_dmps)
+        idle = [self._delete_dmp(pod, "IdleGraceExpired") for pod in expired]
         await asyncio.gather(*(run(step) for step in idle))
         self._report_rejections(plan)
         log.debug(
@@ -560,26 +560,8 @@ class NodeReconciler:
                 grace_seconds=self.dmp_delete_grace,
             )
         self._dmp_writes.deleted(pod.uid)
-        self._idle_since.pop(pod.name, None)
+        self._reaper.forget(pod.name)
         log.info("node %s: deleted DMP %s (%s)", self.node_name, pod.name, why)
-
-    def _handle_idle(self, plan: NodePlan) -> float | None:
-        """Delete shared DMPs idle for longer than the grace delay; the next check time."""
-        now = time.monotonic()
-        idle = {p.name: p for p in plan.idle_dmps}
-        for name in list(self._idle_since):
-            if name not in idle:
-                del self._idle_since[name]
-        wait: float | None = None
-        for name, pod in idle.items():
-            since = self._idle_since.setdefault(name, now)
-            remaining = since + self.shared_idle_grace - now
-            if remaining <= 0:
-                # Deleted at the end of this pass.
-                self._idle_deletions.append(pod)
-            else:
-                wait = remaining if wait is None else min(wait, remaining)
-        return wait
 
     # -- report ---------------------------------------------------------------------------
 
