@@ -58,6 +58,7 @@ from dynvol_kube import (
     Event,
     EventRecorder,
     Informer,
+    Manager,
     Outcome,
     RequeueAfter,
     TemporaryError,
@@ -151,7 +152,7 @@ class NodeReconciler:
     passes: int = attrs.field(default=0, init=False)
     last_plan: NodePlan | None = attrs.field(default=None, init=False)
     _node_uid: str = attrs.field(default="", init=False)
-    _own_recorder: bool = attrs.field(default=False, init=False)
+    _manager: Manager | None = attrs.field(default=None, init=False)
     _reaper: IdleReaper = attrs.field(init=False)
     _reported: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
     #: DynamicVolumeMounts this process wrote, by (namespace, name), until the cache shows.
@@ -209,31 +210,31 @@ class NodeReconciler:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, *, sync_timeout: float = 120.0) -> None:
-        """Start the informers, wait for their first list, then reconcile."""
+        """Start the informers, wait for their first list, then reconcile.
+
+        The :class:`~dynvol_kube.Manager` starts them in order (informers, synced; the
+        Event recorder if this reconciler made its own; the controller) and closes them in
+        reverse, also when starting fails.
+        """
+        manager = Manager(self.client, sync_timeout=sync_timeout)
+        for informer in self.informers:
+            manager.add_informer(informer)
         if self.recorder is None:
             self.recorder = EventRecorder(self.client, "dynvol-node", host=self.node_name)
-            self._own_recorder = True
-            await self.recorder.start()
+            manager.add(self.recorder)
+        manager.add(self.controller)
+        self._manager = manager
         self._node_uid = await self._lookup_node_uid()
-        try:
-            for informer in self.informers:
-                await informer.start()
-            for informer in self.informers:
-                await informer.wait_synced(within=sync_timeout)
-        except BaseException:
-            await self.close()
-            raise
-        await self.controller.start()
+        await manager.start()
         self._started = True
         self.nudge()
 
     async def close(self) -> None:
         """Stop reconciling and watching."""
-        await self.controller.close()
-        for informer in reversed(self.informers):
-            await informer.close()
-        if self._own_recorder and self.recorder is not None:
-            await self.recorder.close()
+        if self._manager is not None:
+            await self._manager.close()
+        else:
+            await self.controller.close()
         self._started = False
 
     async def __aenter__(self) -> NodeReconciler:
