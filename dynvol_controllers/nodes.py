@@ -23,7 +23,6 @@ the CSI node plugin's records) returns it, or None until the volume is published
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,9 +32,7 @@ import attrs
 
 from dynvol_core import constants as c
 from dynvol_core.dispatch import (
-    DmpSpec,
     NodePlan,
-    dmp_pod_manifest,
     label_value,
     plan_node,
 )
@@ -66,17 +63,14 @@ from dynvol_kube import (
 from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, PODS, Resource
 
 from . import objects
-from .expectations import Expectations
 from .reaping import IdleReaper
+from .syncing import DmpSync, DvmSync, OrphanHook
 
 __all__ = ["NodeReconciler", "SlotLookup"]
 
 log = logging.getLogger(__name__)
 
 SlotLookup = Callable[[str], PodSlot | None]
-OrphanHook = Callable[[DynamicVolumeMount], Awaitable[None]]
-
-FIELD_MANAGER = "dynvol-node"
 
 
 def _claim_uid_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
@@ -153,14 +147,9 @@ class NodeReconciler:
     last_plan: NodePlan | None = attrs.field(default=None, init=False)
     _node_uid: str = attrs.field(default="", init=False)
     _manager: Manager | None = attrs.field(default=None, init=False)
-    _reaper: IdleReaper = attrs.field(init=False)
     _reported: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
-    #: DynamicVolumeMounts this process wrote, by (namespace, name), until the cache shows.
-    _dvm_writes: Expectations[tuple[str, str], DynamicVolumeMount] = attrs.field(
-        factory=Expectations, init=False
-    )
-    #: DMPs this process wrote, by name, until the cache shows them.
-    _dmp_writes: Expectations[str, PodInfo] = attrs.field(factory=Expectations, init=False)
+    _dvm_sync: DvmSync = attrs.field(init=False)
+    _dmp_sync: DmpSync = attrs.field(init=False)
     _claims: objects.ModelCache = attrs.field(init=False)
     _pods: objects.ModelCache = attrs.field(init=False)
     _classes: objects.ModelCache = attrs.field(init=False)
@@ -170,7 +159,18 @@ class NodeReconciler:
 
     def __attrs_post_init__(self) -> None:
         node_label = label_value(self.node_name)
-        self._reaper = IdleReaper(self.shared_idle_grace)
+        self._dvm_sync = DvmSync(self.client, on_orphaned=self.on_orphaned)
+        self._dmp_sync = DmpSync(
+            client=self.client,
+            node_name=self.node_name,
+            service_account=self.dmp_service_account,
+            priority_class=self.dmp_priority_class,
+            image_pull_policy=self.dmp_image_pull_policy,
+            host_network=self.dmp_host_network,
+            env=self.dmp_env,
+            delete_grace=self.dmp_delete_grace,
+            reaper=IdleReaper(self.shared_idle_grace),
+        )
         self._claims = objects.ModelCache(DynamicVolumeClaim.from_object)
         self._pods = objects.ModelCache(PodInfo.from_object)
         self._classes = objects.ModelCache(StorageProviderClass.from_object)
@@ -302,19 +302,14 @@ class NodeReconciler:
         return False
 
     def _on_mount(self, event: Event) -> None:
-        meta = event.obj.get("metadata") or {}
-        written = self._dvm_writes.creating((meta.get("namespace", ""), meta.get("name", "")))
-        if event.type == "ADDED" and written is not None and written.uid == meta.get("uid"):
+        if event.type == "ADDED" and self._dvm_sync.is_own_create(event.obj):
             return  # our own create coming back
         if _changed(event, ignore_status=True):
             self.nudge()
 
     def _on_dmp(self, event: Event) -> None:
-        if event.type == "ADDED":
-            name = event.obj["metadata"].get("name")
-            created = self._dmp_writes.creating(name)
-            if created is not None and created.uid == event.obj["metadata"].get("uid"):
-                return  # our own create coming back
+        if event.type == "ADDED" and self._dmp_sync.is_own_create(event.obj):
+            return  # our own create coming back
         # Phase matters for DMPs: a Failed one is replaced.
         if _changed(event, ignore_status=False):
             self.nudge()
@@ -322,36 +317,12 @@ class NodeReconciler:
     # -- process -------------------------------------------------------------------------
 
     def _existing_dvms(self) -> list[DynamicVolumeMount]:
-        cached: dict[tuple[str, str], DynamicVolumeMount] = {}
-        for raw in self.mounts.store:
-            model = self._dvms.get_or_none(raw)
-            if model is not None:
-                cached[(model.namespace, model.name)] = model
-        for key, model in self._dvm_writes.pending_creates().items():
-            if key in cached:
-                self._dvm_writes.observed(key)
-            else:
-                cached[key] = model
-        # A mount this process deleted stays in the plan as deleting until the cache drops
-        # it: its DMP is still unmounting it (the finalizer), so the DMP must not be
-        # reaped as unused meanwhile, and if that DMP is gone the mount is an orphan.
-        return [
-            attrs.evolve(m, deleting=True) if self._dvm_writes.deleting(m.uid) else m
-            for m in cached.values()
-        ]
+        cached = (self._dvms.get_or_none(raw) for raw in self.mounts.store)
+        return self._dvm_sync.existing(m for m in cached if m is not None)
 
     def _existing_dmps(self) -> list[PodInfo]:
-        cached: dict[str, PodInfo] = {}
-        for raw in self.dmps.store:
-            info = self._pods.get_or_none(raw)
-            if info is not None:
-                cached[info.name] = info
-        for name, info in self._dmp_writes.pending_creates().items():
-            if name in cached and cached[name].uid == info.uid:
-                self._dmp_writes.observed(name)
-            elif name not in cached:
-                cached[name] = info
-        return [p for p in cached.values() if not self._dmp_writes.deleting(p.uid)]
+        cached = (self._pods.get_or_none(raw) for raw in self.dmps.store)
+        return self._dmp_sync.existing(p for p in cached if p is not None)
 
     def plan(self) -> NodePlan:
         """What this node should have, from the caches (pure apart from slot lookups)."""
@@ -436,20 +407,20 @@ class NodeReconciler:
 
         # Mounts first: they are the unit of status (what users and the claim status see),
         # and a DMP picks up the mounts that name it whenever it starts.
-        mount_steps: list[Awaitable[None]] = [self._create_dvm(d) for d in plan.create_dvms]
-        mount_steps += [self._update_dvm(dvm) for dvm in plan.update_dvms]
-        mount_steps += [self._delete_dvm(dvm) for dvm in plan.delete_dvms]
-        mount_steps += [self._release_orphan(dvm) for dvm in plan.orphaned_dvms]
+        dvms, dmps = self._dvm_sync, self._dmp_sync
+        mount_steps: list[Awaitable[None]] = [dvms.create(d) for d in plan.create_dvms]
+        mount_steps += [dvms.update(dvm) for dvm in plan.update_dvms]
+        mount_steps += [dvms.delete(dvm) for dvm in plan.delete_dvms]
+        mount_steps += [dvms.release_orphan(dvm) for dvm in plan.orphaned_dvms]
         await asyncio.gather(*(run(step) for step in mount_steps))
-        steps: list[Awaitable[None]] = [self._create_dmp(spec) for spec in plan.create_dmps]
+        steps: list[Awaitable[None]] = [dmps.create(spec) for spec in plan.create_dmps]
         steps += [
-            self._delete_dmp(pod, "Failed" if pod.terminal else "Unused")
-            for pod in plan.delete_dmps
+            dmps.delete(pod, "Failed" if pod.terminal else "Unused") for pod in plan.delete_dmps
         ]
         await asyncio.gather(*(run(step) for step in steps))
 
-        expired, wait = self._reaper.due(plan.idle_dmps)
-        idle = [self._delete_dmp(pod, "IdleGraceExpired") for pod in expired]
+        expired, wait = dmps.reaper.due(plan.idle_dmps)
+        idle = [dmps.delete(pod, "IdleGraceExpired") for pod in expired]
         await asyncio.gather(*(run(step) for step in idle))
         self._report_rejections(plan)
         log.debug(
@@ -474,95 +445,6 @@ class NodeReconciler:
         if plan.unpublished:
             wait = min(wait or self.unpublished_recheck, self.unpublished_recheck)
         return RequeueAfter(wait) if wait else None
-
-    # -- act: DynamicVolumeMounts --------------------------------------------------------
-
-    async def _create_dvm(self, dvm: DynamicVolumeMount) -> None:
-        try:
-            created = await self.client.create(
-                MOUNTS, dvm.to_object(), namespace=dvm.namespace, field_manager=FIELD_MANAGER
-            )
-        except APIConflict as exc:
-            if exc.already_exists:
-                # Made by an earlier pass (or process) and not in the cache yet: assume it
-                # is as wanted until the cache shows it; a difference then means an update.
-                self._dvm_writes.created((dvm.namespace, dvm.name), dvm)
-            raise
-        model = DynamicVolumeMount.from_object(created)
-        self._dvm_writes.created((model.namespace, model.name), model)
-
-    async def _update_dvm(self, dvm: DynamicVolumeMount) -> None:
-        body = dvm.to_object()
-        body.pop("status", None)
-        await self.client.replace(MOUNTS, body, field_manager=FIELD_MANAGER)
-
-    async def _delete_dvm(self, dvm: DynamicVolumeMount) -> None:
-        try:
-            await self.client.delete(MOUNTS, dvm.name, namespace=dvm.namespace, uid=dvm.uid)
-        except APIConflict:
-            return  # a precondition miss: it was replaced; the next pass decides again
-        except APINotFound:
-            pass
-        self._dvm_writes.deleted(dvm.uid)
-
-    async def _release_orphan(self, dvm: DynamicVolumeMount) -> None:
-        if self.on_orphaned is not None:
-            await self.on_orphaned(dvm)
-        if c.FINALIZER_MOUNT in dvm.finalizers:
-            finalizers = [f for f in dvm.finalizers if f != c.FINALIZER_MOUNT]
-            patch = {
-                "metadata": {"finalizers": finalizers, "resourceVersion": dvm.resource_version}
-            }
-            try:
-                await self.client.patch(MOUNTS, dvm.name, patch, namespace=dvm.namespace)
-            except APINotFound:
-                return
-        if not dvm.deleting:
-            await self._delete_dvm(dvm)
-
-    # -- act: DMPs -----------------------------------------------------------------------
-
-    async def _create_dmp(self, spec: DmpSpec) -> None:
-        manifest = dmp_pod_manifest(
-            spec,
-            service_account_name=self.dmp_service_account,
-            priority_class_name=self.dmp_priority_class,
-            image_pull_policy=self.dmp_image_pull_policy,
-            host_network=self.dmp_host_network,
-            extra_env=self.dmp_env,
-        )
-        try:
-            created = await self.client.create(
-                PODS, manifest, namespace=spec.namespace, field_manager=FIELD_MANAGER
-            )
-        except APINotFound as exc:
-            raise TemporaryError(
-                f"cannot create DMP {spec.name}: namespace {spec.namespace!r} is missing "
-                "(install dynvol's manifests)",
-                delay=10,
-            ) from exc
-        info = PodInfo.from_object(created)
-        self._dmp_writes.created(spec.name, info)
-        log.info(
-            "node %s: created DMP %s (%s, class %s)",
-            self.node_name,
-            spec.name,
-            spec.policy,
-            spec.class_name,
-        )
-
-    async def _delete_dmp(self, pod: PodInfo, why: str) -> None:
-        with contextlib.suppress(APINotFound, APIConflict):
-            await self.client.delete(
-                PODS,
-                pod.name,
-                namespace=pod.namespace,
-                uid=pod.uid,
-                grace_seconds=self.dmp_delete_grace,
-            )
-        self._dmp_writes.deleted(pod.uid)
-        self._reaper.forget(pod.name)
-        log.info("node %s: deleted DMP %s (%s)", self.node_name, pod.name, why)
 
     # -- report ---------------------------------------------------------------------------
 
