@@ -36,10 +36,10 @@ from typing import Any
 
 from dynvol.testing import ControlPlane, Process
 from dynvol.testing.slots import node_reconciler_without_kubelet
-from dynvol_controllers import APIConflict, Client, Informer
 from dynvol_controllers.admission import OptIn, injected_mount, injected_volume
-from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS, SECRETS
 from dynvol_core import constants as c
+from dynvol_kube import APIConflict, Client, Informer
+from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS, SECRETS
 
 CLASS = "bench-s3"
 SECRET_NS = "bench-secrets"

@@ -13,23 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import attrs
 
-from dynvol_controllers import APIError, APINotFound, Client, NodeReconciler
-from dynvol_controllers.k8s.resources import CLASSES, PODS
+from dynvol_controllers import NodeReconciler
 from dynvol_core.errors import DynvolError
 from dynvol_core.models import DynamicVolumeMount
 from dynvol_core.mountinfo import unmount_order
 from dynvol_core.paths import PodSlot, XvolsLayout
-from dynvol_csi import NodePlugin, NodePluginConfig, serve
+from dynvol_csi import NodePlugin, NodePluginConfig
 from dynvol_csi.guards import DirectoryLookup, GuardUnavailable, PodGuard, PublishGuard
 from dynvol_csi.mounting import lazy_unmount, read_mountinfo
 from dynvol_csi.validation import PublishRequest
+from dynvol_kube import APIError, APINotFound, Client, run_until_signalled
+from dynvol_kube.resources import CLASSES, PODS
 from dynvol_providers import load_registry
 
 log = logging.getLogger("dynvol.node")
@@ -136,7 +136,17 @@ async def serve_plugin_only(
                 "(--csi-only runs no reconciler, so nothing is ever mounted into the slots)"
             )
             guard = _Unchecked()
-        return await serve(config, guard)
+        plugin = NodePlugin(config, guard)
+
+        async def drain() -> None:
+            plugin.close()
+            try:
+                await plugin.wait_closed()
+            finally:
+                plugin.abort()
+
+        await run_until_signalled(plugin.start, drain)
+        return 0
     finally:
         if client is not None:
             with contextlib.suppress(Exception):
@@ -177,33 +187,17 @@ async def serve_node(config: NodePluginConfig, settings: NodeSettings) -> int:
     """Run the CSI node plugin and the node reconciler until signalled.
 
     First SIGTERM/SIGINT: stop reconciling, drain the CSI server, exit 0. Second: exit 1 at
-    once. The plugin starts first, because kubelet may be waiting on it; the reconciler
-    stops first, so nothing is created for a node whose plugin is going away.
+    once (:func:`dynvol_kube.run_until_signalled`). The plugin starts first, because kubelet
+    may be waiting on it; the reconciler stops first, so nothing is created for a node whose
+    plugin is going away.
     """
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
-    stop = asyncio.Event()
-    signals_seen = 0
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            log.info(
-                "%s: shutting down (send it again to exit at once)", signal.Signals(signum).name
-            )
-            stop.set()
-        else:
-            main.cancel()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
     layout = XvolsLayout(config.root)
     reconciler: NodeReconciler | None = None
     client: Client | None = None
     plugin: NodePlugin | None = None
-    try:
+
+    async def start() -> None:
+        nonlocal client, plugin, reconciler
         # The client comes first: the plugin's publish guard reads through it.
         client = await Client.from_kubeconfig(settings.kubeconfig, user_agent="dynvol-node")
         plugin = NodePlugin(config, api_guard(client, config.node_id))
@@ -228,19 +222,8 @@ async def serve_node(config: NodePluginConfig, settings: NodeSettings) -> int:
         plugin.volumes.add_listener(reconciler.nudge)
         await reconciler.start()
         log.info("dynvol node %s: reconciling", config.node_id)
-        await stop.wait()
-        return 0
-    except asyncio.CancelledError:
-        if signals_seen < 2:
-            raise
-        main.uncancel()
-        return 1
-    except DynvolError as exc:
-        log.error("dynvol node: %s", exc)
-        return 1
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+
+    async def close() -> None:
         if reconciler is not None:
             with contextlib.suppress(Exception):
                 await reconciler.close()
@@ -248,6 +231,14 @@ async def serve_node(config: NodePluginConfig, settings: NodeSettings) -> int:
             plugin.close()
             with contextlib.suppress(Exception):
                 await plugin.wait_closed()
+            plugin.abort()
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
+
+    try:
+        await run_until_signalled(start, close)
+    except DynvolError as exc:
+        log.error("dynvol node: %s", exc)
+        return 1
+    return 0

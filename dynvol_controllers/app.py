@@ -16,13 +16,10 @@ from typing import Any
 import attrs
 
 from dynvol_core import constants as c
+from dynvol_kube import APIConflict, APINotFound, Client, EventRecorder, LeaderElector, Manager
+from dynvol_kube.resources import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Resource
 
 from .cluster import ClusterController
-from .electing import LeaderElector
-from .k8s import APIConflict, APINotFound, Client
-from .k8s.resources import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Resource
-from .managing import Manager
-from .recording import EventRecorder
 from .webhooks import MUTATE_PODS_PATH, VALIDATE_PATH, WebhookServer, webhook_configurations
 
 __all__ = ["ControllerApp", "register_webhooks"]

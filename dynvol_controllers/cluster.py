@@ -42,17 +42,26 @@ from dynvol_core.models import (
     StorageProviderClass,
     thaw_json,
 )
+from dynvol_kube import (
+    NORMAL,
+    WARNING,
+    APIConflict,
+    APIError,
+    APINotFound,
+    Client,
+    Controller,
+    Event,
+    EventRecorder,
+    Informer,
+    Outcome,
+    RequeueAfter,
+)
+from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS, Resource
 from dynvol_providers.base import parse_provider_config, qualify_config_errors
 
 from . import objects
 from .admission import AdmissionDecision, mutate_pod
 from .credentials import CONDITION_CREDENTIALS, CredentialCopier
-from .k8s import APIConflict, APIError, APINotFound, Client
-from .k8s.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS, Resource
-from .outcomes import Outcome, RequeueAfter
-from .processing import Controller
-from .recording import NORMAL, WARNING, EventRecorder
-from .watching import Event, Informer
 
 __all__ = ["ClusterController"]
 

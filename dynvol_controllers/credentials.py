@@ -37,14 +37,23 @@ from dynvol_core.dispatch import (
     credentials_secret_name,
 )
 from dynvol_core.models import ObjectRef, StorageProviderClass
+from dynvol_kube import (
+    NORMAL,
+    WARNING,
+    APIConflict,
+    APIError,
+    APINotFound,
+    Client,
+    Controller,
+    Event,
+    EventRecorder,
+    Informer,
+    Outcome,
+    RequeueAfter,
+)
+from dynvol_kube.resources import SECRETS
 
 from . import objects
-from .k8s import APIConflict, APIError, APINotFound, Client
-from .k8s.resources import SECRETS
-from .outcomes import Outcome, RequeueAfter
-from .processing import Controller
-from .recording import NORMAL, WARNING, EventRecorder
-from .watching import Event, Informer
 
 __all__ = ["CONDITION_CREDENTIALS", "CredentialCopier", "CredentialState"]
 

@@ -23,7 +23,6 @@ the CSI node plugin's records) returns it, or None until the volume is published
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,9 +32,7 @@ import attrs
 
 from dynvol_core import constants as c
 from dynvol_core.dispatch import (
-    DmpSpec,
     NodePlan,
-    dmp_pod_manifest,
     label_value,
     plan_node,
 )
@@ -48,27 +45,32 @@ from dynvol_core.models import (
     thaw_json,
 )
 from dynvol_core.paths import PodSlot
+from dynvol_kube import (
+    WARNING,
+    APIConflict,
+    APIError,
+    APINotFound,
+    Client,
+    Controller,
+    Event,
+    EventRecorder,
+    Informer,
+    Manager,
+    Outcome,
+    RequeueAfter,
+    TemporaryError,
+)
+from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, PODS, Resource
 
 from . import objects
-from .errors import TemporaryError
-from .k8s import APIConflict, APIError, APINotFound, Client
-from .k8s.resources import CLAIMS, CLASSES, MOUNTS, PODS, Resource
-from .outcomes import Outcome, RequeueAfter
-from .processing import Controller
-from .recording import WARNING, EventRecorder
-from .watching import Event, Informer
+from .reaping import IdleReaper
+from .syncing import DmpSync, DvmSync, OrphanHook
 
 __all__ = ["NodeReconciler", "SlotLookup"]
 
 log = logging.getLogger(__name__)
 
 SlotLookup = Callable[[str], PodSlot | None]
-OrphanHook = Callable[[DynamicVolumeMount], Awaitable[None]]
-
-FIELD_MANAGER = "dynvol-node"
-#: How long an object this process wrote is assumed to exist (or be gone) before the
-#: informer cache confirms it; covers watch lag on a busy apiserver.
-_EXPECTATION_TTL = 120.0
 
 
 def _claim_uid_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
@@ -144,16 +146,10 @@ class NodeReconciler:
     passes: int = attrs.field(default=0, init=False)
     last_plan: NodePlan | None = attrs.field(default=None, init=False)
     _node_uid: str = attrs.field(default="", init=False)
-    _own_recorder: bool = attrs.field(default=False, init=False)
-    _idle_since: dict[str, float] = attrs.field(factory=dict, init=False)
-    _idle_deletions: list[PodInfo] = attrs.field(factory=list, init=False)
+    _manager: Manager | None = attrs.field(default=None, init=False)
     _reported: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)
-    _created_dvms: dict[tuple[str, str], tuple[float, DynamicVolumeMount]] = attrs.field(
-        factory=dict, init=False
-    )
-    _deleted_dvms: dict[str, float] = attrs.field(factory=dict, init=False)
-    _created_dmps: dict[str, tuple[float, PodInfo, str]] = attrs.field(factory=dict, init=False)
-    _deleted_dmps: dict[str, float] = attrs.field(factory=dict, init=False)
+    _dvm_sync: DvmSync = attrs.field(init=False)
+    _dmp_sync: DmpSync = attrs.field(init=False)
     _claims: objects.ModelCache = attrs.field(init=False)
     _pods: objects.ModelCache = attrs.field(init=False)
     _classes: objects.ModelCache = attrs.field(init=False)
@@ -163,6 +159,18 @@ class NodeReconciler:
 
     def __attrs_post_init__(self) -> None:
         node_label = label_value(self.node_name)
+        self._dvm_sync = DvmSync(self.client, on_orphaned=self.on_orphaned)
+        self._dmp_sync = DmpSync(
+            client=self.client,
+            node_name=self.node_name,
+            service_account=self.dmp_service_account,
+            priority_class=self.dmp_priority_class,
+            image_pull_policy=self.dmp_image_pull_policy,
+            host_network=self.dmp_host_network,
+            env=self.dmp_env,
+            delete_grace=self.dmp_delete_grace,
+            reaper=IdleReaper(self.shared_idle_grace),
+        )
         self._claims = objects.ModelCache(DynamicVolumeClaim.from_object)
         self._pods = objects.ModelCache(PodInfo.from_object)
         self._classes = objects.ModelCache(StorageProviderClass.from_object)
@@ -202,31 +210,31 @@ class NodeReconciler:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, *, sync_timeout: float = 120.0) -> None:
-        """Start the informers, wait for their first list, then reconcile."""
+        """Start the informers, wait for their first list, then reconcile.
+
+        The :class:`~dynvol_kube.Manager` starts them in order (informers, synced; the
+        Event recorder if this reconciler made its own; the controller) and closes them in
+        reverse, also when starting fails.
+        """
+        manager = Manager(self.client, sync_timeout=sync_timeout)
+        for informer in self.informers:
+            manager.add_informer(informer)
         if self.recorder is None:
             self.recorder = EventRecorder(self.client, "dynvol-node", host=self.node_name)
-            self._own_recorder = True
-            await self.recorder.start()
+            manager.add(self.recorder)
+        manager.add(self.controller)
+        self._manager = manager
         self._node_uid = await self._lookup_node_uid()
-        try:
-            for informer in self.informers:
-                await informer.start()
-            for informer in self.informers:
-                await informer.wait_synced(within=sync_timeout)
-        except BaseException:
-            await self.close()
-            raise
-        await self.controller.start()
+        await manager.start()
         self._started = True
         self.nudge()
 
     async def close(self) -> None:
         """Stop reconciling and watching."""
-        await self.controller.close()
-        for informer in reversed(self.informers):
-            await informer.close()
-        if self._own_recorder and self.recorder is not None:
-            await self.recorder.close()
+        if self._manager is not None:
+            await self._manager.close()
+        else:
+            await self.controller.close()
         self._started = False
 
     async def __aenter__(self) -> NodeReconciler:
@@ -294,72 +302,30 @@ class NodeReconciler:
         return False
 
     def _on_mount(self, event: Event) -> None:
-        if event.type == "ADDED" and self._expected(self._created_dvms, event.obj):
+        if event.type == "ADDED" and self._dvm_sync.is_own_create(event.obj):
             return  # our own create coming back
         if _changed(event, ignore_status=True):
             self.nudge()
 
     def _on_dmp(self, event: Event) -> None:
-        if event.type == "ADDED":
-            name = event.obj["metadata"].get("name")
-            created = self._created_dmps.get(name)
-            if created is not None and created[1].uid == event.obj["metadata"].get("uid"):
-                return  # our own create coming back
+        if event.type == "ADDED" and self._dmp_sync.is_own_create(event.obj):
+            return  # our own create coming back
         # Phase matters for DMPs: a Failed one is replaced.
         if _changed(event, ignore_status=False):
             self.nudge()
 
-    @staticmethod
-    def _expected(
-        table: Mapping[tuple[str, str], tuple[float, DynamicVolumeMount]], obj: Mapping[str, Any]
-    ) -> bool:
-        meta = obj.get("metadata") or {}
-        entry = table.get((meta.get("namespace", ""), meta.get("name", "")))
-        return entry is not None and entry[1].uid == meta.get("uid")
-
     # -- process -------------------------------------------------------------------------
 
-    def _existing_dvms(self, now: float) -> list[DynamicVolumeMount]:
-        cached: dict[tuple[str, str], DynamicVolumeMount] = {}
-        for raw in self.mounts.store:
-            model = self._dvms.get_or_none(raw)
-            if model is not None:
-                cached[(model.namespace, model.name)] = model
-        for key, (deadline, model) in list(self._created_dvms.items()):
-            if key in cached or deadline < now:
-                del self._created_dvms[key]
-            else:
-                cached[key] = model
-        for uid, deadline in list(self._deleted_dvms.items()):
-            if deadline < now:
-                del self._deleted_dvms[uid]
-        # A mount this process deleted stays in the plan as deleting until the cache drops
-        # it: its DMP is still unmounting it (the finalizer), so the DMP must not be
-        # reaped as unused meanwhile, and if that DMP is gone the mount is an orphan.
-        return [
-            attrs.evolve(m, deleting=True) if m.uid in self._deleted_dvms else m
-            for m in cached.values()
-        ]
+    def _existing_dvms(self) -> list[DynamicVolumeMount]:
+        cached = (self._dvms.get_or_none(raw) for raw in self.mounts.store)
+        return self._dvm_sync.existing(m for m in cached if m is not None)
 
-    def _existing_dmps(self, now: float) -> list[PodInfo]:
-        cached: dict[str, PodInfo] = {}
-        for raw in self.dmps.store:
-            info = self._pods.get_or_none(raw)
-            if info is not None:
-                cached[info.name] = info
-        for name, (deadline, info, _) in list(self._created_dmps.items()):
-            if (name in cached and cached[name].uid == info.uid) or deadline < now:
-                del self._created_dmps[name]
-            elif name not in cached:
-                cached[name] = info
-        for uid, deadline in list(self._deleted_dmps.items()):
-            if deadline < now:
-                del self._deleted_dmps[uid]
-        return [p for p in cached.values() if p.uid not in self._deleted_dmps]
+    def _existing_dmps(self) -> list[PodInfo]:
+        cached = (self._pods.get_or_none(raw) for raw in self.dmps.store)
+        return self._dmp_sync.existing(p for p in cached if p is not None)
 
     def plan(self) -> NodePlan:
         """What this node should have, from the caches (pure apart from slot lookups)."""
-        now = time.monotonic()
         pods = [p for p in (self._pods.get_or_none(raw) for raw in self.pods.store) if p]
         namespaces = {p.namespace for p in pods if p.opted_in}
         claims = [
@@ -388,8 +354,8 @@ class NodeReconciler:
             slots=slots,
             system_namespace=self.system_namespace,
             dmp_image=self.dmp_image,
-            existing_dvms=self._existing_dvms(now),
-            existing_dmps=self._existing_dmps(now),
+            existing_dvms=self._existing_dvms(),
+            existing_dmps=self._existing_dmps(),
             node_uid=self._node_uid,
         )
 
@@ -441,21 +407,20 @@ class NodeReconciler:
 
         # Mounts first: they are the unit of status (what users and the claim status see),
         # and a DMP picks up the mounts that name it whenever it starts.
-        mount_steps: list[Awaitable[None]] = [self._create_dvm(d) for d in plan.create_dvms]
-        mount_steps += [self._update_dvm(dvm) for dvm in plan.update_dvms]
-        mount_steps += [self._delete_dvm(dvm) for dvm in plan.delete_dvms]
-        mount_steps += [self._release_orphan(dvm) for dvm in plan.orphaned_dvms]
+        dvms, dmps = self._dvm_sync, self._dmp_sync
+        mount_steps: list[Awaitable[None]] = [dvms.create(d) for d in plan.create_dvms]
+        mount_steps += [dvms.update(dvm) for dvm in plan.update_dvms]
+        mount_steps += [dvms.delete(dvm) for dvm in plan.delete_dvms]
+        mount_steps += [dvms.release_orphan(dvm) for dvm in plan.orphaned_dvms]
         await asyncio.gather(*(run(step) for step in mount_steps))
-        steps: list[Awaitable[None]] = [self._create_dmp(spec) for spec in plan.create_dmps]
+        steps: list[Awaitable[None]] = [dmps.create(spec) for spec in plan.create_dmps]
         steps += [
-            self._delete_dmp(pod, "Failed" if pod.terminal else "Unused")
-            for pod in plan.delete_dmps
+            dmps.delete(pod, "Failed" if pod.terminal else "Unused") for pod in plan.delete_dmps
         ]
         await asyncio.gather(*(run(step) for step in steps))
 
-        wait = self._handle_idle(plan)
-        idle = [self._delete_dmp(pod, "IdleGraceExpired") for pod in self._idle_deletions]
-        self._idle_deletions = []
+        expired, wait = dmps.reaper.due(plan.idle_dmps)
+        idle = [dmps.delete(pod, "IdleGraceExpired") for pod in expired]
         await asyncio.gather(*(run(step) for step in idle))
         self._report_rejections(plan)
         log.debug(
@@ -480,117 +445,6 @@ class NodeReconciler:
         if plan.unpublished:
             wait = min(wait or self.unpublished_recheck, self.unpublished_recheck)
         return RequeueAfter(wait) if wait else None
-
-    # -- act: DynamicVolumeMounts --------------------------------------------------------
-
-    async def _create_dvm(self, dvm: DynamicVolumeMount) -> None:
-        try:
-            created = await self.client.create(
-                MOUNTS, dvm.to_object(), namespace=dvm.namespace, field_manager=FIELD_MANAGER
-            )
-        except APIConflict as exc:
-            if exc.already_exists:
-                # Made by an earlier pass (or process) and not in the cache yet: assume it
-                # is as wanted until the cache shows it; a difference then means an update.
-                key = (dvm.namespace, dvm.name)
-                self._created_dvms[key] = (time.monotonic() + _EXPECTATION_TTL, dvm)
-            raise
-        model = DynamicVolumeMount.from_object(created)
-        self._created_dvms[(model.namespace, model.name)] = (
-            time.monotonic() + _EXPECTATION_TTL,
-            model,
-        )
-
-    async def _update_dvm(self, dvm: DynamicVolumeMount) -> None:
-        body = dvm.to_object()
-        body.pop("status", None)
-        await self.client.replace(MOUNTS, body, field_manager=FIELD_MANAGER)
-
-    async def _delete_dvm(self, dvm: DynamicVolumeMount) -> None:
-        try:
-            await self.client.delete(MOUNTS, dvm.name, namespace=dvm.namespace, uid=dvm.uid)
-        except APIConflict:
-            return  # a precondition miss: it was replaced; the next pass decides again
-        except APINotFound:
-            pass
-        self._deleted_dvms[dvm.uid] = time.monotonic() + _EXPECTATION_TTL
-
-    async def _release_orphan(self, dvm: DynamicVolumeMount) -> None:
-        if self.on_orphaned is not None:
-            await self.on_orphaned(dvm)
-        if c.FINALIZER_MOUNT in dvm.finalizers:
-            finalizers = [f for f in dvm.finalizers if f != c.FINALIZER_MOUNT]
-            patch = {
-                "metadata": {"finalizers": finalizers, "resourceVersion": dvm.resource_version}
-            }
-            try:
-                await self.client.patch(MOUNTS, dvm.name, patch, namespace=dvm.namespace)
-            except APINotFound:
-                return
-        if not dvm.deleting:
-            await self._delete_dvm(dvm)
-
-    # -- act: DMPs -----------------------------------------------------------------------
-
-    async def _create_dmp(self, spec: DmpSpec) -> None:
-        manifest = dmp_pod_manifest(
-            spec,
-            service_account_name=self.dmp_service_account,
-            priority_class_name=self.dmp_priority_class,
-            image_pull_policy=self.dmp_image_pull_policy,
-            host_network=self.dmp_host_network,
-            extra_env=self.dmp_env,
-        )
-        try:
-            created = await self.client.create(
-                PODS, manifest, namespace=spec.namespace, field_manager=FIELD_MANAGER
-            )
-        except APINotFound as exc:
-            raise TemporaryError(
-                f"cannot create DMP {spec.name}: namespace {spec.namespace!r} is missing "
-                "(install dynvol's manifests)",
-                delay=10,
-            ) from exc
-        info = PodInfo.from_object(created)
-        self._created_dmps[spec.name] = (time.monotonic() + _EXPECTATION_TTL, info, spec.name)
-        log.info(
-            "node %s: created DMP %s (%s, class %s)",
-            self.node_name,
-            spec.name,
-            spec.policy,
-            spec.class_name,
-        )
-
-    async def _delete_dmp(self, pod: PodInfo, why: str) -> None:
-        with contextlib.suppress(APINotFound, APIConflict):
-            await self.client.delete(
-                PODS,
-                pod.name,
-                namespace=pod.namespace,
-                uid=pod.uid,
-                grace_seconds=self.dmp_delete_grace,
-            )
-        self._deleted_dmps[pod.uid] = time.monotonic() + _EXPECTATION_TTL
-        self._idle_since.pop(pod.name, None)
-        log.info("node %s: deleted DMP %s (%s)", self.node_name, pod.name, why)
-
-    def _handle_idle(self, plan: NodePlan) -> float | None:
-        """Delete shared DMPs idle for longer than the grace delay; the next check time."""
-        now = time.monotonic()
-        idle = {p.name: p for p in plan.idle_dmps}
-        for name in list(self._idle_since):
-            if name not in idle:
-                del self._idle_since[name]
-        wait: float | None = None
-        for name, pod in idle.items():
-            since = self._idle_since.setdefault(name, now)
-            remaining = since + self.shared_idle_grace - now
-            if remaining <= 0:
-                # Deleted at the end of this pass.
-                self._idle_deletions.append(pod)
-            else:
-                wait = remaining if wait is None else min(wait, remaining)
-        return wait
 
     # -- report ---------------------------------------------------------------------------
 

@@ -14,8 +14,7 @@ from typing import Any
 from dynvol_core import constants as c
 from dynvol_core.errors import InvalidObject
 from dynvol_core.models import InjectedVolume, PodInfo
-
-from .caching import Obj
+from dynvol_kube import Obj
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,12 @@
 """The Dynamic Mount Pod agent: mounts the DynamicVolumeMounts assigned to it, and keeps them.
 
-Pipeline (kopf-style): :mod:`dynvol_dmp.watching` observes the assigned objects into a
-cache and queues their keys; workers take keys from :mod:`dynvol_dmp.queueing` and
-:meth:`Agent.reconcile` them, level-based: read the object and the mount table, plan with
-:func:`dynvol_core.mountplans.plan_mounts`, execute the steps through the provider, report
-the outcome on the object's status.
+Pipeline (on :mod:`dynvol_kube`): an :class:`~dynvol_kube.Informer` lists and watches the
+DynamicVolumeMounts assigned to this DMP (by label); a :class:`~dynvol_kube.ChangePredicate`
+lets through only the events that change what the agent acts on (:func:`intent`); a
+:class:`~dynvol_kube.Controller` runs :meth:`Agent.reconcile` for each woken key, one worker
+per key, level-based: observe (the object, the mount table, the daemon), plan with
+:func:`dynvol_core.mountplans.plan_mounts`, act through the provider, report the outcome on
+the object's status, and return an :data:`~dynvol_kube.Outcome`.
 
 Before acting on an object the agent checks it (:mod:`dynvol_dmp.trust`: its node, the pod
 it serves, the claim, the class); one that does not check out gets a Warning Event and is
@@ -15,12 +17,14 @@ show it exactly there, or it is undone (docs/design.md §6.2, §6.3).
 The agent owns every mounter process (through :class:`dynvol_providers.hosting.LocalHost`,
 which waits for each of them): a daemon that dies marks its mount stale and queues the key,
 so the next reconcile repairs it (lazy unmount, mount again) at once, and with a growing
-delay if it keeps dying. Mount table changes and a slow health probe catch the rest.
+delay if it keeps dying. Mount table changes and a slow health probe catch the rest; these
+background tasks (and the credentials watch) run under a :class:`~dynvol_kube.Supervisor`,
+so one that fails is logged, counted and started again.
 
 Lifecycle: :meth:`Agent.start` reads the mount pod's own Pod, cleans up mounts a previous
 run left below ``--xvols`` and in its staging tree, and starts watching; :meth:`Agent.close`
 (first SIGTERM) stops watching, unmounts everything it owns and stops its daemons; the
-second SIGTERM makes :func:`run` exit at once.
+second SIGTERM makes :func:`run` exit at once (:func:`dynvol_kube.run_until_signalled`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -61,11 +64,27 @@ from dynvol_core.mountplans import (
     plan_mounts,
     plan_teardown,
 )
-from dynvol_dmp.k8s import APIConflict, APIError, APINotFound, KubeApi
-from dynvol_dmp.queueing import WorkQueue
 from dynvol_dmp.targets import REASON_UNSAFE, UnsafeTarget, open_below, remove_dir_below
 from dynvol_dmp.trust import REASON_UNTRUSTED, Identity, check_mount, target_names
-from dynvol_dmp.watching import Key, MountCache, watch_assigned
+from dynvol_kube import (
+    DONE,
+    APIConflict,
+    APIError,
+    APINotFound,
+    ChangePredicate,
+    Client,
+    Controller,
+    Event,
+    EventRecorder,
+    Informer,
+    Obj,
+    Outcome,
+    RequeueAfter,
+    Supervisor,
+    object_key,
+    run_until_signalled,
+)
+from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, PODS
 from dynvol_providers import (
     DaemonHandle,
     MountFailed,
@@ -87,6 +106,26 @@ CONDITION_REPAIRED = "Repaired"
 CLASS_TTL = 30.0
 #: Seconds the agent keeps trying to read its own Pod at start before giving up.
 IDENTITY_TIMEOUT = 60.0
+
+Key = tuple[str, str]
+"""(namespace, name) of a DynamicVolumeMount."""
+
+
+def key_of(obj: Mapping[str, Any]) -> Key:
+    meta = obj.get("metadata", {})
+    return (str(meta.get("namespace", "")), str(meta.get("name", "")))
+
+
+def intent(obj: Obj) -> tuple[object, ...]:
+    """The part of a DynamicVolumeMount the agent acts on (not status, not bookkeeping).
+
+    Only a change of it wakes the key: the agent's own status writes come back as watch
+    events too, and if they woke the key, a failing mount would be retried at once,
+    defeating its backoff.
+    """
+    meta = obj.get("metadata", {})
+    # Not the generation: the API server derives it from spec changes and deletion.
+    return (obj.get("spec"), meta.get("deletionTimestamp"), meta.get("labels"))
 
 
 @attrs.frozen(kw_only=True)
@@ -130,14 +169,15 @@ class Agent:
     """One DMP's reconciler and supervisor. Use :meth:`start` and :meth:`close`."""
 
     settings: Settings
-    api: KubeApi
+    client: Client
     registry: ProviderRegistry
-    cache: MountCache = attrs.field(factory=MountCache)
-    queue: WorkQueue[Key] = attrs.field(factory=WorkQueue)
     host: LocalHost = attrs.field(init=False)
+    informer: Informer = attrs.field(init=False)
+    controller: Controller = attrs.field(init=False)
+    recorder: EventRecorder = attrs.field(init=False)
+    supervisor: Supervisor = attrs.field(factory=Supervisor, init=False)
     _owned: dict[Key, _Owned] = attrs.field(factory=dict, init=False)
     _failures: dict[Key, int] = attrs.field(factory=dict, init=False)
-    _tasks: list[asyncio.Task[None]] = attrs.field(factory=list, init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _classes: dict[str, tuple[float, dict[str, Any]]] = attrs.field(factory=dict, init=False)
     #: Who this mount pod is (its own Pod); read at start, before anything is acted on.
@@ -154,6 +194,28 @@ class Agent:
 
     def __attrs_post_init__(self) -> None:
         self.host = LocalHost(on_daemon_exit=self._on_daemon_exit)
+        self.informer = Informer(self.client, MOUNTS, label_selector=self.label_selector)
+        wakes = ChangePredicate(intent)
+
+        def on_event(event: Event) -> None:
+            if wakes(event):
+                self.controller.enqueue(object_key(event.obj))
+
+        self.informer.add_handler(on_event)
+        self.controller = Controller(
+            f"dmp {self.settings.name}", self._reconcile_key, workers=self.settings.workers
+        )
+        self.recorder = EventRecorder(self.client, COMPONENT, host=self.settings.name)
+
+    def _wake(self, key: Key) -> None:
+        self.controller.enqueue("/".join(key))
+
+    def _cached(self, key: Key) -> Obj | None:
+        return self.informer.store.get("/".join(key))
+
+    def _remember(self, updated: Obj) -> None:
+        """Take the object a write returned, so that this reconcile reads its own write."""
+        self.informer.store.put_if_newer(updated)
 
     @property
     def label_selector(self) -> str:
@@ -179,14 +241,12 @@ class Agent:
             for step in plan_teardown(table, scope, include_scope=False):
                 log.info("removing mount left by a previous run: %s", step.target)
                 await self.host.unmount(step.target, lazy=True)
-        spawn = asyncio.create_task
-        self._tasks.append(
-            spawn(watch_assigned(self.api, self.label_selector, self.cache, self.queue.add))
-        )
-        self._tasks += [spawn(self._worker()) for _ in range(self.settings.workers)]
-        self._tasks.append(spawn(self._watch_mount_table()))
-        self._tasks.append(spawn(self._probe_health()))
-        self._tasks.append(spawn(self._watch_credentials()))
+        await self.recorder.start()
+        await self.informer.start()
+        await self.controller.start()
+        self.supervisor.start("mount table watch", self._watch_mount_table)
+        self.supervisor.start("health probe", self._probe_health)
+        self.supervisor.start("credentials watch", self._watch_credentials)
 
     async def _read_identity(self) -> Identity:
         """This mount pod's own Pod, as the node plugin made it; retried while the API is
@@ -196,7 +256,7 @@ class Agent:
         delay = 0.5
         while True:
             try:
-                identity = Identity.from_pod(await self.api.get_pod(namespace, name))
+                identity = Identity.from_pod(await self.client.get(PODS, name, namespace=namespace))
             except APINotFound:
                 raise RuntimeError(
                     f"this mount pod's own Pod {namespace}/{name} does not exist; --name and "
@@ -221,16 +281,13 @@ class Agent:
     async def close(self) -> None:
         """Stop watching, unmount everything this agent owns, stop its daemons."""
         self._closing = True
-        self.queue.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
+        await self.supervisor.close()
+        await self.controller.close()
+        await self.informer.close()
         owned = list(self._owned.values())
         await asyncio.gather(*(self._unmount_owned(o) for o in owned), return_exceptions=True)
         await asyncio.gather(*(self._report_stopped(o.key) for o in owned), return_exceptions=True)
+        await self.recorder.close()
         await self.host.close()
 
     # -- event sources ----------------------------------------------------------------------
@@ -240,7 +297,7 @@ class Agent:
             if owned.handle.daemon == handle:
                 owned.stale_reason = f"its mounter (pid {handle.pid}) exited with status {status}"
                 if not self._closing:
-                    self.queue.add(owned.key)
+                    self._wake(owned.key)
                 return
 
     async def _watch_mount_table(self) -> None:
@@ -255,7 +312,7 @@ class Agent:
                 entry = topmost_at(table, owned.target)
                 if entry is None or entry.fs_type != owned.handle.fs_type:
                     owned.stale_reason = "its mount disappeared"
-                    self.queue.add(owned.key)
+                    self._wake(owned.key)
 
     async def _watch_credentials(self) -> None:
         """Wake every mount when the mounted credentials Secret changes.
@@ -274,10 +331,10 @@ class Agent:
             if current == seen:
                 continue
             seen = current
-            keys = self.cache.keys()
+            keys = self.informer.store.key_list()
             log.info("the credentials Secret changed; looking again at %d mount(s)", len(keys))
-            for key in keys:
-                self.queue.add(key)
+            for name in keys:
+                self.controller.enqueue(name)
 
     async def _probe_health(self) -> None:
         while True:
@@ -288,24 +345,19 @@ class Agent:
                 health = await owned.provider.check_health(owned.handle, self.host)
                 if not health.ok:
                     owned.stale_reason = health.message or str(health.state)
-                    self.queue.add(owned.key)
+                    self._wake(owned.key)
 
-    async def _worker(self) -> None:
-        while True:
-            key = await self.queue.get()
-            try:
-                delay = await self.reconcile(key)
-            except asyncio.CancelledError:
-                raise
-            except APIConflict:
-                delay = 0.0  # the object changed meanwhile: look again
-            except Exception:
-                log.exception("reconciling %s/%s failed", *key)
-                delay = self._backoff(key)
-            finally:
-                self.queue.done(key)
-            if delay is not None and not self._closing:
-                self.queue.add_after(key, delay)
+    async def _reconcile_key(self, name: str) -> Outcome:
+        """The controller's reconcile: the agent keeps its own backoff per key."""
+        namespace, _, obj_name = name.partition("/")
+        key = (namespace, obj_name)
+        try:
+            return await self.reconcile(key)
+        except APIConflict:
+            return RequeueAfter(0.0)  # the object changed meanwhile: look again
+        except Exception:
+            log.exception("reconciling %s/%s failed", *key)
+            return RequeueAfter(self._backoff(key))
 
     def _backoff(self, key: Key, *, floor: float = 1.0) -> float:
         failures = self._failures.get(key, 0)
@@ -314,15 +366,15 @@ class Agent:
 
     # -- reconcile ------------------------------------------------------------------------
 
-    async def reconcile(self, key: Key) -> float | None:
-        """Bring ``key``'s mount to what its object asks; returns a retry delay or None."""
-        obj = self.cache.get(key)
+    async def reconcile(self, key: Key) -> Outcome:
+        """Bring ``key``'s mount to what its object asks; look again after a delay if asked."""
+        obj = self._cached(key)
         owned = self._owned.get(key)
         if obj is None:
             if owned is not None:
                 await self._unmount_owned(owned)
             self._failures.pop(key, None)
-            return None
+            return DONE
         try:
             dvm = DynamicVolumeMount.from_object(obj)
         except InvalidObject as exc:
@@ -330,33 +382,33 @@ class Agent:
                 await self._unmount_owned(owned)
             await self._report(obj, MountPhase.FAILED, "InvalidSpec",
                                f"the DynamicVolumeMount is invalid: {exc}")  # fmt: skip
-            return None
+            return DONE
         target = self._target(dvm)
         if dvm.spec.dmp_name != self.settings.name or dvm.deleting:
             await self._release(obj, dvm, owned, target)
-            return None
+            return DONE
         if target is None:
             message = (
                 f"spec.dmpTargetPath {dvm.spec.dmp_target_path!r} is not below "
                 f"{c.DMP_XVOLS_DIR}; the node plugin must recreate this mount"
             )
             await self._report(obj, MountPhase.FAILED, "InvalidPath", message)
-            return None
+            return DONE
         try:
             problem = await self._untrusted(key, dvm)
         except APIError as exc:
             log.warning("cannot check %s/%s yet: %s", *key, exc)
-            return self._backoff(key)
+            return RequeueAfter(self._backoff(key))
         if problem is not None:
             await self._refuse(obj, dvm, problem)
-            return None
+            return DONE
         try:
             provider, request = await self._mount_request(dvm, target)
         except MountFailed as failure:
             if owned is not None:
                 await self._unmount_owned(owned)
             await self._report(obj, MountPhase.FAILED, failure.reason, failure.message)
-            return self._backoff(key, floor=30.0 if not failure.retryable else 1.0)
+            return RequeueAfter(self._backoff(key, floor=30.0 if not failure.retryable else 1.0))
         desired_key = _digest(dvm.uid, provider.name, request.config, request.read_only,
                               sorted(request.credentials.values.items()))  # fmt: skip
         desired = DesiredMount(target=target, source=provider.name, fs_type="", key=desired_key)
@@ -382,22 +434,22 @@ class Agent:
             elif isinstance(step, Repair):
                 delay = self._repair_delay(key)
                 if delay > 0:
-                    return delay
+                    return RequeueAfter(delay)
                 if not await self._repair(obj, dvm, provider, request, desired_key):
-                    return self._backoff(key)
+                    return RequeueAfter(self._backoff(key))
             elif isinstance(step, Mount) and not await self._mount(
                 obj, dvm, provider, request, desired_key
             ):
-                return self._backoff(key)
+                return RequeueAfter(self._backoff(key))
         owned = self._owned.get(key)
-        obj = self.cache.get(key) or obj
+        obj = self._cached(key) or obj
         if owned is not None:
             obj = await self._ensure_finalizer(obj, DynamicVolumeMount.from_object(obj))
         phase = (obj.get("status") or {}).get("phase")
         if owned is not None and phase != MountPhase.MOUNTED:
             await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {target}")
         self._failures.pop(key, None)
-        return None
+        return DONE
 
     async def _untrusted(self, key: Key, dvm: DynamicVolumeMount) -> str | None:
         """Why this mount pod must not act on ``dvm`` (see :mod:`dynvol_dmp.trust`), or None.
@@ -412,9 +464,9 @@ class Agent:
         spec, namespace = dvm.spec, dvm.namespace
         pod = claim = raw_class = None
         with contextlib.suppress(APINotFound):
-            pod = await self.api.get_pod(namespace, spec.pod_name)
+            pod = await self.client.get(PODS, spec.pod_name, namespace=namespace)
         with contextlib.suppress(APINotFound):
-            claim = await self.api.get_claim(namespace, spec.claim_name)
+            claim = await self.client.get(CLAIMS, spec.claim_name, namespace=namespace)
         with contextlib.suppress(APINotFound):
             raw_class = await self._get_class(spec.storage_provider_class)
         spc = None
@@ -514,7 +566,7 @@ class Agent:
         cached = self._classes.get(name)
         if cached is not None and now - cached[0] < CLASS_TTL:
             return cached[1]
-        obj = await self.api.get_class(name)
+        obj: dict[str, Any] = await self.client.get(CLASSES, name)
         self._classes[name] = (now, obj)
         return obj
 
@@ -726,7 +778,7 @@ class Agent:
         # is retried after the delay reconcile returns, not at the next mount table change.
         if not await self._mount(obj, dvm, provider, request, desired_key):
             return False
-        current = self.cache.get(key) or obj
+        current = self._cached(key) or obj
         status = dict(current.get("status") or {})
         count = int(status.get("repairCount", 0) or 0) + 1
         message = f"remounted at {request.target} because {reason}"
@@ -782,10 +834,8 @@ class Agent:
         if c.FINALIZER_MOUNT in dvm.finalizers:
             remaining = [f for f in dvm.finalizers if f != c.FINALIZER_MOUNT]
             with contextlib.suppress(APINotFound):
-                updated = await self.api.set_mount_finalizers(
-                    dvm.namespace, dvm.name, remaining, dvm.resource_version
-                )
-                self.cache.update(updated)
+                updated = await self._set_finalizers(dvm, remaining)
+                self._remember(updated)
         self._failures.pop((dvm.namespace, dvm.name), None)
 
     async def _ensure_finalizer(
@@ -793,10 +843,17 @@ class Agent:
     ) -> dict[str, Any]:
         if c.FINALIZER_MOUNT in dvm.finalizers:
             return obj
-        updated = await self.api.set_mount_finalizers(
-            dvm.namespace, dvm.name, [*dvm.finalizers, c.FINALIZER_MOUNT], dvm.resource_version
-        )
-        self.cache.update(updated)
+        updated = await self._set_finalizers(dvm, [*dvm.finalizers, c.FINALIZER_MOUNT])
+        self._remember(updated)
+        return updated
+
+    async def _set_finalizers(self, dvm: DynamicVolumeMount, finalizers: list[str]) -> Obj:
+        """Replace the finalizers, if the object is still at the version read.
+
+        :raises APIConflict: it changed meanwhile (read it again and retry).
+        """
+        patch = {"metadata": {"finalizers": finalizers, "resourceVersion": dvm.resource_version}}
+        updated: Obj = await self.client.patch(MOUNTS, dvm.name, patch, namespace=dvm.namespace)
         return updated
 
     # -- reporting --------------------------------------------------------------------------
@@ -836,26 +893,29 @@ class Agent:
     async def _patch_status(self, obj: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
         meta = obj.get("metadata", {})
         try:
-            updated = await self.api.patch_mount_status(meta["namespace"], meta["name"], patch)
+            updated = await self.client.patch(
+                MOUNTS, meta["name"], {"status": dict(patch)},
+                namespace=meta["namespace"], subresource="status",
+            )  # fmt: skip
         except APINotFound:
             return obj
         except APIError as exc:
             log.warning("cannot report status of %s/%s: %s", meta.get("namespace"),
                         meta.get("name"), exc)  # fmt: skip
             return obj
-        self.cache.update(updated)
-        return updated
+        self._remember(updated)
+        result: dict[str, Any] = updated
+        return result
 
     async def _event(self, obj: dict[str, Any], reason: str, message: str, type_: str) -> None:
+        # Written in the background, aggregated with its repeats; never fails a reconcile.
         try:
-            await self.api.record_event(
-                involved=obj, reason=reason, message=message, type_=type_, component=COMPONENT
-            )
-        except APIError as exc:
+            self.recorder.record(obj, type_, reason, message)
+        except ValueError as exc:
             log.debug("cannot record Event %s: %s", reason, exc)
 
     async def _report_stopped(self, key: Key) -> None:
-        obj = self.cache.get(key)
+        obj = self._cached(key)
         if obj is not None:
             with contextlib.suppress(APIError, asyncio.TimeoutError):
                 await asyncio.wait_for(self._report(
@@ -899,33 +959,23 @@ def _within(path: PurePosixPath, base: PurePosixPath) -> bool:
 
 async def run(settings: Settings, *, kubeconfig: str | None, registry: ProviderRegistry) -> int:
     """Run the agent until SIGTERM/SIGINT; the second signal exits at once."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = 0
+    client = await Client.from_kubeconfig(kubeconfig, user_agent=COMPONENT)
+    agent = Agent(settings=settings, client=client, registry=registry)
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.info("stopping: unmounting everything this mount pod owns")
-            stop.set()
-        else:
-            log.warning("second signal: exiting now")
-            os._exit(1)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
-    api = await KubeApi.connect(kubeconfig)
-    agent = Agent(settings=settings, api=api, registry=registry)
-    try:
-        try:
-            await agent.start()
-        except (RuntimeError, ValueError) as exc:
-            log.error("cannot start: %s", exc)
-            return 1
+    async def start() -> None:
+        await agent.start()
         log.info("DMP %s watching %s", settings.name, agent.label_selector)
-        await stop.wait()
-    finally:
-        await agent.close()
-        await api.close()
+
+    async def close() -> None:
+        log.info("stopping: unmounting everything this mount pod owns")
+        try:
+            await agent.close()
+        finally:
+            await client.close()
+
+    try:
+        await run_until_signalled(start, close)
+    except (RuntimeError, ValueError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     return 0

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 import sys
 
 from dynvol_core import constants as c
@@ -81,7 +78,8 @@ def _main(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from dynvol_controllers import Client, ControllerApp, ensure_dev_certs, register_webhooks
+    from dynvol_controllers import ControllerApp, ensure_dev_certs, register_webhooks
+    from dynvol_kube import Client, run_until_signalled
     from dynvol_providers.registry import load_registry
 
     cert, key = args.tls_cert, args.tls_key
@@ -110,37 +108,20 @@ async def _run(args: argparse.Namespace) -> int:
         workers=args.workers,
         **options,
     )
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = 0
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            # Second signal: leave now, without the graceful part.
-            log.warning("second signal; exiting immediately")
-            sys.stderr.flush()
-            os._exit(1)
-        stopping.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
-    try:
+    async def start() -> None:
         await app.start()
         if args.register_webhooks and ca_bundle:
             await register_webhooks(client, ca_bundle=ca_bundle, url=args.register_webhooks)
             log.info("registered webhooks at %s", args.register_webhooks)
         log.info("dynvol controller running (identity %s)", app.identity)
-        waiter = asyncio.ensure_future(stopping.wait())
-        closed = asyncio.ensure_future(app.wait_closed())
-        await asyncio.wait({waiter, closed}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        closed.cancel()
-        for task in (waiter, closed):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    finally:
-        await app.close()
-        await client.close()
+
+    async def close() -> None:
+        try:
+            await app.close()
+        finally:
+            await client.close()
+
+    # A lost Lease closes the app by itself: the process then exits 1 to restart clean.
+    await run_until_signalled(start, close, until=app.wait_closed)
     return 1 if app.manager.lost_leadership else 0

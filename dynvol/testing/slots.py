@@ -14,9 +14,10 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
-from dynvol_controllers import Client, NodeReconciler
+from dynvol_controllers import NodeReconciler
 from dynvol_core import constants as c
 from dynvol_core.paths import PodSlot
+from dynvol_kube import Client
 
 __all__ = ["SyntheticSlots", "node_reconciler_without_kubelet"]
 

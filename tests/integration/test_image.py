@@ -371,7 +371,7 @@ def test_byte_code_is_precompiled_and_fresh(root: Path) -> None:
     # stale; the standard library's come from Debian, the virtualenv's from the build.
     program = (
         "import sys; sys.dont_write_bytecode = False\n"
-        "import dynvol_controllers.k8s.client, dynvol_dmp.k8s, dynvol_csi, dynvol.cli\n"
+        "import dynvol_kube.client, dynvol_controllers, dynvol_dmp, dynvol_csi, dynvol.cli\n"
         "import dynvol_providers.builtin.s3, dynvol_providers.builtin.nfs\n"
     )
 

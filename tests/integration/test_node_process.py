@@ -23,10 +23,10 @@ import pytest
 from grpclib.client import Channel
 
 from dynvol.testing import ControlPlane, Process, wait_until
-from dynvol_controllers import APIConflict, Client
-from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS
 from dynvol_core import constants as c
 from dynvol_csi._proto.csi import v1 as csi
+from dynvol_kube import APIConflict, Client
+from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS
 
 pytestmark = pytest.mark.integration
 

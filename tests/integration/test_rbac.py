@@ -30,11 +30,11 @@ import yaml
 
 from dynvol.testing import ControlPlane
 from dynvol.testing.slots import node_reconciler_without_kubelet
-from dynvol_controllers import APINotFound, Client, ControllerApp
-from dynvol_controllers.k8s import APIForbidden
-from dynvol_controllers.k8s.resources import CLASSES, EVENTS, MOUNTS, PODS, SECRETS
+from dynvol_controllers import ControllerApp
 from dynvol_core import constants as c
 from dynvol_core.dispatch import credentials_secret_name, label_value
+from dynvol_kube import APIForbidden, APINotFound, Client
+from dynvol_kube.resources import CLASSES, EVENTS, MOUNTS, PODS, SECRETS
 
 from .controllers.controller_support import Objects, eventually, list_items
 

@@ -84,3 +84,36 @@ def test_core_imports_only_stdlib_and_attrs(path: Path) -> None:
 def test_core_has_modules() -> None:
     # Guards the parametrised test above against silently checking nothing.
     assert len(_modules("dynvol_core")) >= 5
+
+
+_KUBE_ALLOWED = {"attrs", "attr", "aiohttp", "kubernetes_asyncio", "dynvol_core", "dynvol_kube"}
+_PRODUCTION = ("dynvol", "dynvol_core", "dynvol_providers", "dynvol_csi", "dynvol_controllers")
+
+
+@pytest.mark.parametrize("path", _modules("dynvol_kube"), ids=lambda p: p.name)
+def test_kube_imports_only_core_and_the_client_library(path: Path) -> None:
+    bad = []
+    for line, name in _imports(path):
+        top = name.split(".")[0]
+        if top == "kubernetes_asyncio" and path.name != "client.py":
+            bad.append(f"{path.relative_to(ROOT)}:{line} imports {name} (only client.py may)")
+        elif top not in _KUBE_ALLOWED and top not in sys.stdlib_module_names:
+            bad.append(f"{path.relative_to(ROOT)}:{line} imports {name}")
+    assert not bad, "dynvol_kube builds on the core and kubernetes_asyncio only:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("package", [*_PRODUCTION, "dynvol_dmp"])
+def test_only_dynvol_kube_imports_the_kubernetes_client(package: str) -> None:
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in _modules(package)
+        # Test support hands tests a raw ApiClient; it is not part of a service.
+        if path.relative_to(ROOT).as_posix() != "dynvol/testing/pytest_plugin.py"
+        for line, name in _imports(path)
+        if name.split(".")[0] == "kubernetes_asyncio"
+    ]
+    assert not bad, "only dynvol_kube.client imports kubernetes_asyncio:\n" + "\n".join(bad)
+
+
+def test_kube_has_modules() -> None:
+    assert len(_modules("dynvol_kube")) >= 8

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from dynvol_controllers import APIConflict, Client
-from dynvol_controllers.k8s.resources import NAMESPACES
+from dynvol_kube import APIConflict, Client
+from dynvol_kube.resources import NAMESPACES
 
 from .controller_support import SYSTEM_NAMESPACE, Objects
 

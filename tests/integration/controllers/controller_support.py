@@ -9,10 +9,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dynvol_controllers import APINotFound, Client
 from dynvol_controllers.admission import OptIn, injected_mount, injected_volume
-from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, PODS, SECRETS
 from dynvol_core import constants as c
+from dynvol_kube import APINotFound, Client
+from dynvol_kube.resources import CLAIMS, CLASSES, PODS, SECRETS
 
 SYSTEM_NAMESPACE = c.DEFAULT_SYSTEM_NAMESPACE
 

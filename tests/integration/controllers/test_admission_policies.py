@@ -26,10 +26,10 @@ import pytest
 import yaml
 
 from dynvol.testing import ControlPlane, Process
-from dynvol_controllers import APIError, Client
 from dynvol_controllers.admission import LABEL_INJECT, apply_patch, mutate_pod
-from dynvol_controllers.k8s.resources import MOUNTS, NAMESPACES, PODS
 from dynvol_core import constants as c
+from dynvol_kube import APIError, Client
+from dynvol_kube.resources import MOUNTS, NAMESPACES, PODS
 
 from .controller_support import eventually, pod_manifest
 from .test_webhooks import Served, webhook_app  # noqa: F401  (a fixture)

@@ -15,11 +15,12 @@ import pytest
 
 from dynvol.testing import Process
 from dynvol.testing.slots import node_reconciler_without_kubelet
-from dynvol_controllers import APINotFound, Client, ControllerApp, NodeReconciler
+from dynvol_controllers import ControllerApp, NodeReconciler
 from dynvol_controllers.cluster import NODES
-from dynvol_controllers.k8s.resources import CLAIMS, CLASSES, EVENTS, MOUNTS, PODS, SECRETS
 from dynvol_core import constants as c
 from dynvol_core.dispatch import credentials_secret_name, label_value
+from dynvol_kube import APINotFound, Client
+from dynvol_kube.resources import CLAIMS, CLASSES, EVENTS, MOUNTS, PODS, SECRETS
 from dynvol_providers.registry import load_registry
 
 from .controller_support import Objects, eventually, list_items

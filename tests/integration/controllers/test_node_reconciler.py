@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from dynvol.testing.slots import node_reconciler_without_kubelet
-from dynvol_controllers import APINotFound, Client, NodeReconciler
-from dynvol_controllers.k8s.resources import CLAIMS, MOUNTS, NAMESPACES, PODS, SECRETS
+from dynvol_controllers import NodeReconciler
 from dynvol_core import constants as c
 from dynvol_core.dispatch import credentials_secret_name, label_value
+from dynvol_kube import APINotFound, Client
+from dynvol_kube.resources import CLAIMS, MOUNTS, NAMESPACES, PODS, SECRETS
 from dynvol_providers.registry import load_registry
 
 from .controller_support import Objects, eventually, list_items

@@ -24,11 +24,11 @@ from grpclib.client import Channel
 from grpclib.exceptions import GRPCError
 
 from dynvol.testing import ControlPlane, Process, wait_until
-from dynvol_controllers import APINotFound, Client
-from dynvol_controllers.k8s.resources import CLASSES, PODS
 from dynvol_core import constants as c
 from dynvol_core.mountinfo import parse_mountinfo
 from dynvol_csi._proto.csi import v1 as csi
+from dynvol_kube import APINotFound, Client
+from dynvol_kube.resources import CLASSES, PODS
 
 from .controller_support import pod_manifest
 

@@ -18,22 +18,16 @@ import attrs
 import pytest
 
 from dynvol.testing import free_port
-from dynvol_controllers import (
-    APIError,
-    Client,
-    ControllerApp,
-    DevCerts,
-    ensure_dev_certs,
-    register_webhooks,
-)
+from dynvol_controllers import ControllerApp, DevCerts, ensure_dev_certs, register_webhooks
 from dynvol_controllers.certificates import renew_serving_cert
-from dynvol_controllers.k8s.resources import (
+from dynvol_core import constants as c
+from dynvol_kube import APIError, Client
+from dynvol_kube.resources import (
     MUTATING_WEBHOOKS,
     NAMESPACES,
     PODS,
     VALIDATING_WEBHOOKS,
 )
-from dynvol_core import constants as c
 from dynvol_providers.registry import load_registry
 
 from .controller_support import Objects, eventually, pod_manifest

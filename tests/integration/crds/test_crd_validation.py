@@ -302,7 +302,8 @@ def test_kubectl_explain_shows_the_descriptions(control_plane: ControlPlane) -> 
 @pytest.fixture
 async def admission(kube_client: Any) -> Any:
     """The validating webhook's decision function, over a classes cache of the real API."""
-    from dynvol_controllers import Client, ClusterController, EventRecorder
+    from dynvol_controllers import ClusterController
+    from dynvol_kube import Client, EventRecorder
     from dynvol_providers.registry import load_registry
 
     client = Client.wrap(kube_client)

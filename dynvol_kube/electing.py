@@ -18,8 +18,9 @@ import random
 import time
 from typing import Any
 
-from .k8s import APIConflict, APIError, APINotFound, Client
-from .k8s.resources import LEASES
+from .client import Client
+from .errors import APIConflict, APIError, APINotFound
+from .resources import LEASES
 
 __all__ = ["LeaderElector"]
 

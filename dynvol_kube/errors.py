@@ -1,7 +1,7 @@
 """Project errors for talking to the kube-apiserver.
 
-Raised by :mod:`dynvol_controllers.k8s.client` (the one module that touches the HTTP
-client) so that the rest of the package never sees ``kubernetes_asyncio`` exceptions; the
+Raised by :mod:`dynvol_kube.client` (the one module that touches the HTTP client) so
+that no service ever sees ``kubernetes_asyncio`` exceptions; the
 original error is always chained as ``__cause__``.
 """
 
@@ -72,3 +72,17 @@ def error_for_status(
     """The most specific :class:`APIError` subclass for an HTTP status."""
     cls = _BY_STATUS.get(status or 0, APIError)
     return cls(message, status=status, reason=reason, details=details)
+
+
+class TemporaryError(Exception):
+    """Raised by a reconcile: try again after ``delay`` seconds (rate-limited when None).
+
+    Read by :mod:`.processing`; any other exception is retried with rate-limited backoff
+    too, but logged with its traceback.
+    """
+
+    def __init__(self, message: str, *, delay: float | None = None) -> None:
+        super().__init__(message)
+        if delay is not None and delay < 0:
+            raise ValueError("delay must not be negative")
+        self.delay = delay

@@ -1,7 +1,7 @@
 """The Kubernetes resources dynvol reads and writes, and how their URLs are built.
 
 Plain descriptors used by :mod:`.client` (which sends the requests) and by the informers in
-:mod:`dynvol_controllers.watching` (which list and watch them).
+:mod:`dynvol_kube.watching` (which list and watch them).
 """
 
 from __future__ import annotations

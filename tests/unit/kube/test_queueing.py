@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from dynvol_controllers.queueing import ExponentialBackoff, RateLimiter, ShutDown, WorkQueue
+from dynvol_kube.queueing import ExponentialBackoff, RateLimiter, ShutDown, WorkQueue
 
 
 async def test_keys_are_deduplicated() -> None:

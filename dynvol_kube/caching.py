@@ -36,30 +36,6 @@ def by_namespace(obj: Obj) -> Iterable[str]:
     return (namespace,) if namespace else ()
 
 
-def by_label(label: str) -> IndexFunc:
-    """An index on the value of one label."""
-
-    def index(obj: Obj) -> Iterable[str]:
-        value = (obj.get("metadata", {}).get("labels") or {}).get(label)
-        return (value,) if value is not None else ()
-
-    return index
-
-
-def by_field(*path: str) -> IndexFunc:
-    """An index on a string field, e.g. ``by_field("spec", "nodeName")``."""
-
-    def index(obj: Obj) -> Iterable[str]:
-        value: Any = obj
-        for part in path:
-            if not isinstance(value, dict):
-                return ()
-            value = value.get(part)
-        return (value,) if isinstance(value, str) and value else ()
-
-    return index
-
-
 class Store:
     """A keyed object cache with indexes kept in step with every change."""
 
@@ -86,27 +62,10 @@ class Store:
         """The object with this key, if cached."""
         return self._items.get(key)
 
-    def get_named(self, name: str, namespace: str | None = None) -> Obj | None:
-        """The object with this name (and namespace, for namespaced resources)."""
-        return self._items.get(f"{namespace}/{name}" if namespace else name)
-
     def by_index(self, index: str, value: str) -> list[Obj]:
         """Objects whose ``index`` function returned ``value``."""
         keys = self._indexes[index].get(value, ())
         return [self._items[key] for key in keys]
-
-    def index_values(self, index: str) -> list[str]:
-        """Every value currently present in an index."""
-        return list(self._indexes[index])
-
-    def add_indexer(self, name: str, func: IndexFunc) -> None:
-        """Add an index (also over what is already cached)."""
-        if name in self._indexers:
-            raise ValueError(f"index {name!r} already exists")
-        self._indexers[name] = func
-        self._indexes[name] = {}
-        for key, obj in self._items.items():
-            self._index(name, key, obj)
 
     def put(self, obj: Obj) -> Obj | None:
         """Add or replace an object; returns the one it replaced."""
@@ -118,6 +77,26 @@ class Store:
         for name in self._indexers:
             self._index(name, key, obj)
         return old
+
+    def put_if_newer(self, obj: Obj) -> bool:
+        """Take the object a write returned, if cached and not older than the cached one.
+
+        Lets a reconcile read its own write before the watch event for it arrives. The
+        informer's events still come from the watch alone.
+        """
+        key = object_key(obj)
+        old = self._items.get(key)
+        if old is None:
+            return False
+        try:
+            newer = int(obj["metadata"]["resourceVersion"]) >= int(
+                old["metadata"]["resourceVersion"]
+            )
+        except (KeyError, TypeError, ValueError):
+            newer = True
+        if newer:
+            self.put(obj)
+        return newer
 
     def remove(self, key: str) -> Obj | None:
         """Drop an object; returns it if it was cached."""

@@ -21,9 +21,11 @@ from typing import Any
 import attrs
 
 from .caching import IndexFunc, Obj, Store, object_key
-from .k8s import APIError, APIGone, Client, Resource
+from .client import Client
+from .errors import APIError, APIGone
+from .resources import Resource
 
-__all__ = ["Event", "Informer", "slim"]
+__all__ = ["ChangePredicate", "Event", "Informer", "slim"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,34 @@ class Event:
 
 
 Handler = Callable[[Event], None]
+
+
+class ChangePredicate:
+    """An event filter: pass an event only when ``part`` of its object changed.
+
+    ``part`` picks what a reconciler acts on (say the spec, the labels and the deletion
+    timestamp, not the status it writes itself). The part is compared with the one last
+    seen *for that key from the informer*, not with the cached object, which a write may
+    have replaced already (:meth:`Store.put_if_newer`). Deletions and resyncs always pass.
+    """
+
+    def __init__(self, part: Callable[[Obj], object]) -> None:
+        self._part = part
+        self._seen: dict[str, object] = {}
+
+    def __call__(self, event: Event) -> bool:
+        key = object_key(event.obj)
+        if event.type == DELETED:
+            self._seen.pop(key, None)
+            return True
+        now = self._part(event.obj)
+        if event.type == RESYNC:
+            self._seen[key] = now
+            return True
+        if key in self._seen and self._seen[key] == now:
+            return False
+        self._seen[key] = now
+        return True
 
 
 def slim(obj: Obj) -> Obj:
@@ -138,7 +168,7 @@ class Informer:
             raise TimeoutError(f"informer {self.name} did not sync in {within}s")
 
     async def close(self) -> None:
-        """Stop watching (the store keeps its last content)."""
+        """Stop watching (the store keeps its last content; :meth:`start` resumes)."""
         for task in (self._resync_task, self._task):
             if task is not None:
                 task.cancel()
@@ -150,7 +180,9 @@ class Informer:
 
     async def _run(self) -> None:
         failures = 0
-        need_list = True
+        # Started again after close(), it resumes watching where it stopped, as a dropped
+        # watch does; a resourceVersion that expired meanwhile (410) makes it relist.
+        need_list = not self._rv
         while True:
             try:
                 if need_list:

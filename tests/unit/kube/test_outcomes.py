@@ -6,28 +6,10 @@ import asyncio
 
 import pytest
 
-from dynvol_controllers.errors import PermanentError, TemporaryError
-from dynvol_controllers.outcomes import (
-    DONE,
-    Done,
-    RequeueAfter,
-    Retry,
-    Terminal,
-    outcome_of,
-)
-from dynvol_controllers.processing import Controller
-from dynvol_controllers.queueing import ExponentialBackoff, RateLimiter
-
-
-def test_outcome_of_maps_results_and_errors() -> None:
-    assert outcome_of(None) is DONE
-    assert outcome_of(RequeueAfter(3)) == RequeueAfter(3)
-    temporary = TemporaryError("later", delay=2)
-    assert outcome_of(temporary) == Retry(temporary, 2)
-    unexpected = RuntimeError("boom")
-    assert outcome_of(unexpected) == Retry(unexpected, None)
-    permanent = PermanentError("never", reason="BadClaim")
-    assert outcome_of(permanent) == Terminal(permanent, "BadClaim")
+from dynvol_kube.errors import TemporaryError
+from dynvol_kube.outcomes import Done, RequeueAfter
+from dynvol_kube.processing import Controller
+from dynvol_kube.queueing import ExponentialBackoff, RateLimiter
 
 
 def test_impossible_outcomes_cannot_be_built() -> None:
@@ -35,8 +17,6 @@ def test_impossible_outcomes_cannot_be_built() -> None:
         RequeueAfter(-1)
     with pytest.raises(ValueError, match="negative"):
         TemporaryError("x", delay=-1)
-    with pytest.raises(TypeError):
-        outcome_of("done")  # type: ignore[arg-type]
 
 
 async def test_controller_retries_then_succeeds_and_never_overlaps() -> None:
@@ -75,32 +55,53 @@ async def test_controller_retries_then_succeeds_and_never_overlaps() -> None:
     assert controller.counts["Done"] >= 1
 
 
-async def test_terminal_errors_are_reported_not_retried() -> None:
-    reported: list[tuple[str, Terminal]] = []
-    calls = 0
+async def test_temporary_error_delay_is_kept() -> None:
+    seen: list[float] = []
 
     async def reconcile(key: str) -> None:
-        nonlocal calls
-        calls += 1
-        raise PermanentError("bad spec", reason="InvalidSpec")
+        seen.append(asyncio.get_running_loop().time())
+        if len(seen) < 2:
+            raise TemporaryError("later", delay=0.1)
 
-    async def on_terminal(key: str, outcome: Terminal) -> None:
-        reported.append((key, outcome))
-
-    controller = Controller("t", reconcile, on_terminal=on_terminal)
+    # A huge rate-limited backoff: only the error's own delay can bring the key back soon.
+    limiter = RateLimiter(ExponentialBackoff(base=100.0, cap=100.0))
+    controller = Controller("t", reconcile, limiter=limiter)
     await controller.start()
     try:
-        controller.enqueue("ns/x")
+        controller.enqueue("k")
         for _ in range(100):
-            if reported:
+            if len(seen) >= 2:
                 break
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
     finally:
         await controller.close()
-    assert calls == 1
-    assert reported[0][0] == "ns/x"
-    assert reported[0][1].reason == "InvalidSpec"
+    assert len(seen) == 2
+    assert seen[1] - seen[0] >= 0.09
+    assert controller.counts["Retry"] == 1
+
+
+async def test_a_non_outcome_is_retried_not_taken_as_done() -> None:
+    calls = 0
+    done = asyncio.Event()
+
+    async def reconcile(key: str) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return "done"  # a reconcile bug: not an Outcome
+        done.set()
+        return None
+
+    limiter = RateLimiter(ExponentialBackoff(base=0.01, cap=0.01))
+    controller = Controller("t", reconcile, limiter=limiter)  # type: ignore[arg-type]
+    await controller.start()
+    try:
+        controller.enqueue("k")
+        await asyncio.wait_for(done.wait(), 2)
+    finally:
+        await controller.close()
+    assert calls == 2
+    assert controller.counts["Retry"] == 1
 
 
 async def test_requeue_after_reschedules() -> None:

@@ -14,8 +14,8 @@ import contextlib
 import logging
 from typing import Protocol
 
+from .client import Client
 from .electing import LeaderElector
-from .k8s import Client
 from .watching import Informer
 
 __all__ = ["Component", "Manager"]

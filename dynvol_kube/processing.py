@@ -2,9 +2,9 @@
 
 Stage three of the pipeline (observe -> queue -> process -> act). A reconcile receives only
 a key; it reads the current state from informer caches and acts through the client (stage
-four). Whatever it returns or raises becomes one :data:`~.outcomes.Outcome`, which decides
-what happens to the key: forgotten, requeued after a delay, retried with backoff, or dropped
-as terminal (logged, counted and handed to ``on_terminal`` so it can be reported).
+four). What it returns is one :data:`~.outcomes.Outcome`, which decides what happens to the
+key: forgotten, or requeued after a delay. What it raises is retried: after the delay of a
+:class:`~.errors.TemporaryError`, otherwise with the queue's per-key rate-limited backoff.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from .errors import ReconcileError
-from .k8s import APIConflict, APIError
-from .outcomes import Done, Outcome, RequeueAfter, Retry, Terminal, outcome_of
+from .errors import APIConflict, APIError, TemporaryError
+from .outcomes import Done, Outcome, RequeueAfter
 from .queueing import RateLimiter, ShutDown, WorkQueue
 
 __all__ = ["Controller", "Reconcile"]
@@ -25,7 +24,6 @@ __all__ = ["Controller", "Reconcile"]
 log = logging.getLogger(__name__)
 
 Reconcile = Callable[[str], Awaitable[Outcome | None]]
-TerminalHook = Callable[[str, Terminal], Awaitable[None]]
 
 
 class Controller:
@@ -41,13 +39,11 @@ class Controller:
         *,
         workers: int = 2,
         limiter: RateLimiter | None = None,
-        on_terminal: TerminalHook | None = None,
     ) -> None:
         self.name = name
         self.queue = WorkQueue(name, limiter=limiter)
         self._reconcile = reconcile
         self._workers = workers
-        self._on_terminal = on_terminal
         self._tasks: list[asyncio.Task[None]] = []
         self.counts: collections.Counter[str] = collections.Counter()
 
@@ -90,47 +86,44 @@ class Controller:
 
     async def _process(self, key: str) -> None:
         try:
-            result: Outcome | BaseException | None = await self._reconcile(key)
+            outcome = await self._reconcile(key)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            result = exc
-        outcome = outcome_of(result)
-        self.counts[type(outcome).__name__] += 1
+            self.counts["Retry"] += 1
+            self._retry(key, exc)
+            return
         match outcome:
-            case Done():
+            case None | Done():
+                self.counts["Done"] += 1
                 self.queue.forget(key)
             case RequeueAfter(delay=delay):
+                self.counts["RequeueAfter"] += 1
                 self.queue.forget(key)
                 self.queue.add_after(key, delay)
-            case Retry(error=error, delay=delay):
-                if delay is None:
-                    delay = self.queue.add_rate_limited(key)
-                else:
-                    self.queue.add_after(key, delay)
-                # Conflicts are routine optimistic-concurrency misses, not incidents.
-                level = logging.DEBUG if isinstance(error, APIConflict) else logging.WARNING
-                log.log(
-                    level,
-                    "%s: %s failed (%s); retrying in %.2fs",
-                    self.name,
-                    key,
-                    error,
-                    delay,
-                    exc_info=error if level == logging.WARNING and not _expected(error) else None,
-                )
-            case Terminal(error=error):
-                self.queue.forget(key)
-                log.error("%s: %s failed permanently: %s", self.name, key, error)
-                if self._on_terminal is not None:
-                    try:
-                        await self._on_terminal(key, outcome)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception("%s: reporting the failure of %s failed", self.name, key)
+            case _:
+                self.counts["Retry"] += 1
+                self._retry(key, TypeError(f"not an outcome: {outcome!r}"))
+
+    def _retry(self, key: str, error: Exception) -> None:
+        if isinstance(error, TemporaryError) and error.delay is not None:
+            delay = error.delay
+            self.queue.add_after(key, delay)
+        else:
+            delay = self.queue.add_rate_limited(key)
+        # Conflicts are routine optimistic-concurrency misses, not incidents.
+        level = logging.DEBUG if isinstance(error, APIConflict) else logging.WARNING
+        log.log(
+            level,
+            "%s: %s failed (%s); retrying in %.2fs",
+            self.name,
+            key,
+            error,
+            delay,
+            exc_info=error if level == logging.WARNING and not _expected(error) else None,
+        )
 
 
 def _expected(error: BaseException) -> bool:
     # Our own error types carry a clear message; a traceback adds nothing.
-    return isinstance(error, ReconcileError | APIError)
+    return isinstance(error, TemporaryError | APIError)

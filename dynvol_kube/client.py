@@ -1,9 +1,9 @@
 """The one module that imports the Kubernetes client library (kubernetes_asyncio).
 
-Everything else in :mod:`dynvol_controllers` talks to the apiserver through :class:`Client`,
+Every service talks to the apiserver through :class:`Client`,
 which speaks plain JSON dictionaries (no generated model classes: they cost memory and CPU
 and hide fields the apiserver added) and raises the project errors of :mod:`.errors`, with
-the library's own exception chained. Neighbours: :mod:`dynvol_controllers.watching` lists
+the library's own exception chained. Neighbours: :mod:`dynvol_kube.watching` lists
 and watches through it; reconcilers act through it.
 """
 
@@ -33,7 +33,7 @@ _REQUEST_TIMEOUT = 30.0
 _JSON = "application/json"
 
 Patch = str
-"""A patch content type; one of the ``*_PATCH`` constants on :class:`Client`."""
+"""A patch content type, such as :attr:`Client.MERGE_PATCH`."""
 
 
 class Client:
@@ -44,9 +44,6 @@ class Client:
     """
 
     MERGE_PATCH: Patch = "application/merge-patch+json"
-    JSON_PATCH: Patch = "application/json-patch+json"
-    STRATEGIC_PATCH: Patch = "application/strategic-merge-patch+json"
-    APPLY_PATCH: Patch = "application/apply-patch+yaml"
 
     def __init__(self, api: Any, *, owned: bool = True, user_agent: str = "dynvol") -> None:
         self._api = api
@@ -327,7 +324,12 @@ class Client:
                     code = obj.get("code")
                     message = obj.get("message", "watch error")
                     if code == 410:
-                        raise APIGone(message, status=410, reason=obj.get("reason", "Expired"))
+                        raise APIGone(
+                            f"watch {path}: {message}",
+                            status=410,
+                            reason=obj.get("reason", "Expired"),
+                            details=obj,
+                        )
                     raise error_for_status(
                         code,
                         f"watch {path}: {message}",

@@ -96,7 +96,6 @@ class WorkQueue:
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._shutting_down = False
-        self.adds = 0
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -110,7 +109,6 @@ class WorkQueue:
         """Queue ``key`` now (no-op if it already is queued)."""
         if self._shutting_down:
             return
-        self.adds += 1
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer[1].cancel()

@@ -22,8 +22,9 @@ from typing import Any
 
 import attrs
 
-from .k8s import APIError, APINotFound, Client
-from .k8s.resources import EVENTS
+from .client import Client
+from .errors import APIError, APINotFound
+from .resources import EVENTS
 
 __all__ = ["NORMAL", "WARNING", "EventRecorder"]
 

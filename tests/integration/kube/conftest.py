@@ -1,0 +1,99 @@
+"""Fixtures for the runtime's own tests, against the session's real etcd + kube-apiserver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from dynvol_kube import APIConflict, APINotFound, Client, Resource
+
+CRDS = Resource(
+    "apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
+    namespaced=False,
+)  # fmt: skip
+GROUP = "kube-tests.dynvol.example"
+WIDGETS = Resource(GROUP, "v1", "widgets", "Widget")
+
+
+@pytest.fixture
+def client(kube_client: Any) -> Client:
+    """dynvol's client over the harness's ApiClient (which the harness closes)."""
+    return Client.wrap(kube_client)
+
+
+@pytest.fixture
+async def widgets(client: Client) -> AsyncIterator[Resource]:
+    """A schema-free namespaced resource of the tests' own, made for each test.
+
+    Made fresh so that the apiserver's watch cache for it starts at today's
+    resourceVersion: a watch from an older one is then answered with a real 410 Gone.
+    """
+    name = f"{WIDGETS.plural}.{GROUP}"
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": name},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"plural": WIDGETS.plural, "singular": "widget", "kind": WIDGETS.kind},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    await _gone(client, name)
+    with contextlib.suppress(APIConflict):
+        await client.create(CRDS, crd)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            status = (await client.get(CRDS, name)).get("status") or {}
+            if any(
+                c.get("type") == "Established" and c.get("status") == "True"
+                for c in status.get("conditions") or ()
+            ):
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"CRD {name} was not established")
+            await asyncio.sleep(0.1)
+        # Served only once discovery knows it; a list proves it.
+        while True:
+            try:
+                await client.list(WIDGETS)
+                break
+            except APINotFound:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        yield WIDGETS
+    finally:
+        await _gone(client, name)
+
+
+async def _gone(client: Client, name: str) -> None:
+    with contextlib.suppress(APINotFound):
+        await client.delete(CRDS, name)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            await client.get(CRDS, name)
+        except APINotFound:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"CRD {name} was not deleted")
