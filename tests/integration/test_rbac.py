@@ -99,6 +99,10 @@ def doc_listings() -> list[tuple[str, list[str]]]:
     return found
 
 
+#: A ServiceAccount that nothing binds: what it can do, every authenticated user can.
+_NOBODY = "system:serviceaccount:dynvol-rbac-probe:nobody"
+
+
 def _rows(lines: list[str]) -> list[tuple[str, ...]]:
     """The listing's resource rows, as cells, sorted (a listing is a set of rules).
 
@@ -127,7 +131,14 @@ def test_service_account_can_do_what_the_doc_says(
     control_plane: ControlPlane, rbac: Path, args: str, expected: list[str]
 ) -> None:
     actual = control_plane.kubectl(*shlex.split(args)).splitlines()
-    assert _rows(actual) == _rows(expected), "\n".join(actual)
+    # What a ServiceAccount with no binding at all may do on this release (newer releases
+    # grant every authenticated user more, e.g. reading ClusterTrustBundles since v1.37).
+    # Such rows may appear without being in the doc; any other extra row is dynvol's RBAC
+    # and fails, and so does a documented row that is missing.
+    nobody = [a if not a.startswith("--as=") else f"--as={_NOBODY}" for a in shlex.split(args)]
+    everyone = set(_rows(control_plane.kubectl(*nobody).splitlines())) - set(_rows(expected))
+    granted = [row for row in _rows(actual) if row not in everyone]
+    assert granted == _rows(expected), "\n".join(actual)
 
 
 def test_no_service_account_but_the_controller_reads_secrets(
