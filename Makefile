@@ -37,7 +37,7 @@ tools-e2e: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy --strict dynvol_core dynvol_providers
+	$(VENV)/bin/mypy --strict dynvol_core dynvol_providers dynvol_kube dynvol_csi dynvol_controllers dynvol_dmp dynvol
 	$(VENV)/bin/lint-imports
 	@if [ -x hack/gen-protos.sh ]; then bash hack/gen-protos.sh --check; fi
 
