@@ -40,7 +40,6 @@ from dynvol_core.models import (
     DynamicVolumeClaim,
     PodInfo,
     StorageProviderClass,
-    thaw_json,
 )
 from dynvol_kube import (
     NORMAL,
@@ -582,7 +581,7 @@ class ClusterController:
         """Whether the claim's spec can be acted on: (ok, reason, message)."""
         if self.registry is not None:
             try:
-                provider = self.registry.get(claim.storage_provider)
+                self.registry.get(claim.storage_provider)
             except DynvolError as exc:
                 return False, "UnknownProvider", str(exc)
             params: Mapping[str, str] = {}
@@ -594,17 +593,14 @@ class ClusterController:
                 params = pinned.provider_parameters if pinned is not None else {}
                 connection = pinned.connection if pinned is not None else None
             try:
-                parse_provider_config(
-                    provider,
-                    thaw_json(claim.provider_config.values),
+                self.registry.parse_claim_config(
+                    claim.provider_config,
                     parameters=params,
                     connection=connection,
+                    class_name=claim.storage_provider_class,
                 )
             except InvalidObject as exc:
-                qualified = qualify_config_errors(
-                    exc, block=claim.provider_config.kind, class_name=claim.storage_provider_class
-                )
-                return False, "InvalidConfig", str(qualified)
+                return False, "InvalidConfig", str(exc)
         if claim.storage_provider_class:
             spc = self._class_model(claim.storage_provider_class)
             if spc is None:
