@@ -55,7 +55,7 @@ from dynvol_kube import (
     Outcome,
     RequeueAfter,
 )
-from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS, Resource
+from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, NODES, PODS
 from dynvol_providers.base import parse_provider_config, qualify_config_errors
 
 from . import objects
@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 INDEX_CLASS = "class"
 INDEX_CLAIM = "claim"
 INDEX_NODE = "node"
-NODES = Resource("", "v1", "nodes", "Node", namespaced=False)
 MAX_DMPS_IN_STATUS = 64
 FIELD_MANAGER = "dynvol-controller"
 

@@ -16,11 +16,10 @@ import pytest
 from dynvol.testing import Process
 from dynvol.testing.slots import node_reconciler_without_kubelet
 from dynvol_controllers import ControllerApp, NodeReconciler
-from dynvol_controllers.cluster import NODES
 from dynvol_core import constants as c
 from dynvol_core.dispatch import credentials_secret_name, label_value
 from dynvol_kube import APINotFound, Client
-from dynvol_kube.resources import CLAIMS, CLASSES, EVENTS, MOUNTS, PODS, SECRETS
+from dynvol_kube.resources import CLAIMS, CLASSES, EVENTS, MOUNTS, NODES, PODS, SECRETS
 from dynvol_providers.registry import load_registry
 
 from .controller_support import Objects, eventually, list_items
@@ -421,20 +420,22 @@ async def test_deleted_node_releases_its_mounts(
 
         await eventually(reported)
     finally:
-        for dvm in await list_items(client, MOUNTS, namespace=ns):
-            with contextlib.suppress(APINotFound):
-                await client.patch(
-                    MOUNTS,
-                    dvm["metadata"]["name"],
-                    {"metadata": {"finalizers": None}},
-                    namespace=ns,
-                )
-                await client.delete(MOUNTS, dvm["metadata"]["name"], namespace=ns)
+        await _force_delete_mounts(client, ns)
         for name in ("on-lost", "on-alive"):
             await objects.delete_pod(name)
         await _cleanup_dmps(client, spc)
         with contextlib.suppress(APINotFound):
             await client.delete(NODES, lost)
+
+
+async def _force_delete_mounts(client: Client, ns: str) -> None:
+    """Drop every DynamicVolumeMount in ``ns``, finalizers and all (test clean-up)."""
+    for dvm in await list_items(client, MOUNTS, namespace=ns):
+        with contextlib.suppress(APINotFound):
+            await client.patch(
+                MOUNTS, dvm["metadata"]["name"], {"metadata": {"finalizers": None}}, namespace=ns
+            )
+            await client.delete(MOUNTS, dvm["metadata"]["name"], namespace=ns)
 
 
 async def _cached(app: ControllerApp, node: str) -> bool:
@@ -495,15 +496,7 @@ async def test_mount_stuck_on_a_node_that_is_gone_is_released(
         assert left["metadata"]["finalizers"] == [c.FINALIZER_MOUNT]
         assert left["metadata"].get("deletionTimestamp")
     finally:
-        for dvm in await list_items(client, MOUNTS, namespace=ns):
-            with contextlib.suppress(APINotFound):
-                await client.patch(
-                    MOUNTS,
-                    dvm["metadata"]["name"],
-                    {"metadata": {"finalizers": None}},
-                    namespace=ns,
-                )
-                await client.delete(MOUNTS, dvm["metadata"]["name"], namespace=ns)
+        await _force_delete_mounts(client, ns)
         for name in ("a", "b"):
             await objects.delete_pod(name)
         await _cleanup_dmps(client, spc)
