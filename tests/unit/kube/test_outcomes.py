@@ -19,6 +19,19 @@ def test_impossible_outcomes_cannot_be_built() -> None:
         TemporaryError("x", delay=-1)
 
 
+async def _reconcile_twice(controller: Controller, seen: list[float]) -> None:
+    """Enqueue key ``k`` and wait (up to ~1 s) until it was reconciled twice."""
+    await controller.start()
+    try:
+        controller.enqueue("k")
+        for _ in range(100):
+            if len(seen) >= 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await controller.close()
+
+
 async def test_controller_retries_then_succeeds_and_never_overlaps() -> None:
     calls: list[str] = []
     running: set[str] = set()
@@ -66,15 +79,7 @@ async def test_temporary_error_delay_is_kept() -> None:
     # A huge rate-limited backoff: only the error's own delay can bring the key back soon.
     limiter = RateLimiter(ExponentialBackoff(base=100.0, cap=100.0))
     controller = Controller("t", reconcile, limiter=limiter)
-    await controller.start()
-    try:
-        controller.enqueue("k")
-        for _ in range(100):
-            if len(seen) >= 2:
-                break
-            await asyncio.sleep(0.01)
-    finally:
-        await controller.close()
+    await _reconcile_twice(controller, seen)
     assert len(seen) == 2
     assert seen[1] - seen[0] >= 0.09
     assert controller.counts["Retry"] == 1
@@ -112,14 +117,6 @@ async def test_requeue_after_reschedules() -> None:
         return RequeueAfter(0.05) if len(seen) < 2 else None
 
     controller = Controller("t", reconcile)
-    await controller.start()
-    try:
-        controller.enqueue("k")
-        for _ in range(100):
-            if len(seen) >= 2:
-                break
-            await asyncio.sleep(0.01)
-    finally:
-        await controller.close()
+    await _reconcile_twice(controller, seen)
     assert len(seen) == 2
     assert seen[1] - seen[0] >= 0.04
