@@ -7,6 +7,7 @@ import secrets
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +86,17 @@ class MinioServer:
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
         )
 
-    def make_bucket(self, prefix: str = "dynvol") -> str:
-        """Create a new bucket and return its name; removed with :meth:`stop`."""
+    def make_bucket(
+        self, prefix: str = "dynvol", objects: Mapping[str, bytes] | None = None
+    ) -> str:
+        """Create a new bucket holding ``objects`` (key -> body) and return its name;
+        removed with :meth:`stop`."""
         name = f"{prefix}-{secrets.token_hex(6)}"
-        self.client().create_bucket(Bucket=name)
+        client = self.client()
+        client.create_bucket(Bucket=name)
         self._buckets.append(name)
+        for key, body in (objects or {}).items():
+            client.put_object(Bucket=name, Key=key, Body=body)
         return name
 
     def stop(self) -> None:

@@ -37,15 +37,6 @@ async def _eventually(check: Callable[[], Any], *, within: float = 20.0, what: s
         await asyncio.sleep(0.05)
 
 
-def _bucket_with(minio: MinioServer, prefix: str, objects: dict[str, bytes]) -> str:
-    """A new bucket holding ``objects``; its name."""
-    bucket = minio.make_bucket(prefix)
-    client = minio.client()
-    for key, body in objects.items():
-        client.put_object(Bucket=bucket, Key=key, Body=body)
-    return bucket
-
-
 async def _assign_bucket(
     minio: MinioServer,
     mounts: Mounts,
@@ -75,7 +66,7 @@ async def test_mount_propagates_repairs_restarts_and_unmounts(
     agent_factory: Callable[[dict[str, str]], AgentRunner],
 ) -> None:
     s3 = minio.client()
-    bucket = _bucket_with(minio, "dmp", {"hello.txt": b"hello from S3\n"})
+    bucket = minio.make_bucket("dmp", {"hello.txt": b"hello from S3\n"})
     agent = agent_factory(s3_keys)
     name = await _assign_bucket(
         minio, mounts, slot, agent, bucket, class_parameters={"s3-mounter": mounter}
@@ -144,7 +135,7 @@ async def test_read_only_is_enforced_in_the_container(
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
 ) -> None:
-    bucket = _bucket_with(minio, "ro", {"seen.txt": b"read me\n"})
+    bucket = minio.make_bucket("ro", {"seen.txt": b"read me\n"})
     agent = agent_factory(s3_keys)
     name = await _assign_bucket(minio, mounts, slot, agent, bucket, read_only=True)
     await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
@@ -254,7 +245,7 @@ async def test_a_changed_credentials_secret_is_used_without_any_api_change(
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
 ) -> None:
-    bucket = _bucket_with(minio, "rotate", {"hello.txt": b"rotated\n"})
+    bucket = minio.make_bucket("rotate", {"hello.txt": b"rotated\n"})
     agent = agent_factory(s3_keys)
     name = await _assign_bucket(minio, mounts, slot, agent, bucket)
     await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)

@@ -39,14 +39,6 @@ pytestmark = pytest.mark.integration
 FINALIZER = "dynamicvolume.csi.cloudnative101.net/unmount"
 
 
-def _bucket(minio: MinioServer, prefix: str, objects: dict[str, bytes]) -> str:
-    bucket = minio.make_bucket(prefix)
-    client = minio.client()
-    for key, body in objects.items():
-        client.put_object(Bucket=bucket, Key=key, Body=body)
-    return bucket
-
-
 def _fuse_mounts(pid: int) -> list[str]:
     """The FUSE mount points in the mount namespace of ``pid``."""
     table = parse_mountinfo(Path(f"/proc/{pid}/mountinfo").read_text())
@@ -100,7 +92,7 @@ async def test_a_link_planted_in_the_slot_fails_the_mount_and_nothing_lands_outs
     agent_factory: Callable[[dict[str, str]], AgentRunner],
     dmp_etc: Path,
 ) -> None:
-    bucket = _bucket(minio, "plant", {"ld.so.preload": b"/tmp/evil.so\n"})
+    bucket = minio.make_bucket("plant", {"ld.so.preload": b"/tmp/evil.so\n"})
     config = {"bucket": bucket, "endpoint": minio.endpoint}
     await mounts.create_class(name=slot.class_name)
     agent = agent_factory(s3_keys)
@@ -207,7 +199,7 @@ async def test_a_directory_swapped_for_a_link_while_mounting_never_gets_a_mount_
     agent_factory: Callable[[dict[str, str]], AgentRunner],
     dmp_etc: Path,
 ) -> None:
-    bucket = _bucket(minio, "race", {"hello.txt": b"hello\n"})
+    bucket = minio.make_bucket("race", {"hello.txt": b"hello\n"})
     config = {"bucket": bucket, "endpoint": minio.endpoint}
     await mounts.create_class(name=slot.class_name)
     agent = agent_factory(s3_keys)
@@ -290,7 +282,7 @@ async def test_mounts_that_do_not_check_out_are_left_alone(
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
 ) -> None:
-    bucket = _bucket(minio, "trust", {"hello.txt": b"trusted\n"})
+    bucket = minio.make_bucket("trust", {"hello.txt": b"trusted\n"})
     config = {"bucket": bucket, "endpoint": minio.endpoint}
     await mounts.create_class(name=slot.class_name)
     agent = agent_factory(s3_keys)
@@ -424,7 +416,7 @@ async def test_a_shared_mount_pod_mounts_only_into_the_slot_of_the_mounts_pod(
     )  # fmt: skip
     await core.create_namespaced_pod(c.DEFAULT_SYSTEM_NAMESPACE, dmp_pod_manifest(dmp))
     try:
-        bucket = _bucket(minio, "shared", {"hello.txt": b"shared\n"})
+        bucket = minio.make_bucket("shared", {"hello.txt": b"shared\n"})
         config = {"bucket": bucket, "endpoint": minio.endpoint}
         await mounts.create_class(name=slot.class_name)
         agent = agent_factory(s3_keys)
