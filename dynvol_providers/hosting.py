@@ -375,7 +375,7 @@ class LocalHost:
                 changed = self._watch.changed()
                 entry = _mount_at(target)
                 if entry is not None and entry.fs_type == spec.fs_type:
-                    if await self._answers(target, deadline, done):
+                    if await self._answers(target, entry, deadline, done):
                         return handle
                     if not done.done() and time.monotonic() < deadline:
                         continue
@@ -408,8 +408,10 @@ class LocalHost:
             raise
 
     @staticmethod
-    async def _answers(target: PurePosixPath, deadline: float, done: asyncio.Task[int]) -> bool:
-        """Whether the new mount serves requests from its backend.
+    async def _answers(
+        target: PurePosixPath, entry: MountEntry, deadline: float, done: asyncio.Task[int]
+    ) -> bool:
+        """Whether the new mount (``entry``, at ``target``) serves requests from its backend.
 
         Some mounters (s3fs) mount first, check the bucket in their FUSE init and exit if
         that fails; until they have exited, the mount is there. A stat of the mount's root
@@ -417,16 +419,32 @@ class LocalHost:
         looks up a name that does not exist, which the mounter must ask the backend about:
         the answer must be "no such file" (or the file). Refused credentials give another
         error. False once the daemon has exited (its output says why).
+
+        The lookup goes through a descriptor of the mount's root, checked to be on the
+        mount's device: a mounter that unmounts itself between the mount-table read and
+        the probe (s3fs unmounts before its process ends) leaves the bare directory, whose
+        "no such file" proves nothing.
         """
 
-        def probe() -> None:
-            os.stat(target)
-            with contextlib.suppress(FileNotFoundError):
-                os.stat(os.path.join(target, _PROBE_NAME))
+        def probe() -> bool:
+            fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if (os.major(st.st_dev), os.minor(st.st_dev)) != (entry.major, entry.minor):
+                    return False
+                with contextlib.suppress(FileNotFoundError):
+                    os.stat(_PROBE_NAME, dir_fd=fd)
+                return True
+            finally:
+                os.close(fd)
 
         try:
-            await asyncio.wait_for(asyncio.to_thread(probe), max(deadline - time.monotonic(), 0.1))
+            answered = await asyncio.wait_for(
+                asyncio.to_thread(probe), max(deadline - time.monotonic(), 0.1)
+            )
         except (OSError, TimeoutError):
+            answered = False
+        if not answered:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(done), 2.0)
             return False

@@ -192,7 +192,7 @@ async def test_bad_config_fails_with_an_actionable_message(
     assert obj is not None
     ready = {x["type"]: x for x in obj["status"]["conditions"]}["Ready"]
     assert ready["status"] == "False"
-    assert ready["reason"] == reason, obj["status"]
+    assert ready["reason"] == reason, ready["message"]
     assert hint in obj["status"]["message"]
     assert keys["secret-access-key"] not in obj["status"]["message"]
     if case == "wrong-credentials":
