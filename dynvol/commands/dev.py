@@ -4,6 +4,11 @@
 127.0.0.1 with dynvol's CRDs applied and writes ``DIR/kubeconfig``; ``down`` stops them and
 removes what they left. ``up`` returns once the API answers: the servers keep running
 under a small supervisor process that stays their parent, so they are always reaped.
+``--crds PATH`` (repeatable) applies a project's own CRDs after dynvol's.
+
+``dynvol dev tools install [--dir DIR]`` builds the pinned etcd, kube-apiserver and kubectl
+with Go into a cache keyed by version (:mod:`dynvol.testing.tools`), where the control plane
+finds them outside a checkout.
 """
 
 from __future__ import annotations
@@ -20,14 +25,31 @@ import threading
 import time
 from pathlib import Path
 
+from dynvol.testing import tools
 from dynvol.testing.controlplane import ControlPlane, ToolsMissing, wait_for_exit
 
 _STATE = "supervisor.json"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    dev = sub.add_parser("dev", help="development tools (a local control plane)")
+    dev = sub.add_parser("dev", help="development tools (a local control plane, its binaries)")
     dev_sub = dev.add_subparsers(dest="dev_command", metavar="COMMAND", required=True)
+    tl = dev_sub.add_parser("tools", help="the control plane's binaries")
+    tl_sub = tl.add_subparsers(dest="tools_command", metavar="ACTION", required=True)
+    inst = tl_sub.add_parser(
+        "install", help="build the pinned etcd, kube-apiserver and kubectl with Go"
+    )
+    inst.add_argument(
+        "--dir",
+        type=Path,
+        help="the cache to build into (default $XDG_CACHE_HOME/dynvol/tools); "
+        "the binaries land in DIR/<Kubernetes version>/bin",
+    )
+    inst.set_defaults(func=_tools_install)
+    where = tl_sub.add_parser("path", help="print where the installed binaries are")
+    where.add_argument("--dir", type=Path, help="the cache (as for install)")
+    where.set_defaults(func=_tools_path)
+
     cp = dev_sub.add_parser("control-plane", help="a real etcd + kube-apiserver on loopback")
     cp_sub = cp.add_subparsers(dest="cp_command", metavar="ACTION", required=True)
 
@@ -35,6 +57,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--dir", required=True, type=Path, help="where state, logs and kubeconfig go")
     up.add_argument("--bin-dir", type=Path, help="where etcd/kube-apiserver/kubectl are")
     up.add_argument("--no-crds", action="store_true", help="do not apply dynvol's CRDs")
+    up.add_argument(
+        "--crds",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="also apply these CRDs (a file, a directory of YAML or a kustomization); repeatable",
+    )
     up.add_argument("--timeout", type=float, default=120.0)
     up.set_defaults(func=_up)
 
@@ -51,6 +81,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     sup.add_argument("--dir", required=True, type=Path)
     sup.add_argument("--bin-dir", type=Path)
     sup.add_argument("--no-crds", action="store_true")
+    sup.add_argument("--crds", action="append", type=Path, default=[])
     sup.set_defaults(func=_supervise)
 
 
@@ -64,6 +95,10 @@ def _read_state(directory: Path) -> dict[str, object] | None:
 
 def _up(args: argparse.Namespace) -> int:
     directory: Path = args.dir.resolve()
+    for crd in args.crds:
+        if not crd.exists():
+            print(f"--crds: {crd} does not exist", file=sys.stderr)
+            return 2
     state = _read_state(directory)
     if state and not wait_for_exit(int(str(state["pid"])), 0):
         print(f"a control plane already runs for {directory} (pid {state['pid']})", file=sys.stderr)
@@ -85,6 +120,8 @@ def _up(args: argparse.Namespace) -> int:
         argv += ["--bin-dir", str(args.bin_dir.resolve())]
     if args.no_crds:
         argv.append("--no-crds")
+    for crd in args.crds:
+        argv += ["--crds", str(crd.resolve())]
     with open(directory / "supervisor.log", "ab") as log:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -123,6 +160,8 @@ def _supervise(args: argparse.Namespace) -> int:
         kwargs["bin_dir"] = args.bin_dir
     if args.no_crds:
         kwargs["crd_paths"] = ()
+    if args.crds:
+        kwargs["extra_crd_paths"] = tuple(args.crds)
     plane = ControlPlane(**kwargs)  # type: ignore[arg-type]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -130,7 +169,7 @@ def _supervise(args: argparse.Namespace) -> int:
     (directory / _STATE).write_text(json.dumps({"pid": os.getpid()}))
     try:
         plane.start()
-    except (ToolsMissing, RuntimeError, TimeoutError) as exc:
+    except (ToolsMissing, RuntimeError, TimeoutError, OSError) as exc:
         (directory / "failed").write_text(str(exc))
         return 1
     (directory / "ready").write_text("")
@@ -186,4 +225,24 @@ def _status(args: argparse.Namespace) -> int:
         return 3
     info = json.loads((args.dir / "control-plane.json").read_text())
     print(f"running: {info['server']} (supervisor pid {state['pid']})")
+    return 0
+
+
+def _tools_install(args: argparse.Namespace) -> int:
+    try:
+        result = tools.install(args.dir)
+    except tools.ToolsBuildFailed as exc:
+        print(f"tools: {exc}", file=sys.stderr)
+        return 1
+    if result.cached:
+        print(f"tools: already built: {', '.join(result.cached)}")
+    print(f"tools: etcd, kube-apiserver and kubectl in {result.bin_dir} ({result.seconds:.0f}s)")
+    if args.dir is not None:
+        # Outside the default cache the control plane needs to be told.
+        print(f"  export DYNVOL_TOOLS_BIN={result.bin_dir}")
+    return 0
+
+
+def _tools_path(args: argparse.Namespace) -> int:
+    print(tools.installed_bin_dir(args.dir))
     return 0

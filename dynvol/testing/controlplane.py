@@ -9,11 +9,19 @@ ports and keeps its data under one directory.
 There is no kube-controller-manager: namespaces are not finalised and owner references are
 not garbage-collected. Tests that need those behaviours arrange them themselves.
 
-The Kubernetes release is the default one ``make tools`` links into ``.tools/bin`` (the
-newest pinned in ``hack/tools/versions.env``), or the one ``DYNVOL_KUBERNETES_VERSION``
-names, from ``.tools/k8s/<version>/bin``: ``make test`` runs the integration tier once per
-supported release that way. A control plane asked for one release refuses to start with
-the binaries of another.
+The binaries (etcd, kube-apiserver, kubectl) are found the way envtest users expect, first
+match wins (:func:`default_bin_dir`): ``KUBEBUILDER_ASSETS`` (the directory
+``setup-envtest use -p path`` prints), ``DYNVOL_TOOLS_BIN``, the checkout's ``.tools/bin``
+(``make tools``), then the cache that ``dynvol dev tools install`` builds into
+(``$XDG_CACHE_HOME/dynvol/tools/<version>/bin``), which is how an installed dynvol gets
+them outside a checkout. The CRDs come from the package (:mod:`dynvol.crds`); a project's
+own CRDs are added with ``extra_crd_paths``.
+
+In a checkout the Kubernetes release is the default one ``make tools`` links into
+``.tools/bin`` (the newest pinned in ``hack/tools/versions.env``), or the one
+``DYNVOL_KUBERNETES_VERSION`` names, from ``.tools/k8s/<version>/bin``: ``make test`` runs
+the integration tier once per supported release that way. A control plane asked for one
+release refuses to start with the binaries of another.
 """
 
 from __future__ import annotations
@@ -50,21 +58,60 @@ _APISERVER_FLAGS = (
 
 
 def repo_root() -> Path | None:
-    """The dynvol checkout this module runs from, if it runs from one."""
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "manifests" / "base" / "crds").is_dir() and (parent / "hack").is_dir():
-            return parent
+    """The dynvol checkout this module runs from, if it runs from one.
+
+    Only the checkout whose source this is: an installed dynvol is not in a checkout even
+    when its virtualenv lies inside one.
+    """
+    root = Path(__file__).resolve().parents[2]
+    if (root / "manifests" / "base" / "crds").is_dir() and (root / "hack").is_dir():
+        return root
     return None
 
 
+#: The directory of etcd, kube-apiserver and kubectl that setup-envtest makes (envtest's own
+#: variable, honoured first).
+KUBEBUILDER_ASSETS_ENV = "KUBEBUILDER_ASSETS"
+#: dynvol's own override of where the binaries are.
+TOOLS_BIN_ENV = "DYNVOL_TOOLS_BIN"
+
+
+def _env_dir(name: str) -> Path | None:
+    value = os.environ.get(name, "")
+    return Path(value) if value else None
+
+
 def default_bin_dir() -> Path:
-    """Where ``make tools`` links the binaries (``DYNVOL_TOOLS_BIN`` overrides)."""
-    env = os.environ.get("DYNVOL_TOOLS_BIN")
-    if env:
-        return Path(env)
+    """Where the control plane's binaries are; the first of, in order:
+
+    ``$KUBEBUILDER_ASSETS``, ``$DYNVOL_TOOLS_BIN``, the checkout's ``.tools/bin`` when this
+    module runs from a dynvol checkout (``make tools``), and otherwise the cache that
+    ``dynvol dev tools install`` builds into. A checkout never falls back to the cache, so
+    its tests run what ``make tools`` built.
+    """
+    for name in (KUBEBUILDER_ASSETS_ENV, TOOLS_BIN_ENV):
+        env = _env_dir(name)
+        if env is not None:
+            return env
     root = repo_root()
-    return (root / ".tools" / "bin") if root else Path.cwd() / ".tools" / "bin"
+    if root is not None:
+        return root / ".tools" / "bin"
+    from dynvol.testing.tools import installed_bin_dir
+
+    return installed_bin_dir()
+
+
+def where_tools_come_from() -> str:
+    """The ways to provide the binaries, for the error when one is missing."""
+    from dynvol.testing.tools import installed_bin_dir
+
+    return (
+        f"set {KUBEBUILDER_ASSETS_ENV} to a directory with etcd, kube-apiserver and kubectl "
+        "(what 'setup-envtest use -p path' prints), or set "
+        f"{TOOLS_BIN_ENV} to one, or run 'dynvol dev tools install' to build the pinned "
+        f"versions with Go into {installed_bin_dir()} "
+        "(in a dynvol checkout, 'make tools' links them into .tools/bin)"
+    )
 
 
 #: Names the Kubernetes release to run, one of those ``hack/tools/versions.env`` pins;
@@ -116,16 +163,24 @@ def kubernetes_bin_dir(version: str | None = None, *, bin_dir: Path | None = Non
     base = default_bin_dir() if bin_dir is None else bin_dir
     if version is None:
         return base
+    if base == _env_dir(KUBEBUILDER_ASSETS_ENV):
+        # One release per envtest directory: the release check at start decides.
+        return base
+    if _RELEASE.fullmatch(base.parent.name):
+        # The layout of `dynvol dev tools install`: <cache>/<version>/bin.
+        return base.parent.parent / version / "bin"
     return base.parent / "k8s" / version / "bin"
 
 
 def default_crd_paths() -> tuple[Path, ...]:
-    root = repo_root()
-    return (root / "manifests" / "base" / "crds",) if root else ()
+    """dynvol's CRDs, from the installed package (:func:`dynvol.crds.crd_dir`)."""
+    from dynvol.crds import crd_dir
+
+    return (crd_dir(),)
 
 
 class ToolsMissing(RuntimeError):
-    """A binary the control plane needs is not installed; ``make tools`` builds it."""
+    """A binary the control plane needs is not there; the message says how to get it."""
 
 
 class WrongRelease(RuntimeError):
@@ -204,7 +259,11 @@ class ControlPlane:
     bin_dir: Path = attrs.field(factory=default_bin_dir)
     #: The Kubernetes release to run; the default release in ``bin_dir`` when ``None``.
     kubernetes_version: str | None = attrs.field(factory=requested_kubernetes_version)
+    #: dynvol's CRDs (files or directories); ``()`` applies none of them.
     crd_paths: Sequence[Path] = attrs.field(factory=default_crd_paths)
+    #: A project's own CRDs (files, directories of YAML files, or kustomizations), applied
+    #: after dynvol's; each must exist.
+    extra_crd_paths: Sequence[Path] = ()
     extra_apiserver_flags: Sequence[str] = ()
     etcd: Process | None = None
     apiserver: Process | None = None
@@ -241,11 +300,17 @@ class ControlPlane:
         else:
             path, build = self.bin_dir / name, "make tools"
         if not os.access(path, os.X_OK):
-            raise ToolsMissing(f"{path} is missing: run '{build}' to build it")
+            raise ToolsMissing(
+                f"{path} is missing: run '{build}' to build it in a dynvol checkout; "
+                f"elsewhere {where_tools_come_from()}"
+            )
         return path
 
     def start(self, *, timeout: float = 90.0) -> ControlPlane:
         """Start etcd and the apiserver, apply the CRDs and write the kubeconfig."""
+        for path in self.extra_crd_paths:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"extra_crd_paths: {path} does not exist")
         etcd_bin, apiserver_bin = self.binary("etcd"), self.binary("kube-apiserver")
         self.dir.mkdir(parents=True, exist_ok=True)
         logs = self.dir / "logs"
@@ -414,7 +479,7 @@ class ControlPlane:
 
     def _apply_crds(self) -> None:
         applied = False
-        for path in self.crd_paths:
+        for path in (*self.crd_paths, *self.extra_crd_paths):
             if path.is_dir() and not any(path.glob("*.yaml")):
                 continue
             flag = "-k" if (path / "kustomization.yaml").exists() else "-f"

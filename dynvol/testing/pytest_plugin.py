@@ -3,14 +3,22 @@
 Loaded automatically (entry point ``pytest11``) wherever dynvol is installed, so other
 controllers and provider authors get the same fixtures dynvol's own suite uses:
 
-- ``control_plane`` (session): etcd + kube-apiserver with dynvol's CRDs applied.
+- ``control_plane`` (session): etcd + kube-apiserver with dynvol's CRDs applied (from the
+  installed package), and the project's own CRDs from ``dynvol_extra_crds``.
+- ``dynvol_extra_crds`` (session): the paths of those CRDs; by default the ``dynvol_crds``
+  ini option (paths relative to the ini file) and ``--dynvol-crds PATH`` (repeatable).
+  Override the fixture in a conftest to compute them.
 - ``kube_client``: a kubernetes_asyncio ``ApiClient`` for it.
 - ``namespace``: a fresh namespace, deleted afterwards.
 - ``minio`` (session): an S3 server on 127.0.0.1.
 - ``rshared_dir``: a scratch directory that is an rshared mount.
 
-When a binary is missing the fixtures skip with the reason, except under ``CI=true``,
-where a missing tool is a failure: CI must run the real thing.
+When a binary is missing the fixtures skip with the reason (which names the ways to get
+it: ``KUBEBUILDER_ASSETS``, ``DYNVOL_TOOLS_BIN``, ``dynvol dev tools install``), except
+under ``CI=true``, where a missing tool is a failure: CI must run the real thing.
+
+``ControlPlane`` and ``MinioServer`` need only the base install; ``kube_client`` and
+``namespace`` need ``dynvol[testing]`` (kubernetes-asyncio, pytest-asyncio).
 """
 
 from __future__ import annotations
@@ -40,6 +48,23 @@ def _missing(exc: Exception) -> None:
     pytest.skip(str(exc))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "dynvol_crds",
+        type="paths",
+        default=[],
+        help="CRDs (files, directories or kustomizations) the control_plane fixture applies "
+        "after dynvol's",
+    )
+    parser.addoption(
+        "--dynvol-crds",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also apply these CRDs in the control_plane fixture (repeatable)",
+    )
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Name the real components the integration tier runs against."""
     bin_dir = default_bin_dir()
@@ -66,9 +91,23 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    """A real etcd + kube-apiserver on 127.0.0.1 with dynvol's CRDs applied."""
-    plane = ControlPlane(dir=tmp_path_factory.mktemp("control-plane"))
+def dynvol_extra_crds(pytestconfig: pytest.Config) -> list[Path]:
+    """The project's own CRDs for ``control_plane``: the ``dynvol_crds`` ini option, then
+    ``--dynvol-crds``. Override this fixture to compute them."""
+    from_ini: list[Path] = list(pytestconfig.getini("dynvol_crds"))
+    from_cli = [Path(p).resolve() for p in pytestconfig.getoption("dynvol_crds")]
+    return [*from_ini, *from_cli]
+
+
+@pytest.fixture(scope="session")
+def control_plane(
+    tmp_path_factory: pytest.TempPathFactory, dynvol_extra_crds: list[Path]
+) -> Iterator[ControlPlane]:
+    """A real etcd + kube-apiserver on 127.0.0.1 with dynvol's CRDs and the project's own
+    (``dynvol_extra_crds``) applied."""
+    plane = ControlPlane(
+        dir=tmp_path_factory.mktemp("control-plane"), extra_crd_paths=tuple(dynvol_extra_crds)
+    )
     try:
         plane.start()
     except ToolsMissing as exc:
