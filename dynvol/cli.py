@@ -13,6 +13,9 @@ import logging
 import sys
 
 _COMMANDS = ("node", "dmp", "controller", "dev", "demo")
+#: The extra (pyproject.toml) that brings each service's runtime; the base install has
+#: none of them, so ``dynvol node`` there says what to install instead of failing to import.
+_EXTRAS = {"node": "node", "dmp": "dmp", "controller": "controller"}
 
 
 def _requested(argv: list[str]) -> tuple[str, ...]:
@@ -41,11 +44,39 @@ def build_parser(commands: tuple[str, ...] = _COMMANDS) -> argparse.ArgumentPars
         try:
             module = importlib.import_module(f"dynvol.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"dynvol.commands.{name}":
+            if exc.name == f"dynvol.commands.{name}":
+                continue
+            if name not in _EXTRAS or (exc.name or "").split(".")[0] in _OWN_PACKAGES:
                 raise
+            _register_missing(sub, name, exc.name or "?")
             continue
         module.register(sub)
     return parser
+
+
+_OWN_PACKAGES = frozenset(
+    {"dynvol", "dynvol_core", "dynvol_providers", "dynvol_kube", "dynvol_csi"}
+    | {"dynvol_controllers", "dynvol_dmp"}
+)
+
+
+def _register_missing(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, missing: str
+) -> None:
+    """A stand-in for a service whose extra is not installed: it says which to install."""
+    extra = _EXTRAS[name]
+    message = (
+        f"dynvol {name} needs the '{extra}' extra, which is not installed (no module "
+        f"{missing!r}): pip install 'dynvol[{extra}]' (or 'dynvol[services]' for all three)"
+    )
+    stub = sub.add_parser(name, help=f"(not installed: pip install 'dynvol[{extra}]')")
+    stub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    def refuse(args: argparse.Namespace) -> int:
+        print(message, file=sys.stderr)
+        return 2
+
+    stub.set_defaults(func=refuse)
 
 
 def main(argv: list[str] | None = None) -> int:

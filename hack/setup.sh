@@ -34,7 +34,11 @@ stamp=.venv/.dynvol-setup-stamp
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ hack/constraints.txt -nt "$stamp" ]; then
   echo "setup: installing dynvol and its development tools into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -c hack/constraints.txt -e '.[dev]'
+  # The pinned build backend too: tests/integration/test_wheel.py builds the wheel with it,
+  # without fetching one.
+  .venv/bin/pip install -q -c hack/constraints.txt setuptools wheel
+  # Every extra: the checkout's tests run the three services and the testing fixtures.
+  .venv/bin/pip install -q -c hack/constraints.txt -e '.[dev,services,testing]'
   for example in examples/*/pyproject.toml; do
     [ -f "$example" ] && .venv/bin/pip install -q -c hack/constraints.txt -e "$(dirname "$example")"
   done
