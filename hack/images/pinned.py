@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """The Python side of the image build's reproducibility, run inside the Dockerfile's build stage.
 
-    python3 pinned.py requirements pyproject.toml   print the project's runtime requirements
+    python3 pinned.py requirements pyproject.toml [EXTRA...]
+                                                    print the project's runtime requirements
+                                                    (and those of its extras EXTRA...)
     python3 pinned.py check constraints.txt         fail unless every installed distribution
                                                     is pinned there at its installed version
     python3 pinned.py complete                      fail if an installed distribution needs
@@ -78,14 +80,22 @@ def main(argv: list[str]) -> int:
         for problem in problems:
             print(f"pinned: {problem}", file=sys.stderr)
         return 1 if problems else 0
-    if len(argv) != 2 or argv[0] not in ("requirements", "check"):
+    if argv[:1] == ["requirements"] and len(argv) >= 2:
+        project = tomllib.loads(Path(argv[1]).read_text())["project"]
+        extras = project.get("optional-dependencies", {})
+        unknown = [e for e in argv[2:] if e not in extras]
+        if unknown:
+            print(f"pinned: no extra {', '.join(unknown)} in {argv[1]}", file=sys.stderr)
+            return 2
+        wanted = list(project["dependencies"])
+        for extra in argv[2:]:
+            wanted += [r for r in extras[extra] if r not in wanted]
+        print("\n".join(wanted))
+        return 0
+    if len(argv) != 2 or argv[0] != "check":
         print(__doc__, file=sys.stderr)
         return 2
-    cmd, path = argv
-    if cmd == "requirements":
-        project = tomllib.loads(Path(path).read_text())["project"]
-        print("\n".join(project["dependencies"]))
-        return 0
+    path = argv[1]
     installed = {name: dist.version for name, dist in installed_distributions().items()}
     problems = unpinned(installed, pins(Path(path).read_text()), own="dynvol")
     for problem in problems:
