@@ -63,7 +63,7 @@ RUN --mount=type=secret,id=pipconf --mount=type=secret,id=cacert \
     export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore; \
     python3 -m venv /opt/dynvol; \
     /opt/dynvol/bin/pip install -q -c constraints.txt pip setuptools wheel; \
-    python3 pinned.py requirements pyproject.toml > requirements.txt; \
+    python3 pinned.py requirements pyproject.toml services > requirements.txt; \
     /opt/dynvol/bin/pip install -q --no-compile -c constraints.txt -r requirements.txt
 COPY . .
 # No index for the project itself: it has no dependencies left to fetch, and it is built
@@ -75,7 +75,7 @@ COPY . .
 # take minutes to get through; with it the imports take about 0.5 s. It costs 29 MB.
 RUN set -e; \
     export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore; \
-    /opt/dynvol/bin/pip install -q --no-compile --no-index --no-deps --no-build-isolation . ; \
+    /opt/dynvol/bin/pip install -q --no-compile --no-index --no-deps --no-build-isolation ".[services]" ; \
     /opt/dynvol/bin/python hack/images/pinned.py check hack/constraints.txt; \
     /opt/dynvol/bin/pip uninstall -q -y pip setuptools wheel packaging; \
     /opt/dynvol/bin/python hack/images/pinned.py complete; \
