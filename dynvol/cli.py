@@ -60,15 +60,20 @@ _OWN_PACKAGES = frozenset(
 )
 
 
+def _missing_extra(name: str, missing: str) -> str:
+    extra = _EXTRAS[name]
+    return (
+        f"dynvol {name} needs the '{extra}' extra, which is not installed (no module "
+        f"{missing!r}): pip install 'dynvol[{extra}]' (or 'dynvol[services]' for all three)"
+    )
+
+
 def _register_missing(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, missing: str
 ) -> None:
     """A stand-in for a service whose extra is not installed: it says which to install."""
     extra = _EXTRAS[name]
-    message = (
-        f"dynvol {name} needs the '{extra}' extra, which is not installed (no module "
-        f"{missing!r}): pip install 'dynvol[{extra}]' (or 'dynvol[services]' for all three)"
-    )
+    message = _missing_extra(name, missing)
     stub = sub.add_parser(name, help=f"(not installed: pip install 'dynvol[{extra}]')")
     stub.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
@@ -89,7 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    status: int = args.func(args)
+    try:
+        status: int = args.func(args)
+    except ModuleNotFoundError as exc:
+        # A service that imports its runtime only when it runs (``dynvol controller``).
+        top = (exc.name or "").split(".")[0]
+        if args.command not in _EXTRAS or not top or top in _OWN_PACKAGES:
+            raise
+        print(_missing_extra(args.command, exc.name or top), file=sys.stderr)
+        return 2
     return status
 
 

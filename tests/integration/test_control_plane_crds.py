@@ -1,0 +1,89 @@
+"""A project's own CRDs beside dynvol's: ``extra_crd_paths`` and ``up --crds``.
+
+The consumer suite of tests/integration/test_wheel.py covers the fixture's ini option from
+an installed wheel; these run the same from the checkout, through the class and the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynvol.crds import crd_dir
+from dynvol.testing import ControlPlane, ToolsMissing
+
+pytestmark = pytest.mark.integration
+
+WIDGETS = Path(__file__).resolve().parents[1] / "library" / "consumer" / "crds" / "widgets.yaml"
+
+
+def _crd_names(plane: ControlPlane) -> set[str]:
+    items = json.loads(plane.kubectl("get", "crd", "-o", "json"))["items"]
+    return {item["metadata"]["name"] for item in items}
+
+
+def test_extra_crds_are_applied_after_dynvols(tmp_path: Path, control_plane: ControlPlane) -> None:
+    # control_plane (unused) makes this skip or fail the same way when tools are missing.
+    assert control_plane.crd_paths == (crd_dir(),)
+    plane = ControlPlane(dir=tmp_path / "cp", extra_crd_paths=[WIDGETS])
+    try:
+        plane.start()
+    except ToolsMissing as exc:
+        pytest.skip(str(exc))
+    try:
+        names = _crd_names(plane)
+        assert "widgets.consumer.example.com" in names
+        assert "dynamicvolumeclaims.dynamicvolume.csi.cloudnative101.net" in names
+    finally:
+        plane.stop()
+
+
+def _dynvol(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dynvol", "dev", "control-plane", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_cli_up_applies_the_crds_it_is_given(tmp_path: Path, control_plane: ControlPlane) -> None:
+    directory = tmp_path / "cp"
+    try:
+        up = _dynvol("up", "--dir", str(directory), "--crds", str(WIDGETS))
+        assert up.returncode == 0, up.stderr
+        kubectl = control_plane.binary("kubectl")
+        out = subprocess.run(
+            [
+                str(kubectl),
+                "--kubeconfig",
+                str(directory / "kubeconfig"),
+                "get",
+                "crd",
+                "-o",
+                "name",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        assert "widgets.consumer.example.com" in out
+        assert "dynamicvolumemounts.dynamicvolume.csi.cloudnative101.net" in out
+    finally:
+        down = _dynvol("down", "--dir", str(directory))
+        assert down.returncode == 0, down.stderr
+
+
+def test_cli_refuses_a_missing_crd_path_before_starting(tmp_path: Path) -> None:
+    directory = tmp_path / "cp"
+    up = _dynvol("up", "--dir", str(directory), "--crds", str(tmp_path / "nope.yaml"))
+    assert up.returncode == 2
+    assert "--crds" in up.stderr
+    assert "nope.yaml" in up.stderr
+    assert not directory.exists()
