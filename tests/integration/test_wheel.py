@@ -38,6 +38,8 @@ import pytest
 from dynvol.testing import tools
 from dynvol.testing.controlplane import default_bin_dir, kubernetes_bin_dir
 
+pytestmark = pytest.mark.integration
+
 TOP = Path(__file__).resolve().parents[2]
 CONSUMER = TOP / "tests" / "library" / "consumer"
 EXAMPLE = TOP / "examples" / "dynvol-provider-example"
