@@ -121,7 +121,12 @@ def kubernetes_bin_dir(version: str | None = None, *, bin_dir: Path | None = Non
 
 def default_crd_paths() -> tuple[Path, ...]:
     root = repo_root()
-    return (root / "manifests" / "base" / "crds",) if root else ()
+    if root is None:
+        return ()
+    # And the PriorityClass every Dynamic Mount Pod names (priority admission refuses a
+    # pod whose class does not exist).
+    base = root / "manifests" / "base"
+    return (base / "crds", base / "priorityclass.yaml")
 
 
 class ToolsMissing(RuntimeError):
