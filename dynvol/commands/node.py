@@ -2,8 +2,9 @@
 
 With ``--csi-only`` it runs the CSI node plugin alone (Identity + Node services and
 kubelet registration); that is what csi-sanity and the CSI integration tests start. The
-full process adds the node reconciler (DynamicVolumeMounts, DMPs, credential copies for
-the pods on this node), wired to the plugin in :mod:`dynvol.wiring`.
+full process adds the node reconciler (DynamicVolumeMounts and DMPs for the pods on this
+node), wired to the plugin in :mod:`dynvol.wiring`; its ``--dmp-*`` flags become one
+:class:`~dynvol_controllers.DmpTemplate`, checked before anything starts.
 """
 
 from __future__ import annotations
