@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from dynvol_core import constants as c
+from dynvol_core.errors import FieldError
 from dynvol_core.validation import check_dns1123_label, check_dns1123_subdomain
 
 __all__ = ["PULL_POLICIES", "DmpTemplate", "NodeReconcilerSettings"]
@@ -25,23 +26,26 @@ PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 def _names(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
-    return tuple(value) if isinstance(value, (list, tuple)) else ()
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    raise TypeError(f"image pull secrets must be names, not {type(value).__name__}")
+
+
+def _refuse(errors: list[FieldError]) -> None:
+    if errors:
+        raise ValueError("; ".join(str(e) for e in errors))
 
 
 def _check_subdomain(flag: str) -> Any:
     def check(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
-        errors = check_dns1123_subdomain(value, flag)
-        if errors:
-            raise ValueError("; ".join(str(e) for e in errors))
+        _refuse(check_dns1123_subdomain(value, flag))
 
     return check
 
 
 def _check_pull_secrets(_: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
     for name in value:
-        errors = check_dns1123_subdomain(name, "--dmp-image-pull-secret")
-        if errors:
-            raise ValueError("; ".join(str(e) for e in errors))
+        _refuse(check_dns1123_subdomain(name, "--dmp-image-pull-secret"))
 
 
 def _check_pull_policy(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -124,6 +128,4 @@ class NodeReconcilerSettings:
 
 
 def _check_namespace(value: str) -> None:
-    errors = check_dns1123_label(value, "--system-namespace")
-    if errors:
-        raise ValueError("; ".join(str(e) for e in errors))
+    _refuse(check_dns1123_label(value, "--system-namespace"))
