@@ -106,13 +106,15 @@ async def node_worker(args: argparse.Namespace) -> int:
         client = await Client.from_kubeconfig(args.kubeconfig, user_agent="dynvol-bench-node")
         clients.append(client)
         reconcilers.append(
-            node_reconciler_without_kubelet(client, node, dmp_delete_grace=0, shared_idle_grace=30)
+            node_reconciler_without_kubelet(
+                client, node, dmp_delete_grace=0, shared_idle_grace=30, sync_timeout=300
+            )
         )
     main = asyncio.current_task()
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     try:
-        await asyncio.gather(*(r.start(sync_timeout=300) for r in reconcilers))
+        await asyncio.gather(*(r.start() for r in reconcilers))
         Path(args.ready_file).touch()  # noqa: ASYNC240 - once, tiny
         await asyncio.Event().wait()
     except asyncio.CancelledError:

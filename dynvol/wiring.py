@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from dynvol_controllers import NodeReconciler
+from dynvol_controllers import NodeReconciler, NodeReconcilerSettings
 from dynvol_core.errors import DynvolError
 from dynvol_core.models import DynamicVolumeMount
 from dynvol_core.mountinfo import unmount_order
@@ -37,15 +37,10 @@ log = logging.getLogger("dynvol.node")
 
 @attrs.frozen(kw_only=True)
 class NodeSettings:
-    """What the node reconciler needs beyond the CSI plugin's configuration."""
+    """What the node process needs beyond the CSI plugin's configuration."""
 
     kubeconfig: str | None
-    system_namespace: str
-    dmp_image: str
-    dmp_image_pull_policy: str = "IfNotPresent"
-    dmp_host_network: bool = False
-    dmp_env: Mapping[str, str] = attrs.field(factory=dict)
-    shared_idle_grace: float = 60.0
+    reconciler: NodeReconcilerSettings
     blocked_plugins: tuple[str, ...] = ()
 
 
@@ -209,13 +204,8 @@ async def serve_node(config: NodePluginConfig, settings: NodeSettings) -> int:
         reconciler = NodeReconciler(
             client,
             config.node_id,
+            settings.reconciler,
             slot_lookup=slot_lookup_for(plugin, layout),
-            system_namespace=settings.system_namespace,
-            dmp_image=settings.dmp_image,
-            dmp_image_pull_policy=settings.dmp_image_pull_policy,
-            dmp_host_network=settings.dmp_host_network,
-            dmp_env=dict(settings.dmp_env),
-            shared_idle_grace=settings.shared_idle_grace,
             registry=load_registry(blocked=settings.blocked_plugins),
             on_orphaned=on_orphaned,
         )

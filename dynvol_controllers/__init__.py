@@ -9,13 +9,16 @@ from .app import ControllerApp, register_webhooks
 from .certificates import DevCerts, ensure_dev_certs
 from .cluster import ClusterController
 from .nodes import NodeReconciler, SlotLookup
+from .settings import DmpTemplate, NodeReconcilerSettings
 from .webhooks import WebhookServer, webhook_configurations
 
 __all__ = [
     "ClusterController",
     "ControllerApp",
     "DevCerts",
+    "DmpTemplate",
     "NodeReconciler",
+    "NodeReconcilerSettings",
     "SlotLookup",
     "WebhookServer",
     "ensure_dev_certs",

@@ -1,9 +1,10 @@
 """The node reconciler's two writers: DynamicVolumeMounts and Dynamic Mount Pods.
 
-Each collaborator owns one kind of object the node reconciler (:mod:`.nodes`) writes: it
-makes the API calls a plan asks for and remembers its own writes until the informer cache
-shows them (:class:`~.expectations.Expectations`), so that the next plan, made from the
-cache, neither writes them again nor forgets them. The reconciler plans; these act.
+Act stage of the node reconciler (:mod:`.nodes`). Each collaborator owns one kind of
+object the reconciler writes: it makes the API calls a plan asks for and remembers its own
+writes until the informer cache shows them (:class:`~.expectations.Expectations`), so that
+the next plan, made from the cache, neither writes them again nor forgets them. The
+reconciler plans; these act. Idle shared DMPs are the :mod:`.reaping` reaper's to time.
 """
 
 from __future__ import annotations
@@ -15,19 +16,20 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 import attrs
 
 from dynvol_core import constants as c
-from dynvol_core.dispatch import DmpSpec, dmp_pod_manifest
-from dynvol_core.models import DynamicVolumeMount, PodInfo
-from dynvol_kube import APIConflict, APINotFound, Client, TemporaryError
+from dynvol_core.dispatch import DmpSpec, DmpTolerations, dmp_pod_manifest, missing_tolerations
+from dynvol_core.models import DynamicVolumeMount, PodInfo, Toleration
+from dynvol_kube import APIConflict, APIForbidden, APINotFound, Client, TemporaryError
 from dynvol_kube.resources import MOUNTS, PODS
 
 from .expectations import Expectations
-from .reaping import IdleReaper
+from .settings import DmpTemplate
 
 __all__ = ["DmpSync", "DvmSync"]
 
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "dynvol-node"
+_JSON_PATCH = "application/json-patch+json"
 
 OrphanHook = Callable[[DynamicVolumeMount], Awaitable[None]]
 
@@ -114,28 +116,32 @@ class DvmSync:
 
 @attrs.define(eq=False, kw_only=True)
 class DmpSync:
-    """Create and delete one node's Dynamic Mount Pods, and reap idle shared ones."""
+    """Create and delete one node's Dynamic Mount Pods, and add tolerations to them."""
 
     client: Client
     node_name: str
-    service_account: str
-    priority_class: str
-    image_pull_policy: str
-    host_network: bool
-    env: Mapping[str, str]
-    #: gracePeriodSeconds when deleting DMPs (None: the pod's own, so it can unmount).
-    delete_grace: int | None
-    reaper: IdleReaper
+    template: DmpTemplate
     writes: Expectations[str, PodInfo] = attrs.field(factory=Expectations)
+    #: Tolerations added to a DMP (by UID) that the cache may not show yet.
+    added: Expectations[str, tuple[Toleration, ...]] = attrs.field(factory=Expectations)
 
     def existing(self, cached: Iterable[PodInfo]) -> list[PodInfo]:
-        """The DMPs the node has: the cache, plus own creates, less own deletes."""
+        """The DMPs the node has: the cache, plus own creates and added tolerations, less
+        own deletes."""
         by_name = {p.name: p for p in cached}
         for name, info in self.writes.pending_creates().items():
             if name in by_name and by_name[name].uid == info.uid:
                 self.writes.observed(name)
             elif name not in by_name:
                 by_name[name] = info
+        for uid, tolerations in self.added.pending_creates().items():
+            for name, pod in by_name.items():
+                if pod.uid != uid:
+                    continue
+                if missing_tolerations(pod.tolerations, tolerations):
+                    by_name[name] = attrs.evolve(pod, tolerations=pod.tolerations + tolerations)
+                else:
+                    self.added.observed(uid)
         return [p for p in by_name.values() if not self.writes.deleting(p.uid)]
 
     def is_own_create(self, obj: Mapping[str, object]) -> bool:
@@ -147,13 +153,15 @@ class DmpSync:
         return created is not None and created.uid == meta.get("uid")
 
     async def create(self, spec: DmpSpec) -> None:
+        dmp = self.template
         manifest = dmp_pod_manifest(
             spec,
-            service_account_name=self.service_account,
-            priority_class_name=self.priority_class,
-            image_pull_policy=self.image_pull_policy,
-            host_network=self.host_network,
-            extra_env=self.env,
+            service_account_name=dmp.service_account,
+            priority_class_name=dmp.priority_class,
+            image_pull_policy=dmp.image_pull_policy,
+            image_pull_secrets=dmp.image_pull_secrets,
+            host_network=dmp.host_network,
+            extra_env=dmp.env,
         )
         try:
             created = await self.client.create(
@@ -165,18 +173,56 @@ class DmpSync:
                 "(install dynvol's manifests)",
                 delay=10,
             ) from exc
+        except APIForbidden as exc:
+            if "PriorityClass" not in str(exc):
+                raise
+            raise TemporaryError(
+                f"cannot create DMP {spec.name}: PriorityClass {dmp.priority_class!r} does not "
+                "exist (install manifests/base/priorityclass.yaml or choose another with "
+                f"--dmp-priority-class): {exc}",
+                delay=30,
+            ) from exc
         self.writes.created(spec.name, PodInfo.from_object(created))
         log.info(
             "node %s: created DMP %s (%s, class %s)",
             self.node_name, spec.name, spec.policy, spec.class_name,
         )  # fmt: skip
 
+    async def tolerate(self, change: DmpTolerations) -> None:
+        """Add tolerations to a running DMP (the only change Kubernetes allows to them)."""
+        pod = change.pod
+        patch = [
+            # The same DMP, not a successor of the same name.
+            {"op": "test", "path": "/metadata/uid", "value": pod.uid},
+            *(
+                {"op": "add", "path": "/spec/tolerations/-", "value": t.to_object()}
+                for t in change.add
+            ),
+        ]
+        try:
+            await self.client.patch(
+                PODS, pod.name, patch, namespace=pod.namespace, content_type=_JSON_PATCH,
+                field_manager=FIELD_MANAGER,
+            )  # fmt: skip
+        except APINotFound:
+            return  # gone: the next pass creates it with every toleration
+        self.added.created(pod.uid, (self.added.creating(pod.uid) or ()) + change.add)
+        log.info(
+            "node %s: DMP %s tolerates %s too",
+            self.node_name, pod.name, ", ".join(_describe(t.to_object()) for t in change.add),
+        )  # fmt: skip
+
     async def delete(self, pod: PodInfo, why: str) -> None:
         with contextlib.suppress(APINotFound, APIConflict):
             await self.client.delete(
                 PODS, pod.name, namespace=pod.namespace, uid=pod.uid,
-                grace_seconds=self.delete_grace,
+                grace_seconds=self.template.delete_grace,
             )  # fmt: skip
         self.writes.deleted(pod.uid)
-        self.reaper.forget(pod.name)
         log.info("node %s: deleted DMP %s (%s)", self.node_name, pod.name, why)
+
+
+def _describe(toleration: Mapping[str, object]) -> str:
+    key = toleration.get("key") or "*"
+    effect = toleration.get("effect") or "any effect"
+    return f"{key} ({effect})"

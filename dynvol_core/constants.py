@@ -94,6 +94,7 @@ LABEL_CREDENTIAL: Final = f"{GROUP}/credential"
 
 # Defaults for the Dynamic Mount Pods.
 DEFAULT_DMP_SERVICE_ACCOUNT: Final = "dynvol-dmp"
-DEFAULT_DMP_PRIORITY_CLASS: Final = "system-node-critical"
+#: dynvol's own PriorityClass (manifests/base/priorityclass.yaml): high, and never preempts.
+DEFAULT_DMP_PRIORITY_CLASS: Final = "dynvol-mount"
 DMP_XVOLS_DIR: Final = "/xvols"
 DMP_SECRETS_DIR: Final = "/secrets"

@@ -42,13 +42,17 @@ from dynvol_core.models import (
     OwnerReference,
     PodInfo,
     StorageProviderClass,
+    Toleration,
 )
 from dynvol_core.paths import PodSlot, XvolsLayout
 
 __all__ = [
     "ANNOTATION_DATA_DIGEST",
     "ANNOTATION_SOURCE_SECRET",
+    "DMP_NODE_TOLERATIONS",
+    "MAX_DMP_TOLERATIONS",
     "DmpSpec",
+    "DmpTolerations",
     "Match",
     "NodePlan",
     "Reason",
@@ -58,9 +62,11 @@ __all__ = [
     "dmp_container_resources",
     "dmp_name",
     "dmp_pod_manifest",
+    "dmp_tolerations",
     "dvm_name",
     "label_value",
     "match",
+    "missing_tolerations",
     "mountpoints_overlap",
     "plan_node",
     "resolve_conflicts",
@@ -309,6 +315,8 @@ class DmpSpec:
     pod_namespace: str = ""
     pod_name: str = ""
     pod_uid: str = ""
+    #: The tolerations of the pods it serves (see :func:`dmp_tolerations`).
+    tolerations: tuple[Toleration, ...] = ()
 
     @property
     def credential_secret_name(self) -> str | None:
@@ -380,12 +388,56 @@ def dmp_container_resources(mount: MountResources) -> dict[str, dict[str, str]]:
     return {k: v for k, v in out.items() if v}
 
 
+#: What every DMP tolerates whatever its pods do: a node that is not ready or unreachable
+#: (NoExecute, without a time limit, as DaemonSet pods get). Kubernetes gives the user pods
+#: 300 s for these (DefaultTolerationSeconds) or what they ask for; a DMP evicted first would
+#: pull their mounts from under them, so it outlives them and goes when they are gone (the
+#: node plugin deletes DMPs that serve nothing). NoSchedule taints need no toleration: a DMP
+#: names its node, so no scheduler places it, and kubelet admits it despite them.
+DMP_NODE_TOLERATIONS: tuple[Toleration, ...] = (
+    Toleration(key="node.kubernetes.io/not-ready", operator="Exists", effect="NoExecute"),
+    Toleration(key="node.kubernetes.io/unreachable", operator="Exists", effect="NoExecute"),
+)
+#: More distinct tolerations than this among a DMP's pods and it tolerates every taint
+#: instead (what the union would nearly be anyway); bounds the size of a shared DMP that
+#: many tenants' pods reach.
+MAX_DMP_TOLERATIONS = 64
+_TOLERATE_ALL = Toleration(operator="Exists")
+
+
+def _union(tolerations: Iterable[Toleration]) -> tuple[Toleration, ...]:
+    """Distinct tolerations without time limits, none covered by another, in a fixed order."""
+    distinct = sorted({t.unbounded() for t in tolerations}, key=Toleration.sort_key)
+    return tuple(t for t in distinct if not any(o != t and o.covers(t) for o in distinct))
+
+
+def dmp_tolerations(served: Iterable[Toleration]) -> tuple[Toleration, ...]:
+    """The tolerations of a DMP whose pods tolerate ``served`` (all of them together).
+
+    The union of its pods' tolerations, so that a NoExecute taint they tolerate never
+    evicts the DMP their mounts depend on, without ``tolerationSeconds`` (the DMP is to
+    outlive the pods, not be evicted with them), plus :data:`DMP_NODE_TOLERATIONS`. Beyond
+    :data:`MAX_DMP_TOLERATIONS` entries: one toleration of everything.
+    """
+    union = _union((*DMP_NODE_TOLERATIONS, *served))
+    return (_TOLERATE_ALL,) if len(union) > MAX_DMP_TOLERATIONS else union
+
+
+def missing_tolerations(
+    have: Iterable[Toleration], want: Iterable[Toleration]
+) -> tuple[Toleration, ...]:
+    """The tolerations of ``want`` that no toleration of ``have`` covers."""
+    have = tuple(have)
+    return tuple(w for w in want if not any(h.covers(w) for h in have))
+
+
 def dmp_pod_manifest(
     spec: DmpSpec,
     *,
     service_account_name: str = c.DEFAULT_DMP_SERVICE_ACCOUNT,
     priority_class_name: str = c.DEFAULT_DMP_PRIORITY_CLASS,
     image_pull_policy: str = "IfNotPresent",
+    image_pull_secrets: Iterable[str] = (),
     host_network: bool = False,
     extra_env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -393,8 +445,11 @@ def dmp_pod_manifest(
 
     Privileged, with /dev/fuse and the slot or class directory at /xvols (Bidirectional, so
     its mounts propagate to the host and on to the user pod), pinned to its node, tolerating
-    every taint. The owner is the Node (cluster-scoped owners are the only ones allowed
-    across namespaces): the node plugin deletes independent DMPs when their user pod is gone.
+    what its pods tolerate (:func:`dmp_tolerations`), at ``priority_class_name`` (by default
+    dynvol's own class, which never preempts), pulling its image with the Secrets named by
+    ``image_pull_secrets`` (they must exist in the system namespace). The owner is the Node
+    (cluster-scoped owners are the only ones allowed across namespaces): the node plugin
+    deletes independent DMPs when their user pod is gone.
 
     The credentials volume is the class's copy in the system namespace
     (:func:`credentials_secret_name`), kept by the controller; kubelet swaps its files when
@@ -448,6 +503,11 @@ def dmp_pod_manifest(
     owners = _node_owner(spec)
     if owners:
         metadata["ownerReferences"] = owners
+    pull_secrets: dict[str, Any] = (
+        {"imagePullSecrets": [{"name": name} for name in image_pull_secrets]}
+        if image_pull_secrets
+        else {}
+    )
     network: dict[str, Any] = (
         {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"} if host_network else {}
     )
@@ -463,7 +523,8 @@ def dmp_pod_manifest(
             "restartPolicy": "Always",
             "enableServiceLinks": False,
             "terminationGracePeriodSeconds": 30,
-            "tolerations": [{"operator": "Exists"}],
+            "tolerations": [t.to_object() for t in dmp_tolerations(spec.tolerations)],
+            **pull_secrets,
             "containers": [container],
             "volumes": [
                 {"name": "xvols", "hostPath": {"path": spec.host_path, "type": "Directory"}},
@@ -572,6 +633,9 @@ class NodePlan:
     - ``create_dmps``; ``delete_dmps``: independent DMPs serving nothing and DMPs that
       have terminated; ``idle_dmps``: shared DMPs serving nothing, which the shell deletes
       after a grace delay (they are reference-counted by the mounts that name them).
+    - ``tolerate_dmps``: running DMPs that lack tolerations their pods now have (a new pod
+      brought them); a pod's tolerations can be added to in place, never changed or
+      removed, so the shell adds them and a DMP keeps any it no longer needs.
     - ``orphaned_dvms``: mounts to delete whose DMP is gone, so nothing will unmount them;
       the shell lazily unmounts their target and drops their finalizer.
     - ``matches``: every claim x pod pair on the node, with reasons for rejected ones;
@@ -587,6 +651,7 @@ class NodePlan:
     create_dmps: tuple[DmpSpec, ...] = ()
     delete_dmps: tuple[PodInfo, ...] = ()
     idle_dmps: tuple[PodInfo, ...] = ()
+    tolerate_dmps: tuple[DmpTolerations, ...] = ()
     matches: tuple[Match, ...] = ()
     unpublished: tuple[Match, ...] = ()
 
@@ -599,7 +664,16 @@ class NodePlan:
             or self.delete_dvms
             or self.create_dmps
             or self.delete_dmps
+            or self.tolerate_dmps
         )
+
+
+@attrs.frozen(kw_only=True)
+class DmpTolerations:
+    """Tolerations to add to a running DMP (``add``, after those ``pod`` has)."""
+
+    pod: PodInfo
+    add: tuple[Toleration, ...]
 
 
 def _dmp_for(
@@ -714,6 +788,7 @@ def plan_node(
 
     desired_dvms: dict[tuple[str, str], DynamicVolumeMount] = {}
     desired_dmps: dict[str, DmpSpec] = {}
+    served: dict[str, set[Toleration]] = {}
     unpublished = []
     for m in matches:
         if not m.ok:
@@ -732,9 +807,13 @@ def plan_node(
             system_namespace=system_namespace,
             dmp_image=dmp_image,
         )
-        desired_dmps.setdefault(dmp.name, dmp)
+        dmp = desired_dmps.setdefault(dmp.name, dmp)
+        served.setdefault(dmp.name, set()).update(m.pod.tolerations)
         dvm = _dvm_for(m, slot, dmp, node_name)
         desired_dvms[(dvm.namespace, dvm.name)] = dvm
+
+    for name, tolerations in served.items():
+        desired_dmps[name] = attrs.evolve(desired_dmps[name], tolerations=_union(tolerations))
 
     own_dvms = sorted(
         (d for d in existing_dvms if d.spec.node_name == node_name),
@@ -784,6 +863,17 @@ def plan_node(
             else:
                 delete_dmps.append(p)
     live_dmps = {p.name for p in dmp_pods if not p.terminal and not p.deleting}
+    tolerate = [
+        DmpTolerations(pod=p, add=add)
+        for p in dmp_pods
+        if p.name in live_dmps
+        and p.name in desired_dmps
+        and (
+            add := missing_tolerations(
+                p.tolerations, dmp_tolerations(desired_dmps[p.name].tolerations)
+            )
+        )
+    ]
     orphaned = [
         d
         for d in own_dvms
@@ -801,6 +891,7 @@ def plan_node(
         create_dmps=tuple(create_dmps),
         delete_dmps=tuple(delete_dmps),
         idle_dmps=tuple(idle_dmps),
+        tolerate_dmps=tuple(tolerate),
         matches=matches,
         unpublished=tuple(unpublished),
     )

@@ -2,8 +2,9 @@
 
 With ``--csi-only`` it runs the CSI node plugin alone (Identity + Node services and
 kubelet registration); that is what csi-sanity and the CSI integration tests start. The
-full process adds the node reconciler (DynamicVolumeMounts, DMPs, credential copies for
-the pods on this node), wired to the plugin in :mod:`dynvol.wiring`.
+full process adds the node reconciler (DynamicVolumeMounts and DMPs for the pods on this
+node), wired to the plugin in :mod:`dynvol.wiring`; its ``--dmp-*`` flags become one
+:class:`~dynvol_controllers.DmpTemplate`, checked before anything starts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from dynvol.wiring import (
     serve_node,
     serve_plugin_only,
 )
-from dynvol_core.constants import DEFAULT_ROOT, DEFAULT_SYSTEM_NAMESPACE
+from dynvol_controllers import DmpTemplate, NodeReconcilerSettings
+from dynvol_core.constants import (
+    DEFAULT_DMP_PRIORITY_CLASS,
+    DEFAULT_ROOT,
+    DEFAULT_SYSTEM_NAMESPACE,
+)
 from dynvol_core.errors import DynvolError
 from dynvol_csi import NodePluginConfig, parse_endpoint
 
@@ -103,6 +109,20 @@ def register(subparsers: Any) -> None:
         "--dmp-image-pull-policy",
         default="IfNotPresent",
         choices=["Always", "IfNotPresent", "Never"],
+    )
+    full.add_argument(
+        "--dmp-priority-class",
+        default=DEFAULT_DMP_PRIORITY_CLASS,
+        metavar="NAME",
+        help="the PriorityClass of every DMP; it must exist (default "
+        f"{DEFAULT_DMP_PRIORITY_CLASS}, shipped in the manifests: high, never preempts)",
+    )
+    full.add_argument(
+        "--dmp-image-pull-secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Secret in the system namespace that kubelet pulls the DMP image with (repeatable)",
     )
     full.add_argument(
         "--dmp-host-network",
@@ -187,14 +207,25 @@ def run(args: argparse.Namespace) -> int:
         if not image:
             print("dynvol node: --dmp-image (or $DYNVOL_IMAGE) is required", file=sys.stderr)
             return 2
+        try:
+            reconciler = NodeReconcilerSettings(
+                system_namespace=args.system_namespace,
+                dmp=DmpTemplate(
+                    image=image,
+                    priority_class=args.dmp_priority_class,
+                    image_pull_policy=args.dmp_image_pull_policy,
+                    image_pull_secrets=tuple(args.dmp_image_pull_secret),
+                    host_network=args.dmp_host_network,
+                    env=dmp_env,
+                ),
+                shared_idle_grace=args.shared_idle_grace,
+            )
+        except ValueError as exc:
+            print(f"dynvol node: {exc}", file=sys.stderr)
+            return 2
         settings = NodeSettings(
             kubeconfig=args.kubeconfig,
-            system_namespace=args.system_namespace,
-            dmp_image=image,
-            dmp_image_pull_policy=args.dmp_image_pull_policy,
-            dmp_host_network=args.dmp_host_network,
-            dmp_env=dmp_env,
-            shared_idle_grace=args.shared_idle_grace,
+            reconciler=reconciler,
             blocked_plugins=tuple(args.block_plugin),
         )
         runner = serve_node(config, settings)

@@ -173,10 +173,15 @@ def kubernetes_bin_dir(version: str | None = None, *, bin_dir: Path | None = Non
 
 
 def default_crd_paths() -> tuple[Path, ...]:
-    """dynvol's CRDs, from the installed package (:func:`dynvol.crds.crd_dir`)."""
+    """dynvol's CRDs, from the installed package (:func:`dynvol.crds.crd_dir`), and in a
+    checkout the PriorityClass every Dynamic Mount Pod names (priority admission refuses a
+    pod whose class does not exist)."""
     from dynvol.crds import crd_dir
 
-    return (crd_dir(),)
+    root = repo_root()
+    if root is None:
+        return (crd_dir(),)
+    return (crd_dir(), root / "manifests" / "base" / "priorityclass.yaml")
 
 
 class ToolsMissing(RuntimeError):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 from typing import Any
 
-from dynvol_controllers import NodeReconciler
+from dynvol_controllers import NodeReconciler, NodeReconcilerSettings
 from dynvol_core import constants as c
 from dynvol_core.paths import PodSlot
 from dynvol_kube import Client
@@ -44,8 +44,15 @@ class SyntheticSlots:
         return PodSlot(root=self._root, class_name=class_name, slot_uuid=slot_uuid, pod_uid=pod_uid)
 
 
-def node_reconciler_without_kubelet(client: Client, node: str, **kwargs: Any) -> NodeReconciler:
-    """A :class:`NodeReconciler` for a made-up node, its slots from :class:`SyntheticSlots`."""
-    reconciler = NodeReconciler(client, node, slot_lookup=None, **kwargs)
+def node_reconciler_without_kubelet(
+    client: Client, node: str, *, registry: Any = None, **settings: Any
+) -> NodeReconciler:
+    """A :class:`NodeReconciler` for a made-up node, its slots from :class:`SyntheticSlots`.
+
+    ``settings`` are :meth:`NodeReconcilerSettings.of`'s flat names (``dmp_delete_grace=0``).
+    """
+    reconciler = NodeReconciler(
+        client, node, NodeReconcilerSettings.of(**settings), registry=registry
+    )
     reconciler.slot_lookup = SyntheticSlots(reconciler.pod_class)
     return reconciler

@@ -30,6 +30,7 @@ from dynvol_core.models.fields import ObjectRef, OwnerReference
 from dynvol_core.models.freezing import FrozenMap, format_time, freeze_json, parse_time, thaw_json
 from dynvol_core.models.mounts import DynamicVolumeMount, MountPhase, MountSpec, MountStatus
 from dynvol_core.models.pods import InjectedVolume, PodInfo
+from dynvol_core.models.tolerations import Toleration
 
 __all__ = [
     "BUILTIN_CONFIG_BLOCKS",
@@ -52,6 +53,7 @@ __all__ = [
     "PodInfo",
     "ProviderConfig",
     "StorageProviderClass",
+    "Toleration",
     "config_block_for",
     "format_time",
     "freeze_json",

@@ -1,4 +1,5 @@
-"""Pods as dynvol reads them: identity, labels, dynvol annotations, node, phase, volume.
+"""Pods as dynvol reads them: identity, labels, dynvol annotations, node, phase, volume,
+tolerations.
 
 This is the one reader of pod fields: the controllers, the node plugin and the DMP all go
 through :meth:`PodInfo.from_object`.
@@ -14,6 +15,7 @@ from dynvol_core import constants as c
 from dynvol_core.errors import FieldError
 from dynvol_core.models.fields import Fields, raise_if_errors, read_meta, top_object
 from dynvol_core.models.freezing import FrozenMap, str_map_of
+from dynvol_core.models.tolerations import Toleration
 from dynvol_core.validation import check_dns1123_subdomain
 
 __all__ = ["InjectedVolume", "PodInfo"]
@@ -43,13 +45,15 @@ class PodInfo:
     phase: str = "Pending"
     deleting: bool = False
     volume: InjectedVolume | None = None
+    tolerations: tuple[Toleration, ...] = ()
 
     @classmethod
     def from_object(cls, obj: object) -> PodInfo:
         """Read a Pod.
 
         Pods are not dynvol's to validate, except for the dynvol volume, whose attributes end
-        up in host paths: :raises InvalidObject: if they are malformed.
+        up in host paths, and the tolerations, which the pod's DMP inherits:
+        :raises InvalidObject: if they are malformed.
         """
         top = top_object(obj, "Pod")
         errors: list[FieldError] = []
@@ -57,6 +61,7 @@ class PodInfo:
         spec = Fields(top.get("spec"), "spec", errors)
         status = Fields(top.get("status"), "status", errors)
         volume = _read_injected_volume(spec, errors)
+        tolerations = _read_tolerations(spec, errors)
         raise_if_errors(errors, "Pod", top)
         return cls(
             namespace=meta.namespace,
@@ -68,6 +73,7 @@ class PodInfo:
             phase=status.string("phase", default="Pending"),
             deleting=meta.deleting,
             volume=volume,
+            tolerations=tolerations,
         )
 
     @property
@@ -104,6 +110,17 @@ class PodInfo:
             and not self.deleting
             and not (self.terminal)
         )
+
+
+def _read_tolerations(spec: Fields, errors: list[FieldError]) -> tuple[Toleration, ...]:
+    raw = spec.obj.get("tolerations")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        spec.error("tolerations", "must be a list")
+        return ()
+    read = (Toleration.read(t, f"{spec.at('tolerations')}[{i}]", errors) for i, t in enumerate(raw))
+    return tuple(t for t in read if t is not None)
 
 
 def _read_injected_volume(spec: Fields, errors: list[FieldError]) -> InjectedVolume | None:

@@ -44,10 +44,13 @@ def pod_manifest(
     class_name: str | None = None,
     policy: str = c.POLICY_INDEPENDENT,
     annotations: dict[str, str] | None = None,
+    tolerations: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A pod; with ``class_name`` it carries the volume and mount the webhook injects."""
     container: dict[str, Any] = {"name": "app", "image": "registry.invalid/app:1"}
     spec: dict[str, Any] = {"containers": [container], "terminationGracePeriodSeconds": 0}
+    if tolerations:
+        spec["tolerations"] = tolerations
     if node:
         spec["nodeName"] = node
     if class_name:

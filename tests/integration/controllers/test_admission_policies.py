@@ -454,6 +454,54 @@ async def test_only_the_node_plugin_makes_pods_that_look_like_dmps(
     await _dry_run_pod(client, SYSTEM, plugin_pod)
 
 
+async def test_the_node_plugin_may_only_add_tolerations_to_dmps(
+    client: Client, as_user: Any, tenant_ns: str
+) -> None:
+    node = await as_user(NODE_SA)
+    name = f"dmp-{secrets.token_hex(3)}"
+    dmp = _dmp_like(
+        name,
+        serviceAccountName=c.DEFAULT_DMP_SERVICE_ACCOUNT,
+        tolerations=[{"key": "node.kubernetes.io/not-ready", "operator": "Exists"}],
+    )
+    other = pod_manifest(f"other-{secrets.token_hex(3)}", labels={}, node=None)
+    await node.create(PODS, dmp, namespace=SYSTEM)
+    await client.create(PODS, other, namespace=SYSTEM)
+    json_patch = "application/json-patch+json"
+    added = {"key": "example.com/draining", "operator": "Exists", "effect": "NoExecute"}
+    try:
+        await node.patch(
+            PODS,
+            name,
+            [{"op": "add", "path": "/spec/tolerations/-", "value": added}],
+            namespace=SYSTEM,
+            content_type=json_patch,
+        )
+        stored = await client.get(PODS, name, namespace=SYSTEM)
+        assert stored["spec"]["tolerations"][-1] == added
+        refused = "may change an existing pod only by adding tolerations"
+        for change in (
+            [{"op": "replace", "path": "/spec/containers/0/image", "value": "evil.invalid/x:1"}],
+            [{"op": "add", "path": "/metadata/labels/extra", "value": "x"}],
+            [{"op": "add", "path": "/spec/activeDeadlineSeconds", "value": 5}],
+        ):
+            with pytest.raises(APIError, match=refused):
+                await node.patch(PODS, name, change, namespace=SYSTEM, content_type=json_patch)
+        # Not a DMP: not even a toleration.
+        with pytest.raises(APIError, match=refused):
+            await node.patch(
+                PODS,
+                other["metadata"]["name"],
+                [{"op": "add", "path": "/spec/tolerations", "value": [added]}],
+                namespace=SYSTEM,
+                content_type=json_patch,
+            )
+    finally:
+        for pod in (name, other["metadata"]["name"]):
+            with contextlib.suppress(APIError):
+                await client.delete(PODS, pod, namespace=SYSTEM, grace_seconds=0)
+
+
 async def test_namespace_opt_in_through_the_webhook_passes_the_policy(
     client: Client,
     as_user: Any,

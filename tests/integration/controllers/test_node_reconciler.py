@@ -356,3 +356,78 @@ async def test_bad_claims_mount_nothing(
     finally:
         await objects.delete_pod("b1")
         await _cleanup_system(client, spc)
+
+
+NOT_READY = {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"}
+UNREACHABLE = {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"}
+
+
+async def test_dmps_inherit_tolerations_and_get_their_priority_and_pull_secrets(
+    client: Client, objects: Objects, system_namespace: str
+) -> None:
+    spc = f"s3t-{objects.suffix}"
+    node = f"node-t-{objects.suffix}"
+    await objects.storage_class(spc)
+    labels = {"app": "tolerant"}
+    gpu = {"key": "example.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    draining = {
+        "key": "example.com/draining",
+        "operator": "Equal",
+        "value": "soon",
+        "effect": "NoExecute",
+        "tolerationSeconds": 30,
+    }
+    await objects.pod(
+        "t1", labels=labels, node=node, class_name=spc, policy="shared", tolerations=[gpu]
+    )
+    reconciler = _node_reconciler(client, node, dmp_image_pull_secrets=("registry-a", "registry-b"))
+    try:
+        async with running(reconciler):
+            await objects.claim("tolerant", selector=labels)
+
+            async def one_dmp() -> dict[str, Any] | None:
+                dmps = await _dmps(client, spc)
+                return dmps[0] if len(dmps) == 1 else None
+
+            dmp = await eventually(one_dmp)
+            spec = dmp["spec"]
+            assert spec["tolerations"] == [gpu, NOT_READY, UNREACHABLE]
+            assert spec["imagePullSecrets"] == [{"name": "registry-a"}, {"name": "registry-b"}]
+            # The apiserver's priority admission resolved the shipped PriorityClass.
+            assert spec["priorityClassName"] == c.DEFAULT_DMP_PRIORITY_CLASS
+            assert spec["priority"] == 1_000_000_000
+            assert spec["preemptionPolicy"] == "Never"
+
+            # A second pod tolerates a NoExecute taint the DMP does not: the running DMP
+            # gets that toleration added in place (same pod), without a time limit.
+            await objects.pod(
+                "t2",
+                labels=labels,
+                node=node,
+                class_name=spc,
+                policy="shared",
+                tolerations=[draining],
+            )
+            widened = {k: v for k, v in draining.items() if k != "tolerationSeconds"}
+
+            async def widened_in_place() -> dict[str, Any] | None:
+                dmps = await _dmps(client, spc)
+                if len(dmps) != 1 or widened not in dmps[0]["spec"]["tolerations"]:
+                    return None
+                return dmps[0]
+
+            after = await eventually(widened_in_place)
+            assert after["metadata"]["uid"] == dmp["metadata"]["uid"]
+            assert after["spec"]["tolerations"] == [gpu, NOT_READY, UNREACHABLE, widened]
+
+            # Settled: no further writes, no duplicate tolerations.
+            async def settled() -> bool:
+                return not reconciler.plan().has_actions
+
+            await eventually(settled)
+            (final,) = await _dmps(client, spc)
+            assert final["spec"]["tolerations"] == after["spec"]["tolerations"]
+    finally:
+        for name in ("t1", "t2"):
+            await objects.delete_pod(name)
+        await _cleanup_system(client, spc)

@@ -521,7 +521,13 @@ def test_dmp_pod_manifest() -> None:
     assert pod_spec["nodeName"] == NODE
     assert pod_spec["priorityClassName"] == "dynvol-critical"
     assert pod_spec["serviceAccountName"] == c.DEFAULT_DMP_SERVICE_ACCOUNT
-    assert pod_spec["tolerations"] == [{"operator": "Exists"}]
+    # Not every taint any more: what its pods tolerate plus a node going away
+    # (test_dispatch_scheduling has the rest).
+    assert pod_spec["tolerations"] == [
+        {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+    ]
+    assert "imagePullSecrets" not in pod_spec
     (container,) = pod_spec["containers"]
     assert container["command"] == [
         "dynvol",

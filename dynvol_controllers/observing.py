@@ -1,0 +1,216 @@
+"""What one node reconciler watches, and which changes are worth a pass.
+
+Observe stage of the node reconciler (:mod:`.nodes`): informers for the pods bound to the
+node (``fieldSelector spec.nodeName``), all claims and classes, the node's
+DynamicVolumeMounts and its Dynamic Mount Pods (DMPs), each slimmed to the fields dynvol
+reads, and the models the planner takes, read from them through memoising caches. The
+event handlers call ``nudge`` only for changes that can alter the plan; the writers
+(:mod:`.syncing`) say which watched objects are their own creates coming back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+
+from dynvol_core import constants as c
+from dynvol_core.dispatch import label_value
+from dynvol_core.models import (
+    DynamicVolumeClaim,
+    DynamicVolumeMount,
+    PodInfo,
+    StorageProviderClass,
+)
+from dynvol_kube import Client, Event, Informer, Obj
+from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, PODS
+
+from . import objects
+
+__all__ = ["NodeView"]
+
+OwnCreate = Callable[[Mapping[str, object]], bool]
+
+
+def _claim_uid_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    value = (obj.get("metadata", {}).get("labels") or {}).get(c.LABEL_CLAIM_UID)
+    return (value,) if value else ()
+
+
+def _uid_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
+    uid = obj.get("metadata", {}).get("uid")
+    return (uid,) if uid else ()
+
+
+def slim_pod_with_tolerations(pod: Obj) -> Obj:
+    """:func:`.objects.slim_pod`, keeping ``spec.tolerations`` (a DMP inherits them)."""
+    out = objects.slim_pod(pod)
+    tolerations = (pod.get("spec") or {}).get("tolerations")
+    if tolerations:
+        out["spec"]["tolerations"] = tolerations
+    return out
+
+
+def _changed(event: Event, *, ignore_status: bool) -> bool:
+    """Whether an update changed more than its resourceVersion (and status, if ignored)."""
+    if event.type != "MODIFIED" or event.old is None:
+        return True
+
+    def strip(obj: Mapping[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in obj.items() if not (ignore_status and k == "status")}
+        meta = dict(out.get("metadata") or {})
+        meta.pop("resourceVersion", None)
+        out["metadata"] = meta
+        return out
+
+    return strip(event.obj) != strip(event.old)
+
+
+@attrs.define(eq=False)
+class NodeView:
+    """The informers of one node reconciler and the models read from them."""
+
+    client: Client
+    node_name: str
+    system_namespace: str
+    resync: float | None = None
+    pods: Informer = attrs.field(init=False)
+    claims: Informer = attrs.field(init=False)
+    classes: Informer = attrs.field(init=False)
+    mounts: Informer = attrs.field(init=False)
+    dmps: Informer = attrs.field(init=False)
+    _claim_models: objects.ModelCache = attrs.field(init=False)
+    _pod_models: objects.ModelCache = attrs.field(init=False)
+    _class_models: objects.ModelCache = attrs.field(init=False)
+    _dvm_models: objects.ModelCache = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        node_label = label_value(self.node_name)
+        self._claim_models = objects.ModelCache(DynamicVolumeClaim.from_object)
+        self._pod_models = objects.ModelCache(PodInfo.from_object)
+        self._class_models = objects.ModelCache(StorageProviderClass.from_object)
+        self._dvm_models = objects.ModelCache(DynamicVolumeMount.from_object)
+        self.pods = Informer(
+            self.client,
+            PODS,
+            field_selector=f"spec.nodeName={self.node_name}",
+            transform=slim_pod_with_tolerations,
+            indexers={"uid": _uid_index},
+            resync=self.resync,
+        )
+        self.claims = Informer(self.client, CLAIMS)
+        self.classes = Informer(self.client, CLASSES)
+        self.mounts = Informer(
+            self.client,
+            MOUNTS,
+            label_selector=f"{c.LABEL_NODE}={node_label}",
+            transform=objects.slim_dvm,
+            indexers={"claim-uid": _claim_uid_index},
+        )
+        self.dmps = Informer(
+            self.client,
+            PODS,
+            namespace=self.system_namespace,
+            label_selector=f"{c.LABEL_COMPONENT}={c.COMPONENT_DMP},{c.LABEL_NODE}={node_label}",
+            transform=slim_pod_with_tolerations,
+        )
+
+    @property
+    def informers(self) -> list[Informer]:
+        """Every informer, in the order to start them."""
+        return [self.classes, self.claims, self.pods, self.mounts, self.dmps]
+
+    # -- models --------------------------------------------------------------------------
+
+    def user_pods(self) -> list[PodInfo]:
+        """The pods bound to the node (malformed ones left out)."""
+        return [p for p in (self._pod_models.get_or_none(raw) for raw in self.pods.store) if p]
+
+    def claims_in(self, namespaces: set[str]) -> list[DynamicVolumeClaim]:
+        """The claims of ``namespaces`` (malformed ones left out)."""
+        return [
+            claim
+            for ns in namespaces
+            for raw in self.claims.store.by_index("namespace", ns)
+            if (claim := self._claim_models.get_or_none(raw)) is not None
+        ]
+
+    def storage_classes(self) -> dict[str, StorageProviderClass]:
+        """Every valid class, by name."""
+        return {
+            spc.name: spc
+            for raw in self.classes.store
+            if (spc := self._class_models.get_or_none(raw)) is not None
+        }
+
+    def cached_dvms(self) -> list[DynamicVolumeMount]:
+        """The node's DynamicVolumeMounts as the cache has them."""
+        return [m for m in (self._dvm_models.get_or_none(r) for r in self.mounts.store) if m]
+
+    def cached_dmps(self) -> list[PodInfo]:
+        """The node's DMPs as the cache has them."""
+        return [p for p in (self._pod_models.get_or_none(r) for r in self.dmps.store) if p]
+
+    def pod_class(self, pod_uid: str) -> str | None:
+        """The class of a pod on this node, by UID (for slot lookups that need it)."""
+        for pod in self.pods.store.by_index("uid", pod_uid):
+            return objects.injected_class(pod)
+        return None
+
+    # -- observe -> queue ----------------------------------------------------------------
+
+    def watch(self, nudge: Callable[[], None], *, own_dvm: OwnCreate, own_dmp: OwnCreate) -> None:
+        """Call ``nudge`` for every change that may alter the node's plan."""
+
+        def on_any(event: Event) -> None:
+            if _changed(event, ignore_status=True):
+                nudge()
+
+        def on_pod(event: Event) -> None:
+            if _changed(event, ignore_status=False):
+                nudge()
+
+        def on_claim(event: Event) -> None:
+            # Every node sees every claim; most concern none of its pods. A pass costs far
+            # more than this check, and a cluster of nodes would all pay it.
+            if _changed(event, ignore_status=True) and self._claim_concerns_us(event):
+                nudge()
+
+        def on_mount(event: Event) -> None:
+            if event.type == "ADDED" and own_dvm(event.obj):
+                return  # our own create coming back
+            if _changed(event, ignore_status=True):
+                nudge()
+
+        def on_dmp(event: Event) -> None:
+            if event.type == "ADDED" and own_dmp(event.obj):
+                return  # our own create coming back
+            # Phase matters for DMPs: a Failed one is replaced.
+            if _changed(event, ignore_status=False):
+                nudge()
+
+        self.pods.add_handler(on_pod)
+        self.claims.add_handler(on_claim)
+        self.classes.add_handler(on_any)
+        self.mounts.add_handler(on_mount)
+        self.dmps.add_handler(on_dmp)
+
+    def _claim_concerns_us(self, event: Event) -> bool:
+        meta = event.obj.get("metadata") or {}
+        uid = meta.get("uid", "")
+        if uid and self.mounts.store.by_index("claim-uid", label_value(uid)):
+            return True  # we have mounts for it: any change may matter
+        local = self.pods.store.by_index("namespace", meta.get("namespace", ""))
+        if not local:
+            return False
+        for version in (event.obj, event.old):
+            if version is None:
+                continue
+            claim = self._claim_models.get_or_none(version)
+            if claim is None:
+                continue
+            for raw in local:
+                if claim.selector.selects(raw["metadata"].get("labels") or {}):
+                    return True
+        return False
