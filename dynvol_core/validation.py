@@ -310,7 +310,7 @@ def _authority_problem(authority: str) -> str | None:
             return numeric
     if colon and not port:
         return "must give a port after ':' or leave the ':' out"
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         return "must have a port between 1 and 65535"
     return None
 

@@ -385,6 +385,15 @@ def test_quantity_integer_forms(number: int, suffix: str) -> None:
 # ----------------------------------------------------------------------------- hosts
 
 
+@pytest.mark.parametrize("port", ["\u00b2", "\u0661\u0662", "\uff18\uff10"])
+def test_an_endpoint_port_of_non_ascii_digits_is_an_error_naming_the_field(port: str) -> None:
+    # str.isdigit() accepts superscripts and other scripts' digits; int() does not take
+    # all of them, and a port is ASCII digits only.
+    errors = check_endpoint(f"http://a:{port}", "spec.s3Config.endpoint")
+    assert [e.path for e in errors] == ["spec.s3Config.endpoint"]
+    assert "port" in errors[0].message
+
+
 def test_endpoints_with_escapes_and_ports_split() -> None:
     assert check_endpoint("https://s3.example.com/a%2Cb/~c", "e") == []
     parts = split_endpoint("https://S3.Example.com:8443/base")
