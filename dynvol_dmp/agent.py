@@ -61,6 +61,7 @@ from dynvol_core.mountplans import (
     LazyUnmount,
     Mount,
     Repair,
+    Step,
     plan_mounts,
     plan_teardown,
 )
@@ -154,6 +155,12 @@ class _Owned:
     handle: MountHandle
     stale_reason: str = ""
     repairs: list[float] = attrs.field(factory=list)
+    #: The directory of the pod's slot this mount is in; the agent removes the empty
+    #: directories it made on the way to the target, up to here, once unmounted.
+    slot: PurePosixPath | None = None
+    #: Set once it was unmounted (it may outlive its place in the agent's table while a
+    #: moved mountpoint is mounted anew before the old one goes).
+    released: bool = False
 
 
 def _now() -> dt.datetime:
@@ -412,25 +419,10 @@ class Agent:
         desired_key = _digest(dvm.uid, provider.name, request.config, request.read_only,
                               sorted(request.credentials.values.items()))  # fmt: skip
         desired = DesiredMount(target=target, source=provider.name, fs_type="", key=desired_key)
-        table = read_mount_table()
-        stale: set[PurePosixPath] = set()
-        if owned is not None and owned.stale_reason:
-            stale.add(target)
-        known = {target: owned.desired_key} if owned is not None else {}
-        steps = plan_mounts(
-            desired=[desired],
-            observed=entries_under(table, target, include_self=True),
-            scope=target.parent,
-            stale=stale,
-            known=known,
-        )
-        for step in steps:
+        steps = self._plan(target, desired, owned)
+        for index, step in enumerate(steps):
             if isinstance(step, LazyUnmount):
-                current = self._owned.get(key)
-                if current is not None and current.target == step.target:
-                    await self._unmount_owned(current)
-                else:
-                    await self.host.unmount(step.target, lazy=True)
+                await self._unmount_step(step, owned)
             elif isinstance(step, Repair):
                 delay = self._repair_delay(key)
                 if delay > 0:
@@ -440,6 +432,11 @@ class Agent:
             elif isinstance(step, Mount) and not await self._mount(
                 obj, dvm, provider, request, desired_key
             ):
+                # The old mount of a moved mountpoint goes even if the new one failed: the
+                # object no longer asks for it there (docs/design.md §9).
+                for later in steps[index + 1 :]:
+                    if isinstance(later, LazyUnmount):
+                        await self._unmount_step(later, owned)
                 return RequeueAfter(self._backoff(key))
         owned = self._owned.get(key)
         obj = self._cached(key) or obj
@@ -450,6 +447,51 @@ class Agent:
             await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {target}")
         self._failures.pop(key, None)
         return DONE
+
+    def _plan(
+        self, target: PurePosixPath, desired: DesiredMount, owned: _Owned | None
+    ) -> tuple[Step, ...]:
+        """Observe the mount table at ``target`` (and where this key's mount is now, if it
+        is elsewhere) and plan with :func:`plan_mounts`.
+
+        A changed spec gives another desired key at the same target (config, readOnly,
+        credentials: unmounted, then mounted again) or the same mount at another target (a
+        changed mountpoint: the old target is retired, after the new mount when neither
+        path lies inside the other). docs/design.md §9.
+        """
+        table = read_mount_table()
+        observed = entries_under(table, target, include_self=True)
+        scope = target.parent
+        known: dict[PurePosixPath, str] = {}
+        stale: set[PurePosixPath] = set()
+        retire: set[PurePosixPath] = set()
+        if owned is not None:
+            known[owned.target] = owned.desired_key
+            if owned.stale_reason:
+                stale.add(owned.target)
+            if owned.target != target:
+                retire.add(owned.target)
+                seen = set(observed)
+                observed += tuple(
+                    e
+                    for e in entries_under(table, owned.target, include_self=True)
+                    if e not in seen
+                )
+                common = os.path.commonpath([str(target.parent), str(owned.target.parent)])
+                scope = PurePosixPath(common)
+        return plan_mounts(
+            desired=[desired], observed=observed, scope=scope, stale=stale, known=known,
+            retire=retire,
+        )  # fmt: skip
+
+    async def _unmount_step(self, step: LazyUnmount, previous: _Owned | None) -> None:
+        """Run a planned unmount: this key's previous mount is unmounted through its
+        provider (its daemon stopped); anything else at the target is detached."""
+        if previous is not None and previous.target == step.target and not previous.released:
+            log.info("unmounting %s/%s at %s (%s)", *previous.key, step.target, step.reason)
+            await self._unmount_owned(previous)
+        else:
+            await self.host.unmount(step.target, lazy=True)
 
     async def _untrusted(self, key: Key, dvm: DynamicVolumeMount) -> str | None:
         """Why this mount pod must not act on ``dvm`` (see :mod:`dynvol_dmp.trust`), or None.
@@ -555,7 +597,7 @@ class Agent:
             read_only=dvm.spec.read_only,
             config=config,
             credentials=credentials,
-            work_dir=PurePosixPath(self.settings.work_dir) / (dvm.uid or dvm.name),
+            work_dir=PurePosixPath(self.settings.work_dir) / _mount_dir_name(dvm, target),
         )
         return provider, request
 
@@ -607,7 +649,9 @@ class Agent:
         # The provider mounts at a staging directory of the agent's own, which no pod can
         # reach; the agent then binds that mount onto the opened target (attach), so the
         # path to the target is never resolved again after the no-follow walk.
-        staging = self._staging_root / (dvm.uid or dvm.name)
+        # One staging directory per mount: while a moved mountpoint is mounted anew, the
+        # old mount (attached from its own staging directory) is still to be unmounted.
+        staging = self._staging_root / request.work_dir.name
         try:
             await asyncio.to_thread(os.makedirs, staging, 0o700, True)
             before = read_mount_table()
@@ -691,7 +735,7 @@ class Agent:
         previous = self._owned.get(key)
         self._owned[key] = _Owned(
             key=key, desired_key=desired_key, target=target, provider=provider,
-            request=request, handle=handle,
+            request=request, handle=handle, slot=slot,
             repairs=previous.repairs if previous is not None else [],
         )  # fmt: skip
         log.info("mounted %s/%s at %s", *key, target)
@@ -797,7 +841,9 @@ class Agent:
         return True
 
     async def _unmount_owned(self, owned: _Owned) -> None:
-        self._owned.pop(owned.key, None)
+        if self._owned.get(owned.key) is owned:
+            del self._owned[owned.key]
+        owned.released = True
         try:
             await owned.provider.unmount(owned.handle, self.host)
         except OSError as exc:
@@ -805,8 +851,21 @@ class Agent:
             await self.host.unmount(owned.target, lazy=True)
             if owned.handle.daemon is not None:
                 await self.host.stop_daemon(owned.handle.daemon, kill_after=2.0)
-        await asyncio.to_thread(remove_dir_below, PurePosixPath(self.settings.xvols), owned.target)
+        await asyncio.to_thread(self._remove_dirs, owned)
+        if self._staging_root in owned.handle.target.parents:
+            with contextlib.suppress(OSError):  # not empty: something is still mounted there
+                await asyncio.to_thread(os.rmdir, owned.handle.target)
         log.info("unmounted %s/%s from %s", *owned.key, owned.target)
+
+    def _remove_dirs(self, owned: _Owned) -> None:
+        """Remove the target directory, and the empty ones above it up to the slot (a
+        moved mountpoint leaves nothing of the old one behind in the pod)."""
+        root = PurePosixPath(self.settings.xvols)
+        path = owned.target
+        while remove_dir_below(root, path):
+            path = path.parent
+            if owned.slot is None or owned.slot not in path.parents:
+                break
 
     async def _release(
         self,
@@ -923,6 +982,18 @@ class Agent:
                     "the Dynamic Mount Pod stopped and unmounted this volume; it is mounted "
                     "again when the mount pod runs again",
                 ), 5.0)  # fmt: skip
+
+
+def _mount_dir_name(dvm: DynamicVolumeMount, target: PurePosixPath) -> str:
+    """The name of a mount's work and staging directories: one per object, target and
+    configuration, so that two mounts of one object (a moved mountpoint, mounted before
+    the old one goes) never share a mounter's files or cache, and a mount made again with
+    the same spec (after a restart) finds its files where they were."""
+    spec = dvm.spec
+    return (
+        f"{dvm.uid or dvm.name}-"
+        + _digest(str(target), spec.provider, thaw_json(spec.config), spec.read_only)[:12]
+    )
 
 
 def _announces_mounting(obj: dict[str, Any]) -> bool:
