@@ -1,0 +1,195 @@
+"""Editing every field of a live claim with real mounts in a running pod (docs/design.md §9).
+
+After each edit the pod converges: the new mount serves the right data, and no old mount
+is left, seen from inside the pod (/proc/self/mounts), from the host mount table and from
+the Dynamic Mount Pod's process list (one FUSE daemon, not the old one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.e2e.conftest import API_VERSION, SYSTEM_NAMESPACE, XVOLS, wait_for
+
+if TYPE_CHECKING:
+    from tests.e2e.conftest import Storage
+
+pytestmark = pytest.mark.e2e
+
+DAEMONS = ("s3fs", "rclone")
+
+
+def _fuse_mounts_on_host(class_dir: Path) -> list[str]:
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        point = fields[4].replace("\\040", " ")
+        fs_type = fields[fields.index("-") + 1]
+        if fs_type.startswith("fuse") and point.startswith(str(class_dir) + "/"):
+            points.append(point)
+    return sorted(points)
+
+
+def _pod_mounts(storage: Storage, pod: str) -> list[str]:
+    out = storage.sh(pod, "awk '{print $2}' /proc/self/mounts")
+    return sorted(p for p in out.split() if p.startswith("/dynamic/"))
+
+
+def _dmp_daemons(storage: Storage, dmp: str) -> list[str]:
+    """pid:name of the FUSE daemons in the Dynamic Mount Pod ``dmp``."""
+    script = "for d in /proc/[0-9]*; do echo ${d#/proc/}:$(cat $d/comm 2>/dev/null); done"
+    result = storage.cluster.kubectl(
+        "-n", SYSTEM_NAMESPACE, "exec", dmp, "--", "sh", "-c", script, check=False, timeout=30
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return sorted(
+        line for line in result.stdout.split() if line.partition(":")[2] in DAEMONS
+    )  # fmt: skip
+
+
+def _dvm(storage: Storage, claim: str) -> dict[str, Any] | None:
+    found = [d for d in storage.dvms() if d["spec"]["claimName"] == claim]
+    return found[0] if found else None
+
+
+def _converged(
+    storage: Storage, pod: str, claim: str, mountpoint: str, old: list[str]
+) -> list[str]:
+    """Wait until ``mountpoint`` is the pod's only dynvol mount everywhere; the daemons."""
+    dvm = _dvm(storage, claim)
+    assert dvm is not None
+    dmp = dvm["spec"]["dmpName"]
+    class_dir = XVOLS / storage.class_name
+
+    def settled() -> list[str] | None:
+        daemons = _dmp_daemons(storage, dmp)
+        host = _fuse_mounts_on_host(class_dir)
+        ok = (
+            _pod_mounts(storage, pod) == [f"/dynamic{mountpoint}"]
+            and len(host) == 1
+            and host[0].endswith(mountpoint)
+            and len(daemons) == 1
+            and not set(daemons) & set(old)
+        )
+        return daemons if ok else None
+
+    return wait_for(settled, 60, f"{mountpoint} is the only mount of {pod}")  # type: ignore[no-any-return]
+
+
+def _edit(storage: Storage, claim: str, patch: dict[str, Any]) -> None:
+    storage.cluster.kubectl(
+        "-n", storage.namespace, "patch", "dynamicvolumeclaim", claim, "--type=merge",
+        "-p", json.dumps({"spec": patch}),
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _another_class(storage: Storage) -> Iterator[str]:
+    """A second class like the test's own (same Secret), deleted afterwards."""
+    out = storage.cluster.kubectl("get", "storageproviderclass", storage.class_name, "-o", "json")
+    spc = json.loads(out.stdout)
+    name = f"{storage.class_name}-other"
+    storage.cluster.apply(
+        {"apiVersion": API_VERSION, "kind": "StorageProviderClass", "metadata": {"name": name},
+         "spec": spc["spec"]}
+    )  # fmt: skip
+    try:
+        yield name
+    finally:
+        storage.cluster.kubectl(
+            "delete", "storageproviderclass", name, "--ignore-not-found", "--wait=true",
+            "--timeout=60s", check=False, timeout=90,
+        )  # fmt: skip
+
+
+def _read(storage: Storage, pod: str, path: str, body: str) -> None:
+    storage.wait_content(pod, path, body, timeout=60)
+
+
+@pytest.mark.parametrize("mounter", ["s3fs", "rclone"])
+def test_every_claim_field_changes_on_a_live_claim(storage: Storage, mounter: str) -> None:
+    if mounter != "s3fs":
+        storage.cluster.kubectl(
+            "patch", "storageproviderclass", storage.class_name, "--type=merge",
+            "-p", json.dumps({"spec": {"parameters": {"s3-mounter": mounter}}}),
+        )  # fmt: skip
+    storage.cluster.apply(storage.workload("Pod", "app", {"app": "app"}))
+    (pod,) = storage.wait_ready("app=app", 1)
+    body = f"first {uuid.uuid4().hex}\n"
+    storage.put("which.txt", body)
+    other = storage.minio.make_bucket("e2e-b", {"which.txt": b"other bucket\n"})
+    storage.put("team/which.txt", "team prefix\n")
+    storage.claim("c", mountpoint="/m1", selector={"app": "app"})
+    _read(storage, pod, "/dynamic/m1/which.txt", body)
+    daemons = _converged(storage, pod, "c", "/m1", [])
+
+    # mountpoint: the new one is there, the old one is gone, and its daemon too.
+    _edit(storage, "c", {"mountpoint": "/m2"})
+    _read(storage, pod, "/dynamic/m2/which.txt", body)
+    daemons = _converged(storage, pod, "c", "/m2", daemons)
+    assert storage.exec(pod, "test -e /dynamic/m1").returncode != 0, "/m1 is left in the pod"
+
+    # The provider config: prefix, bucket, endpoint (the same MinIO, spelled another way).
+    port = storage.minio.endpoint.rsplit(":", 1)[1]
+    edits: list[tuple[dict[str, Any], str]] = [
+        ({"s3Config": {"prefix": "team"}}, "team prefix\n"),
+        ({"s3Config": {"prefix": None, "bucket": other}}, "other bucket\n"),
+        ({"s3Config": {"endpoint": f"http://localhost:{port}"}}, "other bucket\n"),
+    ]
+    for patch, expected in edits:
+        _edit(storage, "c", patch)
+        _read(storage, pod, "/dynamic/m2/which.txt", expected)
+        daemons = _converged(storage, pod, "c", "/m2", daemons)
+
+    # readOnly, both ways.
+    _edit(storage, "c", {"readOnly": True})
+    wait_for(
+        lambda: storage.exec(pod, "echo x > /dynamic/m2/ro.txt").returncode != 0,
+        60, "writes fail once readOnly",
+    )  # fmt: skip
+    daemons = _converged(storage, pod, "c", "/m2", daemons)
+    _edit(storage, "c", {"readOnly": False})
+    wait_for(
+        lambda: storage.exec(pod, "echo rw > /dynamic/m2/rw.txt").returncode == 0,
+        60, "writes work again once readOnly is false",
+    )  # fmt: skip
+    daemons = _converged(storage, pod, "c", "/m2", daemons)
+    wait_for(lambda: storage.get("rw.txt", bucket=other) == "rw\n", 30, "rw.txt in the bucket")
+
+    # A pinned storageProviderClass: its own class changes nothing; another unmounts.
+    _edit(storage, "c", {"storageProviderClass": storage.class_name})
+    _converged(storage, pod, "c", "/m2", [])
+    with _another_class(storage) as another:
+        _edit(storage, "c", {"storageProviderClass": another})
+        storage.wait_gone(pod, "/dynamic/m2", timeout=60)
+        wait_for(lambda: _dvm(storage, "c") is None, 60, "the mount of the claim is gone")
+        wait_for(
+            lambda: not _fuse_mounts_on_host(XVOLS / storage.class_name), 60,
+            "no mount on the host",
+        )  # fmt: skip
+        _edit(storage, "c", {"storageProviderClass": None})
+    _read(storage, pod, "/dynamic/m2/which.txt", "other bucket\n")
+
+    # selector: the pod stops matching, then matches again.
+    _edit(storage, "c", {"selector": {"matchLabels": {"app": "nobody"}}})
+    storage.wait_gone(pod, "/dynamic/m2", timeout=60)
+    wait_for(
+        lambda: not _fuse_mounts_on_host(XVOLS / storage.class_name), 60, "no mount on the host"
+    )
+    _edit(storage, "c", {"selector": {"matchLabels": {"app": "app"}}})
+    _read(storage, pod, "/dynamic/m2/which.txt", "other bucket\n")
+    _converged(storage, pod, "c", "/m2", [])
+
+    # Deleting the claim leaves nothing mounted.
+    storage.cluster.kubectl("-n", storage.namespace, "delete", "dynamicvolumeclaim", "c")
+    storage.wait_gone(pod, "/dynamic/m2", timeout=60)
+    wait_for(
+        lambda: not _fuse_mounts_on_host(XVOLS / storage.class_name), 60, "no mount on the host"
+    )
