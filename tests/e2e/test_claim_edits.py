@@ -62,17 +62,24 @@ def _dvm(storage: Storage, claim: str) -> dict[str, Any] | None:
 def _converged(
     storage: Storage, pod: str, claim: str, mountpoint: str, old: list[str]
 ) -> list[str]:
-    """Wait until ``mountpoint`` is the pod's only dynvol mount everywhere; the daemons."""
+    """Wait until ``mountpoint`` is the pod's only dynvol mount everywhere; the daemons.
+
+    Mount points are compared as sets: propagation may show one mount more than once (at
+    peers of one mount point), but a stale mount is at another path.
+    """
     dvm = _dvm(storage, claim)
     assert dvm is not None
     dmp = dvm["spec"]["dmpName"]
     class_dir = XVOLS / storage.class_name
+    seen: list[str] = []
 
     def settled() -> list[str] | None:
         daemons = _dmp_daemons(storage, dmp)
-        host = _fuse_mounts_on_host(class_dir)
+        host = sorted(set(_fuse_mounts_on_host(class_dir)))
+        inside = sorted(set(_pod_mounts(storage, pod)))
+        seen[:] = [f"pod {inside}, host {host}, dmp {dmp} daemons {daemons} (old {old})"]
         ok = (
-            _pod_mounts(storage, pod) == [f"/dynamic{mountpoint}"]
+            inside == [f"/dynamic{mountpoint}"]
             and len(host) == 1
             and host[0].endswith(mountpoint)
             and len(daemons) == 1
@@ -80,7 +87,10 @@ def _converged(
         )
         return daemons if ok else None
 
-    return wait_for(settled, 60, f"{mountpoint} is the only mount of {pod}")  # type: ignore[no-any-return]
+    try:
+        return wait_for(settled, 60, f"{mountpoint} is the only mount of {pod}")  # type: ignore[no-any-return]
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen}") from None
 
 
 def _edit(storage: Storage, claim: str, patch: dict[str, Any]) -> None:
