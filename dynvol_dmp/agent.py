@@ -103,6 +103,10 @@ log = logging.getLogger(__name__)
 COMPONENT = "dynvol-dmp"
 CONDITION_READY = "Ready"
 CONDITION_REPAIRED = "Repaired"
+#: The Ready reason while a deleted mount waits for its open files to be closed.
+REASON_FILES_OPEN = "FilesOpen"
+#: Seconds between looks at a deleted mount still in use.
+DRAIN_INTERVAL = 1.0
 #: Seconds a StorageProviderClass read from the API is reused.
 CLASS_TTL = 30.0
 #: Seconds the agent keeps trying to read its own Pod at start before giving up.
@@ -193,6 +197,8 @@ class Agent:
     _trusted: dict[Key, tuple[str, int]] = attrs.field(factory=dict, init=False)
     #: The last refusal reported for each object, so that it is reported once.
     _refused: dict[Key, tuple[str, int, str]] = attrs.field(factory=dict, init=False)
+    #: When each deleted mount still in use began its unmount grace period (monotonic).
+    _draining: dict[Key, float] = attrs.field(factory=dict, init=False)
     #: Target and staging directory of each mount attempt under way (another attempt's
     #: new mounts are not strays of this one).
     _attempts: dict[Key, tuple[PurePosixPath, PurePosixPath]] = attrs.field(
@@ -392,8 +398,7 @@ class Agent:
             return DONE
         target = self._target(dvm)
         if dvm.spec.dmp_name != self.settings.name or dvm.deleting:
-            await self._release(obj, dvm, owned, target)
-            return DONE
+            return await self._release(obj, dvm, owned, target)
         if target is None:
             message = (
                 f"spec.dmpTargetPath {dvm.spec.dmp_target_path!r} is not below "
@@ -873,29 +878,85 @@ class Agent:
         dvm: DynamicVolumeMount,
         owned: _Owned | None,
         target: PurePosixPath | None,
-    ) -> None:
-        """Unmount (deleted, or reassigned to another DMP) and drop our finalizer."""
+    ) -> Outcome:
+        """Unmount (deleted, or reassigned to another DMP) and drop our finalizer.
+
+        A deleted mount still in use (a file open on it in a pod) is given the class's
+        unmount grace period first, shown as phase Unmounting with reason ``FilesOpen``
+        (docs/design.md §9.5); it is looked at again every second meanwhile.
+        """
+        key = (dvm.namespace, dvm.name)
         if c.FINALIZER_MOUNT not in dvm.finalizers and owned is None:
-            return
+            return DONE
         if dvm.deleting and (obj.get("status") or {}).get("phase") != MountPhase.UNMOUNTING:
             message = "unmounting: the DynamicVolumeMount is being deleted"
             obj = await self._report(obj, MountPhase.UNMOUNTING, "Unmounting", message)
         if owned is not None:
+            if dvm.deleting:
+                wait = await self._drain(obj, dvm, owned)
+                if wait is not None:
+                    return RequeueAfter(wait)
             await self._unmount_owned(owned)
         elif (
             target is not None
-            and target not in self._other_targets((dvm.namespace, dvm.name))
+            and target not in self._other_targets(key)
             and topmost_at(read_mount_table(), target) is not None
         ):
             # Never another object's mount: a second object naming the same target must
             # not be able to unmount it by going away.
             await self.host.unmount(target, lazy=True)
+        self._draining.pop(key, None)
         if c.FINALIZER_MOUNT in dvm.finalizers:
             remaining = [f for f in dvm.finalizers if f != c.FINALIZER_MOUNT]
             with contextlib.suppress(APINotFound):
                 updated = await self._set_finalizers(dvm, remaining)
                 self._remember(updated)
-        self._failures.pop((dvm.namespace, dvm.name), None)
+        self._failures.pop(key, None)
+        return DONE
+
+    async def _drain(
+        self, obj: dict[str, Any], dvm: DynamicVolumeMount, owned: _Owned
+    ) -> float | None:
+        """Unmount ``owned`` if nothing uses it; None once it may be unmounted now (it is
+        idle, or the grace period is over), else the seconds until it is looked at again."""
+        key = owned.key
+        now = time.monotonic()
+        started = self._draining.setdefault(key, now)
+        try:
+            if await self.host.unmount_if_idle(owned.target):
+                return None
+        except OSError as exc:  # e.g. stale: nothing to wait for, detach it
+            log.info("%s/%s: %s; unmounting it at once", *key, exc)
+            return None
+        grace = await self._unmount_grace(dvm)
+        left = started + grace - now
+        if left <= 0:
+            message = (
+                f"files were still open on {owned.target} after the unmount grace period "
+                f"({grace:g}s); it was unmounted and its mounter stopped"
+            )
+            log.warning("%s/%s: %s", *key, message)
+            await self._event(obj, "UnmountGraceExpired", message, "Warning")
+            return None
+        status = obj.get("status") or {}
+        reason = _ready_reason(status)
+        if reason != REASON_FILES_OPEN:
+            message = (
+                f"unmounting: the DynamicVolumeMount is being deleted, and files are still "
+                f"open on {owned.target}; the mounter is stopped when they are closed, or "
+                f"after the unmount grace period of {grace:g}s"
+            )
+            log.info("%s/%s: %s", *key, message)
+            await self._report(obj, MountPhase.UNMOUNTING, REASON_FILES_OPEN, message)
+        return min(DRAIN_INTERVAL, left)
+
+    async def _unmount_grace(self, dvm: DynamicVolumeMount) -> float:
+        """The class's unmount grace period (its default when the class cannot be read)."""
+        try:
+            raw = await self._get_class(dvm.spec.storage_provider_class)
+            return StorageProviderClass.from_object(raw).unmount_grace
+        except (APIError, InvalidObject):
+            return float(c.DEFAULT_UNMOUNT_GRACE)
 
     async def _ensure_finalizer(
         self, obj: dict[str, Any], dvm: DynamicVolumeMount
@@ -1009,6 +1070,13 @@ def _announces_mounting(obj: dict[str, Any]) -> bool:
         return False
     generation = obj.get("metadata", {}).get("generation")
     return not (phase == MountPhase.FAILED and status.get("observedGeneration") == generation)
+
+
+def _ready_reason(status: Mapping[str, Any]) -> str:
+    for condition in _conditions(status):
+        if condition.type == CONDITION_READY:
+            return condition.reason
+    return ""
 
 
 def _reason(text: str) -> str:
