@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.e2e.conftest import API_VERSION, SYSTEM_NAMESPACE, XVOLS, wait_for
+from tests.e2e.conftest import API_VERSION, GROUP, SYSTEM_NAMESPACE, XVOLS, wait_for
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import Storage
@@ -203,3 +204,85 @@ def test_every_claim_field_changes_on_a_live_claim(storage: Storage, mounter: st
     wait_for(
         lambda: not _fuse_mounts_on_host(XVOLS / storage.class_name), 60, "no mount on the host"
     )
+
+
+# -- deleting a claim while a pod still writes (docs/design.md §9.5) ----------------------
+
+
+@contextlib.contextmanager
+def _in_background(storage: Storage, pod: str, script: str) -> Iterator[subprocess.Popen[str]]:
+    """``script`` running in ``pod`` (through kubectl exec) while the test goes on."""
+    argv = storage.cluster.kubectl_argv(
+        "-n", storage.namespace, "exec", pod, "-c", "main", "--", "sh", "-c", script
+    )  # fmt: skip
+    proc = subprocess.Popen(argv, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+def _delete_claim(storage: Storage, name: str) -> None:
+    storage.cluster.kubectl(
+        "-n", storage.namespace, "delete", "dynamicvolumeclaim", name, "--wait=false"
+    )  # fmt: skip
+
+
+def _files_open(storage: Storage, claim: str) -> bool:
+    dvm = _dvm(storage, claim)
+    status = (dvm or {}).get("status") or {}
+    reasons = [x.get("reason") for x in status.get("conditions") or [] if x.get("type") == "Ready"]
+    return status.get("phase") == "Unmounting" and reasons == ["FilesOpen"]
+
+
+def test_a_file_open_across_the_claims_deletion_is_complete(storage: Storage) -> None:
+    storage.cluster.apply(storage.workload("Pod", "app", {"app": "app"}))
+    (pod,) = storage.wait_ready("app=app", 1)
+    storage.put("hello.txt", "hello\n")
+    storage.claim("c", mountpoint="/data", selector={"app": "app"})
+    _read(storage, pod, "/dynamic/data/hello.txt", "hello\n")
+    script = (
+        "exec 3> /dynamic/data/long.txt && echo part1 >&3 && touch /tmp/opened && sleep 10 "
+        "&& echo part2 >&3 && exec 3>&- && echo closed"
+    )
+    with _in_background(storage, pod, script) as proc:
+        wait_for(lambda: storage.exec(pod, "test -e /tmp/opened").returncode == 0, 30, "opened")
+        _delete_claim(storage, "c")
+        wait_for(lambda: _files_open(storage, "c"), 30, "the dvm shows Unmounting, FilesOpen")
+        assert proc.poll() is None, "the writer finished before the deletion was seen"
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert out.strip() == "closed"
+    storage.wait_gone(pod, "/dynamic/data", timeout=60)
+    assert storage.get("long.txt") == "part1\npart2\n"
+    wait_for(lambda: _dvm(storage, "c") is None, 60, "the dvm is gone")
+    assert not _fuse_mounts_on_host(XVOLS / storage.class_name)
+
+
+def test_a_large_copy_finishing_after_the_deletion_reaches_the_bucket(storage: Storage) -> None:
+    # Generous on a 2-core machine: the copy is uploaded when it is closed, within the grace.
+    storage.cluster.kubectl(
+        "patch", "storageproviderclass", storage.class_name, "--type=merge",
+        "-p", json.dumps({"spec": {"parameters": {f"{GROUP}/unmount-grace-period": "240"}}}),
+    )  # fmt: skip
+    storage.cluster.apply(storage.workload("Pod", "app", {"app": "app"}))
+    (pod,) = storage.wait_ready("app=app", 1)
+    storage.put("hello.txt", "hello\n")
+    storage.claim("c", mountpoint="/data", selector={"app": "app"})
+    _read(storage, pod, "/dynamic/data/hello.txt", "hello\n")
+    script = "dd if=/dev/zero of=/dynamic/data/big bs=1M count=256 2>/dev/null && echo copied"
+    with _in_background(storage, pod, script) as proc:
+        wait_for(
+            lambda: storage.exec(pod, "test -e /dynamic/data/big").returncode == 0, 60, "copying"
+        )
+        _delete_claim(storage, "c")
+        assert proc.poll() is None, "the copy finished before the deletion started"
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        assert out.strip() == "copied"
+    storage.wait_gone(pod, "/dynamic/data", timeout=120)
+    head = storage.s3.head_object(Bucket=storage.bucket, Key="big")
+    assert head["ContentLength"] == 256 * 1024 * 1024
+    wait_for(lambda: _dvm(storage, "c") is None, 60, "the dvm is gone")
