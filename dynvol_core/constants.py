@@ -102,4 +102,7 @@ LABEL_CREDENTIAL: Final = f"{GROUP}/credential"
 DEFAULT_DMP_SERVICE_ACCOUNT: Final = "dynvol-dmp"
 DEFAULT_DMP_PRIORITY_CLASS: Final = "system-node-critical"
 DMP_XVOLS_DIR: Final = "/xvols"
+#: The DMP agent's --work-dir (mounters' files and caches, e.g. rclone's VFS write cache):
+#: an emptyDir, so that it survives a restart of the DMP container.
+DMP_WORK_DIR: Final = "/run/dynvol/dmp"
 DMP_SECRETS_DIR: Final = "/secrets"
