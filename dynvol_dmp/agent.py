@@ -96,6 +96,7 @@ from dynvol_providers import (
     UnknownProvider,
 )
 from dynvol_providers.base import parse_provider_config
+from dynvol_providers.builtin.rclone import pending_uploads, rclone_cache_dir
 from dynvol_providers.hosting import LocalHost, read_mount_table
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ CONDITION_READY = "Ready"
 CONDITION_REPAIRED = "Repaired"
 #: The Ready reason while a deleted mount waits for its open files to be closed.
 REASON_FILES_OPEN = "FilesOpen"
+#: ... and while rclone still uploads files that were closed on it.
+REASON_UPLOADS_PENDING = "UploadsPending"
 #: Seconds between looks at a deleted mount still in use.
 DRAIN_INTERVAL = 1.0
 #: Seconds a StorageProviderClass read from the API is reused.
@@ -922,32 +925,40 @@ class Agent:
         key = owned.key
         now = time.monotonic()
         started = self._draining.setdefault(key, now)
-        try:
-            if await self.host.unmount_if_idle(owned.target):
+        # rclone uploads closed files in the background, and would drop an upload under
+        # way if stopped: wait for its write cache first (the unmount makes it exit).
+        pending = 0
+        if owned.handle.fs_type == "fuse.rclone":
+            cache = rclone_cache_dir(owned.request)
+            pending = await asyncio.to_thread(pending_uploads, cache)
+        if pending:
+            reason, why = REASON_UPLOADS_PENDING, f"{pending} file(s) are still being uploaded"
+        else:
+            try:
+                if await self.host.unmount_if_idle(owned.target):
+                    return None
+            except OSError as exc:  # e.g. stale: nothing to wait for, detach it
+                log.info("%s/%s: %s; unmounting it at once", *key, exc)
                 return None
-        except OSError as exc:  # e.g. stale: nothing to wait for, detach it
-            log.info("%s/%s: %s; unmounting it at once", *key, exc)
-            return None
+            reason, why = REASON_FILES_OPEN, "files are still open on it"
         grace = await self._unmount_grace(dvm)
         left = started + grace - now
         if left <= 0:
             message = (
-                f"files were still open on {owned.target} after the unmount grace period "
-                f"({grace:g}s); it was unmounted and its mounter stopped"
+                f"{why} after the unmount grace period ({grace:g}s) of {owned.target}; it "
+                "was unmounted and its mounter stopped"
             )
             log.warning("%s/%s: %s", *key, message)
             await self._event(obj, "UnmountGraceExpired", message, "Warning")
             return None
-        status = obj.get("status") or {}
-        reason = _ready_reason(status)
-        if reason != REASON_FILES_OPEN:
+        if _ready_reason(obj.get("status") or {}) != reason:
             message = (
-                f"unmounting: the DynamicVolumeMount is being deleted, and files are still "
-                f"open on {owned.target}; the mounter is stopped when they are closed, or "
-                f"after the unmount grace period of {grace:g}s"
+                f"unmounting: the DynamicVolumeMount is being deleted, and {why} "
+                f"({owned.target}); the mounter is stopped once that is done, or after the "
+                f"unmount grace period of {grace:g}s"
             )
             log.info("%s/%s: %s", *key, message)
-            await self._report(obj, MountPhase.UNMOUNTING, REASON_FILES_OPEN, message)
+            await self._report(obj, MountPhase.UNMOUNTING, reason, message)
         return min(DRAIN_INTERVAL, left)
 
     async def _unmount_grace(self, dvm: DynamicVolumeMount) -> float:

@@ -152,3 +152,29 @@ async def test_the_grace_period_ends_and_the_mount_goes(
     assert mounts_under(slot.path) == []
     assert agent.daemons() == []
     assert agent.stop() == 0, agent.log_tail()
+
+
+async def test_rclone_uploads_what_was_closed_before_it_is_stopped(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    s3 = minio.client()
+    bucket = minio.make_bucket("grace-rclone")
+    agent = agent_factory(s3_keys)
+    name = await _mounted(minio, mounts, slot, agent, bucket, {"s3-mounter": "rclone"})
+    # rclone's write cache uploads a file after it is closed: the deletion right after the
+    # close must not stop rclone before the upload is done.
+    path = container.root / "data" / "big.bin"
+    result = container.sh(f"head -c 67108864 /dev/urandom > '{path}'", timeout=60)
+    assert result.returncode == 0, result.stderr
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, limit=60, what="released", agent=agent)
+    head = s3.head_object(Bucket=bucket, Key="big.bin")
+    assert head["ContentLength"] == 64 * 1024 * 1024
+    assert mounts_under(slot.path) == []
+    assert agent.daemons() == []
+    assert agent.stop() == 0, agent.log_tail()
