@@ -6,6 +6,9 @@ was written and closed reaches the bucket. Real apiserver, MinIO, s3fs, mount na
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +21,7 @@ from dynvol.testing.mounts import mounts_under
 from dynvol.testing.processes import Process
 from dynvol_core import constants as c
 
-from .conftest import AgentRunner, Container, Mounts, Slot, phase_is
+from .conftest import AgentRunner, Container, Mounts, Slot, descendants, phase_is
 
 pytestmark = pytest.mark.integration
 
@@ -175,6 +178,53 @@ async def test_rclone_uploads_what_was_closed_before_it_is_stopped(
     await mounts.wait(name, lambda o: o is None, limit=60, what="released", agent=agent)
     head = s3.head_object(Bucket=bucket, Key="big.bin")
     assert head["ContentLength"] == 64 * 1024 * 1024
+    assert mounts_under(slot.path) == []
+    assert agent.daemons() == []
+    assert agent.stop() == 0, agent.log_tail()
+
+
+async def test_rclone_resumes_an_upload_cut_by_a_killed_mount_pod(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    s3 = minio.client()
+    bucket = minio.make_bucket("resume-rclone")
+    agent = agent_factory(s3_keys)
+    name = await _mounted(minio, mounts, slot, agent, bucket, {"s3-mounter": "rclone"})
+    path = container.root / "data" / "cut.bin"
+    result = container.sh(f"head -c 67108864 /dev/urandom > '{path}'", timeout=60)
+    assert result.returncode == 0, result.stderr
+    # The mount pod's container dies mid-upload (every process in it at once); its work
+    # dir, an emptyDir in a real DMP, stays. Nothing was uploaded yet.
+    assert agent.process is not None
+    victims = [agent.process.pid, *descendants(agent.process.pid)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    agent.stop(timeout=10)
+    with pytest.raises(s3.exceptions.ClientError):
+        s3.head_object(Bucket=bucket, Key="cut.bin")
+    # The restarted agent mounts again on the same cache, and rclone finishes the upload.
+    agent.start()
+    await mounts.wait(name, phase_is("Mounted"), limit=60, what="Mounted again", agent=agent)
+
+    def uploaded() -> bool:
+        try:
+            head = s3.head_object(Bucket=bucket, Key="cut.bin")
+        except s3.exceptions.ClientError:
+            return False
+        return bool(head["ContentLength"] == 64 * 1024 * 1024)
+
+    deadline = time.monotonic() + 60
+    while not await asyncio.to_thread(uploaded):
+        assert time.monotonic() < deadline, f"the cut upload was not resumed{agent.log_tail()}"
+        await asyncio.sleep(0.5)
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, limit=60, what="released", agent=agent)
     assert mounts_under(slot.path) == []
     assert agent.daemons() == []
     assert agent.stop() == 0, agent.log_tail()
