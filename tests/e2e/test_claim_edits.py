@@ -286,3 +286,61 @@ def test_a_large_copy_finishing_after_the_deletion_reaches_the_bucket(storage: S
     head = storage.s3.head_object(Bucket=storage.bucket, Key="big")
     assert head["ContentLength"] == 256 * 1024 * 1024
     wait_for(lambda: _dvm(storage, "c") is None, 60, "the dvm is gone")
+
+
+def _kill_container(storage: Storage, pod: dict[str, Any]) -> None:
+    """SIGKILL the DMP's container through the node's containerd (as an OOM kill does)."""
+    (status,) = pod["status"]["containerStatuses"]
+    container_id = status["containerID"].removeprefix("containerd://")
+    socket = storage.cluster.dir / "containerd" / "containerd.sock"
+    subprocess.run(
+        ["ctr", "--address", str(socket), "-n", "k8s.io", "task", "kill", "-s", "SIGKILL",
+         container_id],
+        check=True, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_rclone_finishes_an_upload_cut_by_a_killed_dmp_container(storage: Storage) -> None:
+    storage.cluster.kubectl(
+        "patch", "storageproviderclass", storage.class_name, "--type=merge",
+        "-p", json.dumps({"spec": {"parameters": {"s3-mounter": "rclone"}}}),
+    )  # fmt: skip
+    storage.cluster.apply(storage.workload("Pod", "app", {"app": "app"}))
+    (pod,) = storage.wait_ready("app=app", 1)
+    storage.put("hello.txt", "hello\n")
+    storage.claim("c", mountpoint="/data", selector={"app": "app"})
+    _read(storage, pod, "/dynamic/data/hello.txt", "hello\n")
+    dvm = _dvm(storage, "c")
+    assert dvm is not None
+    dmp = storage.cluster.get("pod", dvm["spec"]["dmpName"], SYSTEM_NAMESPACE)
+    size = 128 * 1024 * 1024
+    storage.sh(pod, f"head -c {size} /dev/urandom > /dynamic/data/cut.bin")
+    # Closed, in rclone's write cache, and being uploaded: the container dies now.
+    _kill_container(storage, dmp)
+    assert storage.get("hello.txt") == "hello\n"
+    try:
+        storage.s3.head_object(Bucket=storage.bucket, Key="cut.bin")
+        uploaded_before = True
+    except storage.s3.exceptions.ClientError:
+        uploaded_before = False
+    assert not uploaded_before, "the upload finished before the container was killed"
+
+    def restarted() -> bool:
+        current = storage.cluster.get("pod", dmp["metadata"]["name"], SYSTEM_NAMESPACE)
+        statuses = current["status"].get("containerStatuses") or [{}]
+        return bool(statuses[0].get("restartCount", 0) >= 1 and statuses[0].get("ready"))
+
+    wait_for(restarted, 120, "the DMP container runs again")
+
+    def complete() -> bool:
+        try:
+            head = storage.s3.head_object(Bucket=storage.bucket, Key="cut.bin")
+        except storage.s3.exceptions.ClientError:
+            return False
+        return bool(head["ContentLength"] == size)
+
+    wait_for(complete, 180, "the cut upload is finished after the restart", interval=1.0)
+    wait_for(
+        lambda: storage.exec(pod, "wc -c < /dynamic/data/cut.bin").stdout.strip() == str(size),
+        60, "the pod reads the whole file through the mount again",
+    )  # fmt: skip
