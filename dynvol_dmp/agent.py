@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -390,6 +391,7 @@ class Agent:
             if owned is not None:
                 await self._unmount_owned(owned)
             self._failures.pop(key, None)
+            self._draining.pop(key, None)
             return DONE
         try:
             dvm = DynamicVolumeMount.from_object(obj)
@@ -430,7 +432,7 @@ class Agent:
         steps = self._plan(target, desired, owned)
         for index, step in enumerate(steps):
             if isinstance(step, LazyUnmount):
-                await self._unmount_step(step, owned)
+                await self._unmount_step(step, owned, request.work_dir)
             elif isinstance(step, Repair):
                 delay = self._repair_delay(key)
                 if delay > 0:
@@ -444,7 +446,7 @@ class Agent:
                 # object no longer asks for it there (docs/design.md §9).
                 for later in steps[index + 1 :]:
                     if isinstance(later, LazyUnmount):
-                        await self._unmount_step(later, owned)
+                        await self._unmount_step(later, owned, request.work_dir)
                 return RequeueAfter(self._backoff(key))
         owned = self._owned.get(key)
         obj = self._cached(key) or obj
@@ -492,12 +494,19 @@ class Agent:
             retire=retire,
         )  # fmt: skip
 
-    async def _unmount_step(self, step: LazyUnmount, previous: _Owned | None) -> None:
+    async def _unmount_step(
+        self, step: LazyUnmount, previous: _Owned | None, keep: PurePosixPath
+    ) -> None:
         """Run a planned unmount: this key's previous mount is unmounted through its
-        provider (its daemon stopped); anything else at the target is detached."""
+        provider (its daemon stopped) and its work directory removed unless the new mount
+        uses it (``keep``); anything else at the target is detached."""
         if previous is not None and previous.target == step.target and not previous.released:
             log.info("unmounting %s/%s at %s (%s)", *previous.key, step.target, step.reason)
             await self._unmount_owned(previous)
+            if previous.request.work_dir != keep:
+                await asyncio.to_thread(
+                    shutil.rmtree, previous.request.work_dir, ignore_errors=True
+                )
         else:
             await self.host.unmount(step.target, lazy=True)
 
@@ -900,6 +909,10 @@ class Agent:
                 if wait is not None:
                     return RequeueAfter(wait)
             await self._unmount_owned(owned)
+            if dvm.deleting:
+                # Nothing will mount with these files again (the mounter's credentials
+                # file among them); a stopped agent keeps them for the mount made anew.
+                await asyncio.to_thread(shutil.rmtree, owned.request.work_dir, ignore_errors=True)
         elif (
             target is not None
             and target not in self._other_targets(key)

@@ -144,6 +144,9 @@ async def test_a_changed_mountpoint_moves_the_mount(
     await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
     assert mounts_under(slot.path) == []
     assert agent.daemons() == []
+    # No mounter's files (credentials among them) are left of any mount made on the way.
+    assert [p.name for p in agent.work_dir.iterdir()] == [".staging"]
+    assert list((agent.work_dir / ".staging").iterdir()) == []
     assert agent.stop() == 0, agent.log_tail()
 
 
@@ -188,6 +191,9 @@ async def test_changed_s3_config_and_read_only_remount(
     await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
     assert mounts_under(slot.path) == []
     assert agent.daemons() == []
+    # No mounter's files (credentials among them) are left of any mount made on the way.
+    assert [p.name for p in agent.work_dir.iterdir()] == [".staging"]
+    assert list((agent.work_dir / ".staging").iterdir()) == []
     assert agent.stop() == 0, agent.log_tail()
 
 
@@ -222,6 +228,9 @@ async def test_changed_rclone_remote_and_path_remount(
     await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
     assert mounts_under(slot.path) == []
     assert agent.daemons() == []
+    # No mounter's files (credentials among them) are left of any mount made on the way.
+    assert [p.name for p in agent.work_dir.iterdir()] == [".staging"]
+    assert list((agent.work_dir / ".staging").iterdir()) == []
     assert agent.stop() == 0, agent.log_tail()
 
 
