@@ -109,6 +109,9 @@ CONDITION_REPAIRED = "Repaired"
 REASON_FILES_OPEN = "FilesOpen"
 #: ... and while rclone still uploads files that were closed on it.
 REASON_UPLOADS_PENDING = "UploadsPending"
+#: Why a mount still in use is to be unmounted, for the Unmounting message.
+CAUSE_DELETED = "the DynamicVolumeMount is being deleted"
+CAUSE_CHANGED = "the DynamicVolumeMount's configuration changed (it is mounted again)"
 #: Seconds between looks at a deleted mount still in use.
 DRAIN_INTERVAL = 1.0
 #: Seconds a StorageProviderClass read from the API is reused.
@@ -432,6 +435,12 @@ class Agent:
         steps = self._plan(target, desired, owned)
         for index, step in enumerate(steps):
             if isinstance(step, LazyUnmount):
+                if step.reason == "ConfigChanged" and owned is not None and not owned.released:
+                    # The new mount goes where the old one is: files open on the old one
+                    # get the grace period first (a move mounts anew before, §9.1).
+                    wait = await self._drain(obj, dvm, owned, cause=CAUSE_CHANGED)
+                    if wait is not None:
+                        return RequeueAfter(wait)
                 await self._unmount_step(step, owned, request.work_dir)
             elif isinstance(step, Repair):
                 delay = self._repair_delay(key)
@@ -861,6 +870,7 @@ class Agent:
         if self._owned.get(owned.key) is owned:
             del self._owned[owned.key]
         owned.released = True
+        self._draining.pop(owned.key, None)
         try:
             await owned.provider.unmount(owned.handle, self.host)
         except OSError as exc:
@@ -905,7 +915,7 @@ class Agent:
             obj = await self._report(obj, MountPhase.UNMOUNTING, "Unmounting", message)
         if owned is not None:
             if dvm.deleting:
-                wait = await self._drain(obj, dvm, owned)
+                wait = await self._drain(obj, dvm, owned, cause=CAUSE_DELETED)
                 if wait is not None:
                     return RequeueAfter(wait)
             await self._unmount_owned(owned)
@@ -931,7 +941,7 @@ class Agent:
         return DONE
 
     async def _drain(
-        self, obj: dict[str, Any], dvm: DynamicVolumeMount, owned: _Owned
+        self, obj: dict[str, Any], dvm: DynamicVolumeMount, owned: _Owned, *, cause: str
     ) -> float | None:
         """Unmount ``owned`` if nothing uses it; None once it may be unmounted now (it is
         idle, or the grace period is over), else the seconds until it is looked at again."""
@@ -966,7 +976,7 @@ class Agent:
             return None
         if _ready_reason(obj.get("status") or {}) != reason:
             message = (
-                f"unmounting: the DynamicVolumeMount is being deleted, and {why} "
+                f"unmounting: {cause}, and {why} "
                 f"({owned.target}); the mounter is stopped once that is done, or after the "
                 f"unmount grace period of {grace:g}s"
             )

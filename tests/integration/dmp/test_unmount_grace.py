@@ -228,3 +228,58 @@ async def test_rclone_resumes_an_upload_cut_by_a_killed_mount_pod(
     assert mounts_under(slot.path) == []
     assert agent.daemons() == []
     assert agent.stop() == 0, agent.log_tail()
+
+
+async def test_a_file_open_across_a_config_change_is_completed_first(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+    writer: Callable[[str], Process],
+    tmp_path: Path,
+) -> None:
+    s3 = minio.client()
+    bucket = minio.make_bucket("grace-edit")
+    agent = agent_factory(s3_keys)
+    name = await _mounted(minio, mounts, slot, agent, bucket)
+    (old_daemon,) = agent.daemons()
+    opened = tmp_path / "opened"
+    path = container.root / "data" / "edit.txt"
+    proc = writer(
+        f"exec 3> '{path}' && echo before >&3 && touch '{opened}' && sleep 6 && "
+        "echo after >&3 && exec 3>&-"
+    )
+    deadline = time.monotonic() + 10
+    while not opened.exists():
+        assert proc.poll() is None, proc.log_tail()
+        assert time.monotonic() < deadline, "the writer did not start"
+        await asyncio.sleep(0.05)
+    await mounts.edit(name, readOnly=True)  # the same target, mounted anew
+
+    def files_open(obj: dict[str, Any] | None) -> bool:
+        return (obj or {}).get("status", {}).get("phase") == "Unmounting" and _ready_reason(
+            obj
+        ) == "FilesOpen"
+
+    obj = await mounts.wait(name, files_open, what="Unmounting, FilesOpen", agent=agent)
+    assert obj is not None
+    assert "configuration changed" in obj["status"]["message"]
+    assert agent.daemons() == [old_daemon]  # the old mounter serves the open file meanwhile
+    deadline = time.monotonic() + 15
+    while proc.poll() is None:  # it closes the file by itself, 6 s after opening it
+        assert time.monotonic() < deadline, "the writer did not finish"
+        await asyncio.sleep(0.1)
+    assert proc.poll() == 0, proc.log_tail()
+    await mounts.wait(name, phase_is("Mounted"), limit=30, what="Mounted again", agent=agent)
+    body = s3.get_object(Bucket=bucket, Key="edit.txt")["Body"].read()
+    assert body == b"before\nafter\n"
+    denied = container.sh(f"echo x > '{container.root}/data/ro.txt'")
+    assert denied.returncode != 0
+    assert "Read-only file system" in denied.stderr
+    assert len(agent.daemons()) == 1
+    assert agent.daemons() != [old_daemon]
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
+    assert agent.stop() == 0, agent.log_tail()
