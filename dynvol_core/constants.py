@@ -26,6 +26,11 @@ PARAM_MOUNT_CPU_REQUEST: Final = f"{GROUP}/mount-cpu-request"
 PARAM_MOUNT_MEMORY_REQUEST: Final = f"{GROUP}/mount-memory-request"
 PARAM_MOUNT_CPU_LIMIT: Final = f"{GROUP}/mount-cpu-limit"
 PARAM_MOUNT_MEMORY_LIMIT: Final = f"{GROUP}/mount-memory-limit"
+#: Seconds a deleted mount with files still open in a pod is kept before its mounter is
+#: stopped (a whole number, 0 to MAX_UNMOUNT_GRACE; default DEFAULT_UNMOUNT_GRACE).
+PARAM_UNMOUNT_GRACE: Final = f"{GROUP}/unmount-grace-period"
+DEFAULT_UNMOUNT_GRACE: Final = 30
+MAX_UNMOUNT_GRACE: Final = 3600
 #: Every parameter key dynvol itself understands. Other keys under the dynvol prefix are
 #: rejected as probable typos; keys without the prefix belong to the provider.
 KNOWN_PARAMETERS: Final = frozenset(
@@ -36,6 +41,7 @@ KNOWN_PARAMETERS: Final = frozenset(
         PARAM_MOUNT_MEMORY_REQUEST,
         PARAM_MOUNT_CPU_LIMIT,
         PARAM_MOUNT_MEMORY_LIMIT,
+        PARAM_UNMOUNT_GRACE,
     }
 )
 
@@ -97,4 +103,7 @@ DEFAULT_DMP_SERVICE_ACCOUNT: Final = "dynvol-dmp"
 #: dynvol's own PriorityClass (manifests/base/priorityclass.yaml): high, and never preempts.
 DEFAULT_DMP_PRIORITY_CLASS: Final = "dynvol-mount"
 DMP_XVOLS_DIR: Final = "/xvols"
+#: The DMP agent's --work-dir (mounters' files and caches, e.g. rclone's VFS write cache):
+#: an emptyDir, so that it survives a restart of the DMP container.
+DMP_WORK_DIR: Final = "/run/dynvol/dmp"
 DMP_SECRETS_DIR: Final = "/secrets"

@@ -471,6 +471,8 @@ def dmp_pod_manifest(
         c.DMP_XVOLS_DIR,
         "--secrets-dir",
         c.DMP_SECRETS_DIR,
+        "--work-dir",
+        c.DMP_WORK_DIR,
     ]
     secret_volume: dict[str, Any] = (
         {"secret": {"secretName": spec.credential_secret_name, "defaultMode": 0o400}}
@@ -492,6 +494,7 @@ def dmp_pod_manifest(
             {"name": "xvols", "mountPath": c.DMP_XVOLS_DIR, "mountPropagation": "Bidirectional"},
             {"name": "fuse", "mountPath": "/dev/fuse"},
             {"name": "credentials", "mountPath": c.DMP_SECRETS_DIR, "readOnly": True},
+            {"name": "work", "mountPath": c.DMP_WORK_DIR},
         ],
     }
     container["resources"] = dmp_container_resources(spec.resources)
@@ -530,6 +533,9 @@ def dmp_pod_manifest(
                 {"name": "xvols", "hostPath": {"path": spec.host_path, "type": "Directory"}},
                 {"name": "fuse", "hostPath": {"path": "/dev/fuse", "type": "CharDevice"}},
                 {"name": "credentials", **secret_volume},
+                # Survives a restart of the container (not of the pod): a mounter's cache
+                # of writes not uploaded yet is found again by the mount made anew.
+                {"name": "work", "emptyDir": {}},
             ],
         },
     }

@@ -15,13 +15,22 @@ Rules of :func:`plan_mounts`, for the mounts strictly below ``scope``:
 - a mounted desired target that answered ``ENOTCONN`` (``stale``) gets ``Repair``;
 - a mount that is not desired is unmounted, unless it lies on the way to a desired target
   (its unmount would detach that target too) and is not stale;
+- a mount the caller ``retire``s (its own mount, whose desire moved to another target) is
+  unmounted as ``Retired`` even on the way to a desired target (the new target may lie
+  below the old one, and must not be made inside the old mount's file system);
 - only mounts a path lookup reaches count: one hidden under a later mount above it cannot
   be unmounted or used by path, and is planned for once uncovered;
 - everything mounted below a path that is unmounted, repaired or freshly mounted (which
   would hide it) is unmounted first, deepest first, and mounted again if desired;
 - ``scope`` itself and everything outside it is never touched.
 
-Steps come ordered: unmounts deepest-first, then repairs, then mounts shallowest-first.
+Steps come ordered: unmounts deepest-first, then repairs, then mounts shallowest-first,
+then (make before break) the unmounts of the retired mounts that nothing else planned nests
+with: a retired mount with no mount below it, at no path that is mounted or unmounted in
+this plan, and above or below none of them. While such a mount is unmounted last, a pod
+sees the old and the new target both for a moment, rather than neither. Every other
+unmount comes first: a target inside (or above) a retired mount must not be made inside
+that mount's file system, nor hide it where a path lookup cannot reach it any more.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ UnmountReason = Literal[
     "ParentRemoved",  # a mount above it is unmounted or repaired
     "Shadowed",  # a fresh mount above it would hide it
     "Teardown",  # plan_teardown
+    "Retired",  # the caller's own mount whose desire moved to another target (retire)
 ]
 
 
@@ -178,6 +188,7 @@ def plan_mounts(
     scope: str | PurePosixPath,
     stale: Iterable[str | PurePosixPath] = frozenset(),
     known: Mapping[PurePosixPath, str] | None = None,
+    retire: Iterable[str | PurePosixPath] = frozenset(),
 ) -> tuple[Step, ...]:
     """Plan the steps that turn the mounts below ``scope`` into ``desired``.
 
@@ -188,6 +199,8 @@ def plan_mounts(
         never unmounted itself and nothing outside it is ever touched.
     :param stale: targets that answered ``ENOTCONN`` (their FUSE daemon died).
     :param known: target -> key of the mounts the caller made itself.
+    :param retire: targets of mounts the caller made whose desire moved elsewhere (a
+        changed mountpoint); ignored where a mount is still desired or outside ``scope``.
     :returns: the steps, in the order they must run; empty when nothing is to be done.
     :raises InvalidPath: if a desired target is not strictly below ``scope``, or two
         different mounts are desired at the same target.
@@ -206,6 +219,11 @@ def plan_mounts(
         for path in map(_as_path, stale)
         if _is_normalised_absolute(path) and _strictly_below(path, scope)
     }
+    retired = {
+        path
+        for path in map(_as_path, retire)
+        if _is_normalised_absolute(path) and _strictly_below(path, scope) and path not in wanted
+    }
     layers = _layers_below(observed, scope)
     # Every ancestor of a desired target: an undesired mount there is kept, because
     # unmounting it would detach the desired mount below it.
@@ -217,6 +235,8 @@ def plan_mounts(
         if want is None:
             if path in stale_paths:
                 unmount[path] = "Stale"
+            elif path in retired:
+                unmount[path] = "Retired"
             elif path not in on_the_way:
                 unmount[path] = "NotDesired"
         elif path in stale_paths:
@@ -247,8 +267,9 @@ def plan_mounts(
                 fresh.add(path)
             changed = True
 
+    late = _retired_last(unmount, layers, fresh)
     steps: list[Step] = []
-    for path in sorted(unmount, key=_deepest_first):
+    for path in sorted(unmount.keys() - late, key=_deepest_first):
         steps.extend(LazyUnmount(path, unmount[path]) for _ in layers[path])
     # A stale target that is still mounted, with nothing replaced above it, is repaired in
     # place; anything else (not mounted, or taken down with its parent) is simply mounted.
@@ -259,7 +280,30 @@ def plan_mounts(
     steps.extend(Repair(target, wanted[target]) for target in repairs)
     mounts = sorted(fresh.difference(repairs), key=_shallowest_first)
     steps.extend(Mount(target, wanted[target]) for target in mounts)
+    steps.extend(LazyUnmount(path, "Retired") for path in sorted(late, key=_deepest_first))
     return tuple(steps)
+
+
+def _nested(a: PurePosixPath, b: PurePosixPath) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def _retired_last(
+    unmount: Mapping[PurePosixPath, UnmountReason],
+    layers: Mapping[PurePosixPath, tuple[MountEntry, ...]],
+    fresh: Iterable[PurePosixPath],
+) -> set[PurePosixPath]:
+    """The retired mounts that may be unmounted after the mounts (see the module rules)."""
+    busy = set(fresh) | {path for path, reason in unmount.items() if reason != "Retired"}
+    late = set()
+    for path, reason in unmount.items():
+        if reason != "Retired" or len(layers[path]) != 1:
+            continue
+        if any(_strictly_below(other, path) for other in layers):
+            continue
+        if not any(_nested(path, other) for other in busy):
+            late.add(path)
+    return late
 
 
 def _mismatch(

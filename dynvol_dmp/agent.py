@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
@@ -61,6 +62,7 @@ from dynvol_core.mountplans import (
     LazyUnmount,
     Mount,
     Repair,
+    Step,
     plan_mounts,
     plan_teardown,
 )
@@ -95,6 +97,7 @@ from dynvol_providers import (
     UnknownProvider,
 )
 from dynvol_providers.base import parse_provider_config
+from dynvol_providers.builtin.rclone import pending_uploads, rclone_cache_dir
 from dynvol_providers.hosting import LocalHost, read_mount_table
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,15 @@ log = logging.getLogger(__name__)
 COMPONENT = "dynvol-dmp"
 CONDITION_READY = "Ready"
 CONDITION_REPAIRED = "Repaired"
+#: The Ready reason while a deleted mount waits for its open files to be closed.
+REASON_FILES_OPEN = "FilesOpen"
+#: ... and while rclone still uploads files that were closed on it.
+REASON_UPLOADS_PENDING = "UploadsPending"
+#: Why a mount still in use is to be unmounted, for the Unmounting message.
+CAUSE_DELETED = "the DynamicVolumeMount is being deleted"
+CAUSE_CHANGED = "the DynamicVolumeMount's configuration changed (it is mounted again)"
+#: Seconds between looks at a deleted mount still in use.
+DRAIN_INTERVAL = 1.0
 #: Seconds a StorageProviderClass read from the API is reused.
 CLASS_TTL = 30.0
 #: Seconds the agent keeps trying to read its own Pod at start before giving up.
@@ -154,6 +166,12 @@ class _Owned:
     handle: MountHandle
     stale_reason: str = ""
     repairs: list[float] = attrs.field(factory=list)
+    #: The directory of the pod's slot this mount is in; the agent removes the empty
+    #: directories it made on the way to the target, up to here, once unmounted.
+    slot: PurePosixPath | None = None
+    #: Set once it was unmounted (it may outlive its place in the agent's table while a
+    #: moved mountpoint is mounted anew before the old one goes).
+    released: bool = False
 
 
 def _now() -> dt.datetime:
@@ -186,6 +204,8 @@ class Agent:
     _trusted: dict[Key, tuple[str, int]] = attrs.field(factory=dict, init=False)
     #: The last refusal reported for each object, so that it is reported once.
     _refused: dict[Key, tuple[str, int, str]] = attrs.field(factory=dict, init=False)
+    #: When each deleted mount still in use began its unmount grace period (monotonic).
+    _draining: dict[Key, float] = attrs.field(factory=dict, init=False)
     #: Target and staging directory of each mount attempt under way (another attempt's
     #: new mounts are not strays of this one).
     _attempts: dict[Key, tuple[PurePosixPath, PurePosixPath]] = attrs.field(
@@ -374,6 +394,7 @@ class Agent:
             if owned is not None:
                 await self._unmount_owned(owned)
             self._failures.pop(key, None)
+            self._draining.pop(key, None)
             return DONE
         try:
             dvm = DynamicVolumeMount.from_object(obj)
@@ -385,8 +406,7 @@ class Agent:
             return DONE
         target = self._target(dvm)
         if dvm.spec.dmp_name != self.settings.name or dvm.deleting:
-            await self._release(obj, dvm, owned, target)
-            return DONE
+            return await self._release(obj, dvm, owned, target)
         if target is None:
             message = (
                 f"spec.dmpTargetPath {dvm.spec.dmp_target_path!r} is not below "
@@ -412,25 +432,16 @@ class Agent:
         desired_key = _digest(dvm.uid, provider.name, request.config, request.read_only,
                               sorted(request.credentials.values.items()))  # fmt: skip
         desired = DesiredMount(target=target, source=provider.name, fs_type="", key=desired_key)
-        table = read_mount_table()
-        stale: set[PurePosixPath] = set()
-        if owned is not None and owned.stale_reason:
-            stale.add(target)
-        known = {target: owned.desired_key} if owned is not None else {}
-        steps = plan_mounts(
-            desired=[desired],
-            observed=entries_under(table, target, include_self=True),
-            scope=target.parent,
-            stale=stale,
-            known=known,
-        )
-        for step in steps:
+        steps = self._plan(target, desired, owned)
+        for index, step in enumerate(steps):
             if isinstance(step, LazyUnmount):
-                current = self._owned.get(key)
-                if current is not None and current.target == step.target:
-                    await self._unmount_owned(current)
-                else:
-                    await self.host.unmount(step.target, lazy=True)
+                if step.reason == "ConfigChanged" and owned is not None and not owned.released:
+                    # The new mount goes where the old one is: files open on the old one
+                    # get the grace period first (a move mounts anew before, §9.1).
+                    wait = await self._drain(obj, dvm, owned, cause=CAUSE_CHANGED)
+                    if wait is not None:
+                        return RequeueAfter(wait)
+                await self._unmount_step(step, owned, request.work_dir)
             elif isinstance(step, Repair):
                 delay = self._repair_delay(key)
                 if delay > 0:
@@ -440,6 +451,11 @@ class Agent:
             elif isinstance(step, Mount) and not await self._mount(
                 obj, dvm, provider, request, desired_key
             ):
+                # The old mount of a moved mountpoint goes even if the new one failed: the
+                # object no longer asks for it there (docs/design.md §9).
+                for later in steps[index + 1 :]:
+                    if isinstance(later, LazyUnmount):
+                        await self._unmount_step(later, owned, request.work_dir)
                 return RequeueAfter(self._backoff(key))
         owned = self._owned.get(key)
         obj = self._cached(key) or obj
@@ -450,6 +466,58 @@ class Agent:
             await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {target}")
         self._failures.pop(key, None)
         return DONE
+
+    def _plan(
+        self, target: PurePosixPath, desired: DesiredMount, owned: _Owned | None
+    ) -> tuple[Step, ...]:
+        """Observe the mount table at ``target`` (and where this key's mount is now, if it
+        is elsewhere) and plan with :func:`plan_mounts`.
+
+        A changed spec gives another desired key at the same target (config, readOnly,
+        credentials: unmounted, then mounted again) or the same mount at another target (a
+        changed mountpoint: the old target is retired, after the new mount when neither
+        path lies inside the other). docs/design.md §9.
+        """
+        table = read_mount_table()
+        observed = entries_under(table, target, include_self=True)
+        scope = target.parent
+        known: dict[PurePosixPath, str] = {}
+        stale: set[PurePosixPath] = set()
+        retire: set[PurePosixPath] = set()
+        if owned is not None:
+            known[owned.target] = owned.desired_key
+            if owned.stale_reason:
+                stale.add(owned.target)
+            if owned.target != target:
+                retire.add(owned.target)
+                seen = set(observed)
+                observed += tuple(
+                    e
+                    for e in entries_under(table, owned.target, include_self=True)
+                    if e not in seen
+                )
+                common = os.path.commonpath([str(target.parent), str(owned.target.parent)])
+                scope = PurePosixPath(common)
+        return plan_mounts(
+            desired=[desired], observed=observed, scope=scope, stale=stale, known=known,
+            retire=retire,
+        )  # fmt: skip
+
+    async def _unmount_step(
+        self, step: LazyUnmount, previous: _Owned | None, keep: PurePosixPath
+    ) -> None:
+        """Run a planned unmount: this key's previous mount is unmounted through its
+        provider (its daemon stopped) and its work directory removed unless the new mount
+        uses it (``keep``); anything else at the target is detached."""
+        if previous is not None and previous.target == step.target and not previous.released:
+            log.info("unmounting %s/%s at %s (%s)", *previous.key, step.target, step.reason)
+            await self._unmount_owned(previous)
+            if previous.request.work_dir != keep:
+                await asyncio.to_thread(
+                    shutil.rmtree, previous.request.work_dir, ignore_errors=True
+                )
+        else:
+            await self.host.unmount(step.target, lazy=True)
 
     async def _untrusted(self, key: Key, dvm: DynamicVolumeMount) -> str | None:
         """Why this mount pod must not act on ``dvm`` (see :mod:`dynvol_dmp.trust`), or None.
@@ -555,7 +623,7 @@ class Agent:
             read_only=dvm.spec.read_only,
             config=config,
             credentials=credentials,
-            work_dir=PurePosixPath(self.settings.work_dir) / (dvm.uid or dvm.name),
+            work_dir=PurePosixPath(self.settings.work_dir) / _mount_dir_name(dvm, target),
         )
         return provider, request
 
@@ -607,7 +675,9 @@ class Agent:
         # The provider mounts at a staging directory of the agent's own, which no pod can
         # reach; the agent then binds that mount onto the opened target (attach), so the
         # path to the target is never resolved again after the no-follow walk.
-        staging = self._staging_root / (dvm.uid or dvm.name)
+        # One staging directory per mount: while a moved mountpoint is mounted anew, the
+        # old mount (attached from its own staging directory) is still to be unmounted.
+        staging = self._staging_root / request.work_dir.name
         try:
             await asyncio.to_thread(os.makedirs, staging, 0o700, True)
             before = read_mount_table()
@@ -691,7 +761,7 @@ class Agent:
         previous = self._owned.get(key)
         self._owned[key] = _Owned(
             key=key, desired_key=desired_key, target=target, provider=provider,
-            request=request, handle=handle,
+            request=request, handle=handle, slot=slot,
             repairs=previous.repairs if previous is not None else [],
         )  # fmt: skip
         log.info("mounted %s/%s at %s", *key, target)
@@ -797,7 +867,10 @@ class Agent:
         return True
 
     async def _unmount_owned(self, owned: _Owned) -> None:
-        self._owned.pop(owned.key, None)
+        if self._owned.get(owned.key) is owned:
+            del self._owned[owned.key]
+        owned.released = True
+        self._draining.pop(owned.key, None)
         try:
             await owned.provider.unmount(owned.handle, self.host)
         except OSError as exc:
@@ -805,8 +878,21 @@ class Agent:
             await self.host.unmount(owned.target, lazy=True)
             if owned.handle.daemon is not None:
                 await self.host.stop_daemon(owned.handle.daemon, kill_after=2.0)
-        await asyncio.to_thread(remove_dir_below, PurePosixPath(self.settings.xvols), owned.target)
+        await asyncio.to_thread(self._remove_dirs, owned)
+        if self._staging_root in owned.handle.target.parents:
+            with contextlib.suppress(OSError):  # not empty: something is still mounted there
+                await asyncio.to_thread(os.rmdir, owned.handle.target)
         log.info("unmounted %s/%s from %s", *owned.key, owned.target)
+
+    def _remove_dirs(self, owned: _Owned) -> None:
+        """Remove the target directory, and the empty ones above it up to the slot (a
+        moved mountpoint leaves nothing of the old one behind in the pod)."""
+        root = PurePosixPath(self.settings.xvols)
+        path = owned.target
+        while remove_dir_below(root, path):
+            path = path.parent
+            if owned.slot is None or owned.slot not in path.parents:
+                break
 
     async def _release(
         self,
@@ -814,29 +900,97 @@ class Agent:
         dvm: DynamicVolumeMount,
         owned: _Owned | None,
         target: PurePosixPath | None,
-    ) -> None:
-        """Unmount (deleted, or reassigned to another DMP) and drop our finalizer."""
+    ) -> Outcome:
+        """Unmount (deleted, or reassigned to another DMP) and drop our finalizer.
+
+        A deleted mount still in use (a file open on it in a pod) is given the class's
+        unmount grace period first, shown as phase Unmounting with reason ``FilesOpen``
+        (docs/design.md §9.5); it is looked at again every second meanwhile.
+        """
+        key = (dvm.namespace, dvm.name)
         if c.FINALIZER_MOUNT not in dvm.finalizers and owned is None:
-            return
+            return DONE
         if dvm.deleting and (obj.get("status") or {}).get("phase") != MountPhase.UNMOUNTING:
             message = "unmounting: the DynamicVolumeMount is being deleted"
             obj = await self._report(obj, MountPhase.UNMOUNTING, "Unmounting", message)
         if owned is not None:
+            if dvm.deleting:
+                wait = await self._drain(obj, dvm, owned, cause=CAUSE_DELETED)
+                if wait is not None:
+                    return RequeueAfter(wait)
             await self._unmount_owned(owned)
+            if dvm.deleting:
+                # Nothing will mount with these files again (the mounter's credentials
+                # file among them); a stopped agent keeps them for the mount made anew.
+                await asyncio.to_thread(shutil.rmtree, owned.request.work_dir, ignore_errors=True)
         elif (
             target is not None
-            and target not in self._other_targets((dvm.namespace, dvm.name))
+            and target not in self._other_targets(key)
             and topmost_at(read_mount_table(), target) is not None
         ):
             # Never another object's mount: a second object naming the same target must
             # not be able to unmount it by going away.
             await self.host.unmount(target, lazy=True)
+        self._draining.pop(key, None)
         if c.FINALIZER_MOUNT in dvm.finalizers:
             remaining = [f for f in dvm.finalizers if f != c.FINALIZER_MOUNT]
             with contextlib.suppress(APINotFound):
                 updated = await self._set_finalizers(dvm, remaining)
                 self._remember(updated)
-        self._failures.pop((dvm.namespace, dvm.name), None)
+        self._failures.pop(key, None)
+        return DONE
+
+    async def _drain(
+        self, obj: dict[str, Any], dvm: DynamicVolumeMount, owned: _Owned, *, cause: str
+    ) -> float | None:
+        """Unmount ``owned`` if nothing uses it; None once it may be unmounted now (it is
+        idle, or the grace period is over), else the seconds until it is looked at again."""
+        key = owned.key
+        now = time.monotonic()
+        started = self._draining.setdefault(key, now)
+        # rclone uploads closed files in the background, and would drop an upload under
+        # way if stopped: wait for its write cache first (the unmount makes it exit).
+        pending = 0
+        if owned.handle.fs_type == "fuse.rclone":
+            cache = rclone_cache_dir(owned.request)
+            pending = await asyncio.to_thread(pending_uploads, cache)
+        if pending:
+            reason, why = REASON_UPLOADS_PENDING, f"{pending} file(s) are still being uploaded"
+        else:
+            try:
+                if await self.host.unmount_if_idle(owned.target):
+                    return None
+            except OSError as exc:  # e.g. stale: nothing to wait for, detach it
+                log.info("%s/%s: %s; unmounting it at once", *key, exc)
+                return None
+            reason, why = REASON_FILES_OPEN, "files are still open on it"
+        grace = await self._unmount_grace(dvm)
+        left = started + grace - now
+        if left <= 0:
+            message = (
+                f"{why} after the unmount grace period ({grace:g}s) of {owned.target}; it "
+                "was unmounted and its mounter stopped"
+            )
+            log.warning("%s/%s: %s", *key, message)
+            await self._event(obj, "UnmountGraceExpired", message, "Warning")
+            return None
+        if _ready_reason(obj.get("status") or {}) != reason:
+            message = (
+                f"unmounting: {cause}, and {why} "
+                f"({owned.target}); the mounter is stopped once that is done, or after the "
+                f"unmount grace period of {grace:g}s"
+            )
+            log.info("%s/%s: %s", *key, message)
+            await self._report(obj, MountPhase.UNMOUNTING, reason, message)
+        return min(DRAIN_INTERVAL, left)
+
+    async def _unmount_grace(self, dvm: DynamicVolumeMount) -> float:
+        """The class's unmount grace period (its default when the class cannot be read)."""
+        try:
+            raw = await self._get_class(dvm.spec.storage_provider_class)
+            return StorageProviderClass.from_object(raw).unmount_grace
+        except (APIError, InvalidObject):
+            return float(c.DEFAULT_UNMOUNT_GRACE)
 
     async def _ensure_finalizer(
         self, obj: dict[str, Any], dvm: DynamicVolumeMount
@@ -925,6 +1079,18 @@ class Agent:
                 ), 5.0)  # fmt: skip
 
 
+def _mount_dir_name(dvm: DynamicVolumeMount, target: PurePosixPath) -> str:
+    """The name of a mount's work and staging directories: one per object, target and
+    configuration, so that two mounts of one object (a moved mountpoint, mounted before
+    the old one goes) never share a mounter's files or cache, and a mount made again with
+    the same spec (after a restart) finds its files where they were."""
+    spec = dvm.spec
+    return (
+        f"{dvm.uid or dvm.name}-"
+        + _digest(str(target), spec.provider, thaw_json(spec.config), spec.read_only)[:12]
+    )
+
+
 def _announces_mounting(obj: dict[str, Any]) -> bool:
     """Whether a mount attempt should first report phase Mounting.
 
@@ -938,6 +1104,13 @@ def _announces_mounting(obj: dict[str, Any]) -> bool:
         return False
     generation = obj.get("metadata", {}).get("generation")
     return not (phase == MountPhase.FAILED and status.get("observedGeneration") == generation)
+
+
+def _ready_reason(status: Mapping[str, Any]) -> str:
+    for condition in _conditions(status):
+        if condition.type == CONDITION_READY:
+            return condition.reason
+    return ""
 
 
 def _reason(text: str) -> str:

@@ -515,6 +515,31 @@ class LocalHost:
             raise OSError(err, f"cannot unmount {path}: {os.strerror(err)}")
         raise OSError(errno.EBUSY, f"{path} stays mounted after repeated unmounts")
 
+    async def unmount_if_idle(self, target: PurePosixPath) -> bool:
+        """Unmount what is mounted at ``target`` only if nothing uses it (no ``MNT_DETACH``).
+
+        The kernel refuses (EBUSY) while a process, in any mount namespace the mount
+        propagated to, has a file open or its working directory on it: that is how the
+        owner tells that a pod still uses a mount. No link is followed (see :func:`_umount2`).
+
+        :returns: True if nothing is mounted there any more; False if it is in use.
+        :raises OSError: for any other failure.
+        """
+        path = str(self._where(_canonical(target)))
+        if _mount_at(PurePosixPath(path)) is None:
+            return True
+        daemons = [d for d in self._daemons.values() if str(self._where(d.target)) == path]
+        for daemon in daemons:
+            daemon.stopping = True  # its exit after a successful unmount is expected
+        err = await asyncio.to_thread(_umount2, path, 0)
+        if err in (0, errno.EINVAL, errno.ENOENT):
+            return _mount_at(PurePosixPath(path)) is None
+        for daemon in daemons:
+            daemon.stopping = False
+        if err == errno.EBUSY:
+            return False
+        raise OSError(err, f"cannot unmount {path}: {os.strerror(err)}")
+
     async def probe(self, target: PurePosixPath) -> Health:
         path = self._where(target)
         limit = self.probe_limit

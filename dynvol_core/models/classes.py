@@ -264,6 +264,7 @@ class StorageProviderClass:
         params = spec.str_map("parameters")
         secret_ref = _read_secret_ref(params, errors)
         resources = _read_resources(params, errors)
+        _check_unmount_grace(params, errors)
         for key, value in params.items():
             where = f"spec.parameters[{key}]"
             if key.startswith(_PREFIX) and key not in c.KNOWN_PARAMETERS:
@@ -306,9 +307,33 @@ class StorageProviderClass:
         """The parameters meant for the provider: all but dynvol's own (prefixed) keys."""
         return FrozenMap((k, v) for k, v in self.parameters.items() if not k.startswith(_PREFIX))
 
+    @property
+    def unmount_grace(self) -> float:
+        """Seconds a deleted mount still in use is kept before its mounter is stopped."""
+        raw = self.parameters.get(c.PARAM_UNMOUNT_GRACE)
+        if raw is None or not _is_grace(raw):
+            return float(c.DEFAULT_UNMOUNT_GRACE)
+        return float(int(raw))
+
     def allows_namespace(self, namespace: str) -> bool:
         """Whether claims and pods in ``namespace`` may use this class."""
         return self.allowed_namespaces is None or namespace in self.allowed_namespaces
+
+
+def _is_grace(raw: str) -> bool:
+    return raw.isascii() and raw.isdigit() and len(raw) <= 4 and int(raw) <= c.MAX_UNMOUNT_GRACE
+
+
+def _check_unmount_grace(params: Mapping[str, str], errors: list[FieldError]) -> None:
+    raw = params.get(c.PARAM_UNMOUNT_GRACE)
+    if raw is not None and not _is_grace(raw):
+        errors.append(
+            FieldError(
+                f"spec.parameters[{c.PARAM_UNMOUNT_GRACE}]",
+                f"must be a whole number of seconds from 0 to {c.MAX_UNMOUNT_GRACE} "
+                f"(default {c.DEFAULT_UNMOUNT_GRACE})",
+            )
+        )
 
 
 def _read_secret_ref(params: Mapping[str, str], errors: list[FieldError]) -> ObjectRef | None:

@@ -19,8 +19,11 @@ Neighbours: :mod:`dynvol_providers.builtin.s3` mounts S3 with rclone through
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import attrs
@@ -52,6 +55,8 @@ __all__ = [
     "RcloneProvider",
     "is_host_option",
     "is_local_option",
+    "pending_uploads",
+    "rclone_cache_dir",
     "rclone_daemon_spec",
 ]
 
@@ -189,7 +194,7 @@ def rclone_daemon_spec(
     env.update({f"{prefix}{k.upper()}": v for k, v in options.items()})
     env.update({f"{prefix}{k.upper()}": v for k, v in secret_options.items()})
     config_file = request.work_dir / "rclone.conf"
-    cache_dir = request.work_dir / "cache"
+    cache_dir = rclone_cache_dir(request)
     remote = f"{REMOTE}:{remote_path}"
     common = ("--config", str(config_file), "--cache-dir", str(cache_dir))
     argv = [
@@ -219,6 +224,32 @@ def rclone_daemon_spec(
     return DaemonSpec(
         command=command, target=request.target, fs_type="fuse.rclone", preflight=preflight
     )
+
+
+def rclone_cache_dir(request: MountRequest) -> PurePosixPath:
+    """The ``--cache-dir`` of the rclone that mounts ``request``."""
+    return request.work_dir / "cache"
+
+
+def pending_uploads(cache_dir: PurePosixPath) -> int:
+    """How many files rclone's VFS write cache in ``cache_dir`` has not uploaded yet.
+
+    rclone uploads a file after it is closed, and an rclone that is unmounted or stopped
+    meanwhile does not finish the upload (it resumes it when started again on the same
+    cache). Its cache keeps one JSON record per file under ``vfsMeta/``, with ``Dirty``
+    true until the file is uploaded; the owner of the mount waits for none to be left.
+    """
+    count = 0
+    for root, _dirs, files in os.walk(os.path.join(str(cache_dir), "vfsMeta")):
+        for name in files:
+            try:
+                with open(os.path.join(root, name), encoding="utf-8") as file:
+                    info = json.load(file)
+            except (OSError, ValueError):
+                continue
+            if isinstance(info, dict) and info.get("Dirty") is True:
+                count += 1
+    return count
 
 
 def explain_rclone_failure(failure: MountFailed, what: str) -> MountFailed:

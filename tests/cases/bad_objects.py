@@ -109,6 +109,7 @@ _CPU_REQ = f"spec.parameters[{_P}mount-cpu-request]"
 _MEM_REQ = f"spec.parameters[{_P}mount-memory-request]"
 _MEM_LIM = f"spec.parameters[{_P}mount-memory-limit]"
 _SECRET_NS = f"spec.parameters[{_P}storage-provider-secret-namespace]"
+_GRACE = f"spec.parameters[{_P}unmount-grace-period]"
 
 BAD_OBJECTS: tuple[BadCase, ...] = (
     # ------------------------------------------------------------ StorageProviderClass
@@ -158,6 +159,20 @@ BAD_OBJECTS: tuple[BadCase, ...] = (
         _SECRET_NS,
         "must be given together",
         api_message="must be given together",
+    ),
+    _spc_case(
+        "class-unmount-grace-not-seconds",
+        {"provider": "s3", "parameters": _params(unmount_grace_period="30s")},
+        _GRACE,
+        "whole number of seconds",
+        api_message="whole number of seconds",
+    ),
+    _spc_case(
+        "class-unmount-grace-too-long",
+        {"provider": "s3", "parameters": _params(unmount_grace_period="3601")},
+        _GRACE,
+        "from 0 to 3600",
+        api_message="from 0 to 3600",
     ),
     _spc_case(
         "class-unknown-dynvol-parameter",
@@ -663,6 +678,7 @@ EDGE_GOOD_OBJECTS: tuple[dict[str, Any], ...] = (
                 f"{_P}mount-memory-limit": "1.5Gi",
                 f"{_P}mount-cpu-request": "0",
                 f"{_P}mount-cpu-limit": "1e3",
+                f"{_P}unmount-grace-period": "3600",
             },
             "allowedNamespaces": ["team-a", "team-b"],
         },

@@ -287,10 +287,11 @@ class Mounts:
         *,
         name: str,
         allowed_namespaces: list[str] | None = None,
+        provider: str = "s3",
     ) -> str:
         # MinIO listens on 127.0.0.1: the class must allow loopback endpoints.
         spec: dict[str, Any] = {
-            "provider": "s3",
+            "provider": provider,
             "parameters": parameters or {},
             "connection": {"allowLoopback": True},
         }
@@ -304,17 +305,28 @@ class Mounts:
         self.classes.append(name)
         return name
 
-    async def create_claim(self, config: dict[str, Any], mountpoint: str) -> tuple[str, str]:
+    async def create_claim(
+        self, config: dict[str, Any], mountpoint: str, *, provider: str = "s3"
+    ) -> tuple[str, str]:
         """A claim (its name and UID) as the user would write it."""
         name = f"claim-{secrets.token_hex(4)}"
         obj = await self.custom.create_namespaced_custom_object(
             c.GROUP, c.VERSION, self.namespace, c.PLURAL_CLAIM,
             {"apiVersion": c.API_VERSION, "kind": c.KIND_CLAIM,
              "metadata": {"name": name, "namespace": self.namespace},
-             "spec": {"storageProvider": "s3", "mountpoint": mountpoint, "s3Config": config,
+             "spec": {"storageProvider": provider, "mountpoint": mountpoint,
+                      f"{provider}Config": config,
                       "selector": {"matchLabels": {"app": "dmp-test"}}}},
         )  # fmt: skip
         return name, obj["metadata"]["uid"]
+
+    async def edit(self, name: str, **fields: Any) -> None:
+        """Change spec fields of the DynamicVolumeMount ``name`` in place, as the node
+        plugin does when its claim changes (``fields`` by their wire names)."""
+        await self.custom.patch_namespaced_custom_object(
+            c.GROUP, c.VERSION, self.namespace, c.PLURAL_MOUNT, name, {"spec": fields},
+            _content_type="application/merge-patch+json",
+        )  # fmt: skip
 
     async def create(
         self,
@@ -328,10 +340,11 @@ class Mounts:
         """A DynamicVolumeMount of a new claim into ``slot``'s pod, assigned to its mount
         pod, as the node plugin writes it; ``changes`` override spec fields (a forgery)."""
         name = f"dvm-{secrets.token_hex(4)}"
-        claim_name, claim_uid = await self.create_claim(config, mountpoint)
+        provider = changes.pop("provider", "s3")
+        claim_name, claim_uid = await self.create_claim(config, mountpoint, provider=provider)
         spec = MountSpec(
             claim_name=claim_name, claim_uid=claim_uid, pod_name=slot.pod_name,
-            pod_uid=slot.pod_uid, node_name=NODE, dmp_name=slot.dmp_name, provider="s3",
+            pod_uid=slot.pod_uid, node_name=NODE, dmp_name=slot.dmp_name, provider=provider,
             storage_provider_class=slot.class_name, config=config, read_only=read_only,
             mountpoint=mountpoint, slot_path=str(slot.path),
             dmp_target_path=f"{c.DMP_XVOLS_DIR}{mountpoint}",

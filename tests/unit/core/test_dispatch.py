@@ -540,6 +540,8 @@ def test_dmp_pod_manifest() -> None:
         "/xvols",
         "--secrets-dir",
         "/secrets",
+        "--work-dir",
+        "/run/dynvol/dmp",
     ]
     assert container["image"] == IMAGE
     assert container["securityContext"] == {"privileged": True}
@@ -558,6 +560,9 @@ def test_dmp_pod_manifest() -> None:
     assert volumes["xvols"]["hostPath"] == {"path": spec.host_path, "type": "Directory"}
     assert volumes["fuse"]["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
     assert volumes["credentials"]["secret"]["secretName"] == spec.credential_secret_name
+    # The work dir (rclone's write cache) survives a restart of the container.
+    assert mounts["work"] == {"name": "work", "mountPath": "/run/dynvol/dmp"}
+    assert volumes["work"] == {"name": "work", "emptyDir": {}}
 
 
 def test_dmp_without_credentials_gets_an_empty_secrets_dir() -> None:

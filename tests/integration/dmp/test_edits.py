@@ -1,0 +1,269 @@
+"""Every field of a live DynamicVolumeMount changes in place, and the agent converges: the
+new mount is there, the old one is gone from the container, the host and the mount pod's
+mount namespace, and its FUSE daemon stopped (docs/design.md §9).
+
+The node plugin rewrites a mount's spec when its claim changes (``Mounts.edit`` does what
+it does); here the agent runs as ``dynvol dmp`` against a real apiserver, MinIO and real
+s3fs/rclone, as in :mod:`.test_agent`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from dynvol.testing.minio import MinioServer
+from dynvol.testing.mounts import mounts_under
+from dynvol_core import constants as c
+
+from .conftest import AgentRunner, Container, Mounts, Slot, phase_is
+
+pytestmark = pytest.mark.integration
+
+
+async def _eventually(check: Callable[[], Any], *, within: float = 30.0, what: str) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _agent_mounts(agent: AgentRunner, slot: Slot) -> list[str]:
+    """The mounts below the slot in the mount pod's own mount namespace."""
+    assert agent.process is not None
+    return mounts_under(slot.path, pid=str(agent.process.pid))
+
+
+async def _converged(
+    *,
+    agent: AgentRunner,
+    slot: Slot,
+    container: Container,
+    mountpoint: str,
+    reads: tuple[str, str],
+    old_daemons: list[int],
+    what: str,
+) -> int:
+    """Wait until ``mountpoint`` is the only mount and serves ``reads``, from inside the
+    container, on the host and in the DMP, with one daemon that is not an old one; its pid."""
+    relative, content = reads
+    target = f"{mountpoint.strip('/')}/{relative}"
+    await _eventually(lambda: container.read(target) == content, what=f"{what}: {target}")
+    where = slot.path / mountpoint.strip("/")
+    inside = container.root / mountpoint.strip("/")
+
+    def settled() -> bool:
+        return (
+            container.mounts() == [str(inside), str(container.root)]
+            and mounts_under(slot.path) == [str(where)]
+            and _agent_mounts(agent, slot) == [str(where)]
+            and len(agent.daemons()) == 1
+            and not set(agent.daemons()) & set(old_daemons)
+        )
+
+    try:
+        await _eventually(settled, within=15.0, what=f"{what}: no stale mount or daemon")
+    except AssertionError:
+        raise AssertionError(
+            f"{what}: container {container.mounts()}, host {mounts_under(slot.path)}, "
+            f"dmp {_agent_mounts(agent, slot)}, daemons {agent.daemons()} (old {old_daemons})"
+            f"{agent.log_tail()}"
+        ) from None
+    (daemon,) = agent.daemons()
+    return daemon
+
+
+async def _start(
+    minio: MinioServer,
+    mounts: Mounts,
+    slot: Slot,
+    agent: AgentRunner,
+    *,
+    config: dict[str, Any],
+    mountpoint: str,
+    provider: str = "s3",
+    class_parameters: dict[str, str] | None = None,
+    read_only: bool = False,
+) -> str:
+    await mounts.create_class(class_parameters, name=slot.class_name, provider=provider)
+    agent.start()
+    name = await mounts.create(
+        slot=slot, config=config, mountpoint=mountpoint, read_only=read_only,
+        dmp_target_path=f"{c.DMP_XVOLS_DIR}{mountpoint}", provider=provider,
+    )  # fmt: skip
+    await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
+    return name
+
+
+def _move(mountpoint: str) -> dict[str, str]:
+    return {"mountpoint": mountpoint, "dmpTargetPath": f"{c.DMP_XVOLS_DIR}{mountpoint}"}
+
+
+@pytest.mark.parametrize("mounter", ["s3fs", "rclone"])
+async def test_a_changed_mountpoint_moves_the_mount(
+    mounter: str,
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    bucket = minio.make_bucket("move", {"hello.txt": b"moved\n"})
+    agent = agent_factory(s3_keys)
+    name = await _start(
+        minio, mounts, slot, agent, config={"bucket": bucket, "endpoint": minio.endpoint},
+        mountpoint="/m1", class_parameters={"s3-mounter": mounter},
+    )  # fmt: skip
+    reads = ("hello.txt", "moved\n")
+    daemon = await _converged(
+        agent=agent, slot=slot, container=container, mountpoint="/m1", reads=reads,
+        old_daemons=[], what="first mount",
+    )  # fmt: skip
+    # Elsewhere (mounted before the old one goes), below the old one, above it, back.
+    for mountpoint in ("/m2", "/m2/deeper/d", "/m2", "/m1"):
+        await mounts.edit(name, **_move(mountpoint))
+        daemon = await _converged(
+            agent=agent, slot=slot, container=container, mountpoint=mountpoint, reads=reads,
+            old_daemons=[daemon], what=f"moved to {mountpoint}",
+        )  # fmt: skip
+        obj = await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
+        assert obj is not None
+        assert obj["status"]["message"] == f"mounted at {slot.path}{mountpoint}"
+    # The directories of the old mountpoints are gone too; only the last one is there.
+    assert sorted(p.name for p in slot.path.iterdir()) == ["m1"]
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
+    assert mounts_under(slot.path) == []
+    assert agent.daemons() == []
+    # No mounter's files (credentials among them) are left of any mount made on the way.
+    assert [p.name for p in agent.work_dir.iterdir()] == [".staging"]
+    assert list((agent.work_dir / ".staging").iterdir()) == []
+    assert agent.stop() == 0, agent.log_tail()
+
+
+async def test_changed_s3_config_and_read_only_remount(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    first = minio.make_bucket("cfg-a", {"which.txt": b"a\n"})
+    second = minio.make_bucket("cfg-b", {"which.txt": b"b\n", "team/which.txt": b"b/team\n"})
+    agent = agent_factory(s3_keys)
+    name = await _start(
+        minio, mounts, slot, agent, config={"bucket": first, "endpoint": minio.endpoint},
+        mountpoint="/data",
+    )  # fmt: skip
+    common = {"agent": agent, "slot": slot, "container": container, "mountpoint": "/data"}
+    daemon = await _converged(**common, reads=("which.txt", "a\n"), old_daemons=[], what="a")
+    # The same MinIO, spelled another way: a changed endpoint all the same.
+    other_endpoint = "http://localhost:" + minio.endpoint.rsplit(":", 1)[1]
+    edits: list[tuple[str, dict[str, Any], tuple[str, str]]] = [
+        ("bucket", {"config": {"bucket": second}}, ("which.txt", "b\n")),
+        ("prefix", {"config": {"prefix": "team"}}, ("which.txt", "b/team\n")),
+        ("endpoint", {"config": {"endpoint": other_endpoint}}, ("which.txt", "b/team\n")),
+        ("readOnly on", {"readOnly": True}, ("which.txt", "b/team\n")),
+        ("readOnly off", {"readOnly": False}, ("which.txt", "b/team\n")),
+        ("prefix gone", {"config": {"prefix": None}}, ("which.txt", "b\n")),
+    ]  # fmt: skip
+    for what, fields, reads in edits:
+        await mounts.edit(name, **fields)
+        daemon = await _converged(**common, reads=reads, old_daemons=[daemon], what=what)
+        writable = container.sh(f"echo {what!r} > '{container.root}/data/w.txt'")
+        if what == "readOnly on":
+            assert writable.returncode != 0, what
+            assert "Read-only file system" in writable.stderr
+        else:
+            assert writable.returncode == 0, (what, writable.stderr)
+        await mounts.wait(name, phase_is("Mounted"), what=f"Mounted after {what}", agent=agent)
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
+    assert mounts_under(slot.path) == []
+    assert agent.daemons() == []
+    # No mounter's files (credentials among them) are left of any mount made on the way.
+    assert [p.name for p in agent.work_dir.iterdir()] == [".staging"]
+    assert list((agent.work_dir / ".staging").iterdir()) == []
+    assert agent.stop() == 0, agent.log_tail()
+
+
+async def test_changed_rclone_remote_and_path_remount(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    first = minio.make_bucket("rc-a", {"which.txt": b"a\n", "sub/which.txt": b"a/sub\n"})
+    second = minio.make_bucket("rc-b", {"which.txt": b"b\n"})
+    agent = agent_factory(s3_keys)
+    remote = {"provider": "Minio", "endpoint": minio.endpoint}
+    name = await _start(
+        minio, mounts, slot, agent, provider="rclone", mountpoint="/data",
+        config={"type": "s3", "remotePath": first, "parameters": remote},
+    )  # fmt: skip
+    common = {"agent": agent, "slot": slot, "container": container, "mountpoint": "/data"}
+    daemon = await _converged(**common, reads=("which.txt", "a\n"), old_daemons=[], what="a")
+    edits: list[tuple[str, dict[str, Any], tuple[str, str]]] = [
+        ("remotePath", {"remotePath": f"{first}/sub"}, ("which.txt", "a/sub\n")),
+        ("remote", {"parameters": {"provider": "Other", "region": "us-east-1"}},
+         ("which.txt", "a/sub\n")),
+        ("another bucket", {"remotePath": second}, ("which.txt", "b\n")),
+    ]  # fmt: skip
+    for what, fields, reads in edits:
+        await mounts.edit(name, config=fields)
+        daemon = await _converged(**common, reads=reads, old_daemons=[daemon], what=what)
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
+    assert mounts_under(slot.path) == []
+    assert agent.daemons() == []
+    # No mounter's files (credentials among them) are left of any mount made on the way.
+    assert [p.name for p in agent.work_dir.iterdir()] == [".staging"]
+    assert list((agent.work_dir / ".staging").iterdir()) == []
+    assert agent.stop() == 0, agent.log_tail()
+
+
+async def test_a_move_whose_new_mount_fails_still_unmounts_the_old_one(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    bucket = minio.make_bucket("movefail", {"hello.txt": b"x\n"})
+    agent = agent_factory(s3_keys)
+    name = await _start(
+        minio, mounts, slot, agent, config={"bucket": bucket, "endpoint": minio.endpoint},
+        mountpoint="/m1",
+    )  # fmt: skip
+    await _converged(
+        agent=agent, slot=slot, container=container, mountpoint="/m1", reads=("hello.txt", "x\n"),
+        old_daemons=[], what="first mount",
+    )  # fmt: skip
+    # Both at once: the new mount cannot be made (no such bucket), and it moves.
+    await mounts.edit(name, config={"bucket": f"{bucket}-missing"}, **_move("/m2"))
+    obj = await mounts.wait(name, phase_is("Failed"), what="Failed", agent=agent)
+    assert obj is not None
+
+    def nothing_left() -> bool:
+        return (
+            mounts_under(slot.path) == []
+            and container.mounts() == [str(container.root)]
+            and agent.daemons() == []
+        )
+
+    await _eventually(nothing_left, what="the old mount to go although the new one failed")
+    assert not (slot.path / "m1").exists()
+    assert agent.stop() == 0, agent.log_tail()

@@ -1,0 +1,285 @@
+"""A deleted mount with a file still open in a container gets the class's unmount grace
+period (docs/design.md §9.5): phase Unmounting with reason FilesOpen meanwhile, and what
+was written and closed reaches the bucket. Real apiserver, MinIO, s3fs, mount namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dynvol.testing.minio import MinioServer
+from dynvol.testing.mounts import mounts_under
+from dynvol.testing.processes import Process
+from dynvol_core import constants as c
+
+from .conftest import AgentRunner, Container, Mounts, Slot, descendants, phase_is
+
+pytestmark = pytest.mark.integration
+
+
+def _ready_reason(obj: dict[str, Any] | None) -> str:
+    for condition in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return str(condition.get("reason", ""))
+    return ""
+
+
+@pytest.fixture
+def writer(container: Container, tmp_path: Path) -> Iterator[Callable[[str], Process]]:
+    """Starts a shell inside the container's mount namespace; stopped afterwards."""
+    started: list[Process] = []
+
+    def start(script: str) -> Process:
+        proc = Process.start(
+            ["nsenter", "-t", str(container.process.pid), "-m", "sh", "-c", script],
+            name="writer", log=tmp_path / f"writer-{len(started)}.log",
+        )  # fmt: skip
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop(timeout=5)
+
+
+async def _mounted(
+    minio: MinioServer,
+    mounts: Mounts,
+    slot: Slot,
+    agent: AgentRunner,
+    bucket: str,
+    parameters: dict[str, str] | None = None,
+) -> str:
+    await mounts.create_class(parameters, name=slot.class_name)
+    agent.start()
+    name = await mounts.create(slot=slot, config={"bucket": bucket, "endpoint": minio.endpoint})
+    await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
+    return name
+
+
+async def test_a_file_open_across_deletion_is_completed_before_unmount(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+    writer: Callable[[str], Process],
+    tmp_path: Path,
+) -> None:
+    s3 = minio.client()
+    bucket = minio.make_bucket("grace")
+    agent = agent_factory(s3_keys)
+    name = await _mounted(minio, mounts, slot, agent, bucket)  # the default grace: 30 s
+    opened = tmp_path / "opened"
+    path = container.root / "data" / "long.txt"
+    proc = writer(
+        f"exec 3> '{path}' && echo part1 >&3 && touch '{opened}' && sleep 10 && "
+        "echo part2 >&3 && exec 3>&-"
+    )
+    deadline = time.monotonic() + 10
+    while not opened.exists():
+        assert proc.poll() is None, proc.log_tail()
+        assert time.monotonic() < deadline, "the writer did not start"
+        await asyncio.sleep(0.05)
+    deleted = time.monotonic()
+    await mounts.delete(name)
+
+    def files_open(obj: dict[str, Any] | None) -> bool:
+        return (
+            obj is not None
+            and (obj.get("status") or {}).get("phase") == "Unmounting"
+            and _ready_reason(obj) == "FilesOpen"
+        )
+
+    obj = await mounts.wait(name, files_open, what="Unmounting, FilesOpen", agent=agent)
+    assert obj is not None
+    assert "unmount grace period of 30s" in obj["status"]["message"]
+    assert mounts_under(slot.path) == [str(slot.path / "data")]  # still mounted meanwhile
+    await mounts.wait(name, lambda o: o is None, limit=40, what="released", agent=agent)
+    released = time.monotonic() - deleted
+    status = await asyncio.to_thread(proc.stop, timeout=5)
+    assert status == 0, proc.log_tail()
+    # Released once the file was closed (about 10 s after it was opened), not at once and
+    # not only at the end of the grace period.
+    assert 5.0 < released < 25.0, released
+    body = s3.get_object(Bucket=bucket, Key="long.txt")["Body"].read()
+    assert body == b"part1\npart2\n"
+    assert mounts_under(slot.path) == []
+    assert container.mounts() == [str(container.root)]
+    assert agent.daemons() == []
+    assert agent.stop() == 0, agent.log_tail()
+
+
+async def test_the_grace_period_ends_and_the_mount_goes(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+    writer: Callable[[str], Process],
+    tmp_path: Path,
+) -> None:
+    bucket = minio.make_bucket("grace-end")
+    agent = agent_factory(s3_keys)
+    name = await _mounted(
+        minio, mounts, slot, agent, bucket, {c.PARAM_UNMOUNT_GRACE: "2"}
+    )  # fmt: skip
+    opened = tmp_path / "opened"
+    path = container.root / "data" / "held.txt"
+    proc = writer(f"exec 3> '{path}' && touch '{opened}' && sleep 120")
+    deadline = time.monotonic() + 10
+    while not opened.exists():
+        assert proc.poll() is None, proc.log_tail()
+        assert time.monotonic() < deadline, "the writer did not start"
+        await asyncio.sleep(0.05)
+    deleted = time.monotonic()
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, limit=30, what="released", agent=agent)
+    released = time.monotonic() - deleted
+    assert 2.0 <= released < 15.0, released
+    events = await mounts.events(name)
+    assert any(e.get("reason") == "UnmountGraceExpired" for e in events), events
+    assert mounts_under(slot.path) == []
+    assert agent.daemons() == []
+    assert agent.stop() == 0, agent.log_tail()
+
+
+async def test_rclone_uploads_what_was_closed_before_it_is_stopped(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    s3 = minio.client()
+    bucket = minio.make_bucket("grace-rclone")
+    agent = agent_factory(s3_keys)
+    name = await _mounted(minio, mounts, slot, agent, bucket, {"s3-mounter": "rclone"})
+    # rclone's write cache uploads a file after it is closed: the deletion right after the
+    # close must not stop rclone before the upload is done.
+    path = container.root / "data" / "big.bin"
+    result = container.sh(f"head -c 67108864 /dev/urandom > '{path}'", timeout=60)
+    assert result.returncode == 0, result.stderr
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, limit=60, what="released", agent=agent)
+    head = s3.head_object(Bucket=bucket, Key="big.bin")
+    assert head["ContentLength"] == 64 * 1024 * 1024
+    assert mounts_under(slot.path) == []
+    assert agent.daemons() == []
+    assert agent.stop() == 0, agent.log_tail()
+
+
+async def test_rclone_resumes_an_upload_cut_by_a_killed_mount_pod(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    s3 = minio.client()
+    bucket = minio.make_bucket("resume-rclone")
+    agent = agent_factory(s3_keys)
+    name = await _mounted(minio, mounts, slot, agent, bucket, {"s3-mounter": "rclone"})
+    path = container.root / "data" / "cut.bin"
+    result = container.sh(f"head -c 67108864 /dev/urandom > '{path}'", timeout=60)
+    assert result.returncode == 0, result.stderr
+    # The mount pod's container dies mid-upload (every process in it at once); its work
+    # dir, an emptyDir in a real DMP, stays. Nothing was uploaded yet.
+    assert agent.process is not None
+    victims = [agent.process.pid, *descendants(agent.process.pid)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    agent.stop(timeout=10)
+    with pytest.raises(s3.exceptions.ClientError):
+        s3.head_object(Bucket=bucket, Key="cut.bin")
+    # The restarted agent mounts again on the same cache, and rclone finishes the upload.
+    agent.start()
+    await mounts.wait(name, phase_is("Mounted"), limit=60, what="Mounted again", agent=agent)
+
+    def uploaded() -> bool:
+        try:
+            head = s3.head_object(Bucket=bucket, Key="cut.bin")
+        except s3.exceptions.ClientError:
+            return False
+        return bool(head["ContentLength"] == 64 * 1024 * 1024)
+
+    deadline = time.monotonic() + 60
+    while not await asyncio.to_thread(uploaded):
+        assert time.monotonic() < deadline, f"the cut upload was not resumed{agent.log_tail()}"
+        await asyncio.sleep(0.5)
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, limit=60, what="released", agent=agent)
+    assert mounts_under(slot.path) == []
+    assert agent.daemons() == []
+    assert agent.stop() == 0, agent.log_tail()
+
+
+async def test_a_file_open_across_a_config_change_is_completed_first(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+    writer: Callable[[str], Process],
+    tmp_path: Path,
+) -> None:
+    s3 = minio.client()
+    bucket = minio.make_bucket("grace-edit")
+    agent = agent_factory(s3_keys)
+    name = await _mounted(minio, mounts, slot, agent, bucket)
+    (old_daemon,) = agent.daemons()
+    opened = tmp_path / "opened"
+    path = container.root / "data" / "edit.txt"
+    proc = writer(
+        f"exec 3> '{path}' && echo before >&3 && touch '{opened}' && sleep 6 && "
+        "echo after >&3 && exec 3>&-"
+    )
+    deadline = time.monotonic() + 10
+    while not opened.exists():
+        assert proc.poll() is None, proc.log_tail()
+        assert time.monotonic() < deadline, "the writer did not start"
+        await asyncio.sleep(0.05)
+    await mounts.edit(name, readOnly=True)  # the same target, mounted anew
+
+    def files_open(obj: dict[str, Any] | None) -> bool:
+        return (obj or {}).get("status", {}).get("phase") == "Unmounting" and _ready_reason(
+            obj
+        ) == "FilesOpen"
+
+    obj = await mounts.wait(name, files_open, what="Unmounting, FilesOpen", agent=agent)
+    assert obj is not None
+    assert "configuration changed" in obj["status"]["message"]
+    assert agent.daemons() == [old_daemon]  # the old mounter serves the open file meanwhile
+    deadline = time.monotonic() + 15
+    while proc.poll() is None:  # it closes the file by itself, 6 s after opening it
+        assert time.monotonic() < deadline, "the writer did not finish"
+        await asyncio.sleep(0.1)
+    assert proc.poll() == 0, proc.log_tail()
+    await mounts.wait(name, phase_is("Mounted"), limit=30, what="Mounted again", agent=agent)
+    body = s3.get_object(Bucket=bucket, Key="edit.txt")["Body"].read()
+    assert body == b"before\nafter\n"
+    denied = container.sh(f"echo x > '{container.root}/data/ro.txt'")
+    assert denied.returncode != 0
+    assert "Read-only file system" in denied.stderr
+    assert len(agent.daemons()) == 1
+    assert agent.daemons() != [old_daemon]
+    await mounts.delete(name)
+    await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
+    assert agent.stop() == 0, agent.log_tail()
