@@ -106,6 +106,10 @@ class Informer:
     watch_timeout: int = attrs.field(default=300, kw_only=True)
     #: List from the apiserver's watch cache (resourceVersion=0) rather than from etcd.
     from_cache: bool = attrs.field(default=True, kw_only=True)
+    #: Whether the process is not ready until this informer synced (with the client's
+    #: metrics); the :class:`~.managing.Manager` sets it for the informers it starts. Off
+    #: for informers made on demand, which must not hold a whole process back.
+    gates_readiness: bool = attrs.field(default=False, kw_only=True)
     store: Store = attrs.field(init=False)
     relists: int = attrs.field(default=0, init=False)
     _handlers: list[Handler] = attrs.field(factory=list, init=False)
@@ -149,7 +153,7 @@ class Informer:
         """Start listing and watching in the background."""
         if self._task is None:
             metrics = self.client.metrics
-            if metrics is not None and self._unready is None:
+            if metrics is not None and self.gates_readiness and self._unready is None:
                 # Readiness: a process whose caches are empty must not be sent work yet.
                 self._unready = metrics.health.add_readiness(
                     f"informer {self.name}", self._synced_check

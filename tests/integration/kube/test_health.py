@@ -95,7 +95,7 @@ async def test_a_blocked_reconcile_fails_liveness_until_it_returns(
 
     controller = Controller("health-test", reconcile, workers=2, metrics=metrics,
                             stall_after=0.5)  # fmt: skip
-    informer = Informer(client, CONFIGMAPS, namespace=namespace)
+    informer = Informer(client, CONFIGMAPS, namespace=namespace, gates_readiness=True)
     informer.add_handler(lambda event: controller.enqueue(_key(event.obj)))
     await informer.start()
     await controller.start()
@@ -157,7 +157,7 @@ async def test_a_blocked_reconcile_fails_liveness_until_it_returns(
 async def test_an_informer_that_cannot_list_fails_readiness_not_liveness(
     client: Client, metrics: Metrics, server: StatusServer
 ) -> None:
-    informer = Informer(client, MISSING)
+    informer = Informer(client, MISSING, gates_readiness=True)
     await informer.start()
     try:
 
