@@ -200,7 +200,9 @@ class NodeReconciler:
             transform=objects.slim_pod,
         )
         self.informers = [self.classes, self.claims, self.pods, self.mounts, self.dmps]
-        self.controller = Controller(f"node {self.node_name}", self._reconcile, workers=1)
+        self.controller = Controller(
+            f"node {self.node_name}", self._reconcile, workers=1, metrics=self.client.metrics
+        )
         self.pods.add_handler(self._on_pod)
         self.claims.add_handler(self._on_claim)
         self.classes.add_handler(self._on_any)
