@@ -2,9 +2,10 @@
 
 JSON lines have stable keys, so that log pipelines can rely on them: ``ts`` (RFC 3339, UTC,
 milliseconds), ``level``, ``logger``, ``msg``; then ``namespace``, ``name``, ``node`` and
-``reason`` when the call passed them (``log.info(..., extra={"reason": "Mounted"})``), and
-``exc`` with the traceback of a logged exception. Any other ``extra`` value is left out:
-the keys are a contract, not whatever a caller happened to pass.
+``reason`` when the call passed them (``log.info(..., extra={"reason": "Mounted"})``;
+the object's name is passed as ``object_name``, because a log record's ``name`` is its
+logger's), and ``exc`` with the traceback of a logged exception. Any other ``extra`` value
+is left out: the keys are a contract, not whatever a caller happened to pass.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import TextIO
 __all__ = ["CONTEXT_KEYS", "FORMATS", "JsonFormatter", "configure"]
 
 FORMATS = ("text", "json")
-#: Keys a log call may add through ``extra=``, in the order they appear.
-CONTEXT_KEYS = ("namespace", "name", "node", "reason")
+#: JSON key <- the ``extra=`` key a log call passes it as, in the order they appear.
+CONTEXT_KEYS = {"namespace": "namespace", "name": "object_name", "node": "node",
+                "reason": "reason"}  # fmt: skip
 
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -35,8 +37,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in CONTEXT_KEYS:
-            value = record.__dict__.get(key)
+        for key, attribute in CONTEXT_KEYS.items():
+            value = record.__dict__.get(attribute)
             if value is not None and value != "":
                 entry[key] = str(value)
         if record.exc_info:

@@ -5,7 +5,7 @@ attempt ended, a mount went stale, a repair ended, a mount failed or was unmount
 mounts by phase are counted from the agent's informer cache at each scrape, so the figure is
 what the API says, never a second bookkeeping that could drift. Labels are bounded: the
 provider name, the phase, and CamelCase reasons, the same words as the ``Ready`` condition
-and the Events (``MountFailed``, ``InvalidConfig``, ``UnsafeTarget``...). No pod or object
+and the Events (``MountFailed``, ``InvalidConfig``, ``UnsafeMountTarget``...). No pod or object
 name appears.
 
 Families live on the process's registry (:class:`dynvol_kube.Metrics`); without one

@@ -154,7 +154,14 @@ class Controller:
             error,
             delay,
             exc_info=error if level == logging.WARNING and not _expected(error) else None,
+            extra=_context(key),
         )
+
+
+def _context(key: str) -> dict[str, str]:
+    """The structured-log fields of a ``namespace/name`` (or ``name``) key."""
+    namespace, sep, name = key.rpartition("/")
+    return {"namespace": namespace, "object_name": name} if sep else {"object_name": key}
 
 
 def _expected(error: BaseException) -> bool:

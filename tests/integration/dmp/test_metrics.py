@@ -118,7 +118,11 @@ async def test_figures_move_with_a_mount_a_repair_and_an_unmount(
                             result="Remounted") == 1  # fmt: skip
     assert after_repair.get("dynvol_dmp_mount_duration_seconds_count", result="Mounted") == 2
     assert after_repair.get("dynvol_dmp_mounts", phase="Mounted") == 1
-    assert after_repair.get("dynvol_events_total", type="Warning", reason="Repaired") >= 1
+    # The recorder writes Events in the background: the Repaired one comes a moment later.
+    await _until(
+        lambda: scrape(url).get("dynvol_events_total", type="Warning", reason="Repaired") >= 1,
+        what="the Repaired Event counted", agent=agent,
+    )  # fmt: skip
 
     # An unmount.
     await mounts.delete(name)
@@ -152,4 +156,8 @@ async def test_figures_move_with_a_mount_a_repair_and_an_unmount(
     entries = [json.loads(line) for line in lines]
     assert entries, agent.log_tail()
     assert all({"ts", "level", "logger", "msg"} <= e.keys() for e in entries)
-    assert any(e["msg"].startswith(f"mounted {mounts.namespace}/{name}") for e in entries)
+    (first_mount, *_) = [e for e in entries if e["msg"].startswith(f"mounted {mounts.namespace}/")]
+    assert first_mount["namespace"] == mounts.namespace
+    assert first_mount["name"] == name
+    assert first_mount["reason"] == "Mounted"
+    assert any(e.get("reason") == "Repaired" for e in entries)
