@@ -680,7 +680,9 @@ class Agent:
             await self.host.unmount(staging, lazy=True)
             message = failure.message.replace(str(staging), str(target))
             message += await self._undo_strays(key, target, slot, before)
-            log.warning("mounting %s/%s failed: %s", *key, message)
+            log.warning(
+                "mounting %s/%s failed: %s", *key, message, extra=_context(key, failure.reason)
+            )
             await self._report(obj, MountPhase.FAILED, failure.reason, message)
             return False
         except OSError as exc:
@@ -716,7 +718,7 @@ class Agent:
             request=request, handle=handle,
             repairs=previous.repairs if previous is not None else [],
         )  # fmt: skip
-        log.info("mounted %s/%s at %s", *key, target)
+        log.info("mounted %s/%s at %s", *key, target, extra=_context(key, "Mounted"))
         self._pod_event(obj, NORMAL, "Mounted", f"mounted {dvm.spec.provider} at "
                         f"{dvm.spec.mountpoint} (claim {dvm.spec.claim_name})")  # fmt: skip
         if conflict is not None:
@@ -792,7 +794,7 @@ class Agent:
         key = (dvm.namespace, dvm.name)
         owned = self._owned.get(key)
         reason = owned.stale_reason if owned is not None else "the mount went stale"
-        log.warning("repairing %s/%s: %s", *key, reason)
+        log.warning("repairing %s/%s: %s", *key, reason, extra=_context(key, "Repaired"))
         await self.host.unmount(request.target, lazy=True)
         if owned is not None:
             owned.repairs.append(time.monotonic())
@@ -992,6 +994,11 @@ def _conditions(status: Mapping[str, Any]) -> list[Condition]:
         with contextlib.suppress(InvalidObject):
             result.append(Condition.from_object(raw))
     return result
+
+
+def _context(key: Key, reason: str) -> dict[str, str]:
+    """Structured-log fields (``--log-format json``) of a log line about ``key``."""
+    return {"namespace": key[0], "object_name": key[1], "reason": reason}
 
 
 def _within(path: PurePosixPath, base: PurePosixPath) -> bool:
