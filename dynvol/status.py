@@ -5,15 +5,18 @@ Each of ``dynvol node``, ``dynvol controller`` and ``dynvol dmp`` makes one
 and services, and serves it with :func:`status_server` on ``--metrics-address``:
 ``/metrics``, ``/healthz`` (liveness) and ``/readyz`` (readiness). The default listens on
 loopback on a free port; the manifests choose a fixed port on all addresses for the
-kubelet's probes and for Prometheus.
+kubelet's probes and for Prometheus. The runtime is imported only when a server is
+made, so that a command's flags parse where its service's dependencies are not installed.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from dynvol_kube import Metrics, StatusServer, parse_address
+if TYPE_CHECKING:
+    from dynvol_kube import Metrics, StatusServer
 
 __all__ = ["DEFAULT_METRICS_ADDRESS", "add_status_flags", "status_server", "until_started"]
 
@@ -21,6 +24,8 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1:0"
 
 
 def _address(text: str) -> str:
+    from dynvol_kube.health import parse_address
+
     try:
         parse_address(text)
     except ValueError as exc:
@@ -43,6 +48,8 @@ def add_status_flags(parser: argparse.ArgumentParser) -> None:
 
 def status_server(address: str, metrics: Metrics) -> StatusServer:
     """The status server of ``metrics`` on ``address`` (``HOST:PORT``)."""
+    from dynvol_kube import StatusServer, parse_address
+
     host, port = parse_address(address)
     return StatusServer(metrics.registry, metrics.health, host=host, port=port)
 
