@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+
+from dynvol import logs
 
 _COMMANDS = ("node", "dmp", "controller", "dev", "demo")
 #: The extra (pyproject.toml) that brings each service's runtime; the base install has
@@ -23,7 +24,7 @@ def _requested(argv: list[str]) -> tuple[str, ...]:
     subcommand when none is named (``--help``)."""
     args = iter(argv)
     for arg in args:
-        if arg == "--log-level":
+        if arg in ("--log-level", "--log-format"):
             next(args, None)
         elif not arg.startswith("-"):
             return (arg,) if arg in _COMMANDS else _COMMANDS
@@ -38,6 +39,13 @@ def build_parser(commands: tuple[str, ...] = _COMMANDS) -> argparse.ArgumentPars
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.FORMATS,
+        help="text (default) or json: one object per line with the keys ts, level, logger, "
+        "msg (and namespace, name, node, reason when known)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in commands:
@@ -89,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(_requested(argv))
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     try:
         status: int = args.func(args)
     except ModuleNotFoundError as exc:

@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 
+from dynvol.status import DEFAULT_METRICS_ADDRESS, status_server, until_started
 from dynvol_controllers import NodeReconciler, NodeReconcilerSettings
 from dynvol_core.errors import DynvolError
 from dynvol_core.models import DynamicVolumeMount
@@ -28,7 +29,7 @@ from dynvol_csi import NodePlugin, NodePluginConfig
 from dynvol_csi.guards import DirectoryLookup, GuardUnavailable, PodGuard, PublishGuard
 from dynvol_csi.mounting import lazy_unmount, read_mountinfo
 from dynvol_csi.validation import PublishRequest
-from dynvol_kube import APIError, APINotFound, Client, run_until_signalled
+from dynvol_kube import APIError, APINotFound, Client, Metrics, run_until_signalled
 from dynvol_kube.resources import CLASSES, PODS
 from dynvol_providers import load_registry
 
@@ -113,14 +114,23 @@ def parse_publish_guard(text: str) -> str:
 
 
 async def serve_plugin_only(
-    config: NodePluginConfig, *, publish_guard: str, kubeconfig: str | None
+    config: NodePluginConfig,
+    *,
+    publish_guard: str,
+    kubeconfig: str | None,
+    metrics_address: str = DEFAULT_METRICS_ADDRESS,
 ) -> int:
     """``dynvol node --csi-only``: the CSI plugin alone, with the publish guard chosen."""
     client: Client | None = None
     guard: PublishGuard
+    metrics = Metrics()
+    started = until_started(metrics)
+    status = status_server(metrics_address, metrics)
     try:
         if publish_guard == GUARD_API:
-            client = await Client.from_kubeconfig(kubeconfig, user_agent="dynvol-node")
+            client = await Client.from_kubeconfig(
+                kubeconfig, user_agent="dynvol-node", metrics=metrics
+            )
             guard = api_guard(client, config.node_id)
         elif publish_guard.startswith(GUARD_OBJECTS_PREFIX):
             directory = Path(publish_guard[len(GUARD_OBJECTS_PREFIX) :])
@@ -131,7 +141,12 @@ async def serve_plugin_only(
                 "(--csi-only runs no reconciler, so nothing is ever mounted into the slots)"
             )
             guard = _Unchecked()
-        plugin = NodePlugin(config, guard)
+        plugin = NodePlugin(config, guard, metrics=metrics)
+
+        async def start() -> None:
+            await status.start()
+            await plugin.start()
+            started()
 
         async def drain() -> None:
             plugin.close()
@@ -139,8 +154,9 @@ async def serve_plugin_only(
                 await plugin.wait_closed()
             finally:
                 plugin.abort()
+                await status.close()
 
-        await run_until_signalled(plugin.start, drain)
+        await run_until_signalled(start, drain)
         return 0
     finally:
         if client is not None:
@@ -178,24 +194,36 @@ def _unmount_orphan(layout: XvolsLayout, dvm: DynamicVolumeMount) -> None:
         lazy_unmount(mount_point)
 
 
-async def serve_node(config: NodePluginConfig, settings: NodeSettings) -> int:
+async def serve_node(
+    config: NodePluginConfig,
+    settings: NodeSettings,
+    *,
+    metrics_address: str = DEFAULT_METRICS_ADDRESS,
+) -> int:
     """Run the CSI node plugin and the node reconciler until signalled.
 
     First SIGTERM/SIGINT: stop reconciling, drain the CSI server, exit 0. Second: exit 1 at
     once (:func:`dynvol_kube.run_until_signalled`). The plugin starts first, because kubelet
     may be waiting on it; the reconciler stops first, so nothing is created for a node whose
-    plugin is going away.
+    plugin is going away. The status server (``metrics_address``) starts before both and
+    stops after them, so that the probes see the start-up and the drain.
     """
     layout = XvolsLayout(config.root)
     reconciler: NodeReconciler | None = None
     client: Client | None = None
     plugin: NodePlugin | None = None
+    metrics = Metrics()
+    started = until_started(metrics)
+    status = status_server(metrics_address, metrics)
 
     async def start() -> None:
         nonlocal client, plugin, reconciler
+        await status.start()
         # The client comes first: the plugin's publish guard reads through it.
-        client = await Client.from_kubeconfig(settings.kubeconfig, user_agent="dynvol-node")
-        plugin = NodePlugin(config, api_guard(client, config.node_id))
+        client = await Client.from_kubeconfig(
+            settings.kubeconfig, user_agent="dynvol-node", metrics=metrics
+        )
+        plugin = NodePlugin(config, api_guard(client, config.node_id), metrics=metrics)
         await plugin.start()
 
         async def on_orphaned(dvm: DynamicVolumeMount) -> None:
@@ -211,6 +239,7 @@ async def serve_node(config: NodePluginConfig, settings: NodeSettings) -> int:
         )
         plugin.volumes.add_listener(reconciler.nudge)
         await reconciler.start()
+        started()
         log.info("dynvol node %s: reconciling", config.node_id)
 
     async def close() -> None:
@@ -225,6 +254,7 @@ async def serve_node(config: NodePluginConfig, settings: NodeSettings) -> int:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close()
+        await status.close()
 
     try:
         await run_until_signalled(start, close)

@@ -201,12 +201,18 @@ class ClusterController:
         self._claim_models = objects.ModelCache(DynamicVolumeClaim.from_object)
         self._class_models = objects.ModelCache(StorageProviderClass.from_object)
         self._pod_models = objects.ModelCache(PodInfo.from_object)
-        self.class_controller = Controller("classes", self.reconcile_class, workers=workers)
-        self.claim_controller = Controller("claims", self.reconcile_claim, workers=workers)
+        self.class_controller = Controller(
+            "classes", self.reconcile_class, workers=workers, metrics=client.metrics
+        )
+        self.claim_controller = Controller(
+            "claims", self.reconcile_claim, workers=workers, metrics=client.metrics
+        )
         self.system_namespace = system_namespace
         #: Nodes whose deletion this replica saw, until their mounts are released.
         self._lost_nodes: set[str] = set()
-        self.node_controller = Controller("lost-nodes", self.reconcile_node, workers=1)
+        self.node_controller = Controller(
+            "lost-nodes", self.reconcile_node, workers=1, metrics=client.metrics
+        )
         self.credentials = CredentialCopier(
             client,
             self.classes,

@@ -127,7 +127,9 @@ class CredentialCopier:
             label_selector=f"{c.LABEL_COMPONENT}={c.COMPONENT_CREDENTIALS},{c.LABEL_CLASS}",
             transform=_slim_copy,
         )
-        self.controller = Controller("credentials", self.reconcile, workers=self.workers)
+        self.controller = Controller(
+            "credentials", self.reconcile, workers=self.workers, metrics=self.client.metrics
+        )
         self.copies.add_handler(self._on_copy)
 
     # -- lifecycle -----------------------------------------------------------------------

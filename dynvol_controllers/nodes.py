@@ -135,7 +135,9 @@ class NodeReconciler:
         self._dvms = DvmSync(self.client, on_orphaned=self.on_orphaned)
         self._dmps = DmpSync(client=self.client, node_name=self.node_name, template=settings.dmp)
         self._reaper = IdleReaper(settings.shared_idle_grace)
-        self.controller = Controller(f"node {self.node_name}", self._reconcile, workers=1)
+        self.controller = Controller(
+            f"node {self.node_name}", self._reconcile, workers=1, metrics=self.client.metrics
+        )
         self.view.watch(
             self.nudge, own_dvm=self._dvms.is_own_create, own_dmp=self._dmps.is_own_create
         )

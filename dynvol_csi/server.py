@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import stat
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 import attrs
@@ -30,11 +31,13 @@ from dynvol_core.errors import InvalidPath
 from dynvol_core.paths import XvolsLayout
 from dynvol_csi.guards import PublishGuard
 from dynvol_csi.identity import IdentityService, plugin_version
+from dynvol_csi.metrics import CsiMetrics, instrument, probe_socket
 from dynvol_csi.mounting import ensure_rshared_mount
 from dynvol_csi.node import NodeService
 from dynvol_csi.registration import RegistrationService, registration_socket
 from dynvol_csi.state import VolumeStore
 from dynvol_csi.volumes import VolumeManager
+from dynvol_kube import Metrics
 
 __all__ = ["NodePlugin", "NodePluginConfig", "parse_endpoint", "serve"]
 
@@ -77,10 +80,15 @@ class NodePlugin:
 
     ``guard`` is asked before every publish whether the pod may have the volume (see
     :mod:`dynvol_csi.guards`); the process shell chooses it (:mod:`dynvol.commands.node`).
+    With the process's ``metrics``, every CSI call is counted and timed, and the plugin's
+    health checks (it answers Probe on its own socket) are registered while it serves.
     """
 
     config: NodePluginConfig
     guard: PublishGuard
+    metrics: Metrics | None = None
+    _csi_metrics: CsiMetrics | None = attrs.field(default=None, init=False)
+    _unregister: list[Callable[[], None]] = attrs.field(factory=list, init=False)
     _volumes: VolumeManager = attrs.field(init=False)
     _servers: list[tuple[Server, PurePosixPath]] = attrs.field(factory=list, init=False)
     _ready: bool = attrs.field(default=False, init=False)
@@ -90,6 +98,9 @@ class NodePlugin:
     def __attrs_post_init__(self) -> None:
         layout = XvolsLayout(self.config.root)
         self._volumes = VolumeManager(layout, VolumeStore(layout))
+        if self.metrics is not None:
+            self._csi_metrics = CsiMetrics(self.metrics.registry)
+            self._csi_metrics.count_published(self._volumes)
 
     @property
     def volumes(self) -> VolumeManager:
@@ -113,11 +124,26 @@ class NodePlugin:
                 ),
             ]
         )
+        if self._csi_metrics is not None:
+            instrument(csi_server, self._csi_metrics)
         await self._listen(csi_server, self.config.endpoint)
         if self.config.registration_dir is not None:
             reg_server = Server([RegistrationService(endpoint=self.config.endpoint)])
             await self._listen(reg_server, registration_socket(self.config.registration_dir))
         self._ready = True
+        if self.metrics is not None:
+            endpoint, health = self.config.endpoint, self.metrics.health
+
+            async def answers() -> str | None:
+                return await probe_socket(endpoint, need_ready=False)
+
+            async def ready() -> str | None:
+                return await probe_socket(endpoint, need_ready=True)
+
+            self._unregister = [
+                health.add_liveness("csi socket", answers),
+                health.add_readiness("csi ready", ready),
+            ]
         log.info(
             "dynvol CSI node plugin %s serving node %s on %s",
             plugin_version(),
@@ -129,6 +155,7 @@ class NodePlugin:
         """Begin a graceful shutdown; :meth:`wait_closed` waits for it to end."""
         if self._shutdown is None:
             self._ready = False
+            self._stop_checks()
             self._shutdown = asyncio.ensure_future(self._drain_and_stop())
             self._close_requested.set()
 
@@ -146,9 +173,15 @@ class NodePlugin:
         self.close()
         await self.wait_closed()
 
+    def _stop_checks(self) -> None:
+        for unregister in self._unregister:
+            unregister()
+        self._unregister = []
+
     def abort(self) -> None:
         """Stop serving at once, without waiting for operations under way."""
         self._ready = False
+        self._stop_checks()
         for server, path in self._servers:
             server.close()
             _remove_socket(path)

@@ -38,7 +38,7 @@ import os
 import posixpath
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -66,10 +66,18 @@ from dynvol_core.mountplans import (
     plan_mounts,
     plan_teardown,
 )
+from dynvol_dmp.metrics import (
+    CAUSE_HEALTH_CHECK,
+    CAUSE_MOUNT_GONE,
+    CAUSE_MOUNTER_EXITED,
+    DmpMetrics,
+)
 from dynvol_dmp.targets import REASON_UNSAFE, UnsafeTarget, open_below, remove_dir_below
 from dynvol_dmp.trust import REASON_UNTRUSTED, Identity, check_mount, target_names
 from dynvol_kube import (
     DONE,
+    NORMAL,
+    WARNING,
     APIConflict,
     APIError,
     APINotFound,
@@ -79,6 +87,7 @@ from dynvol_kube import (
     Event,
     EventRecorder,
     Informer,
+    Metrics,
     Obj,
     Outcome,
     RequeueAfter,
@@ -193,6 +202,7 @@ class Agent:
     informer: Informer = attrs.field(init=False)
     controller: Controller = attrs.field(init=False)
     recorder: EventRecorder = attrs.field(init=False)
+    metrics: DmpMetrics = attrs.field(init=False)
     supervisor: Supervisor = attrs.field(factory=Supervisor, init=False)
     _owned: dict[Key, _Owned] = attrs.field(factory=dict, init=False)
     _failures: dict[Key, int] = attrs.field(factory=dict, init=False)
@@ -214,7 +224,8 @@ class Agent:
 
     def __attrs_post_init__(self) -> None:
         self.host = LocalHost(on_daemon_exit=self._on_daemon_exit)
-        self.informer = Informer(self.client, MOUNTS, label_selector=self.label_selector)
+        self.informer = Informer(self.client, MOUNTS, label_selector=self.label_selector,
+                                 gates_readiness=True)  # fmt: skip
         wakes = ChangePredicate(intent)
 
         def on_event(event: Event) -> None:
@@ -223,9 +234,11 @@ class Agent:
 
         self.informer.add_handler(on_event)
         self.controller = Controller(
-            f"dmp {self.settings.name}", self._reconcile_key, workers=self.settings.workers
-        )
+            f"dmp {self.settings.name}", self._reconcile_key, workers=self.settings.workers,
+            metrics=self.client.metrics,
+        )  # fmt: skip
         self.recorder = EventRecorder(self.client, COMPONENT, host=self.settings.name)
+        self.metrics = DmpMetrics.of(self.client.metrics, lambda: list(self.informer.store))
 
     def _wake(self, key: Key) -> None:
         self.controller.enqueue("/".join(key))
@@ -316,6 +329,7 @@ class Agent:
         for owned in self._owned.values():
             if owned.handle.daemon == handle:
                 owned.stale_reason = f"its mounter (pid {handle.pid}) exited with status {status}"
+                self.metrics.went_stale(CAUSE_MOUNTER_EXITED)
                 if not self._closing:
                     self._wake(owned.key)
                 return
@@ -332,6 +346,7 @@ class Agent:
                 entry = topmost_at(table, owned.target)
                 if entry is None or entry.fs_type != owned.handle.fs_type:
                     owned.stale_reason = "its mount disappeared"
+                    self.metrics.went_stale(CAUSE_MOUNT_GONE)
                     self._wake(owned.key)
 
     async def _watch_credentials(self) -> None:
@@ -365,6 +380,7 @@ class Agent:
                 health = await owned.provider.check_health(owned.handle, self.host)
                 if not health.ok:
                     owned.stale_reason = health.message or str(health.state)
+                    self.metrics.went_stale(CAUSE_HEALTH_CHECK)
                     self._wake(owned.key)
 
     async def _reconcile_key(self, name: str) -> Outcome:
@@ -446,7 +462,10 @@ class Agent:
                 delay = self._repair_delay(key)
                 if delay > 0:
                     return RequeueAfter(delay)
-                if not await self._repair(obj, dvm, provider, request, desired_key):
+                started = time.monotonic()
+                repaired = await self._repair(obj, dvm, provider, request, desired_key)
+                self.metrics.repaired(provider.name, repaired, time.monotonic() - started)
+                if not repaired:
                     return RequeueAfter(self._backoff(key))
             elif isinstance(step, Mount) and not await self._mount(
                 obj, dvm, provider, request, desired_key
@@ -684,9 +703,12 @@ class Agent:
             self._attempts[key] = (request.target, staging)
             staged = attrs.evolve(request, target=staging)
             slot = PurePosixPath(self.settings.xvols).joinpath(*names[:slot_part])
-            return await self._mount_opened(
+            started = time.monotonic()
+            ok = await self._mount_opened(
                 obj, dvm, provider, request, staged, opened.fd, desired_key, before, slot
             )
+            self.metrics.mounted(provider.name, ok, time.monotonic() - started)
+            return ok
         finally:
             self._attempts.pop(key, None)
             opened.close()
@@ -728,7 +750,9 @@ class Agent:
             await self.host.unmount(staging, lazy=True)
             message = failure.message.replace(str(staging), str(target))
             message += await self._undo_strays(key, target, slot, before)
-            log.warning("mounting %s/%s failed: %s", *key, message)
+            log.warning(
+                "mounting %s/%s failed: %s", *key, message, extra=_context(key, failure.reason)
+            )
             await self._report(obj, MountPhase.FAILED, failure.reason, message)
             return False
         except OSError as exc:
@@ -764,7 +788,9 @@ class Agent:
             request=request, handle=handle, slot=slot,
             repairs=previous.repairs if previous is not None else [],
         )  # fmt: skip
-        log.info("mounted %s/%s at %s", *key, target)
+        log.info("mounted %s/%s at %s", *key, target, extra=_context(key, "Mounted"))
+        self._pod_event(obj, NORMAL, "Mounted", f"mounted {dvm.spec.provider} at "
+                        f"{dvm.spec.mountpoint} (claim {dvm.spec.claim_name})")  # fmt: skip
         if conflict is not None:
             raise conflict  # the object changed: the next pass adds the finalizer
         await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {target}",
@@ -838,7 +864,7 @@ class Agent:
         key = (dvm.namespace, dvm.name)
         owned = self._owned.get(key)
         reason = owned.stale_reason if owned is not None else "the mount went stale"
-        log.warning("repairing %s/%s: %s", *key, reason)
+        log.warning("repairing %s/%s: %s", *key, reason, extra=_context(key, "Repaired"))
         await self.host.unmount(request.target, lazy=True)
         if owned is not None:
             owned.repairs.append(time.monotonic())
@@ -883,6 +909,9 @@ class Agent:
             with contextlib.suppress(OSError):  # not empty: something is still mounted there
                 await asyncio.to_thread(os.rmdir, owned.handle.target)
         log.info("unmounted %s/%s from %s", *owned.key, owned.target)
+        self.metrics.unmounted(owned.provider.name)
+        self._pod_event(self._cached(owned.key), NORMAL, "Unmounted",
+                        f"unmounted {owned.provider.name} from {owned.target.name}")  # fmt: skip
 
     def _remove_dirs(self, owned: _Owned) -> None:
         """Remove the target directory, and the empty ones above it up to the slot (a
@@ -1040,8 +1069,11 @@ class Agent:
         }
         if mounted:
             patch["mountedAt"] = _now().isoformat().replace("+00:00", "Z")
+        if phase == MountPhase.FAILED:
+            self.metrics.failed(_reason(reason))
         if phase == MountPhase.FAILED and status.get("message") != patch["message"]:
             await self._event(obj, _reason(reason), message, "Warning")
+            self._pod_event(obj, WARNING, _reason(reason), message)
         return await self._patch_status(obj, patch)
 
     async def _patch_status(self, obj: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
@@ -1067,6 +1099,17 @@ class Agent:
             self.recorder.record(obj, type_, reason, message)
         except ValueError as exc:
             log.debug("cannot record Event %s: %s", reason, exc)
+
+    def _pod_event(self, obj: Mapping[str, Any] | None, type_: str, reason: str, msg: str) -> None:
+        """An Event on the user pod a DynamicVolumeMount serves (mount, unmount, failure)."""
+        spec = (obj or {}).get("spec") or {}
+        namespace = (obj or {}).get("metadata", {}).get("namespace")
+        if not (spec.get("podName") and spec.get("podUID") and namespace):
+            return
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": spec["podName"], "namespace": namespace, "uid": spec["podUID"]}}  # fmt: skip
+        with contextlib.suppress(ValueError):
+            self.recorder.record(pod, type_, reason, msg)
 
     async def _report_stopped(self, key: Key) -> None:
         obj = self._cached(key)
@@ -1126,17 +1169,35 @@ def _conditions(status: Mapping[str, Any]) -> list[Condition]:
     return result
 
 
+def _context(key: Key, reason: str) -> dict[str, str]:
+    """Structured-log fields (``--log-format json``) of a log line about ``key``."""
+    return {"namespace": key[0], "object_name": key[1], "reason": reason}
+
+
 def _within(path: PurePosixPath, base: PurePosixPath) -> bool:
     return path == base or base in path.parents
 
 
-async def run(settings: Settings, *, kubeconfig: str | None, registry: ProviderRegistry) -> int:
-    """Run the agent until SIGTERM/SIGINT; the second signal exits at once."""
-    client = await Client.from_kubeconfig(kubeconfig, user_agent=COMPONENT)
+async def run(
+    settings: Settings,
+    *,
+    kubeconfig: str | None,
+    registry: ProviderRegistry,
+    metrics: Metrics | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> int:
+    """Run the agent until SIGTERM/SIGINT; the second signal exits at once.
+
+    ``metrics`` is the process's (served by the shell); ``on_started`` is called once the
+    agent watches (readiness).
+    """
+    client = await Client.from_kubeconfig(kubeconfig, user_agent=COMPONENT, metrics=metrics)
     agent = Agent(settings=settings, client=client, registry=registry)
 
     async def start() -> None:
         await agent.start()
+        if on_started is not None:
+            on_started()
         log.info("DMP %s watching %s", settings.name, agent.label_selector)
 
     async def close() -> None:

@@ -6,7 +6,10 @@ stage: observe (:class:`Informer` lists and watches into a :class:`Store`, relis
 (:class:`Controller` runs a reconcile that returns an :data:`Outcome`) -> act
 (:class:`Client`, :class:`EventRecorder`). :class:`Manager` starts and stops them in order,
 behind a :class:`LeaderElector` where asked; :func:`run_until_signalled` is the process
-lifecycle. These names are the public surface; the modules behind them are internal.
+lifecycle. Beside the pipeline, :class:`Metrics` (one registry per process, handed to the
+client) and :class:`Health` are served by a :class:`StatusServer` (``/metrics``,
+``/healthz``, ``/readyz``). These names are the public surface; the modules behind them
+are internal.
 """
 
 from .caching import Obj, Store, object_key, split_key
@@ -21,8 +24,10 @@ from .errors import (
     APINotFound,
     TemporaryError,
 )
+from .health import Health, Progress, StatusServer, parse_address
 from .lifecycle import Supervisor, run_until_signalled
 from .managing import Component, Manager
+from .metrics import DURATION_BUCKETS, Metrics
 from .outcomes import DONE, Done, Outcome, RequeueAfter
 from .processing import Controller
 from .queueing import ExponentialBackoff, RateLimiter, WorkQueue
@@ -32,6 +37,7 @@ from .watching import ChangePredicate, Event, Informer
 
 __all__ = [
     "DONE",
+    "DURATION_BUCKETS",
     "NORMAL",
     "WARNING",
     "APIConflict",
@@ -48,19 +54,24 @@ __all__ = [
     "Event",
     "EventRecorder",
     "ExponentialBackoff",
+    "Health",
     "Informer",
     "LeaderElector",
     "Manager",
+    "Metrics",
     "Obj",
     "Outcome",
+    "Progress",
     "RateLimiter",
     "RequeueAfter",
     "Resource",
+    "StatusServer",
     "Store",
     "Supervisor",
     "TemporaryError",
     "WorkQueue",
     "object_key",
+    "parse_address",
     "run_until_signalled",
     "split_key",
 ]

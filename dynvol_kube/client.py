@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ from kubernetes_asyncio.config import load_incluster_config
 from kubernetes_asyncio.config.kube_config import KUBE_CONFIG_DEFAULT_LOCATION, load_kube_config
 
 from .errors import APIError, APIGone, error_for_status
+from .metrics import Metrics
 from .resources import Resource
 
 __all__ = ["Client", "Patch"]
@@ -40,17 +42,26 @@ class Client:
     """A small asynchronous client for the kube-apiserver, on top of kubernetes_asyncio.
 
     Build it with :meth:`from_kubeconfig` (or wrap an existing ``ApiClient``); close it with
-    :meth:`close` or ``async with``.
+    :meth:`close` or ``async with``. ``metrics``, the process's :class:`~.metrics.Metrics`,
+    counts every request; the runtime's other parts find it here.
     """
 
     MERGE_PATCH: Patch = "application/merge-patch+json"
 
-    def __init__(self, api: Any, *, owned: bool = True, user_agent: str = "dynvol") -> None:
+    def __init__(
+        self,
+        api: Any,
+        *,
+        owned: bool = True,
+        user_agent: str = "dynvol",
+        metrics: Metrics | None = None,
+    ) -> None:
         self._api = api
         self._owned = owned
         if owned:
             self._api.user_agent = user_agent
         self.requests_sent = 0
+        self.metrics = metrics
 
     @classmethod
     async def from_kubeconfig(
@@ -60,6 +71,7 @@ class Client:
         context: str | None = None,
         user_agent: str = "dynvol",
         max_connections: int = 100,
+        metrics: Metrics | None = None,
     ) -> Client:
         """A client from a kubeconfig file, the default one, or the in-cluster service account.
 
@@ -80,12 +92,12 @@ class Client:
                 client_configuration=config,
                 persist_config=False,
             )
-        return cls(ApiClient(configuration=config), user_agent=user_agent)
+        return cls(ApiClient(configuration=config), user_agent=user_agent, metrics=metrics)
 
     @classmethod
-    def wrap(cls, api: Any) -> Client:
+    def wrap(cls, api: Any, *, metrics: Metrics | None = None) -> Client:
         """A client over an existing ``kubernetes_asyncio`` ``ApiClient`` (not closed by us)."""
-        return cls(api, owned=False)
+        return cls(api, owned=False, metrics=metrics)
 
     @property
     def host(self) -> str:
@@ -127,6 +139,7 @@ class Client:
         query = _query(params)
         headers = await self._headers(content_type, query)
         self.requests_sent += 1
+        started = time.monotonic()
         try:
             response = await self._api.rest_client.request(
                 method,
@@ -138,9 +151,12 @@ class Client:
                 _request_timeout=request_timeout,
             )
         except ApiException as exc:
+            self._observe(method, path, exc.status, started)
             raise _api_error(method, path, exc.status, exc.reason, exc.body) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self._observe(method, path, None, started)
             raise APIError(f"{method} {path}: {str(exc) or type(exc).__name__}") from exc
+        self._observe(method, path, response.status, started)
         data: bytes = response.data
         if not data:
             return None
@@ -149,6 +165,10 @@ class Client:
         if "json" in ctype:
             return json.loads(text)
         return text
+
+    def _observe(self, method: str, path: str, code: int | None, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_request(method, path, code, time.monotonic() - started)
 
     # -- typed helpers ---------------------------------------------------------------------
 
@@ -289,6 +309,7 @@ class Client:
             total=None, connect=_REQUEST_TIMEOUT, sock_read=timeout_seconds + 30
         )
         self.requests_sent += 1
+        started = time.monotonic()
         try:
             response = await self._api.rest_client.request(
                 "GET",
@@ -299,7 +320,9 @@ class Client:
                 _request_timeout=timeout,
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self._observe("WATCH", path, None, started)
             raise APIError(f"watch {path}: {str(exc) or type(exc).__name__}") from exc
+        self._observe("WATCH", path, response.status, started)
         try:
             if response.status != 200:
                 body = await response.read()

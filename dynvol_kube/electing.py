@@ -16,6 +16,7 @@ import datetime
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .client import Client
@@ -64,10 +65,16 @@ class LeaderElector:
         self._observed: dict[str, Any] | None = None
         self._observed_at = 0.0
         self._observed_key: tuple[Any, ...] = ()
+        self._unready: Callable[[], None] | None = None
 
     async def start(self) -> None:
         """Start campaigning in the background."""
         if self._task is None:
+            self._report(False)
+            if self.client.metrics is not None:
+                self._unready = self.client.metrics.health.add_readiness(
+                    f"leader election {self.name}", self._standing
+                )
             self._task = asyncio.create_task(self._run(), name=f"leader election {self.name}")
 
     async def close(self) -> None:
@@ -80,6 +87,20 @@ class LeaderElector:
         if self.leading.is_set():
             await self._release()
             self.leading.clear()
+        self._report(False)
+        if self._unready is not None:
+            self._unready()
+            self._unready = None
+
+    def _report(self, leading: bool) -> None:
+        if self.client.metrics is not None:
+            self.client.metrics.leader.labels(self.name).set(1 if leading else 0)
+
+    async def _standing(self) -> str | None:
+        """Readiness: the leader, or a standby still campaigning (not one that lost)."""
+        if self.lost.is_set():
+            return f"lost the Lease {self.namespace}/{self.name}"
+        return None
 
     async def _run(self) -> None:
         while True:
@@ -88,6 +109,7 @@ class LeaderElector:
             await asyncio.sleep(self.retry_period * random.uniform(1.0, 1.2))
         log.info("leader election %s: %s is the leader", self.name, self.identity)
         self.leading.set()
+        self._report(True)
         last_renew = time.monotonic()
         while True:
             await asyncio.sleep(self.retry_period)
@@ -96,6 +118,7 @@ class LeaderElector:
             elif time.monotonic() - last_renew > self.renew_deadline:
                 log.error("leader election %s: lost the lease", self.name)
                 self.leading.clear()
+                self._report(False)
                 self.lost.set()
                 return
 

@@ -54,7 +54,9 @@ class Manager:
         self._closing = False
 
     def add_informer(self, informer: Informer) -> Informer:
-        """Register an informer (started first, stopped last)."""
+        """Register an informer (started first, stopped last); the process is not ready
+        until it synced."""
+        informer.gates_readiness = True
         self._informers.append(informer)
         return informer
 

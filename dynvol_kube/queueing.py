@@ -19,6 +19,8 @@ from collections import deque
 
 import attrs
 
+from .metrics import Metrics
+
 __all__ = ["ExponentialBackoff", "RateLimiter", "ShutDown", "WorkQueue"]
 
 
@@ -87,8 +89,11 @@ class RateLimiter:
 class WorkQueue:
     """A deduplicating, delay-capable queue of keys with per-key exclusion."""
 
-    def __init__(self, name: str = "", *, limiter: RateLimiter | None = None) -> None:
+    def __init__(
+        self, name: str = "", *, limiter: RateLimiter | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.name = name
+        self._adds = metrics.queue_adds.labels(name) if metrics is not None else None
         self.limiter = limiter or RateLimiter()
         self._queue: deque[str] = deque()
         self._dirty: set[str] = set()
@@ -115,6 +120,8 @@ class WorkQueue:
         if key in self._dirty:
             return
         self._dirty.add(key)
+        if self._adds is not None:
+            self._adds.inc()
         if key in self._processing:
             # Re-queued by done(): one worker per key.
             return

@@ -144,6 +144,11 @@ class EventRecorder:
             finally:
                 self._queue.task_done()
 
+    def _written(self, type_: str, reason: str) -> None:
+        self.written += 1
+        if self.client.metrics is not None:
+            self.client.metrics.events.labels(type_, reason).inc()
+
     async def _write(self, ref: dict[str, str], type_: str, reason: str, message: str) -> None:
         key = (ref["uid"], type_, reason, message)
         stamp = now_rfc3339()
@@ -159,7 +164,7 @@ class EventRecorder:
                     {"count": seen.count, "lastTimestamp": stamp},
                     namespace=seen.namespace,
                 )
-                self.written += 1
+                self._written(type_, reason)
                 return
             except APINotFound:
                 pass  # expired or deleted: write a new one
@@ -183,7 +188,7 @@ class EventRecorder:
             "reportingInstance": self.host or self.component,
         }
         await self.client.create(EVENTS, body, namespace=namespace)
-        self.written += 1
+        self._written(type_, reason)
         self._seen[key] = _Seen(namespace, name, 1, time.monotonic())
         self._seen.move_to_end(key)
         while len(self._seen) > self.cache_size:

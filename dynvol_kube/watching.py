@@ -106,6 +106,10 @@ class Informer:
     watch_timeout: int = attrs.field(default=300, kw_only=True)
     #: List from the apiserver's watch cache (resourceVersion=0) rather than from etcd.
     from_cache: bool = attrs.field(default=True, kw_only=True)
+    #: Whether the process is not ready until this informer synced (with the client's
+    #: metrics); the :class:`~.managing.Manager` sets it for the informers it starts. Off
+    #: for informers made on demand, which must not hold a whole process back.
+    gates_readiness: bool = attrs.field(default=False, kw_only=True)
     store: Store = attrs.field(init=False)
     relists: int = attrs.field(default=0, init=False)
     _handlers: list[Handler] = attrs.field(factory=list, init=False)
@@ -113,9 +117,13 @@ class Informer:
     _task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     _resync_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     _rv: str = attrs.field(default="", init=False)
+    _unready: Callable[[], None] | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.store = Store(self.indexers)
+
+    async def _synced_check(self) -> str | None:
+        return None if self.synced else f"informer {self.name} has not listed yet"
 
     @property
     def name(self) -> str:
@@ -144,6 +152,12 @@ class Informer:
     async def start(self) -> None:
         """Start listing and watching in the background."""
         if self._task is None:
+            metrics = self.client.metrics
+            if metrics is not None and self.gates_readiness and self._unready is None:
+                # Readiness: a process whose caches are empty must not be sent work yet.
+                self._unready = metrics.health.add_readiness(
+                    f"informer {self.name}", self._synced_check
+                )
             self._task = asyncio.create_task(self._run(), name=f"informer {self.name}")
             if self.resync:
                 self._resync_task = asyncio.create_task(
@@ -175,6 +189,9 @@ class Informer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._task = self._resync_task = None
+        if self._unready is not None:
+            self._unready()
+            self._unready = None
 
     # -- internals ------------------------------------------------------------------------
 
@@ -195,13 +212,15 @@ class Informer:
             except APIGone:
                 log.info("informer %s: resourceVersion expired; relisting", self.name)
                 need_list = True
-                self.relists += 1
+                self._relisting()
             except (APIError, ValueError) as exc:
                 failures += 1
                 delay = min(30.0, 0.2 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)
                 log.warning("informer %s: %s; retrying in %.1fs", self.name, exc, delay)
                 # After repeated failures the resourceVersion may be stale; start over.
-                need_list = need_list or failures >= 3
+                if failures >= 3 and not need_list:
+                    need_list = True
+                    self._relisting()
                 await asyncio.sleep(delay)
 
     async def _list(self) -> None:
@@ -234,6 +253,13 @@ class Informer:
         self._replace(items)
         self._rv = rv
         self._synced.set()
+        if self.client.metrics is not None:
+            self.client.metrics.informer_synced.labels(self.resource.plural).set(1)
+
+    def _relisting(self) -> None:
+        self.relists += 1
+        if self.client.metrics is not None:
+            self.client.metrics.relists.labels(self.resource.plural).inc()
 
     def _replace(self, items: list[Obj]) -> None:
         seen = set()

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from dynvol.status import add_status_flags, status_server, until_started
 from dynvol_core import constants as c
 
 log = logging.getLogger("dynvol.controller")
@@ -61,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="NAME",
         help="refuse to load this provider plugin (repeatable)",
     )
+    add_status_flags(p)
     p.set_defaults(func=_main)
 
 
@@ -79,7 +81,7 @@ def _main(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> int:
     from dynvol_controllers import ControllerApp, ensure_dev_certs, register_webhooks
-    from dynvol_kube import Client, run_until_signalled
+    from dynvol_kube import Client, Metrics, run_until_signalled
     from dynvol_providers.registry import load_registry
 
     cert, key = args.tls_cert, args.tls_key
@@ -90,7 +92,12 @@ async def _run(args: argparse.Namespace) -> int:
     if args.no_webhooks:
         cert = key = None
     registry = load_registry(blocked=args.block_provider)
-    client = await Client.from_kubeconfig(args.kubeconfig, user_agent="dynvol-controller")
+    metrics = Metrics()
+    started = until_started(metrics)
+    status = status_server(args.metrics_address, metrics)
+    client = await Client.from_kubeconfig(
+        args.kubeconfig, user_agent="dynvol-controller", metrics=metrics
+    )
     options = {"identity": args.identity} if args.identity else {}
     app = ControllerApp(
         client=client,
@@ -110,10 +117,12 @@ async def _run(args: argparse.Namespace) -> int:
     )
 
     async def start() -> None:
+        await status.start()
         await app.start()
         if args.register_webhooks and ca_bundle:
             await register_webhooks(client, ca_bundle=ca_bundle, url=args.register_webhooks)
             log.info("registered webhooks at %s", args.register_webhooks)
+        started()
         log.info("dynvol controller running (identity %s)", app.identity)
 
     async def close() -> None:
@@ -121,6 +130,7 @@ async def _run(args: argparse.Namespace) -> int:
             await app.close()
         finally:
             await client.close()
+            await status.close()
 
     # A lost Lease closes the app by itself: the process then exits 1 to restart clean.
     await run_until_signalled(start, close, until=app.wait_closed)

@@ -7,7 +7,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from dynvol.status import add_status_flags, status_server, until_started
 from dynvol_dmp import Settings, run
+from dynvol_kube import Metrics
 from dynvol_providers import load_registry
 
 
@@ -34,6 +36,7 @@ def register(subparsers: Any) -> None:
                         help="seconds between mount health probes")  # fmt: skip
     parser.add_argument("--block-plugin", action="append", default=[], metavar="NAME",
                         help="do not load this provider plugin (repeatable)")  # fmt: skip
+    add_status_flags(parser)
     parser.set_defaults(func=_main)
 
 
@@ -48,4 +51,15 @@ def _main(args: argparse.Namespace) -> int:
         health_interval=args.health_interval,
     )
     registry = load_registry(blocked=args.block_plugin)
-    return asyncio.run(run(settings, kubeconfig=args.kubeconfig, registry=registry))
+    return asyncio.run(_serve(settings, args, registry))
+
+
+async def _serve(settings: Settings, args: argparse.Namespace, registry: Any) -> int:
+    """The agent, with its status server around it (up before it starts, down after)."""
+    metrics = Metrics()
+    started = until_started(metrics)
+    async with status_server(args.metrics_address, metrics):
+        return await run(
+            settings, kubeconfig=args.kubeconfig, registry=registry, metrics=metrics,
+            on_started=started,
+        )  # fmt: skip

@@ -17,6 +17,7 @@ import sys
 from pathlib import PurePosixPath
 from typing import Any
 
+from dynvol.status import add_status_flags
 from dynvol.wiring import (
     GUARD_API,
     NodeSettings,
@@ -150,6 +151,7 @@ def register(subparsers: Any) -> None:
         metavar="NAME",
         help="do not load this provider plugin (repeatable)",
     )
+    add_status_flags(parser)
     parser.set_defaults(func=run)
 
 
@@ -189,7 +191,12 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"dynvol node: {exc}", file=sys.stderr)
             return 2
-        runner = serve_plugin_only(config, publish_guard=publish_guard, kubeconfig=args.kubeconfig)
+        runner = serve_plugin_only(
+            config,
+            publish_guard=publish_guard,
+            kubeconfig=args.kubeconfig,
+            metrics_address=args.metrics_address,
+        )
     else:
         if args.publish_guard not in (None, GUARD_API):
             print(
@@ -228,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             reconciler=reconciler,
             blocked_plugins=tuple(args.block_plugin),
         )
-        runner = serve_node(config, settings)
+        runner = serve_node(config, settings, metrics_address=args.metrics_address)
     try:
         return asyncio.run(runner)
     except (DynvolError, OSError) as exc:

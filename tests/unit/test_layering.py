@@ -86,7 +86,10 @@ def test_core_has_modules() -> None:
     assert len(_modules("dynvol_core")) >= 5
 
 
-_KUBE_ALLOWED = {"attrs", "attr", "aiohttp", "kubernetes_asyncio", "dynvol_core", "dynvol_kube"}
+_KUBE_ALLOWED = {
+    "attrs", "attr", "aiohttp", "kubernetes_asyncio", "prometheus_client", "dynvol_core",
+    "dynvol_kube",
+}  # fmt: skip
 _PRODUCTION = ("dynvol", "dynvol_core", "dynvol_providers", "dynvol_csi", "dynvol_controllers")
 
 
