@@ -106,4 +106,6 @@ DMP_XVOLS_DIR: Final = "/xvols"
 #: The DMP agent's --work-dir (mounters' files and caches, e.g. rclone's VFS write cache):
 #: an emptyDir, so that it survives a restart of the DMP container.
 DMP_WORK_DIR: Final = "/run/dynvol/dmp"
+#: The port of a DMP's /metrics, /healthz and /readyz on the pod network.
+DMP_METRICS_PORT: Final = 9812
 DMP_SECRETS_DIR: Final = "/secrets"

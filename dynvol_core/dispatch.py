@@ -474,6 +474,11 @@ def dmp_pod_manifest(
         "--work-dir",
         c.DMP_WORK_DIR,
     ]
+    if not host_network:
+        # On the pod network each DMP has its own address; on the host network several
+        # DMPs of one node would clash on a fixed port, so they keep the default (loopback,
+        # a free port) and have no probes.
+        argv += ["--metrics-address", f"0.0.0.0:{c.DMP_METRICS_PORT}"]
     secret_volume: dict[str, Any] = (
         {"secret": {"secretName": spec.credential_secret_name, "defaultMode": 0o400}}
         if spec.credential_secret_name
@@ -498,6 +503,24 @@ def dmp_pod_manifest(
         ],
     }
     container["resources"] = dmp_container_resources(spec.resources)
+    if not host_network:
+        container["ports"] = [
+            {"name": "metrics", "containerPort": c.DMP_METRICS_PORT, "protocol": "TCP"}
+        ]
+        # A restart of the container stops its mounters (the mounts come back with it), so
+        # liveness is lenient: a minute of failed probes, not a slow scrape.
+        container["livenessProbe"] = {
+            "httpGet": {"path": "/healthz", "port": "metrics"},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 20,
+            "timeoutSeconds": 10,
+            "failureThreshold": 3,
+        }
+        container["readinessProbe"] = {
+            "httpGet": {"path": "/readyz", "port": "metrics"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 10,
+        }
     metadata: dict[str, Any] = {
         "name": spec.name,
         "namespace": spec.namespace,

@@ -542,7 +542,12 @@ def test_dmp_pod_manifest() -> None:
         "/secrets",
         "--work-dir",
         "/run/dynvol/dmp",
+        "--metrics-address",
+        "0.0.0.0:9812",
     ]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9812, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert container["image"] == IMAGE
     assert container["securityContext"] == {"privileged": True}
     # The class sizes the mount; the agent's own share is added (dmp_container_resources).
@@ -563,6 +568,15 @@ def test_dmp_pod_manifest() -> None:
     # The work dir (rclone's write cache) survives a restart of the container.
     assert mounts["work"] == {"name": "work", "mountPath": "/run/dynvol/dmp"}
     assert volumes["work"] == {"name": "work", "emptyDir": {}}
+
+
+def test_a_dmp_on_the_host_network_keeps_its_status_server_on_loopback() -> None:
+    # Several DMPs share a node's network there: a fixed port would clash, and a probe on a
+    # random loopback port cannot be written into the manifest.
+    manifest = dmp_pod_manifest(_independent_spec(), host_network=True)
+    (container,) = manifest["spec"]["containers"]
+    assert "--metrics-address" not in container["command"]
+    assert not {"ports", "livenessProbe", "readinessProbe"} & container.keys()
 
 
 def test_dmp_without_credentials_gets_an_empty_secrets_dir() -> None:
