@@ -43,6 +43,7 @@ from dynvol.testing.cluster.supervisor import descendants, remove_containers
 from dynvol.testing.controlplane import default_bin_dir, repo_root
 from dynvol.testing.mounts import mounts_under
 from dynvol.testing.processes import free_port
+from dynvol_core.mountinfo import parse_mountinfo, unmount_order
 
 __all__ = ["ClusterError", "MultiNodeCluster"]
 
@@ -141,6 +142,28 @@ class MultiNodeCluster:
         if check and proc.returncode:
             raise ClusterError(f"kubectl {' '.join(args)[:200]} failed: {proc.stderr.strip()}")
         return proc
+
+    def apply(self, *objs: dict[str, Any]) -> None:
+        self.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(o) for o in objs))
+
+    def get(self, kind: str, name: str, namespace: str = "default") -> dict[str, Any]:
+        out = self.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
+        found: dict[str, Any] = json.loads(out)
+        return found
+
+    def node_mounts(self, node: str, under: str) -> list[str]:
+        """Mount points at or below ``under`` in ``node``'s mount namespace (deepest first);
+        read through the namespace file, so it works when the node's processes are gone."""
+        proc = subprocess.run(
+            ["nsenter", f"--mount={self.layout.mount_ns(node)}", "cat", "/proc/self/mountinfo"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if proc.returncode:
+            raise ClusterError(f"cannot read {node}'s mount table: {proc.stderr.strip()}")
+        return unmount_order(parse_mountinfo(proc.stdout), under.rstrip("/"), include_self=True)
 
     def items(self, kind: str, *args: str) -> list[dict[str, Any]]:
         out = self.kubectl("get", kind, "-o", "json", *args).stdout
