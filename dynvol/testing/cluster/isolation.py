@@ -57,7 +57,8 @@ def create_mount_ns(layout: Layout, node: NodePlan) -> None:
     ]
     for src, dst in binds:
         script += [f"mkdir -p {dst}", f"mount --bind {shlex.quote(str(src))} {dst}"]
-    script.append("mount --make-rshared /var/lib/dynamic")
+    # As on a machine whose / is shared: containerd wants a shared source for Bidirectional.
+    script += ["mount --make-rshared /var/lib/dynamic", "mount --make-rshared /var/lib/kubelet"]
     run(
         [
             "unshare",
