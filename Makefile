@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 KUBERNETES_VERSIONS := $(shell bash hack/tools/build.sh --versions)
 KUBERNETES_NEWEST := $(firstword $(KUBERNETES_VERSIONS))
 
-.PHONY: setup tools tools-node tools-oldest tools-e2e lint format protos test test-unit test-integration test-e2e \
+.PHONY: setup tools tools-node tools-oldest tools-e2e lint format protos test test-unit test-integration test-e2e test-multinode \
         sanity bench bench-csi bench-dmp bench-controllers bench-e2e demo images cluster-up \
         cluster-down cluster-status e2e-kind clean
 
@@ -88,6 +88,11 @@ cluster-status:
 
 test-e2e: tools tools-node
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# Three real nodes (dynvol.testing.cluster) under the machine's cluster lock; docs/local-cluster.md.
+CLUSTER_LOCK ?= /work/notes/cluster.lock
+test-multinode: tools tools-node
+	DYNVOL_MULTINODE_E2E=1 flock $(CLUSTER_LOCK) $(PY) -m pytest tests/e2e/test_multinode.py $(PYTEST_ARGS)
 
 sanity: tools
 	bash hack/sanity.sh

@@ -1,4 +1,5 @@
-"""A real MinIO S3 server on 127.0.0.1 for tests, benchmarks and the demo."""
+"""A real MinIO S3 server on 127.0.0.1 (or a given local address) for tests, benchmarks and the
+demo."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ class MinioServer:
 
     dir: Path
     bin_dir: Path = attrs.field(factory=default_bin_dir)
+    #: The address to listen on: loopback, or an address of a network this machine's own
+    #: code made (the multi-node cluster's bridge, where its pods reach it).
+    host: str = "127.0.0.1"
     access_key: str = attrs.field(factory=lambda: "dynvol" + secrets.token_hex(4))
     secret_key: str = attrs.field(factory=lambda: secrets.token_hex(16))
     process: Process | None = None
@@ -36,7 +40,7 @@ class MinioServer:
         data = self.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         port = free_port()
-        self.endpoint = f"http://127.0.0.1:{port}"
+        self.endpoint = f"http://{self.host}:{port}"
         env = {
             **os.environ,
             "MINIO_ROOT_USER": self.access_key,
@@ -52,9 +56,9 @@ class MinioServer:
                 str(data),
                 "--quiet",
                 "--address",
-                f"127.0.0.1:{port}",
+                f"{self.host}:{port}",
                 "--console-address",
-                f"127.0.0.1:{free_port()}",
+                f"{self.host}:{free_port()}",
             ],
             name="minio",
             env=env,
