@@ -61,8 +61,8 @@ test-integration: tools tools-oldest
 
 # The README's test command: lint, the unit tier, the integration tier on the newest and
 # then on the oldest supported Kubernetes release, csi-sanity, then the e2e tier on a real
-# single-node cluster of the newest release (root; it brings the cluster up and down
-# itself).
+# single-node cluster of the newest release, then the three-node e2e file on a real
+# three-node cluster (root; each brings its cluster up and down itself).
 test: tools tools-oldest tools-node lint
 	DYNVOL_KUBERNETES_VERSION=$(KUBERNETES_NEWEST) $(PY) -m pytest tests/unit tests/integration examples/dynvol-provider-example/tests $(PYTEST_ARGS)
 	@for v in $(wordlist 2,$(words $(KUBERNETES_VERSIONS)),$(KUBERNETES_VERSIONS)); do \
@@ -71,6 +71,7 @@ test: tools tools-oldest tools-node lint
 	done
 	@$(MAKE) --no-print-directory sanity
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+	DYNVOL_MULTINODE_E2E=1 $(PY) -m pytest tests/e2e/test_multinode.py $(PYTEST_ARGS)
 
 # A real single-node cluster (etcd, apiserver, controller-manager, scheduler, kubelet,
 # containerd, runc) on this machine; see docs/local-cluster.md.
@@ -90,7 +91,8 @@ test-e2e: tools tools-node
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
 # Three real nodes (dynvol.testing.cluster) under the machine's cluster lock; docs/local-cluster.md.
-CLUSTER_LOCK ?= /work/notes/cluster.lock
+# One local cluster at a time on a machine: the targets that start one take this lock.
+CLUSTER_LOCK ?= /tmp/dynvol-cluster.lock
 test-multinode: tools tools-node
 	DYNVOL_MULTINODE_E2E=1 flock $(CLUSTER_LOCK) $(PY) -m pytest tests/e2e/test_multinode.py $(PYTEST_ARGS)
 

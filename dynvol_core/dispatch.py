@@ -346,11 +346,15 @@ class DmpSpec:
 def _node_owner(spec: DmpSpec) -> list[dict[str, Any]]:
     if not spec.node_uid:
         return []
+    # The Node is the DMP's controller: the node's own dynvol manages it, and 'kubectl
+    # drain' (without --force) evicts a pod that has a controller but refuses one that has
+    # none. The garbage collector deletes the DMP with its Node.
     return [
         OwnerReference(
-            api_version="v1", kind="Node", name=spec.node_name, uid=spec.node_uid
+            api_version="v1", kind="Node", name=spec.node_name, uid=spec.node_uid,
+            controller=True,
         ).to_object()
-    ]
+    ]  # fmt: skip
 
 
 #: What the DMP agent itself (a Python process with its Kubernetes client) needs on top of

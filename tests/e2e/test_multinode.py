@@ -319,12 +319,6 @@ def test_scale_up_and_down_across_nodes(storage: NodesStorage) -> None:
     _all_read_and_write(storage, [left], "shrunk")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: a DMP's only owner is its Node and not as controller "
-    "(dynvol_core.dispatch._node_owner), so 'kubectl drain' without --force refuses it as a "
-    "pod that declares no controller",
-)
 def test_drain_moves_pods_with_their_mounts_and_leaves_nothing(storage: NodesStorage) -> None:
     storage.cluster.apply(_spread(storage, "drain", 3))
     storage.claim("drain", mountpoint="/data", selector={"app": "drain"})

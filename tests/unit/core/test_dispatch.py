@@ -518,6 +518,8 @@ def test_dmp_pod_manifest() -> None:
     assert meta["labels"][c.LABEL_COMPONENT] == c.COMPONENT_DMP
     assert meta["labels"][c.LABEL_POD_UID] == spec.pod_uid
     assert meta["ownerReferences"][0]["kind"] == "Node"
+    # The Node as controller: kubectl drain evicts a DMP, it refuses a pod with no controller.
+    assert meta["ownerReferences"][0]["controller"] is True
     assert pod_spec["nodeName"] == NODE
     assert pod_spec["priorityClassName"] == "dynvol-critical"
     assert pod_spec["serviceAccountName"] == c.DEFAULT_DMP_SERVICE_ACCOUNT
