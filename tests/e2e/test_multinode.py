@@ -189,6 +189,9 @@ def _spread(storage: NodesStorage, name: str, replicas: int) -> dict[str, Any]:
             "maxSkew": 1,
             "topologyKey": "kubernetes.io/hostname",
             "whenUnsatisfiable": "DoNotSchedule",
+            # A cordoned (drained) node is not a place to spread to: without this it still
+            # counts, with no pods, and the pods moved off it stay Pending.
+            "nodeTaintsPolicy": "Honor",
             "labelSelector": {"matchLabels": {"e2e-workload": name}},
         }
     ]
