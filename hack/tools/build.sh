@@ -9,6 +9,7 @@
 #   kubernetes-e2e      e2e.test (the upstream e2e suite)              at $KUBERNETES_VERSION
 #   kubernetes-oldest   kube-apiserver, kubectl       at $KUBERNETES_OLDEST_VERSION
 #   csi-sanity, minio, etcd
+#   helm                the Helm client (charts/dynvol's tests)       at $HELM_VERSION
 #   --versions          print the Kubernetes versions the tiers run against, newest first
 #
 # KUBERNETES_VERSION defaults to the newest release in versions.env; set it in the
@@ -162,6 +163,12 @@ tool_csi-sanity() {
 
 tool_minio() {
   build minio minio "$MINIO_VERSION" "-s -w" "$bin" github.com/minio/minio
+}
+
+# The version is stamped as Helm's own release build stamps it, so `helm version` names it.
+tool_helm() {
+  build helm helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    "$bin" helm.sh/helm/v3/cmd/helm
 }
 
 # etcd comes from Debian (hack/setup.sh installs etcd-server); it is linked here so that
