@@ -165,10 +165,15 @@ tool_minio() {
   build minio minio "$MINIO_VERSION" "-s -w" "$bin" github.com/minio/minio
 }
 
-# The version is stamped as Helm's own release build stamps it, so `helm version` names it.
+# Stamped as Helm's own release build stamps it: its version, and the Kubernetes minor of
+# the client-go it was built with (what `helm template` assumes without --kube-version).
 tool_helm() {
-  build helm helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
-    "$bin" helm.sh/helm/v3/cmd/helm
+  local minor pkg=helm.sh/helm/v3
+  minor=$(sed -n 's|^\s*k8s.io/client-go v0\.\([0-9]*\)\..*|\1|p' "$here/helm/go.mod")
+  build helm helm "$HELM_VERSION" "-s -w -X $pkg/internal/version.version=$HELM_VERSION \
+-X $pkg/pkg/chartutil.k8sVersionMajor=1 -X $pkg/pkg/chartutil.k8sVersionMinor=$minor \
+-X $pkg/pkg/lint/rules.k8sVersionMajor=1 -X $pkg/pkg/lint/rules.k8sVersionMinor=$minor" \
+    "$bin" $pkg/cmd/helm
 }
 
 # etcd comes from Debian (hack/setup.sh installs etcd-server); it is linked here so that
