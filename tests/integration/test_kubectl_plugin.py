@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from dynvol.kubectl import x509
+from dynvol.kubectl.kubeconfig import KubeconfigError, Target, resolve
 from dynvol.kubectl.reading import CSIDRIVERS, CSINODES, DAEMONSETS, DEPLOYMENTS
 from dynvol.kubectl.tables import age, render
 from dynvol.testing import ControlPlane, free_port
@@ -617,3 +618,25 @@ def test_tables_and_ages_read_like_kubectl() -> None:
     assert render(["a", "long header"], [["x\ty", None], ["", "z"]]) == (
         "A        LONG HEADER\nx y      <none>\n<none>   z\n"
     )
+
+
+def test_the_kubeconfig_is_chosen_as_kubectl_chooses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_text(json.dumps({"current-context": "two", "contexts": []}))
+    second.write_text(json.dumps({"contexts": [{"name": "two", "context": {"namespace": "team"}}]}))
+    missing = tmp_path / "missing"
+    monkeypatch.setenv("KUBECONFIG", os.pathsep.join(map(str, (missing, first, second))))
+    # Missing $KUBECONFIG files are skipped; the current context may be named in one file
+    # and defined in another; the file that defines it is the one the client reads.
+    assert resolve(None, None, None) == Target(str(second), "two", "team")
+    assert resolve(None, None, "other") == Target(str(second), "two", "other")
+    with pytest.raises(KubeconfigError, match="context 'three' is not in the kubeconfig"):
+        resolve(None, "three", None)
+    # An explicit file must exist, and must be a kubeconfig.
+    with pytest.raises(KubeconfigError, match="cannot read kubeconfig"):
+        resolve(str(missing), None, None)
+    first.write_text("- a list")
+    with pytest.raises(KubeconfigError, match="is not a mapping"):
+        resolve(str(first), None, None)
