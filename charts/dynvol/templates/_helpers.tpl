@@ -38,3 +38,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "dynvol.serviceAccountUser" -}}
 system:serviceaccount:{{ .root.Release.Namespace }}:{{ .name }}
 {{- end }}
+
+{{/* --metrics-address of a component (.component: node or controller). */}}
+{{- define "dynvol.metricsAddress" -}}
+{{- $m := index .root.Values.metrics .component -}}
+--metrics-address={{ if $m.onPodIP }}$(POD_IP){{ else }}0.0.0.0{{ end }}:{{ $m.port }}
+{{- end }}
+
+{{/* The POD_IP variable, when a component's metrics listen on it. */}}
+{{- define "dynvol.podIPEnv" -}}
+{{- $m := index .root.Values.metrics .component -}}
+{{- if and .root.Values.metrics.enabled $m.onPodIP }}
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- end }}
+{{- end }}
