@@ -15,13 +15,18 @@ KUBERNETES_NEWEST := $(firstword $(KUBERNETES_VERSIONS))
 
 .PHONY: setup tools tools-node tools-oldest tools-e2e lint format protos test test-unit test-integration test-e2e test-multinode \
         sanity bench bench-csi bench-dmp bench-controllers bench-e2e demo images cluster-up \
-        cluster-down cluster-status e2e-kind clean
+        cluster-down cluster-status e2e-kind clean \
+        tools-helm chart-crds docs-images
 
 setup:
 	@bash hack/setup.sh
 
 tools: setup
-	@bash hack/tools/build.sh etcd kubernetes csi-sanity minio
+	@bash hack/tools/build.sh etcd kubernetes csi-sanity minio helm
+
+# Only the Helm client (charts/dynvol's tests and helm install).
+tools-helm: setup
+	@bash hack/tools/build.sh helm
 
 tools-node: setup
 	@bash hack/tools/build.sh kubernetes-node
@@ -125,6 +130,15 @@ e2e-kind:
 	kubectl --context kind-dynvol apply -k manifests/overlays/kind
 	kubectl --context kind-dynvol -n dynvol-system rollout status ds/dynvol-node --timeout=300s
 	kubectl --context kind-dynvol -n dynvol-system rollout status deploy/dynvol-controller --timeout=300s
+
+# docs/images/*.svg from their Graphviz sources in docs/images/src (needs dot: Debian's
+# graphviz); tests/unit/test_docs_images.py checks that they are current.
+docs-images: setup
+	$(PY) docs/images/render.py
+
+# charts/dynvol/crds from the CRDs of manifests/base (Helm never templates crds/).
+chart-crds: tools
+	$(PY) charts/sync-crds.py --kubectl $(TOOLS)/kubectl
 
 clean:
 	rm -rf .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -9,6 +9,7 @@
 #   kubernetes-e2e      e2e.test (the upstream e2e suite)              at $KUBERNETES_VERSION
 #   kubernetes-oldest   kube-apiserver, kubectl       at $KUBERNETES_OLDEST_VERSION
 #   csi-sanity, minio, etcd
+#   helm                the Helm client (charts/dynvol's tests)       at $HELM_VERSION
 #   --versions          print the Kubernetes versions the tiers run against, newest first
 #
 # KUBERNETES_VERSION defaults to the newest release in versions.env; set it in the
@@ -162,6 +163,17 @@ tool_csi-sanity() {
 
 tool_minio() {
   build minio minio "$MINIO_VERSION" "-s -w" "$bin" github.com/minio/minio
+}
+
+# Stamped as Helm's own release build stamps it: its version, and the Kubernetes minor of
+# the client-go it was built with (what `helm template` assumes without --kube-version).
+tool_helm() {
+  local minor pkg=helm.sh/helm/v3
+  minor=$(sed -n 's|^\s*k8s.io/client-go v0\.\([0-9]*\)\..*|\1|p' "$here/helm/go.mod")
+  build helm helm "$HELM_VERSION" "-s -w -X $pkg/internal/version.version=$HELM_VERSION \
+-X $pkg/pkg/chartutil.k8sVersionMajor=1 -X $pkg/pkg/chartutil.k8sVersionMinor=$minor \
+-X $pkg/pkg/lint/rules.k8sVersionMajor=1 -X $pkg/pkg/lint/rules.k8sVersionMinor=$minor" \
+    "$bin" $pkg/cmd/helm
 }
 
 # etcd comes from Debian (hack/setup.sh installs etcd-server); it is linked here so that
