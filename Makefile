@@ -133,7 +133,10 @@ e2e-kind:
 
 # docs/images/*.svg from their Graphviz sources in docs/images/src (needs dot: Debian's
 # graphviz); tests/unit/test_docs_images.py checks that they are current.
+# Graphviz only for this target (the tests check the SVGs against their sources' hashes).
 docs-images: setup
+	@command -v dot >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends graphviz >/dev/null; }
 	$(PY) docs/images/render.py
 
 # charts/dynvol/crds from the CRDs of manifests/base (Helm never templates crds/).
