@@ -134,7 +134,8 @@ def record(
     stamps = data.setdefault("measured_at", {})
     stamps[benchmark] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if extra is not None:
-        data.setdefault("extra", {})[benchmark] = dict(extra)
+        # Shallow merge: a partial run (one part of a benchmark) keeps the other parts.
+        data.setdefault("extra", {}).setdefault(benchmark, {}).update(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".latest-", suffix=".json")
     try:

@@ -84,12 +84,12 @@ def test_record_merges_runs_of_different_benchmarks(tmp_path: Path) -> None:
         extra={"samples": [0.3, 0.4]},
         path=out,
     )
-    goals.record({"e2e.warm.p50": 0.2}, benchmark="bench_e2e", path=out)
+    goals.record({"e2e.warm.p50": 0.2}, benchmark="bench_e2e", extra={"floor": [0.1]}, path=out)
     data = json.loads(out.read_text())
     assert data["csi.publish.p99_ms"] == 3.5
     assert data["e2e.warm.p50"] == 0.2
     assert data["e2e.warm.p99"] == 0.4
-    assert data["extra"]["bench_e2e"] == {"samples": [0.3, 0.4]}
+    assert data["extra"]["bench_e2e"] == {"samples": [0.3, 0.4], "floor": [0.1]}
     assert set(data["measured_at"]) == {"bench_csi", "bench_e2e"}
     assert [p.name for p in out.parent.iterdir()] == ["latest.json"]
 
