@@ -90,6 +90,11 @@ def keys_of(benchmark: str) -> tuple[str, ...]:
     return tuple(g.key for g in GOALS if g.benchmark == benchmark)
 
 
+def formatted(key: str, value: float) -> str:
+    """``value`` in the key's unit, as the verdict lines print it."""
+    return _fmt(value, BY_KEY[key].unit)
+
+
 def verdict(key: str, value: float) -> str:
     """``e2e.warm.p50  0.290 s  goal <= 0.100 s: MISSED`` for the key's goal."""
     goal = BY_KEY[key]

@@ -124,12 +124,44 @@ def scale_curve(controllers: dict[str, Any], out: Path) -> Path | None:
     return path
 
 
+COMMANDS = {
+    "bench_e2e": "make bench-e2e",
+    "bench_controllers": "make bench-controllers",
+    "bench_csi": "make bench-csi",
+}
+
+
+def table(data: dict[str, Any]) -> str:
+    """The Markdown table of docs/benchmarks.md: figure, goal, measured, verdict, command."""
+    lines = [
+        "| figure | what | goal | measured | | command |",
+        "|---|---|---|---|---|---|",
+    ]
+    for goal in goals.GOALS:
+        value = data.get(goal.key)
+        if value is None:
+            measured, state = "not measured", ""
+        else:
+            measured = goals.formatted(goal.key, value)
+            met = goal.met(value)
+            state = "" if met is None else ("met" if met else "**missed**")
+        lines.append(
+            f"| `{goal.key}` | {goal.what} | {goal.describe().removeprefix('goal ')} "
+            f"| {measured} | {state} | `{COMMANDS[goal.benchmark]}` |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=goals.RESULTS)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table", action="store_true", help="print the Markdown table only")
     args = parser.parse_args()
     data = goals.load(args.results)
+    if args.table:
+        print(table(data))
+        return 0
     extra = data.get("extra") or {}
     args.out.mkdir(parents=True, exist_ok=True)
     e2e = extra.get("bench_e2e") or {}
