@@ -90,7 +90,15 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 async def request_counts(client: Client) -> dict[tuple[str, str, str], float]:
     """apiserver_request_total summed per (verb, resource, subresource), from /metrics."""
-    text = await client.request("GET", "/metrics", request_timeout=60)
+    # A busy apiserver at 1,000 nodes can take long to render its metrics: retry.
+    for attempt in range(3):
+        try:
+            text = await client.request("GET", "/metrics", request_timeout=180)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            await asyncio.sleep(5)
     counts: dict[tuple[str, str, str], float] = {}
     pattern = re.compile(r"^apiserver_request_total\{(.*)\} ([0-9.e+]+)$")
     for line in text.splitlines():
@@ -409,60 +417,81 @@ async def run_size(args: argparse.Namespace, nodes_count: int) -> dict[str, Any]
             )
             before = await request_counts(client)
             counter = MountCounter(client, pods_count)
-            await counter.watcher.start()
-            await gather_limited(
-                [
-                    client.create(
-                        CLAIMS, claim_body(f"claim-{k:03d}", namespaces[k % len(namespaces)],
-                                           f"g{k}"),
-                        namespace=namespaces[k % len(namespaces)],
-                    )
-                    for k in range(claims)
-                ],
-                32,
-            )  # fmt: skip
-            row["claims_created_seconds"] = round(time.monotonic() - counter.t0, 2)
             try:
-                await asyncio.wait_for(counter.reached.wait(), timeout=args.timeout)
-                converged = time.monotonic() - counter.t0
-            except TimeoutError:
-                converged = math.nan
-                row["stopped"] = f"{counter.count} of {pods_count} mounts after {args.timeout:.0f}s"
-            # Let the claim status writes that follow settle before counting requests.
-            await asyncio.sleep(args.settle)
-            after = await request_counts(client)
-            mounts = counter.count
-            await counter.watcher.close()
-            row["peak_rss_mib"] = await peaks.stop()
-            delta = count_delta(before, after)
-            # The bench's own writes: the claims it created.
-            dynvol_writes = writes_of(delta) - claims
-            top = sorted(
-                ((v, " ".join(p for p in k if p)) for k, v in delta.items()), reverse=True
-            )[:10]
-            row.update(
-                {
-                    "mounts": mounts,
-                    "converged_seconds": round(converged, 2),
-                    "mounts_at_25_50_75_100_percent_seconds": [
-                        counter.marks.get(q) for q in (1, 2, 3, 4)
-                    ],
-                    "apiserver_requests": sum(delta.values()),
-                    "apiserver_writes": dynvol_writes,
-                    "writes_per_mount": round(dynvol_writes / mounts, 3) if mounts else None,
-                    "writes_by_verb_resource": {
-                        " ".join(p for p in k if p): v
-                        for k, v in sorted(delta.items())
-                        if k[0] in WRITE_VERBS
-                    },
-                    "top_requests": {k: v for v, k in top},
-                    "load_average": round(os.getloadavg()[0], 2),
-                }
-            )
-            return row
+                return await measure_size(args, client, row, counter, peaks, before, claims)
+            except Exception as exc:
+                row["stopped"] = f"{exc!r} with {counter.count} of {pods_count} mounts"
+                row["mounts_at_25_50_75_100_percent_seconds"] = [
+                    counter.marks.get(q) for q in (1, 2, 3, 4)
+                ]
+                row["peak_rss_mib"] = await peaks.stop()
+                with contextlib.suppress(Exception):
+                    await counter.watcher.close()
+                return row
         finally:
             for p in reversed(procs):
                 p.stop()
+
+
+async def measure_size(
+    args: argparse.Namespace,
+    client: Client,
+    row: dict[str, Any],
+    counter: MountCounter,
+    peaks: Peaks,
+    before: dict[tuple[str, str, str], float],
+    claims: int,
+) -> dict[str, Any]:
+    """Create the claims, wait for every mount, count the requests."""
+    namespaces = [f"bench-{i}" for i in range(args.namespaces)]
+    pods_count = row["pods"]
+    await counter.watcher.start()
+    await gather_limited(
+        [
+            client.create(
+                CLAIMS, claim_body(f"claim-{k:03d}", namespaces[k % len(namespaces)],
+                                   f"g{k}"),
+                namespace=namespaces[k % len(namespaces)],
+            )
+            for k in range(claims)
+        ],
+        32,
+    )  # fmt: skip
+    row["claims_created_seconds"] = round(time.monotonic() - counter.t0, 2)
+    try:
+        await asyncio.wait_for(counter.reached.wait(), timeout=args.timeout)
+        converged = time.monotonic() - counter.t0
+    except TimeoutError:
+        converged = math.nan
+        row["stopped"] = f"{counter.count} of {pods_count} mounts after {args.timeout:.0f}s"
+    # Let the claim status writes that follow settle before counting requests.
+    await asyncio.sleep(args.settle)
+    after = await request_counts(client)
+    mounts = counter.count
+    await counter.watcher.close()
+    row["peak_rss_mib"] = await peaks.stop()
+    delta = count_delta(before, after)
+    # The bench's own writes: the claims it created.
+    dynvol_writes = writes_of(delta) - claims
+    top = sorted(((v, " ".join(p for p in k if p)) for k, v in delta.items()), reverse=True)[:10]
+    row.update(
+        {
+            "mounts": mounts,
+            "converged_seconds": round(converged, 2),
+            "mounts_at_25_50_75_100_percent_seconds": [counter.marks.get(q) for q in (1, 2, 3, 4)],
+            "apiserver_requests": sum(delta.values()),
+            "apiserver_writes": dynvol_writes,
+            "writes_per_mount": round(dynvol_writes / mounts, 3) if mounts else None,
+            "writes_by_verb_resource": {
+                " ".join(p for p in k if p): v
+                for k, v in sorted(delta.items())
+                if k[0] in WRITE_VERBS
+            },
+            "top_requests": {k: v for v, k in top},
+            "load_average": round(os.getloadavg()[0], 2),
+        }
+    )
+    return row
 
 
 # -- the real node plugin with many pods ---------------------------------------------------------
@@ -595,7 +624,13 @@ async def driver(args: argparse.Namespace) -> int:
         if "stopped" in row:
             print(f"bench: the curve stops at {nodes} nodes: {row['stopped']}", flush=True)
             break
-    plugin = await run_node_plugin(args) if args.plugin_pods else None
+    # A run of some sizes updates those rows of the curve and keeps the others.
+    previous = (goals.load().get("extra") or {}).get("bench_controllers") or {}
+    if not args.no_record:
+        by_nodes = {r["nodes"]: r for r in previous.get("sizes") or []}
+        by_nodes.update({r["nodes"]: r for r in rows})
+        rows = [by_nodes[n] for n in sorted(by_nodes)]
+    plugin = await run_node_plugin(args) if args.plugin_pods else previous.get("node_plugin")
     if plugin is not None:
         print(json.dumps(plugin, indent=2), flush=True)
 
@@ -614,7 +649,12 @@ async def driver(args: argparse.Namespace) -> int:
             f"{mem.get('controller', math.nan):>16.1f}{mem.get('node', math.nan):>10.1f}"
         )
     figures: dict[str, float] = {}
-    done = [r for r in rows if "stopped" not in r]
+    # The curve holds up to the first size that did not converge.
+    done = []
+    for r in rows:
+        if "stopped" in r:
+            break
+        done.append(r)
     largest = rows[-1] if rows else None
     if done:
         figures["scale.nodes"] = done[-1]["nodes"]

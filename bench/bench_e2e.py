@@ -637,6 +637,13 @@ class Breakdown:
 
     @classmethod
     def print(cls, table: dict[str, dict[str, float]]) -> None:
+        try:
+            cls._print(table)
+        except Exception as exc:  # an extra; never loses the run's figures
+            print(f"  (breakdown not printed: {exc!r})", flush=True)
+
+    @classmethod
+    def _print(cls, table: dict[str, dict[str, float]]) -> None:
         print(f"  {'step':<28}{'step p50':>10}{'at p50':>10}   what", flush=True)
         steps = [(s, w) for s, w in cls.STEPS if s in table] if table else list(cls.STEPS)
         for step, what in steps:
@@ -673,7 +680,12 @@ def run_claims(
                     continue
                 dvm = f"{bench.ns}/{d['metadata']['name']}"
                 visible = began + pods[d["spec"]["podName"]]
-                rows.append(breakdown.of(d["spec"]["dmpName"], dvm, began, visible, warm=not cold))
+                try:
+                    rows.append(
+                        breakdown.of(d["spec"]["dmpName"], dvm, began, visible, warm=not cold)
+                    )
+                except Exception as exc:  # the breakdown is an extra; the figure stands
+                    print(f"  no breakdown for {dvm}: {exc!r}", flush=True)
         bench.delete_claim(name)
     return times, per_pod, rows
 
@@ -943,13 +955,20 @@ def measure(args: argparse.Namespace, cluster: LocalCluster) -> int:
                     print("repairs:", flush=True)
                     repair: dict[str, Any] = {}
                     for what in ("fuse", "crash", "delete"):
-                        times, notes = run_repairs(cold, args.repairs, what=what)
+                        try:
+                            times, notes = run_repairs(cold, args.repairs, what=what)
+                        except Exception as exc:  # reported; the other repairs still run
+                            print(f"  repair after {what} failed: {exc!r}", flush=True)
+                            repair[what] = {"n": 0, "error": repr(exc)}
+                            continue
                         repair[what] = {**summary(times), "notes": notes}
                     extra["repair"] = repair
-                    figures["e2e.repair_fuse.p99"] = repair["fuse"]["p99"]
-                    figures["e2e.repair_dmp.p99"] = max(
-                        repair["crash"]["p99"], repair["delete"]["p99"]
-                    )
+                    if repair["fuse"].get("n"):
+                        figures["e2e.repair_fuse.p99"] = repair["fuse"]["p99"]
+                    if repair["crash"].get("n") and repair["delete"].get("n"):
+                        figures["e2e.repair_dmp.p99"] = max(
+                            repair["crash"]["p99"], repair["delete"]["p99"]
+                        )
             finally:
                 cold.teardown()
         if "cold20" in parts:
