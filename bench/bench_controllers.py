@@ -88,8 +88,8 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
-async def request_counts(client: Client) -> dict[tuple[str, str, str], float]:
-    """apiserver_request_total summed per (verb, resource, subresource), from /metrics."""
+async def request_counts(client: Client) -> dict[tuple[str, str, str, str], float]:
+    """apiserver_request_total per (verb, resource, subresource, code), from /metrics."""
     # A busy apiserver at 1,000 nodes can take long to render its metrics: retry.
     for attempt in range(3):
         try:
@@ -99,26 +99,31 @@ async def request_counts(client: Client) -> dict[tuple[str, str, str], float]:
             if attempt == 2:
                 raise
             await asyncio.sleep(5)
-    counts: dict[tuple[str, str, str], float] = {}
+    counts: dict[tuple[str, str, str, str], float] = {}
     pattern = re.compile(r"^apiserver_request_total\{(.*)\} ([0-9.e+]+)$")
     for line in text.splitlines():
         m = pattern.match(line)
         if not m:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        key = (labels.get("verb", ""), labels.get("resource", ""), labels.get("subresource", ""))
+        key = (
+            labels.get("verb", ""),
+            labels.get("resource", ""),
+            labels.get("subresource", ""),
+            labels.get("code", ""),
+        )
         counts[key] = counts.get(key, 0.0) + float(m.group(2))
     return counts
 
 
 def count_delta(
-    before: dict[tuple[str, str, str], float], after: dict[tuple[str, str, str], float]
-) -> dict[tuple[str, str, str], int]:
+    before: dict[tuple[str, str, str, str], float], after: dict[tuple[str, str, str, str], float]
+) -> dict[tuple[str, str, str, str], int]:
     return {k: int(v - before.get(k, 0.0)) for k, v in after.items() if v - before.get(k, 0.0)}
 
 
-def writes_of(delta: dict[tuple[str, str, str], int]) -> int:
-    return sum(v for (verb, _, _), v in delta.items() if verb in WRITE_VERBS)
+def writes_of(delta: dict[tuple[str, str, str, str], int]) -> int:
+    return sum(v for (verb, _, _, _), v in delta.items() if verb in WRITE_VERBS)
 
 
 async def gather_limited(coros: list[Any], limit: int) -> list[Any]:
@@ -439,7 +444,7 @@ async def measure_size(
     row: dict[str, Any],
     counter: MountCounter,
     peaks: Peaks,
-    before: dict[tuple[str, str, str], float],
+    before: dict[tuple[str, str, str, str], float],
     claims: int,
 ) -> dict[str, Any]:
     """Create the claims, wait for every mount, count the requests."""
