@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -268,6 +269,11 @@ async def control_plane(args: argparse.Namespace, label: str) -> Any:
         plane.stop()
         if not args.keep:
             plane.remove()
+            if not entries_under(
+                parse_mountinfo(Path("/proc/self/mountinfo").read_text()),  # noqa: ASYNC240
+                str(workdir),
+            ):
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def start_controller(plane: ControlPlane, workdir: Path) -> Process:

@@ -524,9 +524,12 @@ class Breakdown:
         ("container started", "-> StartContainer returns (create + start of the agent)"),
         ("agent watching", "-> agent logs 'watching' (interpreter, imports, client, sync)"),
         ("agent mounted", "-> agent logs 'mounted' (credentials, s3fs up, bind)"),
-        ("status Mounted seen", "-> the bench's watch sees status Mounted"),
-        ("visible in pod", "-> the pod's reader sees the data (propagation, first read)"),
+        ("status Mounted seen", "agent mounted -> the bench's watch sees status Mounted"),
+        ("visible in pod", "agent mounted -> the pod's reader sees the data"),
     )
+    #: Steps measured from another step than the one listed before them: the pod may read
+    #: the data before the bench's watch sees the status, and the other way round.
+    AFTER = {"status Mounted seen": "agent mounted", "visible in pod": "agent mounted"}
     #: The steps a mount into a running DMP goes through (warm).
     WARM = ("mount object seen", "agent mounted", "status Mounted seen", "visible in pod")
 
@@ -621,9 +624,10 @@ class Breakdown:
                 continue
             ends = [r[step] for r in rows if r.get(step) is not None]
             spans = []
+            since = cls.AFTER.get(step, previous)
             for r in rows:
                 end = r.get(step)
-                prev = 0.0 if previous == "claim" else r.get(previous)
+                prev = 0.0 if since == "claim" else r.get(since)
                 if end is not None and prev is not None:
                     spans.append(end - prev)
             if ends:
