@@ -140,7 +140,9 @@ def table(data: dict[str, Any]) -> str:
     for goal in goals.GOALS:
         value = data.get(goal.key)
         if value is None:
-            measured, state = "not measured", ""
+            # Recorded as null: measured, but no value came out (e.g. did not converge).
+            measured = "none (see below)" if goal.key in data else "not measured"
+            state = "**missed**" if goal.key in data else ""
         else:
             measured = goals.formatted(goal.key, value)
             met = goal.met(value)
