@@ -55,7 +55,7 @@ from dynvol.testing.slots import node_reconciler_without_kubelet
 from dynvol_controllers.admission import OptIn, injected_mount, injected_volume, opt_in_annotations
 from dynvol_core import constants as c
 from dynvol_core.mountinfo import entries_under, parse_mountinfo
-from dynvol_kube import APIConflict, Client, Informer
+from dynvol_kube import APIConflict, APIError, Client, Informer
 from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS, SECRETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,8 +138,17 @@ async def gather_limited(coros: list[Any], limit: int) -> list[Any]:
 
 
 async def create_ignoring_conflict(client: Client, resource: Any, body: Any, ns: str | None) -> Any:
-    with contextlib.suppress(APIConflict):
-        return await client.create(resource, body, namespace=ns)
+    """Create; a name taken is fine, and a transport error (an overloaded apiserver at the
+    largest sizes) is retried a few times (a retry that finds the object is a conflict)."""
+    for attempt in range(5):
+        try:
+            return await client.create(resource, body, namespace=ns)
+        except APIConflict:
+            return None
+        except APIError as exc:
+            if exc.status is not None or attempt == 4:
+                raise
+            await asyncio.sleep(2)
     return None
 
 
@@ -459,10 +468,10 @@ async def measure_size(
     await counter.watcher.start()
     await gather_limited(
         [
-            client.create(
-                CLAIMS, claim_body(f"claim-{k:03d}", namespaces[k % len(namespaces)],
-                                   f"g{k}"),
-                namespace=namespaces[k % len(namespaces)],
+            create_ignoring_conflict(
+                client, CLAIMS, claim_body(f"claim-{k:03d}", namespaces[k % len(namespaces)],
+                                           f"g{k}"),
+                namespaces[k % len(namespaces)],
             )
             for k in range(claims)
         ],
