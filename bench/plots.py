@@ -115,6 +115,12 @@ def scale_curve(controllers: dict[str, Any], out: Path) -> Path | None:
     handles = left.get_legend_handles_labels()
     more = right.get_legend_handles_labels()
     left.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="upper left")
+    stopped = [r for r in controllers.get("sizes") or [] if "stopped" in r]
+    if stopped:
+        note = "; ".join(
+            f"{r['nodes']} nodes: not converged ({r['stopped'][:60]})" for r in stopped
+        )
+        left.text(0.02, 0.02, note, transform=left.transAxes, fontsize=7, color="tab:red")
     left.set_title("Scale: node reconcilers and controller on a real apiserver")
     left.grid(True, alpha=0.3)
     path = out / "scale-curve.png"
