@@ -14,7 +14,7 @@ KUBERNETES_VERSIONS := $(shell bash hack/tools/build.sh --versions)
 KUBERNETES_NEWEST := $(firstword $(KUBERNETES_VERSIONS))
 
 .PHONY: setup tools tools-node tools-oldest tools-e2e lint format protos test test-unit test-integration test-e2e test-multinode \
-        sanity bench bench-csi bench-dmp bench-controllers bench-e2e demo images cluster-up \
+        sanity bench bench-csi bench-dmp bench-controllers bench-e2e bench-plots demo images cluster-up \
         cluster-down cluster-status e2e-kind clean \
         tools-helm chart-crds docs-images
 
@@ -104,6 +104,11 @@ test-multinode: tools tools-node
 sanity: tools
 	bash hack/sanity.sh
 
+# Each benchmark prints every figure beside its goal and merges its figures into
+# bench/results/latest.json (bench/goals.py); `make bench` runs them all, then draws the
+# plots of docs/benchmarks.md into docs/images/benchmarks/. bench-e2e uses the one local
+# cluster of the machine, under the same lock (CLUSTER_LOCK) as test-multinode.
+
 bench-csi: tools
 	$(PY) bench/bench_csi.py
 
@@ -114,9 +119,13 @@ bench-controllers: tools
 	$(PY) bench/bench_controllers.py
 
 bench-e2e: tools tools-node
-	$(PY) bench/bench_e2e.py --claims 20 --repairs 5
+	flock $(CLUSTER_LOCK) $(PY) bench/bench_e2e.py --claims 20 --repairs 5
+
+bench-plots: setup
+	$(PY) bench/plots.py
 
 bench: bench-csi bench-dmp bench-controllers bench-e2e
+	@$(MAKE) --no-print-directory bench-plots
 
 # The seed story on a real single-node cluster on this machine (root; see docs/quickstart.md).
 demo: setup

@@ -1,21 +1,33 @@
-"""Benchmark: node reconcilers and the cluster controller on a real apiserver.
+"""Benchmark: node reconcilers and the cluster controller on a real apiserver, at scale.
 
-Starts its own etcd + kube-apiserver (dynvol.testing.ControlPlane), binds opted-in pods to
-made-up nodes (no kubelet), starts the node reconcilers and ``dynvol controller`` as
-separate processes, then creates the claims and measures:
+For each size of ``--sizes`` (default 100, 300, 500 and 1,000 nodes) it starts a fresh
+etcd + kube-apiserver (dynvol.testing.ControlPlane), binds ``--pods-per-node`` (20)
+opted-in pods per made-up node (no kubelet), starts the node reconcilers and ``dynvol
+controller`` as separate processes, creates the claims (``shared`` policy) and measures:
 
 * the time from the first claim until every DynamicVolumeMount exists;
-* the peak RSS (VmHWM) of one node reconciler process (serving one node) and of the
-  cluster controller process;
-* apiserver requests per pod (``apiserver_request_total`` from /metrics, before/after).
+* apiserver writes per mount, from the apiserver's own ``apiserver_request_total`` (by verb:
+  POST, PUT, PATCH, DELETE, APPLY), before/after, less the bench's own claim creations;
+* the peak RSS (VmHWM) of the controller process (the 500-node size has 10,000 pods: that
+  is ``mem.controller_mib``) and of the node reconciler process serving one node.
 
-    .venv/bin/python bench/bench_controllers.py            # 100 nodes, 5000 pods, 200 claims
-    .venv/bin/python bench/bench_controllers.py --nodes 10 --pods 500 --claims 20   # quick
+Claims scale with the cluster: ``--claims-per-1000-nodes`` (500) claims at 1,000 nodes, 50 at
+100 nodes, so every claim selects 40 pods at every size and the curve shows what the number
+of nodes and pods costs, not a change of fan-out. Every pod is matched by exactly one claim:
+mounts = pods.
 
-The node reconcilers of the other nodes share a few worker processes (``--node-procs``),
-because 100 Python processes would measure the machine, not dynvol; the dedicated
-single-node process is the one whose memory is reported. Goal: converged within 60 s,
-each process under 150 MiB.
+Besides, a real ``dynvol node`` process (CSI node plugin + node reconciler) serves
+``--plugin-pods`` (200) opted-in pods on its own node: each gets a real NodePublishVolume
+through the plugin's socket (a real bind mount), one claim selects them all, and its RSS is
+read once the 200 mounts exist (``mem.node_plugin_mib``).
+
+    .venv/bin/python bench/bench_controllers.py                    # the full curve
+    .venv/bin/python bench/bench_controllers.py --sizes 10 --plugin-pods 20   # quick
+
+The node reconcilers of all nodes but one share a few worker processes (``--node-procs``),
+because 1,000 Python processes would measure the machine, not dynvol. A size that does not
+converge within ``--timeout`` is reported as such, with how far it got, and the larger sizes
+are not tried.
 """
 
 from __future__ import annotations
@@ -25,24 +37,46 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from dynvol.testing import ControlPlane, Process
 from dynvol.testing.slots import node_reconciler_without_kubelet
-from dynvol_controllers.admission import OptIn, injected_mount, injected_volume
+from dynvol_controllers.admission import OptIn, injected_mount, injected_volume, opt_in_annotations
 from dynvol_core import constants as c
-from dynvol_kube import APIConflict, Client, Informer
+from dynvol_core.mountinfo import entries_under, parse_mountinfo
+from dynvol_kube import APIConflict, APIError, Client, Informer
 from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS, SECRETS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import goals
+
+#: The published figures this benchmark writes (bench/goals.py).
+KEYS = (
+    "mem.node_plugin_mib",
+    "mem.controller_mib",
+    "scale.nodes",
+    "scale.pods",
+    "scale.converged_s",
+    "scale.writes_per_mount",
+)
 
 CLASS = "bench-s3"
 SECRET_NS = "bench-secrets"
+#: Verbs of apiserver_request_total that change state.
+WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE", "DELETECOLLECTION", "APPLY"})
+#: The size whose controller memory is published (10,000 pods at 20 per node).
+CONTROLLER_MEMORY_PODS = 10_000
 
 
 def rss_kib(pid: int) -> tuple[int, int]:
@@ -55,39 +89,67 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
-async def request_total(client: Client) -> tuple[float, dict[str, float]]:
-    """Sum of apiserver_request_total, and the sums per (verb, resource) and per code."""
-    text = await client.request("GET", "/metrics", request_timeout=60)
-    total = 0.0
-    by: dict[str, float] = {}
+async def request_counts(client: Client) -> dict[tuple[str, str, str, str], float]:
+    """apiserver_request_total per (verb, resource, subresource, code), from /metrics."""
+    # A busy apiserver at 1,000 nodes can take long to render its metrics: retry.
+    for attempt in range(3):
+        try:
+            text = await client.request("GET", "/metrics", request_timeout=180)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            await asyncio.sleep(5)
+    counts: dict[tuple[str, str, str, str], float] = {}
     pattern = re.compile(r"^apiserver_request_total\{(.*)\} ([0-9.e+]+)$")
     for line in text.splitlines():
         m = pattern.match(line)
         if not m:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        value = float(m.group(2))
-        total += value
-        key = f"{labels.get('verb')} {labels.get('resource')}"
-        by[key] = by.get(key, 0.0) + value
-        code = f"code {labels.get('code')}"
-        by[code] = by.get(code, 0.0) + value
-    return total, by
+        key = (
+            labels.get("verb", ""),
+            labels.get("resource", ""),
+            labels.get("subresource", ""),
+            labels.get("code", ""),
+        )
+        counts[key] = counts.get(key, 0.0) + float(m.group(2))
+    return counts
 
 
-async def gather_limited(coros: list[Any], limit: int) -> None:
+def count_delta(
+    before: dict[tuple[str, str, str, str], float], after: dict[tuple[str, str, str, str], float]
+) -> dict[tuple[str, str, str, str], int]:
+    return {k: int(v - before.get(k, 0.0)) for k, v in after.items() if v - before.get(k, 0.0)}
+
+
+def writes_of(delta: dict[tuple[str, str, str, str], int]) -> int:
+    return sum(v for (verb, _, _, _), v in delta.items() if verb in WRITE_VERBS)
+
+
+async def gather_limited(coros: list[Any], limit: int) -> list[Any]:
     semaphore = asyncio.Semaphore(limit)
 
-    async def one(coro: Any) -> None:
+    async def one(coro: Any) -> Any:
         async with semaphore:
-            await coro
+            return await coro
 
-    await asyncio.gather(*(one(co) for co in coros))
+    return await asyncio.gather(*(one(co) for co in coros))
 
 
-async def create_ignoring_conflict(client: Client, resource: Any, body: Any, ns: str | None):
-    with contextlib.suppress(APIConflict):
-        await client.create(resource, body, namespace=ns)
+async def create_ignoring_conflict(client: Client, resource: Any, body: Any, ns: str | None) -> Any:
+    """Create; a name taken is fine, and a transport error (an overloaded apiserver at the
+    largest sizes) is retried a few times (a retry that finds the object is a conflict)."""
+    for attempt in range(5):
+        try:
+            return await client.create(resource, body, namespace=ns)
+        except APIConflict:
+            return None
+        except APIError as exc:
+            if exc.status is not None or attempt == 4:
+                raise
+            await asyncio.sleep(2)
+    return None
 
 
 # -- the node worker process ---------------------------------------------------------------
@@ -107,7 +169,7 @@ async def node_worker(args: argparse.Namespace) -> int:
         clients.append(client)
         reconcilers.append(
             node_reconciler_without_kubelet(
-                client, node, dmp_delete_grace=0, shared_idle_grace=30, sync_timeout=300
+                client, node, dmp_delete_grace=0, shared_idle_grace=30, sync_timeout=600
             )
         )
     main = asyncio.current_task()
@@ -126,11 +188,10 @@ async def node_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the driver ------------------------------------------------------------------------------
+# -- the objects -------------------------------------------------------------------------------
 
 
-async def populate(client: Client, args: argparse.Namespace) -> list[str]:
-    namespaces = [f"bench-{i}" for i in range(args.namespaces)]
+async def base_objects(client: Client, namespaces: list[str]) -> None:
     for ns in [c.DEFAULT_SYSTEM_NAMESPACE, SECRET_NS, *namespaces]:
         await create_ignoring_conflict(client, NAMESPACES, {"metadata": {"name": ns}}, None)
     await create_ignoring_conflict(
@@ -163,233 +224,483 @@ async def populate(client: Client, args: argparse.Namespace) -> list[str]:
         },
         None,
     )
-    nodes = [f"node-{i:03d}" for i in range(args.nodes)]
-    groups = args.claims
-    coros = []
-    for i in range(args.pods):
-        ns = namespaces[i % len(namespaces)]
-        group = i % groups
-        policy = (
-            c.POLICY_INDEPENDENT if (i * 37) % 100 < args.independent_percent else (c.POLICY_SHARED)
-        )
-        opt_in = OptIn(CLASS, "/dynamic", policy)
-        body = {
-            "metadata": {"name": f"pod-{i:05d}", "namespace": ns, "labels": {"group": f"g{group}"}},
-            "spec": {
-                "nodeName": nodes[i % len(nodes)],
-                "terminationGracePeriodSeconds": 0,
-                "containers": [
-                    {
-                        "name": "app",
-                        "image": "registry.invalid/app:1",
-                        "volumeMounts": [injected_mount(opt_in)],
-                    }
-                ],
-                "volumes": [injected_volume(opt_in)],
-            },
-        }
-        coros.append(create_ignoring_conflict(client, PODS, body, ns))
-    await gather_limited(coros, 64)
-    return nodes
 
 
-def claim_body(k: int, args: argparse.Namespace) -> dict[str, Any]:
-    ns = f"bench-{k % args.namespaces}"
+def pod_body(name: str, node: str, group: str, policy: str) -> dict[str, Any]:
+    opt_in = OptIn(CLASS, "/dynamic", policy)
     return {
-        "apiVersion": c.API_VERSION,
-        "kind": c.KIND_CLAIM,
-        "metadata": {"name": f"claim-{k:03d}", "namespace": ns},
+        "metadata": {
+            "name": name,
+            "labels": {"group": group},
+            "annotations": opt_in_annotations(opt_in),
+        },
         "spec": {
-            "storageProvider": "s3",
-            "mountpoint": "/data",
-            "s3Config": {"bucket": "bench", "endpoint": "http://127.0.0.1:9"},
-            "selector": {"matchLabels": {"group": f"g{k}"}},
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "registry.invalid/app:1",
+                    "volumeMounts": [injected_mount(opt_in)],
+                }
+            ],
+            "volumes": [injected_volume(opt_in)],
         },
     }
 
 
-def expected_mounts(args: argparse.Namespace) -> int:
-    # Pod i is in namespace i % N with label g(i % claims); claim k is in namespace k % N
-    # and selects g(k): it matches pod i iff i % claims == k and i % N == k % N.
-    count = 0
-    for i in range(args.pods):
-        k = i % args.claims
-        if i % args.namespaces == k % args.namespaces:
-            count += 1
-    return count
+def claim_body(name: str, ns: str, group: str) -> dict[str, Any]:
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.KIND_CLAIM,
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "storageProvider": "s3",
+            "mountpoint": "/data",
+            "s3Config": {"bucket": "bench", "endpoint": "http://127.0.0.1:9"},
+            "selector": {"matchLabels": {"group": group}},
+        },
+    }
+
+
+@contextlib.asynccontextmanager
+async def control_plane(args: argparse.Namespace, label: str) -> Any:
+    # etcd fsyncs every write; on a shared disk that, not dynvol, sets the pace. tmpfs keeps
+    # the measurement about the controllers (use --workdir to measure a real disk).
+    base = args.workdir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)  # noqa: ASYNC240
+    workdir = Path(tempfile.mkdtemp(prefix=f"dynvol-bench-{label}-", dir=base))
+    plane = ControlPlane(dir=workdir / "control-plane")
+    print(f"bench: [{label}] starting etcd + kube-apiserver in {workdir}", flush=True)
+    plane.start()
+    client = await Client.from_kubeconfig(str(plane.kubeconfig), user_agent="dynvol-bench")
+    try:
+        yield plane, client, workdir
+    finally:
+        await client.close()
+        plane.stop()
+        if not args.keep:
+            plane.remove()
+            if not entries_under(
+                parse_mountinfo(Path("/proc/self/mountinfo").read_text()),  # noqa: ASYNC240
+                str(workdir),
+            ):
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_controller(plane: ControlPlane, workdir: Path) -> Process:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return Process.start(
+        [sys.executable, "-m", "dynvol.cli", "--log-level", "WARNING", "controller",
+         "--kubeconfig", str(plane.kubeconfig), "--no-webhooks", "--no-leader-elect"],
+        name="dynvol-controller", env=env, log=workdir / "controller.log",
+    )  # fmt: skip
+
+
+class Peaks:
+    """Samples VmHWM of some processes every half second (peaks survive the process)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.kib = dict.fromkeys(pids, 0)
+        self.task: asyncio.Task[None] | None = None
+
+    def read(self) -> None:
+        for key, pid in self.pids.items():
+            with contextlib.suppress(OSError):
+                self.kib[key] = max(self.kib[key], rss_kib(pid)[1])
+
+    async def _loop(self) -> None:
+        while True:
+            self.read()
+            await asyncio.sleep(0.5)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> dict[str, float]:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        self.read()
+        return {k: round(v / 1024, 1) for k, v in self.kib.items()}
+
+
+class MountCounter:
+    """Watches DynamicVolumeMounts; ``reached`` is set once ``expected`` exist."""
+
+    def __init__(self, client: Client, expected: int) -> None:
+        self.expected = expected
+        self.reached = asyncio.Event()
+        self.marks: dict[int, float] = {}
+        self.t0 = time.monotonic()
+        self.watcher = Informer(client, MOUNTS, transform=lambda o: {"metadata": o["metadata"]})
+        self.watcher.add_handler(self._on_mount)
+
+    def _on_mount(self, _: Any) -> None:
+        count = len(self.watcher.store)
+        for quarter in (1, 2, 3, 4):
+            if count >= self.expected * quarter // 4 and quarter not in self.marks:
+                self.marks[quarter] = round(time.monotonic() - self.t0, 2)
+        if count >= self.expected:
+            self.reached.set()
+
+    @property
+    def count(self) -> int:
+        return len(self.watcher.store)
+
+
+# -- one size of the scale curve ---------------------------------------------------------------
+
+
+def claims_for(nodes: int, args: argparse.Namespace) -> int:
+    # A multiple of the namespace count, so that every pod is selected by one claim.
+    wanted = max(1, round(nodes * args.claims_per_1000_nodes / 1000 / args.namespaces))
+    return wanted * args.namespaces
+
+
+async def run_size(args: argparse.Namespace, nodes_count: int) -> dict[str, Any]:
+    pods_count = nodes_count * args.pods_per_node
+    claims = claims_for(nodes_count, args)
+    namespaces = [f"bench-{i}" for i in range(args.namespaces)]
+    row: dict[str, Any] = {"nodes": nodes_count, "pods": pods_count, "claims": claims}
+    async with control_plane(args, f"{nodes_count}n") as (plane, client, workdir):
+        procs: list[Process] = []
+        try:
+            await base_objects(client, namespaces)
+            nodes = [f"node-{i:04d}" for i in range(nodes_count)]
+            started = time.monotonic()
+            # Pod i: node i % nodes, namespace i % N, label g(i % claims); claim k lives in
+            # namespace k % N and selects g(k). claims is a multiple of N: one claim each.
+            coros = []
+            for i in range(pods_count):
+                ns = namespaces[i % len(namespaces)]
+                body = pod_body(
+                    f"pod-{i:05d}", nodes[i % nodes_count], f"g{i % claims}", c.POLICY_SHARED
+                )
+                coros.append(create_ignoring_conflict(client, PODS, body, ns))
+            await gather_limited(coros, 64)
+            row["populate_seconds"] = round(time.monotonic() - started, 1)
+            print(
+                f"bench: [{nodes_count}n] created {pods_count} pods on {nodes_count} nodes in "
+                f"{row['populate_seconds']}s",
+                flush=True,
+            )
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            me = os.path.abspath(__file__)  # noqa: ASYNC240
+            rest = nodes[1:]
+            chunks = [rest[i :: args.node_procs] for i in range(args.node_procs)] if rest else []
+            ready_files = []
+            started = time.monotonic()
+            for i, chunk in enumerate([[nodes[0]], *[ch for ch in chunks if ch]]):
+                ready = workdir / f"node-worker-{i}.ready"
+                ready_files.append(ready)
+                procs.append(
+                    Process.start(
+                        [
+                            sys.executable,
+                            me,
+                            "node-worker",
+                            "--kubeconfig",
+                            str(plane.kubeconfig),
+                            "--nodes",
+                            ",".join(chunk),
+                            "--ready-file",
+                            str(ready),
+                        ],
+                        name=f"node-worker-{i}",
+                        env=env,
+                        log=workdir / f"node-worker-{i}.log",
+                    )
+                )
+            controller = start_controller(plane, workdir)
+            procs.append(controller)
+            peaks = Peaks({"node": procs[0].pid, "controller": controller.pid})
+            peaks.start()
+            deadline = time.monotonic() + args.timeout
+            while not all(f.exists() for f in ready_files):
+                for p in procs:
+                    if p.poll() is not None:
+                        raise RuntimeError(f"{p.name} exited early{p.log_tail()}")
+                if time.monotonic() > deadline:
+                    row["stopped"] = (
+                        f"node reconcilers not synced after {args.timeout:.0f}s "
+                        f"({sum(f.exists() for f in ready_files)}/{len(ready_files)} workers)"
+                    )
+                    row["peak_rss_mib"] = await peaks.stop()
+                    return row
+                await asyncio.sleep(0.2)
+            row["reconcilers_ready_seconds"] = round(time.monotonic() - started, 1)
+            await asyncio.sleep(2)  # the controller's caches
+            print(
+                f"bench: [{nodes_count}n] {len(procs) - 1} node worker processes and the "
+                f"controller are ready after {row['reconcilers_ready_seconds']}s",
+                flush=True,
+            )
+            before = await request_counts(client)
+            counter = MountCounter(client, pods_count)
+            try:
+                return await measure_size(args, client, row, counter, peaks, before, claims)
+            except Exception as exc:
+                row["stopped"] = f"{exc!r} with {counter.count} of {pods_count} mounts"
+                row["mounts_at_25_50_75_100_percent_seconds"] = [
+                    counter.marks.get(q) for q in (1, 2, 3, 4)
+                ]
+                row["peak_rss_mib"] = await peaks.stop()
+                with contextlib.suppress(Exception):
+                    await counter.watcher.close()
+                return row
+        finally:
+            for p in reversed(procs):
+                p.stop()
+
+
+async def measure_size(
+    args: argparse.Namespace,
+    client: Client,
+    row: dict[str, Any],
+    counter: MountCounter,
+    peaks: Peaks,
+    before: dict[tuple[str, str, str, str], float],
+    claims: int,
+) -> dict[str, Any]:
+    """Create the claims, wait for every mount, count the requests."""
+    namespaces = [f"bench-{i}" for i in range(args.namespaces)]
+    pods_count = row["pods"]
+    await counter.watcher.start()
+    await gather_limited(
+        [
+            create_ignoring_conflict(
+                client, CLAIMS, claim_body(f"claim-{k:03d}", namespaces[k % len(namespaces)],
+                                           f"g{k}"),
+                namespaces[k % len(namespaces)],
+            )
+            for k in range(claims)
+        ],
+        32,
+    )  # fmt: skip
+    row["claims_created_seconds"] = round(time.monotonic() - counter.t0, 2)
+    try:
+        await asyncio.wait_for(counter.reached.wait(), timeout=args.timeout)
+        converged = time.monotonic() - counter.t0
+    except TimeoutError:
+        converged = math.nan
+        row["stopped"] = f"{counter.count} of {pods_count} mounts after {args.timeout:.0f}s"
+    # Let the claim status writes that follow settle before counting requests.
+    await asyncio.sleep(args.settle)
+    after = await request_counts(client)
+    mounts = counter.count
+    await counter.watcher.close()
+    row["peak_rss_mib"] = await peaks.stop()
+    delta = count_delta(before, after)
+    # The bench's own writes: the claims it created.
+    dynvol_writes = writes_of(delta) - claims
+    top = sorted(((v, " ".join(p for p in k if p)) for k, v in delta.items()), reverse=True)[:10]
+    row.update(
+        {
+            "mounts": mounts,
+            "converged_seconds": round(converged, 2),
+            "mounts_at_25_50_75_100_percent_seconds": [counter.marks.get(q) for q in (1, 2, 3, 4)],
+            "apiserver_requests": sum(delta.values()),
+            "apiserver_writes": dynvol_writes,
+            "writes_per_mount": round(dynvol_writes / mounts, 3) if mounts else None,
+            "writes_by_verb_resource": {
+                " ".join(p for p in k if p): v
+                for k, v in sorted(delta.items())
+                if k[0] in WRITE_VERBS
+            },
+            "top_requests": {k: v for v, k in top},
+            "load_average": round(os.getloadavg()[0], 2),
+        }
+    )
+    return row
+
+
+# -- the real node plugin with many pods ---------------------------------------------------------
+
+
+def unmount_all(base: Path) -> None:
+    for _ in range(3):
+        mountinfo = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+        entries = entries_under(mountinfo, str(base), include_self=False)
+        if not entries:
+            return
+        for entry in sorted(entries, key=lambda e: len(e.path.parts), reverse=True):
+            subprocess.run(["umount", "-l", entry.mount_point], capture_output=True, check=False)
+
+
+async def run_node_plugin(args: argparse.Namespace) -> dict[str, Any]:
+    """RSS of ``dynvol node`` (CSI plugin + reconciler) with ``--plugin-pods`` pods on it."""
+    from grpclib.client import Channel
+
+    from dynvol_csi._proto.csi import v1 as csi
+
+    count = args.plugin_pods
+    node = "plugin-node"
+    row: dict[str, Any] = {"pods": count}
+    async with control_plane(args, "plugin") as (plane, client, workdir):
+        ns = "bench-plugin"
+        await base_objects(client, [ns])
+        created = await gather_limited(
+            [
+                client.create(
+                    PODS, pod_body(f"pod-{i:04d}", node, "all", c.POLICY_SHARED), namespace=ns
+                )
+                for i in range(count)
+            ],
+            32,
+        )
+        kubelet = workdir / "kubelet"
+        (kubelet / "pods").mkdir(parents=True)
+        sock = workdir / "csi.sock"
+        plugin = Process.start(
+            [sys.executable, "-m", "dynvol", "--log-level", "WARNING", "node",
+             "--endpoint", f"unix://{sock}", "--node-id", node, "--root",
+             str(workdir / "root"), "--kubelet-dir", str(kubelet), "--registration-dir", "",
+             "--kubeconfig", str(plane.kubeconfig), "--dmp-image", "localhost/dynvol/dynvol:dev"],
+            name="dynvol-node", env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            log=workdir / "node.log",
+        )  # fmt: skip
+        controller = start_controller(plane, workdir)
+        channel: Channel | None = None
+        try:
+            deadline = time.monotonic() + 60
+            while not sock.exists():
+                if plugin.poll() is not None:
+                    raise RuntimeError(f"dynvol node exited early{plugin.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("dynvol node did not open its socket in 60 s")
+                await asyncio.sleep(0.1)
+            channel = Channel(path=str(sock))
+            stub = csi.NodeStub(channel)
+            started = time.monotonic()
+            publish_ms = []
+            for pod in created:
+                meta = pod["metadata"]
+                target = (
+                    kubelet / "pods" / meta["uid"] / "volumes" / "kubernetes.io~csi"
+                    / c.VOLUME_NAME / "mount"
+                )  # fmt: skip
+                target.parent.mkdir(parents=True)
+                t0 = time.perf_counter()
+                await stub.node_publish_volume(
+                    csi.NodePublishVolumeRequest(
+                        volume_id=f"csi-{uuid.uuid4().hex}",
+                        target_path=str(target),
+                        readonly=True,
+                        volume_capability=csi.VolumeCapability(
+                            mount=csi.VolumeCapabilityMountVolume()
+                        ),
+                        volume_context={
+                            "csi.storage.k8s.io/pod.uid": meta["uid"],
+                            "csi.storage.k8s.io/pod.name": meta["name"],
+                            "csi.storage.k8s.io/pod.namespace": ns,
+                            "csi.storage.k8s.io/ephemeral": "true",
+                            c.VOLUME_ATTR_CLASS: CLASS,
+                            c.VOLUME_ATTR_POLICY: c.POLICY_SHARED,
+                        },
+                    )
+                )
+                publish_ms.append((time.perf_counter() - t0) * 1000)
+            row["publish_seconds"] = round(time.monotonic() - started, 2)
+            row["publish_p99_ms"] = round(sorted(publish_ms)[int(0.99 * (len(publish_ms) - 1))], 2)
+            counter = MountCounter(client, count)
+            await counter.watcher.start()
+            await client.create(CLAIMS, claim_body("claim-all", ns, "all"), namespace=ns)
+            try:
+                await asyncio.wait_for(counter.reached.wait(), timeout=args.timeout)
+                row["converged_seconds"] = round(time.monotonic() - counter.t0, 2)
+            except TimeoutError:
+                row["stopped"] = f"{counter.count} of {count} mounts after {args.timeout:.0f}s"
+            await counter.watcher.close()
+            await asyncio.sleep(args.settle)
+            rss, hwm = rss_kib(plugin.pid)
+            row["mounts"] = counter.count
+            row["node_plugin_rss_mib"] = round(rss / 1024, 1)
+            row["node_plugin_peak_rss_mib"] = round(hwm / 1024, 1)
+            return row
+        finally:
+            if channel is not None:
+                channel.close()
+            controller.stop()
+            plugin.stop()
+            unmount_all(workdir)
+
+
+# -- the driver ------------------------------------------------------------------------------------
 
 
 async def driver(args: argparse.Namespace) -> int:
     main = asyncio.current_task()
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    # etcd fsyncs every write; on a shared disk that, not dynvol, sets the pace. tmpfs keeps
-    # the measurement about the controllers (use --workdir to measure a real disk).
-    base = args.workdir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)  # noqa: ASYNC240
-    workdir = Path(tempfile.mkdtemp(prefix="dynvol-bench-", dir=base))
-    plane = ControlPlane(dir=workdir / "control-plane")
-    print(f"bench: starting etcd + kube-apiserver in {workdir}", flush=True)
-    plane.start()
-    procs: list[Process] = []
-    client = await Client.from_kubeconfig(str(plane.kubeconfig), user_agent="dynvol-bench")
-    try:
-        started = time.monotonic()
-        nodes = await populate(client, args)
-        print(
-            f"bench: created {args.pods} pods on {len(nodes)} nodes in "
-            f"{time.monotonic() - started:.1f}s",
-            flush=True,
-        )
-        expected = expected_mounts(args)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        me = os.path.abspath(__file__)  # noqa: ASYNC240
-        solo = nodes[0]
-        rest = nodes[1:]
-        chunks = [rest[i :: args.node_procs] for i in range(args.node_procs)] if rest else []
-        ready_files = []
-        for i, chunk in enumerate([[solo], *[ch for ch in chunks if ch]]):
-            ready = workdir / f"node-worker-{i}.ready"
-            ready_files.append(ready)
-            procs.append(
-                Process.start(
-                    [
-                        sys.executable,
-                        me,
-                        "node-worker",
-                        "--kubeconfig",
-                        str(plane.kubeconfig),
-                        "--nodes",
-                        ",".join(chunk),
-                        "--ready-file",
-                        str(ready),
-                    ],
-                    name=f"node-worker-{i}",
-                    env=env,
-                    log=workdir / f"node-worker-{i}.log",
-                )
-            )
-        controller = Process.start(
-            [
-                sys.executable,
-                "-m",
-                "dynvol.cli",
-                "--log-level",
-                "WARNING",
-                "controller",
-                "--kubeconfig",
-                str(plane.kubeconfig),
-                "--no-webhooks",
-                "--no-leader-elect",
-            ],
-            name="dynvol-controller",
-            env=env,
-            log=workdir / "controller.log",
-        )
-        procs.append(controller)
-        deadline = time.monotonic() + 300
-        while not all(f.exists() for f in ready_files):
-            for p in procs:
-                if p.poll() is not None:
-                    raise RuntimeError(f"{p.name} exited early{p.log_tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("node workers did not get ready")
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(2)  # the controller's caches
-        print(
-            f"bench: {len(procs) - 1} node worker processes and the controller are ready",
-            flush=True,
-        )
-
-        seen = asyncio.Event()
-        watcher = Informer(client, MOUNTS, transform=lambda o: {"metadata": o["metadata"]})
-
-        marks: dict[int, float] = {}
-
-        def on_mount(_: Any) -> None:
-            count = len(watcher.store)
-            for quarter in (1, 2, 3, 4):
-                if count >= expected * quarter // 4 and quarter not in marks:
-                    marks[quarter] = round(time.monotonic() - t0, 2)
-            if count >= expected:
-                seen.set()
-
-        watcher.add_handler(on_mount)
-        before, before_by = await request_total(client)
-        solo_pid = procs[0].pid
-        peaks = {"node": 0, "controller": 0}
-
-        async def sample() -> None:
-            while True:
-                for key, pid in (("node", solo_pid), ("controller", controller.pid)):
-                    with contextlib.suppress(OSError):
-                        peaks[key] = max(peaks[key], rss_kib(pid)[1])
-                await asyncio.sleep(0.5)
-
-        sampler = asyncio.create_task(sample())
-        t0 = time.monotonic()
-        await watcher.start()
-        await gather_limited(
-            [
-                client.create(CLAIMS, claim_body(k, args), namespace=f"bench-{k % args.namespaces}")
-                for k in range(args.claims)
-            ],
-            32,
-        )
-        claims_created = time.monotonic() - t0
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    rows: list[dict[str, Any]] = []
+    for nodes in sizes:
         try:
-            await asyncio.wait_for(seen.wait(), timeout=args.timeout)
-            converged = time.monotonic() - t0
-        except TimeoutError:
-            converged = float("nan")
-        # Let the claim status writes that follow settle before counting requests.
-        await asyncio.sleep(args.settle)
-        after, after_by = await request_total(client)
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
-        for key, pid in (("node", solo_pid), ("controller", controller.pid)):
-            peaks[key] = max(peaks[key], rss_kib(pid)[1])
-        await watcher.close()
-        dmps = await client.list(PODS, namespace=c.DEFAULT_SYSTEM_NAMESPACE, limit=1)
-        remaining = (dmps.get("metadata") or {}).get("remainingItemCount")
-        dmp_count = (remaining or 0) + len(dmps.get("items") or [])
-        delta = {k: after_by.get(k, 0) - before_by.get(k, 0) for k in after_by}
-        codes = {k: int(v) for k, v in delta.items() if k.startswith("code ") and v}
-        top = sorted(
-            ((v, k) for k, v in delta.items() if v and not k.startswith("code ")), reverse=True
-        )[:8]
-        result = {
-            "nodes": args.nodes,
-            "pods": args.pods,
-            "claims": args.claims,
-            "mounts_expected": expected,
-            "dmps": dmp_count,
-            "claims_created_seconds": round(claims_created, 2),
-            "mounts_at_25_50_75_100_percent_seconds": [marks.get(q) for q in (1, 2, 3, 4)],
-            "converged_seconds": round(converged, 2),
-            "node_reconciler_peak_rss_mib": round(peaks["node"] / 1024, 1),
-            "controller_peak_rss_mib": round(peaks["controller"] / 1024, 1),
-            "apiserver_requests": int(after - before),
-            "apiserver_requests_per_pod": round((after - before) / args.pods, 2),
-            "top_requests": {k: int(v) for v, k in top},
-            "response_codes": codes,
-            "load_average": os.getloadavg()[0],
-        }
-        print(json.dumps(result, indent=2))
-        ok = converged <= 60 and peaks["node"] < 150 * 1024 and peaks["controller"] < 150 * 1024
+            row = await run_size(args, nodes)
+        except Exception as exc:
+            row = {"nodes": nodes, "pods": nodes * args.pods_per_node, "stopped": repr(exc)}
+        rows.append(row)
+        print(json.dumps(row, indent=2), flush=True)
+        if "stopped" in row:
+            print(f"bench: the curve stops at {nodes} nodes: {row['stopped']}", flush=True)
+            break
+    # A run of some sizes updates those rows of the curve and keeps the others.
+    previous = (goals.load().get("extra") or {}).get("bench_controllers") or {}
+    if not args.no_record:
+        by_nodes = {r["nodes"]: r for r in previous.get("sizes") or []}
+        by_nodes.update({r["nodes"]: r for r in rows})
+        rows = [by_nodes[n] for n in sorted(by_nodes)]
+    plugin = await run_node_plugin(args) if args.plugin_pods else previous.get("node_plugin")
+    if plugin is not None:
+        print(json.dumps(plugin, indent=2), flush=True)
+
+    print("\nscale curve (all pods shared, one claim per 40 pods):")
+    print(f"{'nodes':>6}{'pods':>7}{'claims':>7}{'converged s':>13}{'writes/mount':>14}"
+          f"{'requests/pod':>14}{'controller MiB':>16}{'node MiB':>10}")  # fmt: skip
+    for row in rows:
+        conv = row.get("converged_seconds", math.nan)
+        wpm = row.get("writes_per_mount")
+        req = row.get("apiserver_requests")
+        mem = row.get("peak_rss_mib", {})
         print(
-            "bench: goal "
-            + ("met" if ok else "NOT met")
-            + " (converged <= 60 s, each process < 150 MiB)"
+            f"{row['nodes']:>6}{row['pods']:>7}{row.get('claims', 0):>7}{conv:>13.2f}"
+            f"{wpm if wpm is not None else math.nan:>14.3f}"
+            f"{(req / row['pods']) if req else math.nan:>14.2f}"
+            f"{mem.get('controller', math.nan):>16.1f}{mem.get('node', math.nan):>10.1f}"
         )
-        return 0
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        await client.close()
-        plane.stop()
-        if not args.keep:
-            plane.remove()
+    figures: dict[str, float] = {}
+    # The curve holds up to the first size that did not converge.
+    done = []
+    for r in rows:
+        if "stopped" in r:
+            break
+        done.append(r)
+    largest = rows[-1] if rows else None
+    if done:
+        figures["scale.nodes"] = done[-1]["nodes"]
+        figures["scale.pods"] = done[-1]["pods"]
+    if largest is not None:
+        # The largest size tried: its time (NaN if it did not converge) and its writes.
+        figures["scale.converged_s"] = largest.get("converged_seconds", math.nan)
+        wpm = largest.get("writes_per_mount")
+        if wpm is not None:
+            figures["scale.writes_per_mount"] = wpm
+    at_target = [r for r in rows if r["pods"] == CONTROLLER_MEMORY_PODS and "peak_rss_mib" in r]
+    if at_target:
+        figures["mem.controller_mib"] = at_target[0]["peak_rss_mib"]["controller"]
+    if plugin is not None and "node_plugin_rss_mib" in plugin and "stopped" not in plugin:
+        figures["mem.node_plugin_mib"] = plugin["node_plugin_rss_mib"]
+    print()
+    goals.print_verdicts(figures)
+    if not args.no_record:
+        goals.record(
+            figures,
+            benchmark="bench_controllers",
+            extra={"sizes": rows, "node_plugin": plugin, "load_average": os.getloadavg()[0]},
+        )
+    return 0
 
 
 def main() -> int:
@@ -401,26 +712,22 @@ def main() -> int:
     worker.add_argument("--kubeconfig", required=True)
     worker.add_argument("--nodes", required=True)
     worker.add_argument("--ready-file", required=True)
-    parser.add_argument("--nodes", type=int, default=100)
-    parser.add_argument("--pods", type=int, default=5000)
-    parser.add_argument("--claims", type=int, default=200)
+    parser.add_argument("--sizes", default="100,300,500,1000", help="node counts, in order")
+    parser.add_argument("--pods-per-node", type=int, default=20)
+    parser.add_argument("--claims-per-1000-nodes", type=int, default=500)
     parser.add_argument("--namespaces", type=int, default=10)
+    parser.add_argument("--plugin-pods", type=int, default=200, help="0: skip that run")
     parser.add_argument(
         "--node-procs",
         type=int,
         default=3,
         help="worker processes for the nodes other than the measured one",
     )
-    parser.add_argument(
-        "--independent-percent",
-        type=int,
-        default=50,
-        help="share of pods with the independent policy (rest: shared)",
-    )
-    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--settle", type=float, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the control plane's dir")
     parser.add_argument("--workdir", help="where etcd and the logs live (default: /dev/shm)")
+    parser.add_argument("--no-record", action="store_true", help="do not write latest.json")
     args = parser.parse_args()
     if args.mode == "node-worker":
         profile_to = os.environ.get("DYNVOL_BENCH_PROFILE")
