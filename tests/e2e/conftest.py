@@ -128,6 +128,9 @@ def host_mounts_under(path: Path) -> list[str]:
 class Storage:
     """One test's namespace, class and bucket, with helpers to drive workloads and claims."""
 
+    #: The class's ``connection`` policy: the MinIO fixture listens on 127.0.0.1.
+    connection: dict[str, bool] = {"allowLoopback": True}
+
     def __init__(self, cluster: Cluster, minio: MinioServer, *, policy: str) -> None:
         self.cluster = cluster
         self.minio = minio
@@ -168,8 +171,7 @@ class Storage:
                         f"{GROUP}/mount-cpu-limit": "500m",
                         f"{GROUP}/mount-memory-limit": "256Mi",
                     },
-                    # The MinIO fixture listens on 127.0.0.1.
-                    "connection": {"allowLoopback": True},
+                    "connection": dict(self.connection),
                 },
             },
         )
