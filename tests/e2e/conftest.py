@@ -207,6 +207,10 @@ class Storage:
             "delete", "storageproviderclass", self.class_name, "--ignore-not-found",
             "--wait=true", "--timeout=60s", check=False, timeout=90,
         )  # fmt: skip
+        self.wait_nothing_left()
+
+    def wait_nothing_left(self) -> None:
+        """Wait until no slot or mount of the class is left on the node."""
         class_dir = XVOLS / self.class_name
         wait_for(
             lambda: (

@@ -109,16 +109,8 @@ class NodesStorage(Storage):
     def node_mounts(self, node: str) -> list[str]:
         return self.cluster.node_mounts(node, f"{XVOLS}/{self.class_name}")
 
-    def destroy(self) -> None:
-        self.cluster.kubectl(
-            "delete", "namespace", self.namespace, "--ignore-not-found", "--wait=true",
-            "--timeout=180s", check=False, timeout=200,
-        )  # fmt: skip
-        wait_for(lambda: not self.dmps(), 120, f"the DMPs of class {self.class_name} are gone")
-        self.cluster.kubectl(
-            "delete", "storageproviderclass", self.class_name, "--ignore-not-found",
-            "--wait=true", "--timeout=60s", check=False, timeout=90,
-        )  # fmt: skip
+    def wait_nothing_left(self) -> None:
+        """Wait until no mount of the class is left on any live node."""
         # A lost node's mounts went with it (its mount table is what it was when it died).
         live = {n["metadata"]["name"] for n in self.cluster.items("nodes")}
         for node in sorted(live & set(NODES)):
