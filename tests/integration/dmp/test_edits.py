@@ -176,13 +176,8 @@ async def test_changed_rclone_remote_and_path_remount(
     second = minio.make_bucket("rc-b", {"which.txt": b"b\n"})
     agent = agent_factory(s3_keys)
     remote = {"provider": "Minio", "endpoint": minio.endpoint}
-    name = await assign(
-        mounts,
-        slot,
-        agent,
-        {"type": "s3", "remotePath": first, "parameters": remote},
-        provider="rclone",
-    )
+    config = {"type": "s3", "remotePath": first, "parameters": remote}
+    name = await assign(mounts, slot, agent, config, provider="rclone")
     common = {"agent": agent, "slot": slot, "container": container, "mountpoint": "/data"}
     daemon = await _converged(**common, reads=("which.txt", "a\n"), old_daemons=[], what="a")
     edits: list[tuple[str, dict[str, Any], tuple[str, str]]] = [

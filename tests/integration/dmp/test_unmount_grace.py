@@ -146,6 +146,25 @@ async def test_the_grace_period_ends_and_the_mount_goes(
     assert agent.stop() == 0, agent.log_tail()
 
 
+async def _rclone_wrote(
+    minio: MinioServer,
+    mounts: Mounts,
+    slot: Slot,
+    agent: AgentRunner,
+    container: Container,
+    bucket: str,
+    key: str,
+) -> str:
+    """Mount ``bucket`` at /data with rclone and write 64 MiB to ``key`` in it from the
+    container (the file is closed on return); the mount's name."""
+    config = {"bucket": bucket, "endpoint": minio.endpoint}
+    name = await assign(mounts, slot, agent, config, class_parameters={"s3-mounter": "rclone"})
+    path = container.root / "data" / key
+    result = container.sh(f"head -c 67108864 /dev/urandom > '{path}'", timeout=60)
+    assert result.returncode == 0, result.stderr
+    return name
+
+
 async def test_rclone_uploads_what_was_closed_before_it_is_stopped(
     minio: MinioServer,
     s3_keys: dict[str, str],
@@ -157,13 +176,9 @@ async def test_rclone_uploads_what_was_closed_before_it_is_stopped(
     s3 = minio.client()
     bucket = minio.make_bucket("grace-rclone")
     agent = agent_factory(s3_keys)
-    config = {"bucket": bucket, "endpoint": minio.endpoint}
-    name = await assign(mounts, slot, agent, config, class_parameters={"s3-mounter": "rclone"})
     # rclone's write cache uploads a file after it is closed: the deletion right after the
     # close must not stop rclone before the upload is done.
-    path = container.root / "data" / "big.bin"
-    result = container.sh(f"head -c 67108864 /dev/urandom > '{path}'", timeout=60)
-    assert result.returncode == 0, result.stderr
+    name = await _rclone_wrote(minio, mounts, slot, agent, container, bucket, "big.bin")
     await release(mounts, name, agent, limit=60)
     head = s3.head_object(Bucket=bucket, Key="big.bin")
     assert head["ContentLength"] == 64 * 1024 * 1024
@@ -182,11 +197,7 @@ async def test_rclone_resumes_an_upload_cut_by_a_killed_mount_pod(
     s3 = minio.client()
     bucket = minio.make_bucket("resume-rclone")
     agent = agent_factory(s3_keys)
-    config = {"bucket": bucket, "endpoint": minio.endpoint}
-    name = await assign(mounts, slot, agent, config, class_parameters={"s3-mounter": "rclone"})
-    path = container.root / "data" / "cut.bin"
-    result = container.sh(f"head -c 67108864 /dev/urandom > '{path}'", timeout=60)
-    assert result.returncode == 0, result.stderr
+    name = await _rclone_wrote(minio, mounts, slot, agent, container, bucket, "cut.bin")
     # The mount pod's container dies mid-upload (every process in it at once); its work
     # dir, an emptyDir in a real DMP, stays. Nothing was uploaded yet.
     assert agent.process is not None
