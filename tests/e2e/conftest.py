@@ -128,6 +128,9 @@ def host_mounts_under(path: Path) -> list[str]:
 class Storage:
     """One test's namespace, class and bucket, with helpers to drive workloads and claims."""
 
+    #: The class's ``connection`` policy: the MinIO fixture listens on 127.0.0.1.
+    connection: dict[str, bool] = {"allowLoopback": True}
+
     def __init__(self, cluster: Cluster, minio: MinioServer, *, policy: str) -> None:
         self.cluster = cluster
         self.minio = minio
@@ -168,8 +171,7 @@ class Storage:
                         f"{GROUP}/mount-cpu-limit": "500m",
                         f"{GROUP}/mount-memory-limit": "256Mi",
                     },
-                    # The MinIO fixture listens on 127.0.0.1.
-                    "connection": {"allowLoopback": True},
+                    "connection": dict(self.connection),
                 },
             },
         )
@@ -205,6 +207,10 @@ class Storage:
             "delete", "storageproviderclass", self.class_name, "--ignore-not-found",
             "--wait=true", "--timeout=60s", check=False, timeout=90,
         )  # fmt: skip
+        self.wait_nothing_left()
+
+    def wait_nothing_left(self) -> None:
+        """Wait until no slot or mount of the class is left on the node."""
         class_dir = XVOLS / self.class_name
         wait_for(
             lambda: (

@@ -33,7 +33,7 @@ from dynvol.testing.cluster import ClusterError, MultiNodeCluster, deploying
 from dynvol.testing.cluster.addressing import HOST_ADDRESS
 from dynvol.testing.controlplane import repo_root
 from dynvol.testing.localcluster import ClusterError as LocalClusterError
-from tests.e2e.conftest import GROUP, Storage, wait_for
+from tests.e2e.conftest import Storage, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -103,53 +103,14 @@ class NodesStorage(Storage):
     """A test's namespace, class and bucket on the multi-node cluster."""
 
     cluster: Cluster
-
-    def create(self) -> None:
-        self.cluster.apply(
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}},
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": self.secret_name, "namespace": self.namespace},
-                "type": "Opaque",
-                "stringData": {
-                    "access-key-id": self.minio.access_key,
-                    "secret-access-key": self.minio.secret_key,
-                },
-            },
-            {
-                "apiVersion": f"{GROUP}/v1alpha1",
-                "kind": "StorageProviderClass",
-                "metadata": {"name": self.class_name},
-                "spec": {
-                    "provider": "s3",
-                    "parameters": {
-                        f"{GROUP}/storage-provider-secret-name": self.secret_name,
-                        f"{GROUP}/storage-provider-secret-namespace": self.namespace,
-                        f"{GROUP}/mount-cpu-request": "10m",
-                        f"{GROUP}/mount-memory-request": "50Mi",
-                        f"{GROUP}/mount-cpu-limit": "500m",
-                        f"{GROUP}/mount-memory-limit": "256Mi",
-                    },
-                    # MinIO is on the node network's host address, a private one.
-                    "connection": {"allowPrivateNetworks": True},
-                },
-            },
-        )
+    #: MinIO is on the node network's host address, a private one.
+    connection = {"allowPrivateNetworks": True}
 
     def node_mounts(self, node: str) -> list[str]:
         return self.cluster.node_mounts(node, f"{XVOLS}/{self.class_name}")
 
-    def destroy(self) -> None:
-        self.cluster.kubectl(
-            "delete", "namespace", self.namespace, "--ignore-not-found", "--wait=true",
-            "--timeout=180s", check=False, timeout=200,
-        )  # fmt: skip
-        wait_for(lambda: not self.dmps(), 120, f"the DMPs of class {self.class_name} are gone")
-        self.cluster.kubectl(
-            "delete", "storageproviderclass", self.class_name, "--ignore-not-found",
-            "--wait=true", "--timeout=60s", check=False, timeout=90,
-        )  # fmt: skip
+    def wait_nothing_left(self) -> None:
+        """Wait until no mount of the class is left on any live node."""
         # A lost node's mounts went with it (its mount table is what it was when it died).
         live = {n["metadata"]["name"] for n in self.cluster.items("nodes")}
         for node in sorted(live & set(NODES)):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import pytest
 
 from dynvol.testing import ControlPlane
 from dynvol.testing.controlplane import wait_for_exit
+from tests.integration.shared import dev_control_plane, kubectl_crd_names
 
 pytestmark = pytest.mark.integration
 
@@ -48,52 +47,17 @@ def test_cli_up_and_down(tmp_path: Path, control_plane: ControlPlane) -> None:
     # Depends on control_plane only so that it skips/fails the same way when tools are
     # missing; it starts a second, independent control plane through the CLI.
     directory = tmp_path / "cp"
-    up = subprocess.run(
-        [sys.executable, "-m", "dynvol", "dev", "control-plane", "up", "--dir", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    up = dev_control_plane("up", "--dir", str(directory))
     state = json.loads((directory / "supervisor.json").read_text())
     try:
         assert up.returncode == 0, up.stderr
         assert "export KUBECONFIG=" in up.stdout
         kubeconfig = directory / "kubeconfig"
-        out = subprocess.run(
-            [
-                str(control_plane.binary("kubectl")),
-                "--kubeconfig",
-                str(kubeconfig),
-                "get",
-                "crd",
-                "-o",
-                "name",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
+        out = kubectl_crd_names(control_plane, kubeconfig)
         for name in CRDS:
             assert f"customresourcedefinition.apiextensions.k8s.io/{name}" in out
     finally:
-        down = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dynvol",
-                "dev",
-                "control-plane",
-                "down",
-                "--dir",
-                str(directory),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        down = dev_control_plane("down", "--dir", str(directory), timeout=120)
     assert down.returncode == 0, down.stderr
     assert wait_for_exit(int(state["pid"]), 5)
     assert not directory.exists()

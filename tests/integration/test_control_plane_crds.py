@@ -7,14 +7,13 @@ an installed wheel; these run the same from the checkout, through the class and 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dynvol.crds import crd_dir
 from dynvol.testing import ControlPlane, ToolsMissing
+from tests.integration.shared import dev_control_plane, kubectl_crd_names
 
 pytestmark = pytest.mark.integration
 
@@ -42,47 +41,22 @@ def test_extra_crds_are_applied_after_dynvols(tmp_path: Path, control_plane: Con
         plane.stop()
 
 
-def _dynvol(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dynvol", "dev", "control-plane", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-
-
 def test_cli_up_applies_the_crds_it_is_given(tmp_path: Path, control_plane: ControlPlane) -> None:
     directory = tmp_path / "cp"
     try:
-        up = _dynvol("up", "--dir", str(directory), "--crds", str(WIDGETS))
+        up = dev_control_plane("up", "--dir", str(directory), "--crds", str(WIDGETS))
         assert up.returncode == 0, up.stderr
-        kubectl = control_plane.binary("kubectl")
-        out = subprocess.run(
-            [
-                str(kubectl),
-                "--kubeconfig",
-                str(directory / "kubeconfig"),
-                "get",
-                "crd",
-                "-o",
-                "name",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
+        out = kubectl_crd_names(control_plane, directory / "kubeconfig")
         assert "widgets.consumer.example.com" in out
         assert "dynamicvolumemounts.dynamicvolume.csi.cloudnative101.net" in out
     finally:
-        down = _dynvol("down", "--dir", str(directory))
+        down = dev_control_plane("down", "--dir", str(directory))
         assert down.returncode == 0, down.stderr
 
 
 def test_cli_refuses_a_missing_crd_path_before_starting(tmp_path: Path) -> None:
     directory = tmp_path / "cp"
-    up = _dynvol("up", "--dir", str(directory), "--crds", str(tmp_path / "nope.yaml"))
+    up = dev_control_plane("up", "--dir", str(directory), "--crds", str(tmp_path / "nope.yaml"))
     assert up.returncode == 2
     assert "--crds" in up.stderr
     assert "nope.yaml" in up.stderr

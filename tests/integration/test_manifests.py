@@ -5,9 +5,6 @@ Needs no cluster, only the pinned kubectl for its built-in kustomize.
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,24 +12,11 @@ import yaml
 
 from dynvol_controllers import webhook_configurations
 from dynvol_core import constants as c
+from tests.integration.shared import TOP, render_kustomize
 
 pytestmark = pytest.mark.integration
 
-TOP = Path(__file__).resolve().parents[2]
-KUBECTL = TOP / ".tools" / "bin" / "kubectl"
 OVERLAYS = ("local", "kind", "production")
-
-
-def _render(path: Path) -> list[dict[str, Any]]:
-    if not KUBECTL.exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("kubectl is missing: CI must build it (make tools)")
-        pytest.skip("kubectl is missing (make tools)")
-    out = subprocess.run(
-        [str(KUBECTL), "kustomize", str(path)], text=True, capture_output=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
 def _by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -54,7 +38,7 @@ def test_base_webhooks_equal_the_code_apart_from_the_ca() -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_with_one_node_plugin_and_controller(overlay: str) -> None:
-    docs = _render(TOP / "manifests/overlays" / overlay)
+    docs = render_kustomize(TOP / "manifests/overlays" / overlay)
     (daemonset,) = _by_kind(docs, "DaemonSet")
     (deployment,) = _by_kind(docs, "Deployment")
     (driver,) = _by_kind(docs, "CSIDriver")

@@ -9,8 +9,6 @@ a CRD is in one place only.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import yaml
 
 from dynvol.crds import CRD_FILES, crd_dir, crd_files
 from dynvol_core import constants as c
+from tests.unit.crd_generator import check_generated_crds
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "dynvol" / "crds"
@@ -59,13 +58,5 @@ def test_kustomize_lists_exactly_the_packaged_crds() -> None:
 
 
 def test_the_generator_finds_the_copies_current() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "hack" / "gen-crd-config-blocks.py"), "--check"],
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    result = check_generated_crds()
     assert result.returncode == 0, result.stderr

@@ -202,15 +202,20 @@ class AgentRunner:
     process: Process | None = None
     started: list[Process] = attrs.field(factory=list)
 
-    def start(self) -> Process:
+    def start(
+        self, *, log_format: str | None = None, metrics_address: str | None = None
+    ) -> Process:
+        """Start the agent; ``log_format`` and ``metrics_address`` add those options."""
         assert self.process is None
         env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+        logging = ["--log-format", log_format] if log_format is not None else []
+        serving = ["--metrics-address", metrics_address] if metrics_address is not None else []
         self.process = Process.start(
             ["unshare", "-m", "--propagation", "unchanged", DYNVOL, "--log-level", "DEBUG",
-             "dmp", "--name", self.name, "--namespace", c.DEFAULT_SYSTEM_NAMESPACE,
+             *logging, "dmp", "--name", self.name, "--namespace", c.DEFAULT_SYSTEM_NAMESPACE,
              "--xvols", str(self.xvols), "--secrets-dir", str(self.secrets_dir),
              "--kubeconfig", str(self.kubeconfig), "--work-dir", str(self.work_dir),
-             "--health-interval", "5"],
+             "--health-interval", "5", *serving],
             name="dynvol-dmp", env=env, log=self.log,
         )  # fmt: skip
         self.started.append(self.process)
@@ -431,6 +436,98 @@ class Mounts:
 
 def phase_is(phase: str) -> Callable[[dict[str, Any] | None], bool]:
     return lambda obj: obj is not None and (obj.get("status") or {}).get("phase") == phase
+
+
+def gone(obj: dict[str, Any] | None) -> bool:
+    """The predicate for :meth:`Mounts.wait` that a DynamicVolumeMount was released."""
+    return obj is None
+
+
+def ready_condition(obj: dict[str, Any] | None) -> dict[str, Any]:
+    """The Ready condition of the DynamicVolumeMount ``obj`` (which must have one)."""
+    assert obj is not None
+    conditions: list[dict[str, Any]] = obj["status"]["conditions"]
+    return {x["type"]: x for x in conditions}["Ready"]
+
+
+async def eventually(
+    check: Callable[[], Any],
+    *,
+    what: str,
+    within: float = 30.0,
+    interval: float = 0.05,
+    agent: AgentRunner | None = None,
+) -> Any:
+    """Call ``check`` (in a thread) until it returns something true, and return that;
+    fail after ``within`` seconds naming ``what`` (and with ``agent``'s log tail)."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            logs = agent.log_tail() if agent is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{logs}")
+        await asyncio.sleep(interval)
+
+
+async def wait_for_marker(marker: Path, proc: Process, *, what: str, within: float = 10.0) -> None:
+    """Wait until ``proc`` (which must keep running meanwhile) created the file ``marker``."""
+    deadline = time.monotonic() + within
+    while not await asyncio.to_thread(marker.exists):
+        assert proc.poll() is None, proc.log_tail()
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def assign(
+    mounts: Mounts,
+    slot: Slot,
+    agent: AgentRunner,
+    config: dict[str, Any],
+    *,
+    mountpoint: str = "/data",
+    provider: str = "s3",
+    class_parameters: dict[str, str] | None = None,
+    read_only: bool = False,
+    what: str = "Mounted",
+) -> str:
+    """Create the slot's class, start ``agent``, assign it a DynamicVolumeMount of
+    ``config`` at ``mountpoint`` and wait until it is Mounted; the mount's name."""
+    await mounts.create_class(class_parameters, name=slot.class_name, provider=provider)
+    agent.start()
+    name = await mounts.create(
+        slot=slot, config=config, mountpoint=mountpoint, read_only=read_only, provider=provider
+    )
+    await mounts.wait(name, phase_is("Mounted"), what=what, agent=agent)
+    return name
+
+
+async def release(
+    mounts: Mounts, name: str, agent: AgentRunner, *, limit: float = 30.0, what: str = "released"
+) -> None:
+    """Delete the DynamicVolumeMount ``name`` and wait until its finalizer let it go."""
+    await mounts.delete(name)
+    await mounts.wait(name, gone, limit=limit, what=what, agent=agent)
+
+
+def assert_nothing_mounted(slot: Slot, agent: AgentRunner) -> None:
+    """No mount is left below the slot on the host, and no FUSE daemon under the agent."""
+    assert mounts_under(slot.path) == []
+    assert agent.daemons() == []
+
+
+def assert_no_mounter_files(agent: AgentRunner) -> None:
+    """No mounter's files (credentials among them) are left in the agent's work dir."""
+    assert [p.name for p in agent.work_dir.iterdir()] == [".staging"]
+    assert list((agent.work_dir / ".staging").iterdir()) == []
+
+
+def assert_read_only(container: Container, relative: str) -> None:
+    """Writing ``relative`` below the container's root fails: the file system is read-only."""
+    result = container.sh(f"echo x > '{container.root / relative}'")
+    assert result.returncode != 0
+    assert "Read-only file system" in result.stderr
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,38 +20,24 @@ from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import mounts_under
 from dynvol_core import constants as c
 
-from .conftest import AgentRunner, Container, Mounts, Slot, phase_is
+from .conftest import (
+    AgentRunner,
+    Container,
+    Mounts,
+    Slot,
+    assert_read_only,
+    assign,
+    eventually,
+    phase_is,
+    ready_condition,
+    release,
+)
 
 pytestmark = pytest.mark.integration
 
 
-async def _eventually(check: Callable[[], Any], *, within: float = 20.0, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-async def _assign_bucket(
-    minio: MinioServer,
-    mounts: Mounts,
-    slot: Slot,
-    agent: AgentRunner,
-    bucket: str,
-    *,
-    read_only: bool = False,
-    class_parameters: dict[str, str] | None = None,
-) -> str:
-    """Start ``agent`` and assign it a DynamicVolumeMount of ``bucket`` at /data; its name."""
-    await mounts.create_class(class_parameters, name=slot.class_name)
-    agent.start()
-    return await mounts.create(
-        slot=slot, config={"bucket": bucket, "endpoint": minio.endpoint}, read_only=read_only
-    )
+#: How long the reads and writes through a mount may take to show.
+WITHIN = 20.0
 
 
 @pytest.mark.parametrize("mounter", ["s3fs", "rclone"])
@@ -68,14 +53,12 @@ async def test_mount_propagates_repairs_restarts_and_unmounts(
     s3 = minio.client()
     bucket = minio.make_bucket("dmp", {"hello.txt": b"hello from S3\n"})
     agent = agent_factory(s3_keys)
-    name = await _assign_bucket(
-        minio, mounts, slot, agent, bucket, class_parameters={"s3-mounter": mounter}
-    )
+    config = {"bucket": bucket, "endpoint": minio.endpoint}
+    name = await assign(mounts, slot, agent, config, class_parameters={"s3-mounter": mounter})
     obj = await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
     assert obj is not None
     assert "dynamicvolume.csi.cloudnative101.net/unmount" in obj["metadata"]["finalizers"]
-    ready = {x["type"]: x for x in obj["status"]["conditions"]}["Ready"]
-    assert ready["status"] == "True"
+    assert ready_condition(obj)["status"] == "True"
 
     # An object written through the S3 API is readable in the container.
     assert container.read("data/hello.txt") == "hello from S3\n"
@@ -90,7 +73,7 @@ async def test_mount_propagates_repairs_restarts_and_unmounts(
             return False
         return bool(body == b"from the container\n")
 
-    await _eventually(landed, what="out.txt in the bucket")
+    await eventually(landed, within=WITHIN, what="out.txt in the bucket")
 
     # kill -9 of the FUSE daemon: reads work again without any action from the test.
     (daemon,) = agent.daemons()
@@ -99,7 +82,7 @@ async def test_mount_propagates_repairs_restarts_and_unmounts(
     def repaired() -> bool:
         return container.read("data/hello.txt") == "hello from S3\n" and agent.daemons() != [daemon]
 
-    await _eventually(repaired, what="reads after the repair")
+    await eventually(repaired, within=WITHIN, what="reads after the repair")
     obj = await mounts.wait(
         name, lambda o: o is not None and o["status"].get("repairCount", 0) >= 1,
         what="repairCount", agent=agent,
@@ -115,13 +98,13 @@ async def test_mount_propagates_repairs_restarts_and_unmounts(
     # Restarting it restores every mount still assigned.
     agent.start()
     await mounts.wait(name, phase_is("Mounted"), what="Mounted after restart", agent=agent)
-    await _eventually(
-        lambda: container.read("data/hello.txt") == "hello from S3\n", what="reads after restart"
-    )
+    await eventually(
+        lambda: container.read("data/hello.txt") == "hello from S3\n",
+        within=WITHIN, what="reads after restart",
+    )  # fmt: skip
 
     # Deleting the DynamicVolumeMount unmounts it in the container and releases it.
-    await mounts.delete(name)
-    await mounts.wait(name, lambda o: o is None, what="the finalizer to be released", agent=agent)
+    await release(mounts, name, agent, what="the finalizer to be released")
     assert container.mounts() == [str(container.root)]
     assert mounts_under(slot.path) == []
     assert agent.stop() == 0
@@ -137,12 +120,10 @@ async def test_read_only_is_enforced_in_the_container(
 ) -> None:
     bucket = minio.make_bucket("ro", {"seen.txt": b"read me\n"})
     agent = agent_factory(s3_keys)
-    name = await _assign_bucket(minio, mounts, slot, agent, bucket, read_only=True)
-    await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
+    config = {"bucket": bucket, "endpoint": minio.endpoint}
+    await assign(mounts, slot, agent, config, read_only=True)
     assert container.read("data/seen.txt") == "read me\n"
-    result = container.sh(f"echo x > '{container.root}/data/new.txt'")
-    assert result.returncode != 0
-    assert "Read-only file system" in result.stderr
+    assert_read_only(container, "data/new.txt")
     assert agent.stop() == 0
     assert mounts_under(slot.path) == []
 
@@ -190,7 +171,7 @@ async def test_bad_config_fails_with_an_actionable_message(
     name = await mounts.create(slot=slot, config={"bucket": bucket, "endpoint": endpoint})
     obj = await mounts.wait(name, phase_is("Failed"), limit=60, what="Failed", agent=agent)
     assert obj is not None
-    ready = {x["type"]: x for x in obj["status"]["conditions"]}["Ready"]
+    ready = ready_condition(obj)
     assert ready["status"] == "False"
     assert ready["reason"] == reason, ready["message"]
     assert hint in obj["status"]["message"]
@@ -247,8 +228,7 @@ async def test_a_changed_credentials_secret_is_used_without_any_api_change(
 ) -> None:
     bucket = minio.make_bucket("rotate", {"hello.txt": b"rotated\n"})
     agent = agent_factory(s3_keys)
-    name = await _assign_bucket(minio, mounts, slot, agent, bucket)
-    await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
+    name = await assign(mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint})
     assert container.read("data/hello.txt") == "rotated\n"
     (daemon,) = agent.daemons()
 
@@ -257,16 +237,16 @@ async def test_a_changed_credentials_secret_is_used_without_any_api_change(
     _write_secret(agent.secrets_dir, {**s3_keys, "secret-access-key": "revoked-secret"})
     obj = await mounts.wait(name, phase_is("Failed"), limit=60, what="Failed", agent=agent)
     assert obj is not None
-    ready = {x["type"]: x for x in obj["status"]["conditions"]}["Ready"]
-    assert ready["reason"] == "AccessDenied", obj["status"]
+    assert ready_condition(obj)["reason"] == "AccessDenied", obj["status"]
     assert daemon not in agent.daemons()
     assert container.read("data/hello.txt") is None
 
     # The right key again: mounted again, and the container reads through it.
     _write_secret(agent.secrets_dir, s3_keys)
     await mounts.wait(name, phase_is("Mounted"), limit=60, what="Mounted again", agent=agent)
-    await _eventually(
-        lambda: container.read("data/hello.txt") == "rotated\n", what="reads after rotation"
-    )
+    await eventually(
+        lambda: container.read("data/hello.txt") == "rotated\n",
+        within=WITHIN, what="reads after rotation",
+    )  # fmt: skip
     assert agent.stop() == 0
     assert mounts_under(slot.path) == []

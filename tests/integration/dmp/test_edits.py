@@ -9,8 +9,6 @@ s3fs/rclone, as in :mod:`.test_agent`.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,20 +18,20 @@ from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import mounts_under
 from dynvol_core import constants as c
 
-from .conftest import AgentRunner, Container, Mounts, Slot, phase_is
+from .conftest import (
+    AgentRunner,
+    Container,
+    Mounts,
+    Slot,
+    assert_no_mounter_files,
+    assert_nothing_mounted,
+    assign,
+    eventually,
+    phase_is,
+    release,
+)
 
 pytestmark = pytest.mark.integration
-
-
-async def _eventually(check: Callable[[], Any], *, within: float = 30.0, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def _agent_mounts(agent: AgentRunner, slot: Slot) -> list[str]:
@@ -56,7 +54,7 @@ async def _converged(
     container, on the host and in the DMP, with one daemon that is not an old one; its pid."""
     relative, content = reads
     target = f"{mountpoint.strip('/')}/{relative}"
-    await _eventually(lambda: container.read(target) == content, what=f"{what}: {target}")
+    await eventually(lambda: container.read(target) == content, what=f"{what}: {target}")
     where = slot.path / mountpoint.strip("/")
     inside = container.root / mountpoint.strip("/")
 
@@ -70,7 +68,7 @@ async def _converged(
         )
 
     try:
-        await _eventually(settled, within=15.0, what=f"{what}: no stale mount or daemon")
+        await eventually(settled, within=15.0, what=f"{what}: no stale mount or daemon")
     except AssertionError:
         raise AssertionError(
             f"{what}: container {container.mounts()}, host {mounts_under(slot.path)}, "
@@ -81,26 +79,12 @@ async def _converged(
     return daemon
 
 
-async def _start(
-    minio: MinioServer,
-    mounts: Mounts,
-    slot: Slot,
-    agent: AgentRunner,
-    *,
-    config: dict[str, Any],
-    mountpoint: str,
-    provider: str = "s3",
-    class_parameters: dict[str, str] | None = None,
-    read_only: bool = False,
-) -> str:
-    await mounts.create_class(class_parameters, name=slot.class_name, provider=provider)
-    agent.start()
-    name = await mounts.create(
-        slot=slot, config=config, mountpoint=mountpoint, read_only=read_only,
-        dmp_target_path=f"{c.DMP_XVOLS_DIR}{mountpoint}", provider=provider,
-    )  # fmt: skip
-    await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
-    return name
+async def _released_cleanly(mounts: Mounts, name: str, agent: AgentRunner, slot: Slot) -> None:
+    """Delete ``name``: nothing is left of it, nor of any mount made on the way to it."""
+    await release(mounts, name, agent)
+    assert_nothing_mounted(slot, agent)
+    assert_no_mounter_files(agent)
+    assert agent.stop() == 0, agent.log_tail()
 
 
 def _move(mountpoint: str) -> dict[str, str]:
@@ -119,8 +103,8 @@ async def test_a_changed_mountpoint_moves_the_mount(
 ) -> None:
     bucket = minio.make_bucket("move", {"hello.txt": b"moved\n"})
     agent = agent_factory(s3_keys)
-    name = await _start(
-        minio, mounts, slot, agent, config={"bucket": bucket, "endpoint": minio.endpoint},
+    name = await assign(
+        mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint},
         mountpoint="/m1", class_parameters={"s3-mounter": mounter},
     )  # fmt: skip
     reads = ("hello.txt", "moved\n")
@@ -140,14 +124,7 @@ async def test_a_changed_mountpoint_moves_the_mount(
         assert obj["status"]["message"] == f"mounted at {slot.path}{mountpoint}"
     # The directories of the old mountpoints are gone too; only the last one is there.
     assert sorted(p.name for p in slot.path.iterdir()) == ["m1"]
-    await mounts.delete(name)
-    await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
-    assert mounts_under(slot.path) == []
-    assert agent.daemons() == []
-    # No mounter's files (credentials among them) are left of any mount made on the way.
-    assert [p.name for p in agent.work_dir.iterdir()] == [".staging"]
-    assert list((agent.work_dir / ".staging").iterdir()) == []
-    assert agent.stop() == 0, agent.log_tail()
+    await _released_cleanly(mounts, name, agent, slot)
 
 
 async def test_changed_s3_config_and_read_only_remount(
@@ -161,10 +138,7 @@ async def test_changed_s3_config_and_read_only_remount(
     first = minio.make_bucket("cfg-a", {"which.txt": b"a\n"})
     second = minio.make_bucket("cfg-b", {"which.txt": b"b\n", "team/which.txt": b"b/team\n"})
     agent = agent_factory(s3_keys)
-    name = await _start(
-        minio, mounts, slot, agent, config={"bucket": first, "endpoint": minio.endpoint},
-        mountpoint="/data",
-    )  # fmt: skip
+    name = await assign(mounts, slot, agent, {"bucket": first, "endpoint": minio.endpoint})
     common = {"agent": agent, "slot": slot, "container": container, "mountpoint": "/data"}
     daemon = await _converged(**common, reads=("which.txt", "a\n"), old_daemons=[], what="a")
     # The same MinIO, spelled another way: a changed endpoint all the same.
@@ -187,14 +161,7 @@ async def test_changed_s3_config_and_read_only_remount(
         else:
             assert writable.returncode == 0, (what, writable.stderr)
         await mounts.wait(name, phase_is("Mounted"), what=f"Mounted after {what}", agent=agent)
-    await mounts.delete(name)
-    await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
-    assert mounts_under(slot.path) == []
-    assert agent.daemons() == []
-    # No mounter's files (credentials among them) are left of any mount made on the way.
-    assert [p.name for p in agent.work_dir.iterdir()] == [".staging"]
-    assert list((agent.work_dir / ".staging").iterdir()) == []
-    assert agent.stop() == 0, agent.log_tail()
+    await _released_cleanly(mounts, name, agent, slot)
 
 
 async def test_changed_rclone_remote_and_path_remount(
@@ -209,10 +176,8 @@ async def test_changed_rclone_remote_and_path_remount(
     second = minio.make_bucket("rc-b", {"which.txt": b"b\n"})
     agent = agent_factory(s3_keys)
     remote = {"provider": "Minio", "endpoint": minio.endpoint}
-    name = await _start(
-        minio, mounts, slot, agent, provider="rclone", mountpoint="/data",
-        config={"type": "s3", "remotePath": first, "parameters": remote},
-    )  # fmt: skip
+    config = {"type": "s3", "remotePath": first, "parameters": remote}
+    name = await assign(mounts, slot, agent, config, provider="rclone")
     common = {"agent": agent, "slot": slot, "container": container, "mountpoint": "/data"}
     daemon = await _converged(**common, reads=("which.txt", "a\n"), old_daemons=[], what="a")
     edits: list[tuple[str, dict[str, Any], tuple[str, str]]] = [
@@ -224,14 +189,7 @@ async def test_changed_rclone_remote_and_path_remount(
     for what, fields, reads in edits:
         await mounts.edit(name, config=fields)
         daemon = await _converged(**common, reads=reads, old_daemons=[daemon], what=what)
-    await mounts.delete(name)
-    await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
-    assert mounts_under(slot.path) == []
-    assert agent.daemons() == []
-    # No mounter's files (credentials among them) are left of any mount made on the way.
-    assert [p.name for p in agent.work_dir.iterdir()] == [".staging"]
-    assert list((agent.work_dir / ".staging").iterdir()) == []
-    assert agent.stop() == 0, agent.log_tail()
+    await _released_cleanly(mounts, name, agent, slot)
 
 
 async def test_a_move_whose_new_mount_fails_still_unmounts_the_old_one(
@@ -244,10 +202,9 @@ async def test_a_move_whose_new_mount_fails_still_unmounts_the_old_one(
 ) -> None:
     bucket = minio.make_bucket("movefail", {"hello.txt": b"x\n"})
     agent = agent_factory(s3_keys)
-    name = await _start(
-        minio, mounts, slot, agent, config={"bucket": bucket, "endpoint": minio.endpoint},
-        mountpoint="/m1",
-    )  # fmt: skip
+    name = await assign(
+        mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint}, mountpoint="/m1"
+    )
     await _converged(
         agent=agent, slot=slot, container=container, mountpoint="/m1", reads=("hello.txt", "x\n"),
         old_daemons=[], what="first mount",
@@ -264,6 +221,6 @@ async def test_a_move_whose_new_mount_fails_still_unmounts_the_old_one(
             and agent.daemons() == []
         )
 
-    await _eventually(nothing_left, what="the old mount to go although the new one failed")
+    await eventually(nothing_left, what="the old mount to go although the new one failed")
     assert not (slot.path / "m1").exists()
     assert agent.stop() == 0, agent.log_tail()

@@ -19,41 +19,17 @@ from typing import Any
 import pytest
 
 from dynvol.testing.minio import MinioServer
-from dynvol.testing.processes import Process, free_port
+from dynvol.testing.processes import free_port
 from dynvol.testing.scraping import Scrape, get, scrape
-from dynvol_core import constants as c
 
-from .conftest import DYNVOL, AgentRunner, Container, Mounts, Slot, phase_is
+from .conftest import AgentRunner, Container, Mounts, Slot, eventually, phase_is, release
 
 pytestmark = pytest.mark.integration
 
 
-def _start(agent: AgentRunner, port: int) -> None:
-    """Start ``agent`` as the fixture does, with its status server and JSON logs."""
-    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
-    agent.process = Process.start(
-        ["unshare", "-m", "--propagation", "unchanged", DYNVOL, "--log-level", "DEBUG",
-         "--log-format", "json", "dmp", "--name", agent.name,
-         "--namespace", c.DEFAULT_SYSTEM_NAMESPACE, "--xvols", str(agent.xvols),
-         "--secrets-dir", str(agent.secrets_dir), "--kubeconfig", str(agent.kubeconfig),
-         "--work-dir", str(agent.work_dir), "--health-interval", "5",
-         "--metrics-address", f"127.0.0.1:{port}"],
-        name="dynvol-dmp", env=env, log=agent.log,
-    )  # fmt: skip
-    agent.started.append(agent.process)
-
-
-async def _until(
-    check: Callable[[], Any], *, what: str, within: float = 30.0, agent: AgentRunner
-) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = await asyncio.to_thread(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}{agent.log_tail()}")
-        await asyncio.sleep(0.1)
+async def _until(check: Callable[[], Any], *, what: str, agent: AgentRunner) -> Any:
+    """:func:`eventually` at the pace of a scrape."""
+    return await eventually(check, what=what, interval=0.1, agent=agent)
 
 
 async def test_figures_move_with_a_mount_a_repair_and_an_unmount(
@@ -69,7 +45,8 @@ async def test_figures_move_with_a_mount_a_repair_and_an_unmount(
     agent = agent_factory(s3_keys)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    _start(agent, port)
+    # With its status server and JSON logs.
+    agent.start(log_format="json", metrics_address=f"127.0.0.1:{port}")
 
     def ready() -> bool:
         try:
@@ -125,8 +102,7 @@ async def test_figures_move_with_a_mount_a_repair_and_an_unmount(
     )  # fmt: skip
 
     # An unmount.
-    await mounts.delete(name)
-    await mounts.wait(name, lambda o: o is None, what="the DynamicVolumeMount gone", agent=agent)
+    await release(mounts, name, agent, what="the DynamicVolumeMount gone")
 
     def unmounted() -> Scrape | None:
         now = scrape(url)

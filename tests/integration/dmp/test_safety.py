@@ -32,7 +32,18 @@ from dynvol_core.dispatch import DmpSpec, dmp_pod_manifest
 from dynvol_core.mountinfo import parse_mountinfo
 from dynvol_core.paths import path_is_within
 
-from .conftest import NODE, AgentRunner, Container, Mounts, Slot, phase_is, user_pod_manifest
+from .conftest import (
+    NODE,
+    AgentRunner,
+    Container,
+    Mounts,
+    Slot,
+    assign,
+    gone,
+    phase_is,
+    ready_condition,
+    user_pod_manifest,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -62,11 +73,6 @@ def _listing(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-def _ready(obj: dict[str, Any] | None) -> dict[str, Any]:
-    assert obj is not None
-    return {x["type"]: x for x in obj["status"]["conditions"]}["Ready"]
-
-
 def _settled(obj: dict[str, Any] | None) -> bool:
     return obj is not None and (obj.get("status") or {}).get("phase") in ("Mounted", "Failed")
 
@@ -94,18 +100,15 @@ async def test_a_link_planted_in_the_slot_fails_the_mount_and_nothing_lands_outs
 ) -> None:
     bucket = minio.make_bucket("plant", {"ld.so.preload": b"/tmp/evil.so\n"})
     config = {"bucket": bucket, "endpoint": minio.endpoint}
-    await mounts.create_class(name=slot.class_name)
     agent = agent_factory(s3_keys)
-    agent.start()
-    assert agent.process is not None
     # Another claim of the pod, mounted first; it must stay mounted.
-    other = await mounts.create(slot=slot, config=config, mountpoint="/other")
-    await mounts.wait(other, phase_is("Mounted"), what="the other claim", agent=agent)
+    await assign(mounts, slot, agent, config, mountpoint="/other", what="the other claim")
+    assert agent.process is not None
 
     (slot.path / link).symlink_to(dmp_etc)  # what a writable slot used to allow
     name = await mounts.create(slot=slot, config=config, mountpoint=mountpoint)
     obj = await mounts.wait(name, phase_is("Failed"), what="Failed", agent=agent)
-    ready = _ready(obj)
+    ready = ready_condition(obj)
     assert ready["reason"] == "UnsafeMountTarget", obj
     assert f"{slot.path / link} is a symbolic link" in ready["message"]
     assert FINALIZER not in (obj or {})["metadata"].get("finalizers", [])
@@ -201,12 +204,9 @@ async def test_a_directory_swapped_for_a_link_while_mounting_never_gets_a_mount_
 ) -> None:
     bucket = minio.make_bucket("race", {"hello.txt": b"hello\n"})
     config = {"bucket": bucket, "endpoint": minio.endpoint}
-    await mounts.create_class(name=slot.class_name)
     agent = agent_factory(s3_keys)
-    agent.start()
+    await assign(mounts, slot, agent, config, mountpoint="/stable", what="the stable claim")
     assert agent.process is not None
-    stable = await mounts.create(slot=slot, config=config, mountpoint="/stable")
-    await mounts.wait(stable, phase_is("Mounted"), what="the stable claim", agent=agent)
 
     (slot.path / "race").mkdir()
     swapper = _Swapper(slot.path, dmp_etc)
@@ -225,7 +225,7 @@ async def test_a_directory_swapped_for_a_link_while_mounting_never_gets_a_mount_
             name = await mounts.create(slot=slot, config=config, mountpoint="/race")
             obj = await mounts.wait(name, _settled, limit=60, what="an outcome", agent=agent)
             assert obj is not None
-            ready = _ready(obj)
+            ready = ready_condition(obj)
             if obj["status"]["phase"] == "Mounted":
                 outcomes.append("Mounted")
                 # It is at the planned directory, which holds the bucket.
@@ -234,7 +234,7 @@ async def test_a_directory_swapped_for_a_link_while_mounting_never_gets_a_mount_
                 assert ready["reason"] == "UnsafeMountTarget", ready
                 outcomes.append(ready["message"])
             await mounts.delete(name)
-            await mounts.wait(name, lambda o: o is None, what="deletion", agent=agent)
+            await mounts.wait(name, gone, what="deletion", agent=agent)
             await asyncio.sleep(0.05)
     finally:
         swapper.stop()
@@ -284,11 +284,8 @@ async def test_mounts_that_do_not_check_out_are_left_alone(
 ) -> None:
     bucket = minio.make_bucket("trust", {"hello.txt": b"trusted\n"})
     config = {"bucket": bucket, "endpoint": minio.endpoint}
-    await mounts.create_class(name=slot.class_name)
     agent = agent_factory(s3_keys)
-    agent.start()
-    good = await mounts.create(slot=slot, config=config, mountpoint="/good")
-    await mounts.wait(good, phase_is("Mounted"), what="the genuine mount", agent=agent)
+    await assign(mounts, slot, agent, config, mountpoint="/good", what="the genuine mount")
 
     forged = {
         "spec.nodeName": await mounts.create(
@@ -321,7 +318,7 @@ async def test_mounts_that_do_not_check_out_are_left_alone(
     # Going away does not unmount what is not theirs either (the /e forgery names /good).
     for name in forged.values():
         await mounts.delete(name)
-        await mounts.wait(name, lambda o: o is None, what="deletion", agent=agent)
+        await mounts.wait(name, gone, what="deletion", agent=agent)
     await asyncio.sleep(0.5)
     assert container.read("good/hello.txt") == "trusted\n"
     assert agent.stop() == 0
@@ -444,8 +441,8 @@ async def test_a_shared_mount_pod_mounts_only_into_the_slot_of_the_mounts_pod(
             dmp_target_path=f"/xvols/{uuid.uuid4()}/{pod.metadata.uid}/y",
         )  # fmt: skip
         obj = await mounts.wait(gone, phase_is("Failed"), what="Failed", agent=agent)
-        assert _ready(obj)["reason"] == "UnsafeMountTarget"
-        assert "does not exist" in _ready(obj)["message"]
+        assert ready_condition(obj)["reason"] == "UnsafeMountTarget"
+        assert "does not exist" in ready_condition(obj)["message"]
         assert list(other_slot.iterdir()) == []
         assert mounts_under(class_dir) == [str(pod_slot / "data")]
         assert agent.stop() == 0

@@ -21,7 +21,21 @@ from dynvol.testing.mounts import mounts_under
 from dynvol.testing.processes import Process
 from dynvol_core import constants as c
 
-from .conftest import AgentRunner, Container, Mounts, Slot, descendants, phase_is
+from .conftest import (
+    AgentRunner,
+    Container,
+    Mounts,
+    Slot,
+    assert_nothing_mounted,
+    assert_read_only,
+    assign,
+    descendants,
+    eventually,
+    gone,
+    phase_is,
+    release,
+    wait_for_marker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -53,19 +67,13 @@ def writer(container: Container, tmp_path: Path) -> Iterator[Callable[[str], Pro
             proc.stop(timeout=5)
 
 
-async def _mounted(
-    minio: MinioServer,
-    mounts: Mounts,
-    slot: Slot,
-    agent: AgentRunner,
-    bucket: str,
-    parameters: dict[str, str] | None = None,
-) -> str:
-    await mounts.create_class(parameters, name=slot.class_name)
-    agent.start()
-    name = await mounts.create(slot=slot, config={"bucket": bucket, "endpoint": minio.endpoint})
-    await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
-    return name
+def _files_open(obj: dict[str, Any] | None) -> bool:
+    """The mount waits in phase Unmounting for a file open in it (reason FilesOpen)."""
+    return (
+        obj is not None
+        and (obj.get("status") or {}).get("phase") == "Unmounting"
+        and _ready_reason(obj) == "FilesOpen"
+    )
 
 
 async def test_a_file_open_across_deletion_is_completed_before_unmount(
@@ -81,33 +89,22 @@ async def test_a_file_open_across_deletion_is_completed_before_unmount(
     s3 = minio.client()
     bucket = minio.make_bucket("grace")
     agent = agent_factory(s3_keys)
-    name = await _mounted(minio, mounts, slot, agent, bucket)  # the default grace: 30 s
+    config = {"bucket": bucket, "endpoint": minio.endpoint}
+    name = await assign(mounts, slot, agent, config)  # the default grace: 30 s
     opened = tmp_path / "opened"
     path = container.root / "data" / "long.txt"
     proc = writer(
         f"exec 3> '{path}' && echo part1 >&3 && touch '{opened}' && sleep 10 && "
         "echo part2 >&3 && exec 3>&-"
     )
-    deadline = time.monotonic() + 10
-    while not opened.exists():
-        assert proc.poll() is None, proc.log_tail()
-        assert time.monotonic() < deadline, "the writer did not start"
-        await asyncio.sleep(0.05)
+    await wait_for_marker(opened, proc, what="the writer did not start")
     deleted = time.monotonic()
     await mounts.delete(name)
-
-    def files_open(obj: dict[str, Any] | None) -> bool:
-        return (
-            obj is not None
-            and (obj.get("status") or {}).get("phase") == "Unmounting"
-            and _ready_reason(obj) == "FilesOpen"
-        )
-
-    obj = await mounts.wait(name, files_open, what="Unmounting, FilesOpen", agent=agent)
+    obj = await mounts.wait(name, _files_open, what="Unmounting, FilesOpen", agent=agent)
     assert obj is not None
     assert "unmount grace period of 30s" in obj["status"]["message"]
     assert mounts_under(slot.path) == [str(slot.path / "data")]  # still mounted meanwhile
-    await mounts.wait(name, lambda o: o is None, limit=40, what="released", agent=agent)
+    await mounts.wait(name, gone, limit=40, what="released", agent=agent)
     released = time.monotonic() - deleted
     status = await asyncio.to_thread(proc.stop, timeout=5)
     assert status == 0, proc.log_tail()
@@ -116,9 +113,8 @@ async def test_a_file_open_across_deletion_is_completed_before_unmount(
     assert 5.0 < released < 25.0, released
     body = s3.get_object(Bucket=bucket, Key="long.txt")["Body"].read()
     assert body == b"part1\npart2\n"
-    assert mounts_under(slot.path) == []
+    assert_nothing_mounted(slot, agent)
     assert container.mounts() == [str(container.root)]
-    assert agent.daemons() == []
     assert agent.stop() == 0, agent.log_tail()
 
 
@@ -134,27 +130,39 @@ async def test_the_grace_period_ends_and_the_mount_goes(
 ) -> None:
     bucket = minio.make_bucket("grace-end")
     agent = agent_factory(s3_keys)
-    name = await _mounted(
-        minio, mounts, slot, agent, bucket, {c.PARAM_UNMOUNT_GRACE: "2"}
-    )  # fmt: skip
+    config = {"bucket": bucket, "endpoint": minio.endpoint}
+    name = await assign(mounts, slot, agent, config, class_parameters={c.PARAM_UNMOUNT_GRACE: "2"})
     opened = tmp_path / "opened"
     path = container.root / "data" / "held.txt"
     proc = writer(f"exec 3> '{path}' && touch '{opened}' && sleep 120")
-    deadline = time.monotonic() + 10
-    while not opened.exists():
-        assert proc.poll() is None, proc.log_tail()
-        assert time.monotonic() < deadline, "the writer did not start"
-        await asyncio.sleep(0.05)
+    await wait_for_marker(opened, proc, what="the writer did not start")
     deleted = time.monotonic()
-    await mounts.delete(name)
-    await mounts.wait(name, lambda o: o is None, limit=30, what="released", agent=agent)
+    await release(mounts, name, agent)
     released = time.monotonic() - deleted
     assert 2.0 <= released < 15.0, released
     events = await mounts.events(name)
     assert any(e.get("reason") == "UnmountGraceExpired" for e in events), events
-    assert mounts_under(slot.path) == []
-    assert agent.daemons() == []
+    assert_nothing_mounted(slot, agent)
     assert agent.stop() == 0, agent.log_tail()
+
+
+async def _rclone_wrote(
+    minio: MinioServer,
+    mounts: Mounts,
+    slot: Slot,
+    agent: AgentRunner,
+    container: Container,
+    bucket: str,
+    key: str,
+) -> str:
+    """Mount ``bucket`` at /data with rclone and write 64 MiB to ``key`` in it from the
+    container (the file is closed on return); the mount's name."""
+    config = {"bucket": bucket, "endpoint": minio.endpoint}
+    name = await assign(mounts, slot, agent, config, class_parameters={"s3-mounter": "rclone"})
+    path = container.root / "data" / key
+    result = container.sh(f"head -c 67108864 /dev/urandom > '{path}'", timeout=60)
+    assert result.returncode == 0, result.stderr
+    return name
 
 
 async def test_rclone_uploads_what_was_closed_before_it_is_stopped(
@@ -168,18 +176,13 @@ async def test_rclone_uploads_what_was_closed_before_it_is_stopped(
     s3 = minio.client()
     bucket = minio.make_bucket("grace-rclone")
     agent = agent_factory(s3_keys)
-    name = await _mounted(minio, mounts, slot, agent, bucket, {"s3-mounter": "rclone"})
     # rclone's write cache uploads a file after it is closed: the deletion right after the
     # close must not stop rclone before the upload is done.
-    path = container.root / "data" / "big.bin"
-    result = container.sh(f"head -c 67108864 /dev/urandom > '{path}'", timeout=60)
-    assert result.returncode == 0, result.stderr
-    await mounts.delete(name)
-    await mounts.wait(name, lambda o: o is None, limit=60, what="released", agent=agent)
+    name = await _rclone_wrote(minio, mounts, slot, agent, container, bucket, "big.bin")
+    await release(mounts, name, agent, limit=60)
     head = s3.head_object(Bucket=bucket, Key="big.bin")
     assert head["ContentLength"] == 64 * 1024 * 1024
-    assert mounts_under(slot.path) == []
-    assert agent.daemons() == []
+    assert_nothing_mounted(slot, agent)
     assert agent.stop() == 0, agent.log_tail()
 
 
@@ -194,10 +197,7 @@ async def test_rclone_resumes_an_upload_cut_by_a_killed_mount_pod(
     s3 = minio.client()
     bucket = minio.make_bucket("resume-rclone")
     agent = agent_factory(s3_keys)
-    name = await _mounted(minio, mounts, slot, agent, bucket, {"s3-mounter": "rclone"})
-    path = container.root / "data" / "cut.bin"
-    result = container.sh(f"head -c 67108864 /dev/urandom > '{path}'", timeout=60)
-    assert result.returncode == 0, result.stderr
+    name = await _rclone_wrote(minio, mounts, slot, agent, container, bucket, "cut.bin")
     # The mount pod's container dies mid-upload (every process in it at once); its work
     # dir, an emptyDir in a real DMP, stays. Nothing was uploaded yet.
     assert agent.process is not None
@@ -219,14 +219,9 @@ async def test_rclone_resumes_an_upload_cut_by_a_killed_mount_pod(
             return False
         return bool(head["ContentLength"] == 64 * 1024 * 1024)
 
-    deadline = time.monotonic() + 60
-    while not await asyncio.to_thread(uploaded):
-        assert time.monotonic() < deadline, f"the cut upload was not resumed{agent.log_tail()}"
-        await asyncio.sleep(0.5)
-    await mounts.delete(name)
-    await mounts.wait(name, lambda o: o is None, limit=60, what="released", agent=agent)
-    assert mounts_under(slot.path) == []
-    assert agent.daemons() == []
+    await eventually(uploaded, within=60, interval=0.5, what="the cut upload resumed", agent=agent)
+    await release(mounts, name, agent, limit=60)
+    assert_nothing_mounted(slot, agent)
     assert agent.stop() == 0, agent.log_tail()
 
 
@@ -243,7 +238,7 @@ async def test_a_file_open_across_a_config_change_is_completed_first(
     s3 = minio.client()
     bucket = minio.make_bucket("grace-edit")
     agent = agent_factory(s3_keys)
-    name = await _mounted(minio, mounts, slot, agent, bucket)
+    name = await assign(mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint})
     (old_daemon,) = agent.daemons()
     opened = tmp_path / "opened"
     path = container.root / "data" / "edit.txt"
@@ -251,19 +246,9 @@ async def test_a_file_open_across_a_config_change_is_completed_first(
         f"exec 3> '{path}' && echo before >&3 && touch '{opened}' && sleep 6 && "
         "echo after >&3 && exec 3>&-"
     )
-    deadline = time.monotonic() + 10
-    while not opened.exists():
-        assert proc.poll() is None, proc.log_tail()
-        assert time.monotonic() < deadline, "the writer did not start"
-        await asyncio.sleep(0.05)
+    await wait_for_marker(opened, proc, what="the writer did not start")
     await mounts.edit(name, readOnly=True)  # the same target, mounted anew
-
-    def files_open(obj: dict[str, Any] | None) -> bool:
-        return (obj or {}).get("status", {}).get("phase") == "Unmounting" and _ready_reason(
-            obj
-        ) == "FilesOpen"
-
-    obj = await mounts.wait(name, files_open, what="Unmounting, FilesOpen", agent=agent)
+    obj = await mounts.wait(name, _files_open, what="Unmounting, FilesOpen", agent=agent)
     assert obj is not None
     assert "configuration changed" in obj["status"]["message"]
     assert agent.daemons() == [old_daemon]  # the old mounter serves the open file meanwhile
@@ -275,11 +260,8 @@ async def test_a_file_open_across_a_config_change_is_completed_first(
     await mounts.wait(name, phase_is("Mounted"), limit=30, what="Mounted again", agent=agent)
     body = s3.get_object(Bucket=bucket, Key="edit.txt")["Body"].read()
     assert body == b"before\nafter\n"
-    denied = container.sh(f"echo x > '{container.root}/data/ro.txt'")
-    assert denied.returncode != 0
-    assert "Read-only file system" in denied.stderr
+    assert_read_only(container, "data/ro.txt")
     assert len(agent.daemons()) == 1
     assert agent.daemons() != [old_daemon]
-    await mounts.delete(name)
-    await mounts.wait(name, lambda o: o is None, what="released", agent=agent)
+    await release(mounts, name, agent)
     assert agent.stop() == 0, agent.log_tail()

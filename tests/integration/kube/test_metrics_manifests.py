@@ -10,37 +10,20 @@ registers.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from dynvol_core import constants as c
 from dynvol_csi.metrics import CsiMetrics
 from dynvol_dmp.metrics import DmpMetrics
 from dynvol_kube import Metrics
+from tests.integration.shared import TOP, render_kustomize
 
 pytestmark = pytest.mark.integration
 
-TOP = Path(__file__).resolve().parents[3]
-KUBECTL = TOP / ".tools" / "bin" / "kubectl"
 MONITORING = TOP / "manifests" / "overlays" / "monitoring"
-
-
-def _render(path: Path) -> list[dict[str, Any]]:
-    if not KUBECTL.exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("kubectl is missing: CI must build it (make tools)")
-        pytest.skip("kubectl is missing (make tools)")
-    out = subprocess.run(
-        [str(KUBECTL), "kustomize", str(path)], text=True, capture_output=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
 def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -55,7 +38,7 @@ def _container(workload: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("overlay", ["local", "kind", "production", "monitoring"])
 def test_probes_use_the_port_the_process_listens_on(overlay: str) -> None:
-    docs = _render(TOP / "manifests" / "overlays" / overlay)
+    docs = render_kustomize(TOP / "manifests" / "overlays" / overlay)
     for kind in ("DaemonSet", "Deployment"):
         container = _container(_one(docs, kind))
         (address,) = [a for a in container["args"] if a.startswith("--metrics-address=")]
@@ -75,7 +58,7 @@ def test_probes_use_the_port_the_process_listens_on(overlay: str) -> None:
 
 
 def test_the_monitoring_overlay_scrapes_every_process() -> None:
-    docs = _render(MONITORING)
+    docs = render_kustomize(MONITORING)
     monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "PodMonitor"}
     daemonset = _one(docs, "DaemonSet")
     labels = daemonset["spec"]["template"]["metadata"]["labels"]

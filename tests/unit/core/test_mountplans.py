@@ -49,7 +49,7 @@ BASE = parse_mountinfo(
 
 
 def want(
-    target: str, key: str = "k1", source: str = "s3fs", fs_type: str = "fuse.s3fs"
+    target: str | PurePosixPath, key: str = "k1", source: str = "s3fs", fs_type: str = "fuse.s3fs"
 ) -> DesiredMount:
     return DesiredMount(target=P(target), source=source, fs_type=fs_type, key=key)
 

@@ -18,9 +18,9 @@ from dynvol_core.mountplans import (
     Repair,
     SimulatedMounts,
     Step,
-    apply_to_model,
     plan_mounts,
 )
+from tests.unit.core.test_mountplans import table, want
 
 SCOPE = PurePosixPath("/xvols")
 P = PurePosixPath
@@ -34,12 +34,9 @@ BASE = parse_mountinfo(
 )
 
 
-def want(target: str | PurePosixPath, key: str = "k1") -> DesiredMount:
-    return DesiredMount(target=P(target), source="s3fs", fs_type="fuse.s3fs", key=key)
-
-
 def made(*mounts: DesiredMount) -> SimulatedMounts:
-    return apply_to_model(BASE, [Mount(m.target, m) for m in mounts])
+    """This module's BASE plus ``mounts``, made in order."""
+    return table(*mounts, base=BASE)
 
 
 def replan(

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +30,7 @@ from dynvol_providers import Credentials, hookimpl
 from dynvol_providers.base import FuseProvider, config_error
 from dynvol_providers.registry import ProviderRegistry, load_registry, make_plugin_manager
 from tests.cases.bad_objects import CONFIG_VALUES, ConfigValue
+from tests.unit.crd_generator import check_generated_crds
 
 ROOT = Path(__file__).parents[3]
 CRD = ROOT / "manifests" / "base" / "crds" / "dynamicvolumeclaims.yaml"
@@ -58,14 +57,7 @@ def test_the_crd_carries_exactly_the_providers_schema(block: str) -> None:
 
 
 def test_the_generator_finds_the_crd_current() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "hack" / "gen-crd-config-blocks.py"), "--check"],
-        cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = check_generated_crds()
     assert result.returncode == 0, result.stderr
 
 
