@@ -27,7 +27,9 @@ def _crd_names(plane: ControlPlane) -> set[str]:
 
 def test_extra_crds_are_applied_after_dynvols(tmp_path: Path, control_plane: ControlPlane) -> None:
     # control_plane (unused) makes this skip or fail the same way when tools are missing.
-    assert control_plane.crd_paths == (crd_dir(),)
+    # dynvol's CRDs from the package, then (in a checkout) the PriorityClass DMPs name.
+    assert control_plane.crd_paths[0] == crd_dir()
+    assert [p.name for p in control_plane.crd_paths[1:]] == ["priorityclass.yaml"]
     plane = ControlPlane(dir=tmp_path / "cp", extra_crd_paths=[WIDGETS])
     try:
         plane.start()
