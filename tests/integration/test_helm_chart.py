@@ -185,7 +185,7 @@ CUSTOM = {
     "image": {"repository": "registry.example/dynvol", "tag": "1.2.3", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "registry-login"}],
     "commonLabels": {"team": "storage"},
-    "logging": {"level": "DEBUG"},
+    "logging": {"level": "DEBUG", "format": "json"},
     "node": {
         "resources": {"requests": {"cpu": "20m", "memory": "64Mi"}},
         "nodeSelector": {"storage": "yes"},
@@ -242,7 +242,7 @@ def test_per_component_scheduling_values_reach_their_component(
         assert spec["imagePullSecrets"] == [{"name": "registry-login"}]
         assert spec["containers"][0]["image"] == "registry.example/dynvol:1.2.3"
         assert spec["containers"][0]["imagePullPolicy"] == "Always"
-        assert spec["containers"][0]["args"][0] == "--log-level=DEBUG"
+        assert spec["containers"][0]["args"][:2] == ["--log-level=DEBUG", "--log-format=json"]
     assert node["affinity"] == CUSTOM["node"]["affinity"]  # type: ignore[index]
     assert "affinity" not in controller
     (daemonset,) = by_kind(custom, "DaemonSet")
@@ -256,7 +256,7 @@ def test_per_component_scheduling_values_reach_their_component(
 def test_dmp_values_become_node_plugin_flags(custom: list[dict[str, Any]]) -> None:
     (container,) = pod_spec(custom, "DaemonSet")["containers"]
     args = container["args"]
-    assert args[1] == "node"
+    assert args[:3] == ["--log-level=DEBUG", "--log-format=json", "node"]
     for flag in (
         "--dmp-image=$(DYNVOL_IMAGE)",
         "--dmp-image-pull-policy=IfNotPresent",
@@ -315,6 +315,7 @@ def test_another_namespace_is_named_everywhere_the_base_names_dynvol_system() ->
     [
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("logging.level=LOUD", "level"),
+        ("logging.format=xml", "format"),
         ("node.updateStrategy.type=Sideways", "type"),
         ("controller.replicas=-1", "replicas"),
         ("webhook.port=70000", "port"),

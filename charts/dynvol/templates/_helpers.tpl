@@ -32,6 +32,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- with .Values.logging.level }}
 - --log-level={{ . }}
 {{- end }}
+{{- with .Values.logging.format }}
+- --log-format={{ . }}
+{{- end }}
 {{- end }}
 
 {{/* The ServiceAccount user name of a dynvol component, as admission sees it. */}}
