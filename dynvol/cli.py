@@ -95,19 +95,33 @@ def _register_missing(
 def main(argv: list[str] | None = None) -> int:
     """Run ``dynvol``; returns the process exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(_requested(argv))
-    args = parser.parse_args(argv)
+    requested = _requested(argv)
+    parser = build_parser(requested)
+    try:
+        # Parsing may import a service's runtime too (a flag's type checks its value).
+        args = parser.parse_args(argv)
+    except ModuleNotFoundError as exc:
+        command = requested[0] if len(requested) == 1 else ""
+        if not _is_missing_extra(command, exc):
+            raise
+        print(_missing_extra(command, exc.name or "?"), file=sys.stderr)
+        return 2
     logs.configure(args.log_level, args.log_format)
     try:
         status: int = args.func(args)
     except ModuleNotFoundError as exc:
         # A service that imports its runtime only when it runs (``dynvol controller``).
-        top = (exc.name or "").split(".")[0]
-        if args.command not in _EXTRAS or not top or top in _OWN_PACKAGES:
+        if not _is_missing_extra(args.command, exc):
             raise
-        print(_missing_extra(args.command, exc.name or top), file=sys.stderr)
+        print(_missing_extra(args.command, exc.name or "?"), file=sys.stderr)
         return 2
     return status
+
+
+def _is_missing_extra(command: str, exc: ModuleNotFoundError) -> bool:
+    """Whether ``exc`` says that ``command``'s extra is not installed (not a bug of ours)."""
+    top = (exc.name or "").split(".")[0]
+    return command in _EXTRAS and bool(top) and top not in _OWN_PACKAGES
 
 
 if __name__ == "__main__":
