@@ -272,7 +272,13 @@ def test_a_large_copy_finishing_after_the_deletion_reaches_the_bucket(storage: S
     storage.put("hello.txt", "hello\n")
     storage.claim("c", mountpoint="/data", selector={"app": "app"})
     _read(storage, pod, "/dynamic/data/hello.txt", "hello\n")
-    script = "dd if=/dev/zero of=/dynamic/data/big bs=1M count=256 2>/dev/null && echo copied"
+    # Paced (1 MiB every 20 ms, over 5 s at the least), so that the copy is still being
+    # written when the claim is deleted even on an idle machine, where a plain dd of 256
+    # MiB into s3fs's local cache ends within a second.
+    script = (
+        "i=0; while [ $i -lt 256 ]; do dd if=/dev/zero bs=1M count=1 2>/dev/null || exit 1;"
+        " sleep 0.02; i=$((i+1)); done > /dynamic/data/big && echo copied"
+    )
     with _in_background(storage, pod, script) as proc:
         wait_for(
             lambda: storage.exec(pod, "test -e /dynamic/data/big").returncode == 0, 60, "copying"
