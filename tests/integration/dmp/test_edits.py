@@ -58,24 +58,30 @@ async def _converged(
     where = slot.path / mountpoint.strip("/")
     inside = container.root / mountpoint.strip("/")
 
-    def settled() -> bool:
-        return (
+    def settled() -> list[int] | None:
+        # One look at the daemons, taken before the mount tables: an old mount at the same
+        # target looks like the new one, but the agent starts the new daemon only once the
+        # old one has exited, so a single daemon that is not an old one, seen first, means
+        # the mount found afterwards is the new one. Two looks could straddle the old
+        # daemon's exit and the new one's start.
+        daemons = agent.daemons()
+        if len(daemons) != 1 or set(daemons) & set(old_daemons):
+            return None
+        mounted = (
             container.mounts() == [str(inside), str(container.root)]
             and mounts_under(slot.path) == [str(where)]
             and _agent_mounts(agent, slot) == [str(where)]
-            and len(agent.daemons()) == 1
-            and not set(agent.daemons()) & set(old_daemons)
         )
+        return daemons if mounted else None
 
     try:
-        await eventually(settled, within=15.0, what=f"{what}: no stale mount or daemon")
+        (daemon,) = await eventually(settled, within=15.0, what=f"{what}: no stale mount or daemon")
     except AssertionError:
         raise AssertionError(
             f"{what}: container {container.mounts()}, host {mounts_under(slot.path)}, "
             f"dmp {_agent_mounts(agent, slot)}, daemons {agent.daemons()} (old {old_daemons})"
             f"{agent.log_tail()}"
         ) from None
-    (daemon,) = agent.daemons()
     return daemon
 
 
