@@ -19,6 +19,7 @@ import yaml
 
 from dynvol_core import constants as c
 from dynvol_kube import APIError, Client
+from dynvol_kube import KubeconfigError as KubeconfigUnusable
 
 from . import doctor, pods, status
 from .kubeconfig import KubeconfigError, resolve
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(_run(args))
-    except (KubeconfigError, pods.PodNotFound) as exc:
+    except (KubeconfigError, KubeconfigUnusable, pods.PodNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except APIError as exc:

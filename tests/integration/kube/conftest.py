@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from dynvol.testing.controlplane import ControlPlane
 from dynvol_kube import APIConflict, APINotFound, Client, Resource
 
 CRDS = Resource(
@@ -20,10 +21,20 @@ GROUP = "kube-tests.dynvol.example"
 WIDGETS = Resource(GROUP, "v1", "widgets", "Widget")
 
 
-@pytest.fixture
-def client(kube_client: Any) -> Client:
-    """dynvol's client over the harness's ApiClient (which the harness closes)."""
-    return Client.wrap(kube_client)
+@pytest.fixture(params=["session", "library"])
+async def client(
+    request: pytest.FixtureRequest, kube_client: Any, control_plane: ControlPlane
+) -> AsyncIterator[Client]:
+    """dynvol's client, once with its own session (what the services use) and once over
+    the harness's kubernetes_asyncio ApiClient (which the harness closes)."""
+    if request.param == "library":
+        yield Client.wrap(kube_client)
+        return
+    own = await Client.from_kubeconfig(control_plane.kubeconfig)
+    try:
+        yield own
+    finally:
+        await own.close()
 
 
 @pytest.fixture
