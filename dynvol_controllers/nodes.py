@@ -244,6 +244,7 @@ class NodeReconciler:
             [dmps.create(spec) for spec in plan.create_dmps]
             + [dmps.tolerate(change) for change in plan.tolerate_dmps]
             + [dmps.delete(p, "Failed" if p.terminal else "Unused") for p in plan.delete_dmps]
+            + [dmps.replace(p) for p in plan.replace_dmps]
         )
         expired, wait = self._reaper.due(plan.idle_dmps)
         await run_all([self._reap(pod) for pod in expired])

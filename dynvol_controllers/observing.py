@@ -43,13 +43,28 @@ def _uid_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
     return (uid,) if uid else ()
 
 
-def slim_pod_with_tolerations(pod: Obj) -> Obj:
-    """:func:`.objects.slim_pod`, keeping ``spec.tolerations`` (a DMP inherits them)."""
+def slim_dmp(pod: Obj) -> Obj:
+    """:func:`.objects.slim_pod` for a DMP, keeping ``spec.tolerations`` (a DMP inherits
+    its pods') and which containers wait in CrashLoopBackOff (such a DMP is replaced)."""
     out = objects.slim_pod(pod)
     tolerations = (pod.get("spec") or {}).get("tolerations")
     if tolerations:
         out["spec"]["tolerations"] = tolerations
+    statuses = (pod.get("status") or {}).get("containerStatuses")
+    looping = [
+        {"name": item.get("name"), "state": {"waiting": {"reason": c.CRASH_LOOP_BACK_OFF}}}
+        for item in (statuses if isinstance(statuses, list) else ())
+        if isinstance(item, Mapping) and _waiting_reason(item) == c.CRASH_LOOP_BACK_OFF
+    ]
+    if looping:
+        out["status"]["containerStatuses"] = looping
     return out
+
+
+def _waiting_reason(status: Mapping[str, Any]) -> object:
+    state = status.get("state")
+    waiting = state.get("waiting") if isinstance(state, Mapping) else None
+    return waiting.get("reason") if isinstance(waiting, Mapping) else None
 
 
 def _changed(event: Event, *, ignore_status: bool) -> bool:
@@ -95,7 +110,7 @@ class NodeView:
             self.client,
             PODS,
             field_selector=f"spec.nodeName={self.node_name}",
-            transform=slim_pod_with_tolerations,
+            transform=slim_dmp,
             indexers={"uid": _uid_index},
             resync=self.resync,
         )
@@ -113,7 +128,7 @@ class NodeView:
             PODS,
             namespace=self.system_namespace,
             label_selector=f"{c.LABEL_COMPONENT}={c.COMPONENT_DMP},{c.LABEL_NODE}={node_label}",
-            transform=slim_pod_with_tolerations,
+            transform=slim_dmp,
         )
 
     @property

@@ -60,6 +60,11 @@ def _check_grace(_: object, attribute: attrs.Attribute[Any], value: int | None) 
         raise ValueError(f"dmp delete grace {value}: must be 0 or more seconds")
 
 
+def _check_replacements(_: object, __: object, value: int) -> None:
+    if not 0 <= value <= 100:
+        raise ValueError(f"--dmp-crash-replacements {value}: must be 0 to 100")
+
+
 @attrs.frozen(kw_only=True)
 class DmpTemplate:
     """What the operator sets for every DMP of a node (``dynvol node --dmp-*``)."""
@@ -82,6 +87,10 @@ class DmpTemplate:
     env: Mapping[str, str] = attrs.field(factory=dict)
     #: gracePeriodSeconds when deleting DMPs (None: the pod's own, so it can unmount).
     delete_grace: int | None = attrs.field(default=None, validator=_check_grace)
+    #: How many times within ``crash_window`` seconds a DMP in CrashLoopBackOff is replaced
+    #: by a new pod (which starts at once) before kubelet's back-off is left to run.
+    crash_replacements: int = attrs.field(default=3, validator=_check_replacements)
+    crash_window: float = 600.0
 
 
 @attrs.frozen(kw_only=True)

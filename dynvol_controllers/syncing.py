@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import attrs
@@ -24,7 +25,7 @@ from dynvol_kube.resources import MOUNTS, PODS
 from .expectations import Expectations
 from .settings import DmpTemplate
 
-__all__ = ["DmpSync", "DvmSync"]
+__all__ = ["DmpSync", "DvmSync", "ReplacementBudget"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,14 @@ class DmpSync:
     writes: Expectations[str, PodInfo] = attrs.field(factory=Expectations)
     #: Tolerations added to a DMP (by UID) that the cache may not show yet.
     added: Expectations[str, tuple[Toleration, ...]] = attrs.field(factory=Expectations)
+    #: Replacements of crash-looping DMPs, per DMP name.
+    budget: ReplacementBudget = attrs.field(init=False)
+    clock: Callable[[], float] = time.monotonic
+
+    def __attrs_post_init__(self) -> None:
+        self.budget = ReplacementBudget(
+            limit=self.template.crash_replacements, window=self.template.crash_window
+        )
 
     def existing(self, cached: Iterable[PodInfo]) -> list[PodInfo]:
         """The DMPs the node has: the cache, plus own creates and added tolerations, less
@@ -212,6 +221,18 @@ class DmpSync:
             self.node_name, pod.name, ", ".join(_describe(t.to_object()) for t in change.add),
         )  # fmt: skip
 
+    async def replace(self, pod: PodInfo) -> None:
+        """Delete a DMP whose container is in CrashLoopBackOff, so that it is created again
+        and starts at once, within the budget (``--dmp-crash-replacements`` per 10 min)."""
+        if self.budget.take(pod.name, self.clock()):
+            await self.delete(pod, "CrashLoopBackOff")
+        elif self.budget.first_refusal(pod.name, pod.uid):
+            log.warning(
+                "node %s: DMP %s keeps crashing (replaced %d times in %.0f s); kubelet's "
+                "back-off restarts it from now on",
+                self.node_name, pod.name, self.budget.limit, self.budget.window,
+            )  # fmt: skip
+
     async def delete(self, pod: PodInfo, why: str) -> None:
         with contextlib.suppress(APINotFound, APIConflict):
             await self.client.delete(
@@ -220,6 +241,36 @@ class DmpSync:
             )  # fmt: skip
         self.writes.deleted(pod.uid)
         log.info("node %s: deleted DMP %s (%s)", self.node_name, pod.name, why)
+
+
+@attrs.define
+class ReplacementBudget:
+    """At most ``limit`` replacements per name in any ``window`` seconds."""
+
+    limit: int
+    window: float
+    _times: dict[str, list[float]] = attrs.field(factory=dict, init=False)
+    _refused: dict[str, str] = attrs.field(factory=dict, init=False)
+
+    def take(self, name: str, now: float) -> bool:
+        """Whether ``name`` may be replaced at ``now`` (and count it if so)."""
+        for other in [n for n, times in self._times.items() if now - times[-1] >= self.window]:
+            del self._times[other]  # quiet for a whole window: forgotten
+            self._refused.pop(other, None)
+        recent = [t for t in self._times.get(name, []) if now - t < self.window]
+        if len(recent) >= self.limit:
+            if recent:
+                self._times[name] = recent
+            return False
+        self._times[name] = [*recent, now]
+        return True
+
+    def first_refusal(self, name: str, uid: str) -> bool:
+        """Whether this is the first refusal for this pod (to say it once)."""
+        if self._refused.get(name) == uid:
+            return False
+        self._refused[name] = uid
+        return True
 
 
 def _describe(toleration: Mapping[str, object]) -> str:

@@ -109,3 +109,7 @@ DMP_WORK_DIR: Final = "/run/dynvol/dmp"
 #: The port of a DMP's /metrics, /healthz and /readyz on the pod network.
 DMP_METRICS_PORT: Final = 9812
 DMP_SECRETS_DIR: Final = "/secrets"
+
+#: kubelet's waiting reason for a container it starts again only after a growing delay
+#: (10 s, doubling to 5 min); a DMP waiting so is replaced by a new pod (docs/operations.md).
+CRASH_LOOP_BACK_OFF: Final = "CrashLoopBackOff"

@@ -666,6 +666,11 @@ class NodePlan:
     - ``create_dmps``; ``delete_dmps``: independent DMPs serving nothing and DMPs that
       have terminated; ``idle_dmps``: shared DMPs serving nothing, which the shell deletes
       after a grace delay (they are reference-counted by the mounts that name them).
+    - ``replace_dmps``: DMPs in use whose container is in CrashLoopBackOff: its mounts died
+      with it, and kubelet would start it again only after a delay that doubles with every
+      crash (10 s, 20 s, ... 5 min); a new pod of the same name starts at once. The shell
+      deletes them within a budget of its own (then leaves them to kubelet's back-off), and
+      they are created again as missing DMPs.
     - ``tolerate_dmps``: running DMPs that lack tolerations their pods now have (a new pod
       brought them); a pod's tolerations can be added to in place, never changed or
       removed, so the shell adds them and a DMP keeps any it no longer needs.
@@ -684,6 +689,7 @@ class NodePlan:
     create_dmps: tuple[DmpSpec, ...] = ()
     delete_dmps: tuple[PodInfo, ...] = ()
     idle_dmps: tuple[PodInfo, ...] = ()
+    replace_dmps: tuple[PodInfo, ...] = ()
     tolerate_dmps: tuple[DmpTolerations, ...] = ()
     matches: tuple[Match, ...] = ()
     unpublished: tuple[Match, ...] = ()
@@ -697,6 +703,7 @@ class NodePlan:
             or self.delete_dvms
             or self.create_dmps
             or self.delete_dmps
+            or self.replace_dmps
             or self.tolerate_dmps
         )
 
@@ -884,7 +891,7 @@ def plan_node(
     # A DMP is in use while any mount names it, including mounts still being torn down.
     referenced = set(desired_dmps) | {d.spec.dmp_name for d in own_dvms}
     create_dmps = [desired_dmps[n] for n in sorted(desired_dmps) if n not in existing_dmp_names]
-    delete_dmps, idle_dmps = [], []
+    delete_dmps, idle_dmps, replace_dmps = [], [], []
     for p in dmp_pods:
         if p.deleting:
             continue
@@ -895,6 +902,8 @@ def plan_node(
                 idle_dmps.append(p)
             else:
                 delete_dmps.append(p)
+        elif p.crash_looping:
+            replace_dmps.append(p)
     live_dmps = {p.name for p in dmp_pods if not p.terminal and not p.deleting}
     tolerate = [
         DmpTolerations(pod=p, add=add)
@@ -924,6 +933,7 @@ def plan_node(
         create_dmps=tuple(create_dmps),
         delete_dmps=tuple(delete_dmps),
         idle_dmps=tuple(idle_dmps),
+        replace_dmps=tuple(replace_dmps),
         tolerate_dmps=tuple(tolerate),
         matches=matches,
         unpublished=tuple(unpublished),

@@ -138,6 +138,15 @@ def register(subparsers: Any) -> None:
         help="an environment variable for every DMP (repeatable)",
     )
     full.add_argument(
+        "--dmp-crash-replacements",
+        type=int,
+        default=3,
+        metavar="N",
+        help="how many times in 10 minutes a DMP in CrashLoopBackOff is replaced by a new pod, "
+        "which starts at once, before kubelet's back-off is left to restart it (default 3; "
+        "0: never)",
+    )
+    full.add_argument(
         "--shared-idle-grace",
         type=float,
         default=60.0,
@@ -224,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
                     image_pull_secrets=tuple(args.dmp_image_pull_secret),
                     host_network=args.dmp_host_network,
                     env=dmp_env,
+                    crash_replacements=args.dmp_crash_replacements,
                 ),
                 shared_idle_grace=args.shared_idle_grace,
             )

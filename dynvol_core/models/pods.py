@@ -46,6 +46,8 @@ class PodInfo:
     deleting: bool = False
     volume: InjectedVolume | None = None
     tolerations: tuple[Toleration, ...] = ()
+    #: A container of the pod is in CrashLoopBackOff: kubelet waits before starting it again.
+    crash_looping: bool = False
 
     @classmethod
     def from_object(cls, obj: object) -> PodInfo:
@@ -74,6 +76,7 @@ class PodInfo:
             deleting=meta.deleting,
             volume=volume,
             tolerations=tolerations,
+            crash_looping=_crash_looping(status.obj),
         )
 
     @property
@@ -110,6 +113,19 @@ class PodInfo:
             and not self.deleting
             and not (self.terminal)
         )
+
+
+def _crash_looping(status: Mapping[str, object]) -> bool:
+    """Whether a container waits in CrashLoopBackOff (status is kubelet's: read leniently)."""
+    statuses = status.get("containerStatuses")
+    if not isinstance(statuses, list):
+        return False
+    for item in statuses:
+        state = item.get("state") if isinstance(item, Mapping) else None
+        waiting = state.get("waiting") if isinstance(state, Mapping) else None
+        if isinstance(waiting, Mapping) and waiting.get("reason") == c.CRASH_LOOP_BACK_OFF:
+            return True
+    return False
 
 
 def _read_tolerations(spec: Fields, errors: list[FieldError]) -> tuple[Toleration, ...]:

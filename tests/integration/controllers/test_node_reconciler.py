@@ -431,3 +431,75 @@ async def test_dmps_inherit_tolerations_and_get_their_priority_and_pull_secrets(
         for name in ("t1", "t2"):
             await objects.delete_pod(name)
         await _cleanup_system(client, spc)
+
+
+async def test_a_crash_looping_dmp_is_replaced_within_its_budget(
+    client: Client, objects: Objects, system_namespace: str
+) -> None:
+    spc = f"s3c-{objects.suffix}"
+    node = f"node-c-{objects.suffix}"
+    await objects.storage_class(spc)
+    labels = {"app": "crashy"}
+    await objects.pod("c1", labels=labels, node=node, class_name=spc)
+    reconciler = _node_reconciler(client, node, dmp_crash_replacements=2)
+
+    async def the_dmp() -> dict[str, Any] | None:
+        dmps = await _dmps(client, spc)
+        return dmps[0] if len(dmps) == 1 else None
+
+    async def crash_loop(dmp: dict[str, Any]) -> None:
+        """What kubelet reports after the DMP's container exited twice in a row."""
+        container = dmp["spec"]["containers"][0]
+        status = {
+            "name": container["name"],
+            "image": container["image"],
+            "imageID": "",
+            "ready": False,
+            "restartCount": 2,
+            "state": {"waiting": {"reason": c.CRASH_LOOP_BACK_OFF, "message": "back-off 10s"}},
+        }
+        await client.patch(
+            PODS, dmp["metadata"]["name"],
+            {"status": {"phase": "Running", "containerStatuses": [status]}},
+            namespace=system_namespace, subresource="status",
+        )  # fmt: skip
+
+    try:
+        async with running(reconciler):
+            await objects.claim("crashy", selector=labels)
+            dmp = await eventually(the_dmp)
+            name = dmp["metadata"]["name"]
+            for _ in range(2):  # the budget: replaced by a new pod of the same name
+                await crash_loop(dmp)
+                old_uid = dmp["metadata"]["uid"]
+
+                async def replaced(old_uid: str = old_uid) -> dict[str, Any] | None:
+                    now = await the_dmp()
+                    return now if now is not None and now["metadata"]["uid"] != old_uid else None
+
+                dmp = await eventually(replaced)
+                assert dmp["metadata"]["name"] == name
+                assert "containerStatuses" not in dmp.get("status", {})
+            # Over the budget: kubelet's back-off is left to restart it, the pod stays.
+            await crash_loop(dmp)
+
+            async def seen_looping() -> bool:
+                return any(
+                    p.crash_looping and p.uid == dmp["metadata"]["uid"]
+                    for p in reconciler.view.cached_dmps()
+                )
+
+            await eventually(seen_looping)
+            passes = reconciler.passes
+
+            async def planned_again() -> bool:
+                return reconciler.passes > passes
+
+            reconciler.nudge()
+            await eventually(planned_again)
+            (still,) = await _dmps(client, spc)
+            assert still["metadata"]["uid"] == dmp["metadata"]["uid"]
+            assert [p.name for p in reconciler.plan().replace_dmps] == [name]
+    finally:
+        await objects.delete_pod("c1")
+        await _cleanup_system(client, spc)

@@ -468,6 +468,53 @@ def test_terminated_dmp_is_replaced_and_orphans_are_reported() -> None:
     assert orphaned.orphaned_dvms == tuple(deleting)
 
 
+def test_a_crash_looping_dmp_in_use_is_replaced_and_an_unused_one_deleted() -> None:
+    pods, claims = [pod()], [claim()]
+    dvms, dmps = apply(plan(pods, claims), [], [])
+    looping = [attrs.evolve(p, crash_looping=True) for p in dmps]
+    result = plan(pods, claims, dvms=dvms, dmps=looping)
+    assert [p.name for p in result.replace_dmps] == [p.name for p in looping]
+    assert result.delete_dmps == ()
+    assert result.has_actions
+    # Being deleted already: nothing to do but wait for it to go.
+    going = [attrs.evolve(p, deleting=True) for p in looping]
+    assert plan(pods, claims, dvms=dvms, dmps=going).replace_dmps == ()
+    # Serving nothing: deleted as unused, not replaced.
+    unused = plan(pods, [], dvms=[], dmps=looping)
+    assert unused.replace_dmps == ()
+    assert [p.name for p in unused.delete_dmps] == [p.name for p in looping]
+
+
+@pytest.mark.parametrize(
+    ("statuses", "looping"),
+    [
+        ([{"name": "a", "state": {"waiting": {"reason": "CrashLoopBackOff"}}}], True),
+        (
+            [
+                {"name": "a", "state": {"running": {}}},
+                {"state": {"waiting": {"reason": "CrashLoopBackOff"}}},
+            ],
+            True,
+        ),
+        ([{"name": "a", "state": {"waiting": {"reason": "ContainerCreating"}}}], False),
+        ([{"name": "a", "state": {"terminated": {"reason": "Error"}}}], False),
+        # kubelet's status is read leniently: a malformed one is no crash loop.
+        ("not a list", False),
+        ([None, 3, {"state": "x"}, {"state": {"waiting": "y"}}], False),
+        (None, False),
+    ],
+)
+def test_crash_looping_is_read_from_the_container_statuses(statuses: object, looping: bool) -> None:
+    obj = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+        "spec": {},
+        "status": {"phase": "Running", "containerStatuses": statuses},
+    }
+    assert PodInfo.from_object(obj).crash_looping is looping
+
+
 def test_changed_claim_updates_mount_in_place() -> None:
     pods = [pod()]
     dvms, dmps = apply(plan(pods, [claim()]), [], [])
