@@ -123,6 +123,12 @@ CAUSE_DELETED = "the DynamicVolumeMount is being deleted"
 CAUSE_CHANGED = "the DynamicVolumeMount's configuration changed (it is mounted again)"
 #: Seconds between looks at a deleted mount still in use.
 DRAIN_INTERVAL = 1.0
+#: Seconds after SIGTERM within which a served pod that is not terminating counts as staying
+#: (the DMP alone is going: a new one takes over) rather than leaving with it (a drain, whose
+#: evictions of the DMP and of its pods arrive together).
+STOP_SETTLE = 1.0
+#: Seconds between looks at the served pods while stopping.
+STOP_INTERVAL = 0.5
 #: Seconds a StorageProviderClass read from the API is reused.
 CLASS_TTL = 30.0
 #: Seconds the agent keeps trying to read its own Pod at start before giving up.
@@ -161,6 +167,9 @@ class Settings:
     workers: int = 8
     health_interval: float = 10.0
     max_backoff: float = 300.0
+    #: Seconds a SIGTERM'd agent keeps serving the pods that are terminating too (within
+    #: the DMP's terminationGracePeriodSeconds, 30, less time to unmount).
+    stop_timeout: float = 25.0
 
 
 @attrs.define
@@ -310,6 +319,60 @@ class Agent:
                 f", pod {identity.pod_namespace}/{identity.pod_uid}" if identity.pod_uid else "",
             )  # fmt: skip
             return identity
+
+    async def stop_serving(self) -> None:
+        """After SIGTERM, before :meth:`close`: keep serving the pods that are leaving too.
+
+        A drain evicts a DMP together with the pods it serves, and those pods' last writes,
+        ``preStop`` hooks and shutdown still need their mounts. So the agent keeps running
+        while they terminate: the node plugin deletes each one's mount as its pod goes, and
+        the agent unmounts it as usual (once its files are closed, §9.5). A mount whose pod
+        is not terminating (the DMP alone is being deleted or replaced) is unmounted after
+        :data:`STOP_SETTLE`, so that the next DMP of the name can start. What is still
+        mounted after ``settings.stop_timeout`` is left to :meth:`close`.
+        """
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        waited = False
+        while self._owned:
+            now = loop.time()
+            if now - began >= self.settings.stop_timeout:
+                log.warning(
+                    "stopping: %d mount(s) still in use after %.0f s; unmounting them",
+                    len(self._owned), now - began,
+                )  # fmt: skip
+                return
+            for owned in list(self._owned.values()):
+                state = await self._served_pod(owned.key)
+                if state == "gone" or (state == "staying" and now - began >= STOP_SETTLE):
+                    log.info(
+                        "stopping: unmounting %s/%s (its pod is %s)", *owned.key,
+                        "gone" if state == "gone" else "staying: another mount pod takes over",
+                    )  # fmt: skip
+                    await self._unmount_owned(owned)
+                    await self._report_stopped(owned.key)
+                elif state == "leaving" and not waited:
+                    waited = True
+                    log.info("stopping: serving the pods that are terminating too")
+            if self._owned:
+                await asyncio.sleep(STOP_INTERVAL)
+
+    async def _served_pod(self, key: Key) -> str:
+        """``gone``, ``leaving`` (terminating) or ``staying``: the pod a mount serves."""
+        obj = self._cached(key)
+        if obj is None:
+            return "leaving"  # the mount is being released through reconcile
+        spec = obj.get("spec") or {}
+        try:
+            pod = await self.client.get(PODS, str(spec.get("podName")), namespace=key[0])
+        except APINotFound:
+            return "gone"
+        except APIError:
+            return "leaving"  # cannot tell: keep serving, within the timeout
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        if meta.get("uid") != spec.get("podUID") or status.get("phase") in ("Succeeded", "Failed"):
+            return "gone"
+        return "leaving" if meta.get("deletionTimestamp") else "staying"
 
     async def close(self) -> None:
         """Stop watching, unmount everything this agent owns, stop its daemons."""
@@ -1201,8 +1264,9 @@ async def run(
         log.info("DMP %s watching %s", settings.name, agent.label_selector)
 
     async def close() -> None:
-        log.info("stopping: unmounting everything this mount pod owns")
         try:
+            await agent.stop_serving()
+            log.info("stopping: unmounting everything this mount pod owns")
             await agent.close()
         finally:
             await client.close()

@@ -34,6 +34,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--health-interval", type=float, default=10.0,
                         help="seconds between mount health probes")  # fmt: skip
+    parser.add_argument("--stop-timeout", type=float, default=25.0, metavar="SECONDS",
+                        help="after SIGTERM, how long to keep serving pods that are "
+                        "terminating too (default 25, within the DMP's 30 s grace)")  # fmt: skip
     parser.add_argument("--block-plugin", action="append", default=[], metavar="NAME",
                         help="do not load this provider plugin (repeatable)")  # fmt: skip
     add_status_flags(parser)
@@ -49,6 +52,7 @@ def _main(args: argparse.Namespace) -> int:
         work_dir=args.work_dir.absolute(),
         workers=args.workers,
         health_interval=args.health_interval,
+        stop_timeout=args.stop_timeout,
     )
     registry = load_registry(blocked=args.block_plugin)
     return asyncio.run(_serve(settings, args, registry))

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,9 +203,13 @@ class AgentRunner:
     started: list[Process] = attrs.field(factory=list)
 
     def start(
-        self, *, log_format: str | None = None, metrics_address: str | None = None
+        self,
+        *,
+        log_format: str | None = None,
+        metrics_address: str | None = None,
+        extra: Sequence[str] = (),
     ) -> Process:
-        """Start the agent; ``log_format`` and ``metrics_address`` add those options."""
+        """Start the agent; ``log_format``, ``metrics_address`` and ``extra`` add options."""
         assert self.process is None
         env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
         logging = ["--log-format", log_format] if log_format is not None else []
@@ -215,7 +219,7 @@ class AgentRunner:
              *logging, "dmp", "--name", self.name, "--namespace", c.DEFAULT_SYSTEM_NAMESPACE,
              "--xvols", str(self.xvols), "--secrets-dir", str(self.secrets_dir),
              "--kubeconfig", str(self.kubeconfig), "--work-dir", str(self.work_dir),
-             "--health-interval", "5", *serving],
+             "--health-interval", "5", *serving, *extra],
             name="dynvol-dmp", env=env, log=self.log,
         )  # fmt: skip
         self.started.append(self.process)
@@ -491,11 +495,13 @@ async def assign(
     class_parameters: dict[str, str] | None = None,
     read_only: bool = False,
     what: str = "Mounted",
+    agent_args: Sequence[str] = (),
 ) -> str:
-    """Create the slot's class, start ``agent``, assign it a DynamicVolumeMount of
-    ``config`` at ``mountpoint`` and wait until it is Mounted; the mount's name."""
+    """Create the slot's class, start ``agent`` (with ``agent_args``), assign it a
+    DynamicVolumeMount of ``config`` at ``mountpoint`` and wait until it is Mounted; the
+    mount's name."""
     await mounts.create_class(class_parameters, name=slot.class_name, provider=provider)
-    agent.start()
+    agent.start(extra=agent_args)
     name = await mounts.create(
         slot=slot, config=config, mountpoint=mountpoint, read_only=read_only, provider=provider
     )

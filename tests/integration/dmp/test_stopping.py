@@ -1,0 +1,135 @@
+"""A SIGTERM'd mount pod keeps serving the pods that are terminating with it (a drain),
+and hands over at once the pods that stay (the DMP alone is deleted or replaced).
+
+Real parts as in :mod:`.test_agent`: ``dynvol dmp`` against the real apiserver, MinIO and
+s3fs, with the slot bound into a container's mount namespace. The user pod is bound to a
+node with no kubelet, so deleting it with a grace period leaves it terminating, as a
+drained pod is while its containers shut down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from dynvol.testing.controlplane import ControlPlane
+from dynvol.testing.minio import MinioServer
+from dynvol.testing.mounts import mounts_under
+from dynvol_kube import APINotFound, Client
+from dynvol_kube.resources import PODS
+
+from .conftest import AgentRunner, Container, Mounts, Slot, assign, eventually
+
+pytestmark = pytest.mark.integration
+
+
+async def _terminate(client: Client, slot: Slot, *, grace: int) -> None:
+    await client.delete(PODS, slot.pod_name, namespace=slot.namespace, grace_seconds=grace)
+
+
+async def _exited(agent: AgentRunner, within: float) -> int:
+    assert agent.process is not None
+    deadline = time.monotonic() + within
+    while (status := agent.process.poll()) is None:
+        assert time.monotonic() < deadline, f"the agent did not exit{agent.log_tail()}"
+        await asyncio.sleep(0.1)
+    return status
+
+
+@pytest.fixture
+async def client(control_plane: ControlPlane) -> AsyncIterator[Client]:
+    made = await Client.from_kubeconfig(control_plane.kubeconfig)
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+async def test_a_drained_mount_pod_serves_its_terminating_pod_until_it_is_gone(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+    client: Client,
+) -> None:
+    bucket = minio.make_bucket("drain", {"hello.txt": b"still here\n"})
+    agent = agent_factory(s3_keys)
+    await assign(mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint})
+    assert container.read("data/hello.txt") == "still here\n"
+    # The drain: the user pod is terminating, and the DMP gets SIGTERM.
+    await _terminate(client, slot, grace=120)
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGTERM)
+    await eventually(
+        lambda: "serving the pods that are terminating too" in agent.log.read_text(),
+        what="the agent to say it keeps serving", agent=agent,
+    )  # fmt: skip
+    # Well past the settle time, the terminating pod still reads its data.
+    await asyncio.sleep(2.0)
+    assert agent.process.poll() is None
+    assert container.read("data/hello.txt") == "still here\n"
+    assert len(agent.daemons()) == 1
+    # Its containers have stopped; the pod goes: the mount goes, and the agent exits.
+    await client.delete(PODS, slot.pod_name, namespace=slot.namespace, grace_seconds=0)
+    assert await _exited(agent, within=15) == 0
+    agent.stop()
+    assert mounts_under(slot.path) == []
+    assert "its pod is gone" in agent.log.read_text()
+
+
+async def test_a_mount_pod_deleted_alone_hands_over_at_once(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+) -> None:
+    bucket = minio.make_bucket("handover", {"hello.txt": b"x\n"})
+    agent = agent_factory(s3_keys)
+    await assign(mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint})
+    assert agent.process is not None
+    began = time.monotonic()
+    agent.process.send_signal(signal.SIGTERM)
+    assert await _exited(agent, within=15) == 0
+    stopped_after = time.monotonic() - began
+    agent.stop()
+    assert mounts_under(slot.path) == []
+    assert "staying: another mount pod takes over" in agent.log.read_text()
+    # Not a timing test: it did not wait for the stop timeout (25 s) to run out.
+    assert stopped_after < 20, stopped_after
+
+
+async def test_a_pod_that_takes_too_long_is_unmounted_at_the_stop_timeout(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+    client: Client,
+) -> None:
+    bucket = minio.make_bucket("slowpod", {"hello.txt": b"x\n"})
+    agent = agent_factory(s3_keys)
+    await assign(
+        mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint},
+        agent_args=["--stop-timeout", "3"],
+    )  # fmt: skip
+    await _terminate(client, slot, grace=300)
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGTERM)
+    assert await _exited(agent, within=20) == 0
+    agent.stop()
+    assert mounts_under(slot.path) == []
+    assert "still in use after 3 s" in agent.log.read_text()
+    try:
+        pod = await client.get(PODS, slot.pod_name, namespace=slot.namespace)
+        assert pod["metadata"].get("deletionTimestamp")  # still terminating: not waited for
+    except APINotFound:
+        pytest.fail("the pod was deleted, so the timeout was not what ended the wait")
