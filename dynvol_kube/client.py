@@ -514,9 +514,16 @@ async def _library_from_kubeconfig(
 ) -> _Library:
     """kubernetes_asyncio's loader, for what :mod:`.kubeconfig` does not read (credential
     plugins, auth providers, several merged files); imported only then."""
-    from kubernetes_asyncio.client.api_client import ApiClient
-    from kubernetes_asyncio.client.configuration import Configuration
-    from kubernetes_asyncio.config.kube_config import load_kube_config
+    try:
+        from kubernetes_asyncio.client.api_client import ApiClient
+        from kubernetes_asyncio.client.configuration import Configuration
+        from kubernetes_asyncio.config.kube_config import load_kube_config
+    except ModuleNotFoundError as exc:
+        raise KubeconfigError(
+            f"{file} needs a credential plugin (exec or auth-provider), several merged "
+            "files or another setting that only kubernetes_asyncio's loader reads; install "
+            "it with: pip install 'dynvol[kubeconfig-plugins]'"
+        ) from exc
 
     config = Configuration()
     config.connection_pool_maxsize = max_connections

@@ -23,6 +23,7 @@ when the cache is empty: filling it is a Go build of minutes, done once per mach
 from __future__ import annotations
 
 import email.parser
+import json
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from dynvol.testing import tools
-from dynvol.testing.controlplane import default_bin_dir, kubernetes_bin_dir
+from dynvol.testing.controlplane import ControlPlane, default_bin_dir, kubernetes_bin_dir
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +208,7 @@ def test_the_wheel_carries_the_crds_and_the_go_modules(wheels: dict[str, Path]) 
     requires = meta.get_all("Requires-Dist") or []
     base = sorted(r.split(">")[0].split("=")[0].strip() for r in requires if "extra ==" not in r)
     assert base == ["attrs", "pluggy"], requires
-    assert {"node", "controller", "dmp", "services", "testing"} <= set(
+    assert {"node", "controller", "dmp", "services", "testing", "kubeconfig-plugins"} <= set(
         meta.get_all("Provides-Extra") or []
     )
 
@@ -317,3 +318,45 @@ def test_up_outside_the_checkout_with_the_install_cache(
         )
     )
     assert "dynamicvolumeclaims.dynamicvolume.csi.cloudnative101.net" in crds
+
+
+#: Run in the ``dynvol[dmp]`` venv: a request with the control plane's static kubeconfig,
+#: then the error for a kubeconfig whose credentials come from a plugin.
+_SERVICE_CLIENT = r"""
+import asyncio, importlib.util, json, sys
+from dynvol_kube import Client, KubeconfigError, Resource
+
+static, plugin = sys.argv[1], sys.argv[2]
+assert importlib.util.find_spec("kubernetes_asyncio") is None, "kubernetes_asyncio is installed"
+
+async def main():
+    async with await Client.from_kubeconfig(static) as client:
+        listed = await client.list(Resource("", "v1", "namespaces", "Namespace", namespaced=False))
+    print("listed", listed["kind"])
+    try:
+        await Client.from_kubeconfig(plugin)
+    except KubeconfigError as exc:
+        print("refused:", exc)
+
+asyncio.run(main())
+"""
+
+
+def test_a_service_extra_talks_to_the_apiserver_without_kubernetes_asyncio(
+    work: Path, wheels: dict[str, Path], control_plane: ControlPlane
+) -> None:
+    """What the image installs: no generated client; a credential plugin says what to add."""
+    python = _venv(work, "venv-dmp", f"{wheels['dynvol']}[dmp]")
+    config = json.loads(control_plane.kubeconfig.read_text())
+    config["users"][0]["user"] = {"exec": {"command": "/bin/false", "apiVersion": "v1"}}
+    plugin = work / "plugin.kubeconfig"
+    plugin.write_text(json.dumps(config))
+    out = _ok(
+        _run(
+            [str(python), "-c", _SERVICE_CLIENT, str(control_plane.kubeconfig), str(plugin)],
+            cwd=work, env=_env(), timeout=120,
+        )
+    )  # fmt: skip
+    assert "listed NamespaceList" in out, out
+    assert "needs a credential plugin" in out, out
+    assert "pip install 'dynvol[kubeconfig-plugins]'" in out, out
