@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
 __all__ = [
     "SERVICE_ACCOUNT_DIR",
@@ -155,6 +154,8 @@ def from_kubeconfig_file(
 ) -> Endpoint | None:
     """The endpoint of ``context`` (default: the current context) in the kubeconfig at
     ``path``; ``None`` when its credentials need kubernetes_asyncio's loader."""
+    import yaml  # only here: a pod's service account needs no YAML parser
+
     file = Path(path).expanduser()
     try:
         config = yaml.safe_load(file.read_text())
