@@ -38,7 +38,7 @@ import os
 import posixpath
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -612,13 +612,18 @@ class Agent:
         if self._trusted.get(key) == version:
             return None
         spec, namespace = dvm.spec, dvm.namespace
-        pod = claim = raw_class = None
-        with contextlib.suppress(APINotFound):
-            pod = await self.client.get(PODS, spec.pod_name, namespace=namespace)
-        with contextlib.suppress(APINotFound):
-            claim = await self.client.get(CLAIMS, spec.claim_name, namespace=namespace)
-        with contextlib.suppress(APINotFound):
-            raw_class = await self._get_class(spec.storage_provider_class)
+
+        async def absent_as_none(read: Awaitable[Any]) -> Any:
+            with contextlib.suppress(APINotFound):
+                return await read
+            return None
+
+        # Three reads at once: they are on the path from a new mount to its data.
+        pod, claim, raw_class = await asyncio.gather(
+            absent_as_none(self.client.get(PODS, spec.pod_name, namespace=namespace)),
+            absent_as_none(self.client.get(CLAIMS, spec.claim_name, namespace=namespace)),
+            absent_as_none(self._get_class(spec.storage_provider_class)),
+        )
         spc = None
         if raw_class is not None:
             try:
