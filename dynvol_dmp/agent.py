@@ -123,10 +123,9 @@ CAUSE_DELETED = "the DynamicVolumeMount is being deleted"
 CAUSE_CHANGED = "the DynamicVolumeMount's configuration changed (it is mounted again)"
 #: Seconds between looks at a deleted mount still in use.
 DRAIN_INTERVAL = 1.0
-#: Seconds after SIGTERM within which a served pod that is not terminating counts as staying
-#: (the DMP alone is going: a new one takes over) rather than leaving with it (a drain, whose
-#: evictions of the DMP and of its pods arrive together).
-STOP_SETTLE = 1.0
+#: The Pod condition the apiserver sets on a pod evicted through the Eviction API (a drain),
+#: preempted, or evicted by the taint manager or by kubelet under node pressure.
+CONDITION_DISRUPTION_TARGET = "DisruptionTarget"
 #: Seconds between looks at the served pods while stopping.
 STOP_INTERVAL = 0.5
 #: Seconds a StorageProviderClass read from the API is reused.
@@ -326,14 +325,18 @@ class Agent:
         A drain evicts a DMP together with the pods it serves, and those pods' last writes,
         ``preStop`` hooks and shutdown still need their mounts. So the agent keeps running
         while they terminate: the node plugin deletes each one's mount as its pod goes, and
-        the agent unmounts it as usual (once its files are closed, §9.5). A mount whose pod
-        is not terminating (the DMP alone is being deleted or replaced) is unmounted after
-        :data:`STOP_SETTLE`, so that the next DMP of the name can start. What is still
+        the agent unmounts it as usual (once its files are closed, §9.7). Whether this mount
+        pod was evicted (its Pod has the ``DisruptionTarget`` condition, which the apiserver
+        sets on an eviction) decides about the pods that are not terminating (yet): an
+        evicted DMP keeps serving them too (a drain evicts them next, or a disruption budget
+        holds them); a DMP that was deleted (by the node plugin replacing it, or by hand)
+        unmounts them at once, so that the next DMP of the name can start. What is still
         mounted after ``settings.stop_timeout`` is left to :meth:`close`.
         """
         loop = asyncio.get_running_loop()
         began = loop.time()
-        waited = False
+        evicted = await self._evicted()
+        said = False
         while self._owned:
             now = loop.time()
             if now - began >= self.settings.stop_timeout:
@@ -344,18 +347,35 @@ class Agent:
                 return
             for owned in list(self._owned.values()):
                 state = await self._served_pod(owned.key)
-                if state == "gone" or (state == "staying" and now - began >= STOP_SETTLE):
+                if state == "gone" or (state == "staying" and not evicted):
                     log.info(
                         "stopping: unmounting %s/%s (its pod is %s)", *owned.key,
                         "gone" if state == "gone" else "staying: another mount pod takes over",
                     )  # fmt: skip
                     await self._unmount_owned(owned)
                     await self._report_stopped(owned.key)
-                elif state == "leaving" and not waited:
-                    waited = True
-                    log.info("stopping: serving the pods that are terminating too")
+                elif not said:
+                    said = True
+                    log.info(
+                        "stopping: %s; serving the pods that are still there until they go",
+                        "evicted" if evicted else "deleted",
+                    )  # fmt: skip
             if self._owned:
                 await asyncio.sleep(STOP_INTERVAL)
+
+    async def _evicted(self) -> bool:
+        """Whether this mount pod is being evicted (rather than deleted)."""
+        try:
+            own = await self.client.get(PODS, self.settings.name, namespace=self.settings.namespace)
+        except APIError:
+            return False  # cannot tell: hand over the pods that stay
+        conditions = (own.get("status") or {}).get("conditions") or []
+        return any(
+            isinstance(c_, Mapping)
+            and c_.get("type") == CONDITION_DISRUPTION_TARGET
+            and c_.get("status") == "True"
+            for c_ in conditions
+        )
 
     async def _served_pod(self, key: Key) -> str:
         """``gone``, ``leaving`` (terminating) or ``staying``: the pod a mount serves."""

@@ -19,6 +19,7 @@ import pytest
 from dynvol.testing.controlplane import ControlPlane
 from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import mounts_under
+from dynvol_core import constants as c
 from dynvol_kube import APINotFound, Client
 from dynvol_kube.resources import PODS
 
@@ -29,6 +30,22 @@ pytestmark = pytest.mark.integration
 
 async def _terminate(client: Client, slot: Slot, *, grace: int) -> None:
     await client.delete(PODS, slot.pod_name, namespace=slot.namespace, grace_seconds=grace)
+
+
+async def _evict_the_mount_pod(client: Client, slot: Slot) -> None:
+    """What ``kubectl drain`` does to the DMP: the apiserver marks it ``DisruptionTarget``
+    and deletes it (it stays terminating: its node has no kubelet)."""
+    ns = c.DEFAULT_SYSTEM_NAMESPACE
+    body = {
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": slot.dmp_name, "namespace": ns},
+    }
+    path = PODS.path(namespace=ns, name=slot.dmp_name, subresource="eviction")
+    await client.request("POST", path, body=body)
+    pod = await client.get(PODS, slot.dmp_name, namespace=ns)
+    conditions = {x["type"]: x for x in pod["status"].get("conditions", [])}
+    assert conditions["DisruptionTarget"]["status"] == "True", pod["status"]
 
 
 async def _exited(agent: AgentRunner, within: float) -> int:
@@ -62,12 +79,13 @@ async def test_a_drained_mount_pod_serves_its_terminating_pod_until_it_is_gone(
     agent = agent_factory(s3_keys)
     await assign(mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint})
     assert container.read("data/hello.txt") == "still here\n"
-    # The drain: the user pod is terminating, and the DMP gets SIGTERM.
+    # The drain: the DMP is evicted and its user pod is terminating; the DMP gets SIGTERM.
+    await _evict_the_mount_pod(client, slot)
     await _terminate(client, slot, grace=120)
     assert agent.process is not None
     agent.process.send_signal(signal.SIGTERM)
     await eventually(
-        lambda: "serving the pods that are terminating too" in agent.log.read_text(),
+        lambda: "evicted; serving the pods that are still there" in agent.log.read_text(),
         what="the agent to say it keeps serving", agent=agent,
     )  # fmt: skip
     # Well past the settle time, the terminating pod still reads its data.
@@ -104,6 +122,7 @@ async def test_a_mount_pod_deleted_alone_hands_over_at_once(
     assert "staying: another mount pod takes over" in agent.log.read_text()
     # Not a timing test: it did not wait for the stop timeout (25 s) to run out.
     assert stopped_after < 20, stopped_after
+    assert "evicted; serving" not in agent.log.read_text()
 
 
 async def test_a_pod_that_takes_too_long_is_unmounted_at_the_stop_timeout(
@@ -127,9 +146,41 @@ async def test_a_pod_that_takes_too_long_is_unmounted_at_the_stop_timeout(
     assert await _exited(agent, within=20) == 0
     agent.stop()
     assert mounts_under(slot.path) == []
+    assert "deleted; serving the pods that are still there" in agent.log.read_text()
     assert "still in use after 3 s" in agent.log.read_text()
     try:
         pod = await client.get(PODS, slot.pod_name, namespace=slot.namespace)
         assert pod["metadata"].get("deletionTimestamp")  # still terminating: not waited for
     except APINotFound:
         pytest.fail("the pod was deleted, so the timeout was not what ended the wait")
+
+
+async def test_an_evicted_mount_pod_serves_a_pod_that_is_not_leaving_yet(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+    client: Client,
+) -> None:
+    """A drain evicts pods one by one and a disruption budget may hold one back: an evicted
+    DMP keeps serving a pod that is not terminating, until its stop timeout."""
+    bucket = minio.make_bucket("held", {"hello.txt": b"held\n"})
+    agent = agent_factory(s3_keys)
+    await assign(
+        mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint},
+        agent_args=["--stop-timeout", "4"],
+    )  # fmt: skip
+    await _evict_the_mount_pod(client, slot)
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGTERM)
+    await eventually(
+        lambda: "evicted; serving the pods that are still there" in agent.log.read_text(),
+        what="the agent to say it keeps serving", agent=agent,
+    )  # fmt: skip
+    assert container.read("data/hello.txt") == "held\n"
+    assert await _exited(agent, within=20) == 0
+    agent.stop()
+    assert mounts_under(slot.path) == []
+    assert "still in use after 4 s" in agent.log.read_text()
