@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -194,6 +195,29 @@ def _unmount_orphan(layout: XvolsLayout, dvm: DynamicVolumeMount) -> None:
         lazy_unmount(mount_point)
 
 
+async def own_image(client: Client, *, container: str = "node") -> str:
+    """The image of this pod's ``container`` (or its only container), read through
+    ``$POD_NAME`` and ``$POD_NAMESPACE`` (the downward API): what the DMPs run unless told.
+
+    One image for the node plugin and its DMPs keeps them at the same version, and lets an
+    overlay change the image in one place (kustomize ``images:``, the chart's value).
+    """
+    name, namespace = os.environ.get("POD_NAME", ""), os.environ.get("POD_NAMESPACE", "")
+    if not name or not namespace:
+        raise DynvolError("--dmp-image is not set and $POD_NAME/$POD_NAMESPACE are not either")
+    try:
+        pod = await client.get(PODS, name, namespace=namespace)
+    except APIError as exc:
+        raise DynvolError(
+            f"cannot read this pod ({namespace}/{name}) for its image: {exc}"
+        ) from exc
+    containers = (pod.get("spec") or {}).get("containers") or []
+    named = [c_ for c_ in containers if c_.get("name") == container] or containers[:1]
+    if not named or not named[0].get("image"):
+        raise DynvolError(f"pod {namespace}/{name} has no container {container!r} with an image")
+    return str(named[0]["image"])
+
+
 async def serve_node(
     config: NodePluginConfig,
     settings: NodeSettings,
@@ -225,6 +249,12 @@ async def serve_node(
         )
         plugin = NodePlugin(config, api_guard(client, config.node_id), metrics=metrics)
         await plugin.start()
+        reconciler_settings = settings.reconciler
+        if not reconciler_settings.dmp.image:
+            image = await own_image(client)
+            log.info("DMPs run this pod's image, %s", image)
+            dmp = attrs.evolve(reconciler_settings.dmp, image=image)
+            reconciler_settings = attrs.evolve(reconciler_settings, dmp=dmp)
 
         async def on_orphaned(dvm: DynamicVolumeMount) -> None:
             await asyncio.to_thread(_unmount_orphan, layout, dvm)
@@ -232,7 +262,7 @@ async def serve_node(
         reconciler = NodeReconciler(
             client,
             config.node_id,
-            settings.reconciler,
+            reconciler_settings,
             slot_lookup=slot_lookup_for(plugin, layout),
             registry=load_registry(blocked=settings.blocked_plugins),
             on_orphaned=on_orphaned,

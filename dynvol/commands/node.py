@@ -105,7 +105,12 @@ def register(subparsers: Any) -> None:
         default=DEFAULT_SYSTEM_NAMESPACE,
         help=f"where DMPs and credential copies live (default {DEFAULT_SYSTEM_NAMESPACE})",
     )
-    full.add_argument("--dmp-image", default=None, help="the DMP image (default: $DYNVOL_IMAGE)")
+    full.add_argument(
+        "--dmp-image",
+        default=None,
+        help="the DMP image (default: $DYNVOL_IMAGE, else the image of this pod's own "
+        "container, read through $POD_NAME and $POD_NAMESPACE)",
+    )
     full.add_argument(
         "--dmp-image-pull-policy",
         default="IfNotPresent",
@@ -219,9 +224,13 @@ def run(args: argparse.Namespace) -> int:
         except argparse.ArgumentTypeError as exc:
             print(f"dynvol node: {exc}", file=sys.stderr)
             return 2
-        image = args.dmp_image or os.environ.get("DYNVOL_IMAGE")
-        if not image:
-            print("dynvol node: --dmp-image (or $DYNVOL_IMAGE) is required", file=sys.stderr)
+        image = args.dmp_image or os.environ.get("DYNVOL_IMAGE") or ""
+        if not image and not (os.environ.get("POD_NAME") and os.environ.get("POD_NAMESPACE")):
+            print(
+                "dynvol node: --dmp-image (or $DYNVOL_IMAGE) is required outside a pod; in a "
+                "pod ($POD_NAME and $POD_NAMESPACE set) DMPs run the node plugin's own image",
+                file=sys.stderr,
+            )
             return 2
         try:
             reconciler = NodeReconcilerSettings(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import secrets
 import shutil
 import sys
@@ -31,6 +33,8 @@ from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS
 pytestmark = pytest.mark.integration
 
 NODE = "node-under-test"
+OWN_POD = "dynvol-node-under-test"
+DMP_IMAGE = "localhost/dynvol/dynvol:test"
 
 
 @pytest.fixture
@@ -40,19 +44,39 @@ def node_process(
     sock_dir = Path(tempfile.mkdtemp(prefix="dvnode-", dir="/tmp"))
     socket = sock_dir / "csi.sock"
     (rshared_dir / "kubelet" / "pods").mkdir(parents=True)
+    # No --dmp-image: as in the manifests, DMPs run the node plugin's own image, read from
+    # its Pod (the downward API gives the process its name and namespace).
+    own_pod = sock_dir / "own-pod.json"
+    own_pod.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": c.DEFAULT_SYSTEM_NAMESPACE}},
+        {"apiVersion": "v1", "kind": "Pod",
+         "metadata": {"name": OWN_POD, "namespace": c.DEFAULT_SYSTEM_NAMESPACE},
+         "spec": {"nodeName": NODE, "containers": [
+             {"name": "sidecar", "image": "registry.invalid/other:1"},
+             {"name": "node", "image": DMP_IMAGE},
+         ]}},
+    ]}))  # fmt: skip
+    control_plane.kubectl("delete", "pod", "-n", c.DEFAULT_SYSTEM_NAMESPACE, OWN_POD,
+                          "--ignore-not-found", "--grace-period=0", "--force")  # fmt: skip
+    control_plane.kubectl("apply", "-f", str(own_pod))
     argv = [
         sys.executable, "-m", "dynvol", "--log-level", "DEBUG", "node",
         "--endpoint", f"unix://{socket}", "--node-id", NODE,
         "--root", str(rshared_dir / "root"), "--kubelet-dir", str(rshared_dir / "kubelet"),
         "--registration-dir", "", "--kubeconfig", str(control_plane.kubeconfig),
-        "--dmp-image", "localhost/dynvol/dynvol:test", "--shared-idle-grace", "1",
+        "--shared-idle-grace", "1",
     ]  # fmt: skip
-    proc = Process.start(argv, name="dynvol-node", log=rshared_dir.parent / "node.log")
+    env = {**os.environ, "POD_NAME": OWN_POD, "POD_NAMESPACE": c.DEFAULT_SYSTEM_NAMESPACE}
+    env.pop("DYNVOL_IMAGE", None)
+    proc = Process.start(argv, name="dynvol-node", log=rshared_dir.parent / "node.log", env=env)
     try:
         wait_until(socket.exists, timeout=30, what="the CSI socket", alive=proc)
         yield proc, socket, rshared_dir
     finally:
         proc.stop(timeout=20)
+        control_plane.kubectl("delete", "pod", "-n", c.DEFAULT_SYSTEM_NAMESPACE, OWN_POD,
+                              "--ignore-not-found", "--grace-period=0", "--force")  # fmt: skip
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
@@ -174,6 +198,7 @@ async def test_publish_feeds_the_reconciler(
     host_paths = [v["hostPath"]["path"] for v in dmp["spec"]["volumes"] if "hostPath" in v]
     assert str(slot_path) in host_paths
     assert dmp["spec"]["nodeName"] == NODE
+    assert dmp["spec"]["containers"][0]["image"] == DMP_IMAGE  # the node plugin's own
 
     await client.delete(CLAIMS, "wired", namespace=namespace)
 
