@@ -706,8 +706,19 @@ def wait_dmp_running(bench: Bench, dmp: str) -> None:
     wait_until(running, timeout=300, interval=0.3, what=f"DMP {dmp} to run")
 
 
-def run_repairs(bench: Bench, count: int, *, what: str) -> tuple[list[float], list[str]]:
-    """``what``: 'fuse' (kill -9 s3fs), 'crash' (kill -9 the agent) or 'delete' (the DMP)."""
+def first_three_a_minute(times: list[float], faults: list[float]) -> list[float]:
+    """The repair times of faults with fewer than three others in the minute before them:
+    the goal's "first three repairs in a minute" (later ones back off on purpose)."""
+    return [
+        t for i, t in enumerate(times) if sum(1 for f in faults[:i] if faults[i] - f < 60.0) < 3
+    ]
+
+
+def run_repairs(
+    bench: Bench, count: int, *, what: str, faults: list[float] | None = None
+) -> tuple[list[float], list[str]]:
+    """``what``: 'fuse' (kill -9 s3fs), 'crash' (kill -9 the agent) or 'delete' (the DMP);
+    the time of each fault is appended to ``faults``."""
     name = f"r-{what}"
     path, content = bench.put(name)
     out = bench.readers.start(bench.pods, "appear", path, content)
@@ -738,6 +749,8 @@ def run_repairs(bench: Bench, count: int, *, what: str) -> tuple[list[float], li
             os.kill(victim, signal.SIGKILL)
         else:
             began = bench.api.delete_timed(PODS, dmp, SYSTEM)
+        if faults is not None:
+            faults.append(began)
         result = bench.readers.collect([pod], out)[pod]
         if result.get("unbroken"):
             notes.append(f"{what} {i + 1}: the pod never lost the data")
@@ -958,17 +971,29 @@ def measure(args: argparse.Namespace, cluster: LocalCluster) -> int:
                 if "repairs" in parts:
                     print("repairs:", flush=True)
                     repair: dict[str, Any] = {}
+                    fuse_faults: list[float] = []
                     for what in ("fuse", "crash", "delete"):
                         try:
-                            times, notes = run_repairs(cold, args.repairs, what=what)
+                            times, notes = run_repairs(
+                                cold, args.repairs, what=what,
+                                faults=fuse_faults if what == "fuse" else None,
+                            )  # fmt: skip
                         except Exception as exc:  # reported; the other repairs still run
                             print(f"  repair after {what} failed: {exc!r}", flush=True)
                             repair[what] = {"n": 0, "error": repr(exc)}
                             continue
                         repair[what] = {**summary(times), "notes": notes}
+                        if what == "fuse":
+                            counted = first_three_a_minute(times, fuse_faults)
+                            repair["fuse_first_three"] = summary(counted)
+                            print(
+                                f"  fuse repairs counted for the goal (the first three in a "
+                                f"minute): {len(counted)} of {len(times)}",
+                                flush=True,
+                            )
                     extra["repair"] = repair
-                    if repair["fuse"].get("n"):
-                        figures["e2e.repair_fuse.p99"] = repair["fuse"]["p99"]
+                    if repair.get("fuse_first_three", {}).get("n"):
+                        figures["e2e.repair_fuse.p99"] = repair["fuse_first_three"]["p99"]
                     if repair["crash"].get("n") and repair["delete"].get("n"):
                         figures["e2e.repair_dmp.p99"] = max(
                             repair["crash"]["p99"], repair["delete"]["p99"]

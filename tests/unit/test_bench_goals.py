@@ -133,3 +133,22 @@ def test_a_reference_figure_has_no_verdict() -> None:
     assert "0.120 s" in line
     assert "met" not in line
     assert "MISSED" not in line
+
+
+def _load_e2e() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_e2e_under_test", BENCH / "bench_e2e.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_fuse_repair_goal_counts_the_first_three_repairs_in_a_minute() -> None:
+    first_three = _load_e2e().first_three_a_minute
+    # Five kills 10 s apart: the 4th and 5th are the 4th and 5th in a minute (they back off).
+    assert first_three([0.1, 0.2, 0.3, 1.5, 3.1], [0, 10, 20, 30, 40]) == [0.1, 0.2, 0.3]
+    # Spread over more than a minute, every one counts again.
+    assert first_three([0.1, 0.2, 0.3, 0.4], [0, 10, 20, 81]) == [0.1, 0.2, 0.3, 0.4]
+    assert first_three([], []) == []
