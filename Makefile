@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 KUBERNETES_VERSIONS := $(shell bash hack/tools/build.sh --versions)
 KUBERNETES_NEWEST := $(firstword $(KUBERNETES_VERSIONS))
 
-.PHONY: setup tools tools-node tools-oldest tools-e2e lint format protos test test-unit test-integration test-e2e test-multinode \
+.PHONY: setup tools tools-node tools-oldest tools-e2e lint format protos test test-unit test-integration test-e2e test-multinode test-upstream \
         sanity bench bench-csi bench-dmp bench-controllers bench-e2e bench-plots demo images cluster-up \
         cluster-down cluster-status e2e-kind clean \
         tools-helm chart-crds docs-images
@@ -68,7 +68,7 @@ test-integration: tools tools-oldest
 # then on the oldest supported Kubernetes release, csi-sanity, then the e2e tier on a real
 # single-node cluster of the newest release, then the three-node e2e file on a real
 # three-node cluster (root; each brings its cluster up and down itself).
-test: tools tools-oldest tools-node lint
+test: tools tools-oldest tools-node tools-e2e lint
 	DYNVOL_KUBERNETES_VERSION=$(KUBERNETES_NEWEST) $(PY) -m pytest tests/unit tests/integration examples/dynvol-provider-example/tests $(PYTEST_ARGS)
 	@for v in $(wordlist 2,$(words $(KUBERNETES_VERSIONS)),$(KUBERNETES_VERSIONS)); do \
 	  echo "== integration tier on Kubernetes $$v"; \
@@ -77,6 +77,7 @@ test: tools tools-oldest tools-node lint
 	@$(MAKE) --no-print-directory sanity
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 	DYNVOL_MULTINODE_E2E=1 $(PY) -m pytest tests/e2e/test_multinode.py $(PYTEST_ARGS)
+	DYNVOL_UPSTREAM_E2E=1 $(PY) -m pytest tests/e2e/test_upstream.py $(PYTEST_ARGS)
 
 # A real single-node cluster (etcd, apiserver, controller-manager, scheduler, kubelet,
 # containerd, runc) on this machine; see docs/local-cluster.md.
@@ -100,6 +101,11 @@ test-e2e: tools tools-node
 CLUSTER_LOCK ?= /tmp/dynvol-cluster.lock
 test-multinode: tools tools-node
 	DYNVOL_MULTINODE_E2E=1 flock $(CLUSTER_LOCK) $(PY) -m pytest tests/e2e/test_multinode.py $(PYTEST_ARGS)
+
+# Kubernetes' own storage e2e suite (e2e.test, External Storage) for dynvol's CSI driver on
+# three real nodes, under the cluster lock; docs/upstream-e2e.md. Reports in _out/upstream.
+test-upstream: tools tools-node tools-e2e
+	DYNVOL_UPSTREAM_E2E=1 flock $(CLUSTER_LOCK) $(PY) -m pytest tests/e2e/test_upstream.py -s $(PYTEST_ARGS)
 
 sanity: tools
 	bash hack/sanity.sh

@@ -6,13 +6,15 @@
                                                    build, then import into containerd (k8s.io)
     hack/images/build.py list                      the images and their names
 
-IMAGE is one of: pause, busybox, dynvol (default: all three).
+IMAGE is one of: pause, busybox, dynvol (default: these three), e2e-busybox.
 
 Every image is an OCI image layout packed as a tar archive (``oci-layout``, ``index.json``,
 ``blobs/sha256/...``) with uncompressed layers, imported with ``ctr images import``.
 
 - ``pause``: a static C program (hack/images/pause.c), the pod sandbox process.
 - ``busybox``: the workload image for tests: Debian's busybox-static from this machine.
+- ``e2e-busybox``: the same image under the name of the upstream e2e suite's busybox
+  (``registry.k8s.io/e2e-test-images/busybox:<tag>``), for ``make test-upstream``.
 - ``dynvol``: the repository's ``Dockerfile``, built by ``buildah build --isolation
   chroot`` on ``localhost/debian:bookworm-slim``, a base this script makes with debootstrap
   from bookworm, bookworm-updates and bookworm-security, shaped like Debian's slim image.
@@ -70,7 +72,14 @@ IMAGE_NAMES = {
     "pause": "localhost/dynvol/pause:dev",
     "busybox": "localhost/dynvol/busybox:dev",
     "dynvol": "localhost/dynvol/dynvol:dev",
+    # The busybox above under the name the upstream e2e suite (e2e.test of the pinned
+    # Kubernetes, `e2e.test --list-images`) gives its default test image, so that its pods
+    # start with imagePullPolicy IfNotPresent and never pull (docs/upstream-e2e.md).
+    "e2e-busybox": "registry.k8s.io/e2e-test-images/busybox:1.37.0-2",
 }
+
+#: What `build` and `import` do without image names (the e2e suite's images only on request).
+DEFAULT_IMAGES = ("pause", "busybox", "dynvol")
 
 
 def log(msg: str) -> None:
@@ -296,7 +305,7 @@ def busybox_key() -> str:
     return key_of(RECIPE, BUSYBOX.read_bytes())
 
 
-def build_busybox() -> Built:
+def build_busybox(image: str = "busybox") -> Built:
     def build(out: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="dynvol-busybox-") as tmp:
             root = Path(tmp) / "rootfs"
@@ -317,13 +326,17 @@ def build_busybox() -> Built:
             tar_dir(root, out / "layer.tar")
         layer = Layer.from_tar(out / "layer.tar", "busybox-static from Debian")
         write_archive(
-            name=IMAGE_NAMES["busybox"],
+            name=IMAGE_NAMES[image],
             layers=[layer],
             out=out / "image.tar",
             config={"Cmd": ["sh"], "WorkingDir": "/", "Env": ["PATH=/bin"]},
         )
 
-    return _cached("busybox", busybox_key(), build)
+    return _cached(image, busybox_key(), build)
+
+
+def build_e2e_busybox() -> Built:
+    return build_busybox("e2e-busybox")
 
 
 # --- dynvol ------------------------------------------------------------------------------
@@ -898,6 +911,7 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "pause": build_pause,
     "busybox": build_busybox,
     "dynvol": build_dynvol,
+    "e2e-busybox": build_e2e_busybox,
 }
 
 
@@ -940,17 +954,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_build = sub.add_parser("build")
-    p_build.add_argument("images", nargs="*", default=list(BUILDERS))
+    p_build.add_argument("images", nargs="*", default=list(DEFAULT_IMAGES))
     p_import = sub.add_parser("import")
     p_import.add_argument("--address", required=True, help="containerd socket")
-    p_import.add_argument("images", nargs="*", default=list(BUILDERS))
+    p_import.add_argument("images", nargs="*", default=list(DEFAULT_IMAGES))
     sub.add_parser("list")
     args = parser.parse_args(argv)
     if args.cmd == "list":
         for image, name in IMAGE_NAMES.items():
             print(f"{image}\t{name}")
         return 0
-    images = args.images or list(BUILDERS)
+    images = args.images or list(DEFAULT_IMAGES)
     unknown = set(images) - set(BUILDERS)
     if unknown:
         parser.error(f"unknown image(s) {sorted(unknown)}; choose from {sorted(BUILDERS)}")
