@@ -73,14 +73,17 @@ class CertificateSettings:
     service_name: str = "dynvol-webhook"
     #: The Mutating- and ValidatingWebhookConfiguration whose caBundle is kept.
     configuration_name: str = WEBHOOK_CONFIG_NAME
+    #: Names beyond the Service's (DNS names or IP addresses), for an apiserver that
+    #: calls the webhook by URL.
+    extra_names: tuple[str, ...] = ()
     policy: CertificatePolicy = attrs.field(factory=CertificatePolicy)
     #: Seconds between checks of the Secret and the caBundle.
     interval: float = 15.0
 
     @property
-    def names(self) -> tuple[str, str]:
-        """The DNS names the serving certificate must carry."""
-        return service_names(self.service_name, self.namespace)
+    def names(self) -> tuple[str, ...]:
+        """The names the serving certificate must carry."""
+        return service_names(self.service_name, self.namespace) + self.extra_names
 
 
 @attrs.define(kw_only=True, eq=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import ipaddress
 import secrets
 from collections.abc import Mapping, Sequence
 
@@ -57,10 +58,6 @@ CA_KEY_KEY = "ca.key"
 #: A Secret's data is at most 1 MiB; a certificate bundle of ours is a few KiB.
 _MAX_FIELD = 64 * 1024
 
-# The apiserver checks the serving certificate against the clock of its own node;
-# back-dating a little keeps a freshly issued one valid where clocks differ slightly.
-_BACKDATE = dt.timedelta(minutes=5)
-
 
 def service_names(service: str, namespace: str) -> tuple[str, str]:
     """The DNS names the apiserver uses for a webhook behind ``service`` in ``namespace``."""
@@ -77,6 +74,9 @@ class CertificatePolicy:
     renew_fraction: float = attrs.field(default=1 / 3)
     #: How long a retiring CA stays in the bundle after the new serving certificate.
     ca_overlap: dt.timedelta = dt.timedelta(hours=1)
+    #: Certificates start this long before they are made: the apiserver checks them
+    #: against its own clock, which may be slightly behind.
+    backdate: dt.timedelta = dt.timedelta(minutes=5)
 
     @renew_fraction.validator
     def _check_fraction(self, _: object, value: float) -> None:
@@ -86,6 +86,8 @@ class CertificatePolicy:
     def __attrs_post_init__(self) -> None:
         if self.serving_lifetime <= dt.timedelta(0) or self.ca_lifetime <= dt.timedelta(0):
             raise ValueError("certificate lifetimes must be positive")
+        if self.backdate < dt.timedelta(0) or self.ca_overlap < dt.timedelta(0):
+            raise ValueError("backdate and ca_overlap must not be negative")
         if self.serving_lifetime >= self.ca_lifetime * self.renew_fraction:
             # Otherwise a serving certificate could outlive the CA's renewal point.
             raise ValueError("serving_lifetime must be shorter than the CA's renewal window")
@@ -227,12 +229,21 @@ def _is_ca(cert: x509.Certificate) -> bool:
     return constraints.ca
 
 
-def _dns_names(cert: x509.Certificate) -> set[str]:
+def _san_names(cert: x509.Certificate) -> set[str]:
+    """The DNS names and IP addresses (as text) a certificate is valid for."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return set()
-    return set(san.get_values_for_type(x509.DNSName))
+    ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    return set(san.get_values_for_type(x509.DNSName)) | ips
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 @attrs.frozen
@@ -272,7 +283,7 @@ def examine(
     if ca_problems:
         return Examination(ca=tuple(ca_problems))
     serving = []
-    missing = sorted(set(names) - _dns_names(cert))
+    missing = sorted(set(names) - _san_names(cert))
     if missing:
         serving.append(f"data.tls.crt: not valid for {', '.join(missing)}")
     if not _signed_by(cert, ca):
@@ -285,7 +296,7 @@ def examine(
         serving.append("data.tls.crt: expired or due for renewal")
     retiring = material.bundle[1:]
     prune = bool(retiring) and (
-        now - cert.not_valid_before_utc - _BACKDATE >= policy.ca_overlap
+        now - cert.not_valid_before_utc - policy.backdate >= policy.ca_overlap
         or any(c.not_valid_after_utc <= now or not _is_ca(c) for c in retiring)
     )
     return Examination(serving=tuple(serving), prune=prune and not serving)
@@ -326,7 +337,7 @@ def _new_ca(now: dt.datetime, policy: CertificatePolicy) -> tuple[x509.Certifica
         .issuer_name(subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
+        .not_valid_before(now - policy.backdate)
         .not_valid_after(now + policy.ca_lifetime)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_CA_USAGE, critical=True)
@@ -352,13 +363,13 @@ def _new_serving(
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
+        .not_valid_before(now - policy.backdate)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_SERVING_USAGE, critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False
+            x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False
         )
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),

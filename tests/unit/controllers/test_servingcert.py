@@ -47,7 +47,7 @@ def test_new_material_is_valid_and_round_trips(fresh: Material) -> None:
     san = fresh.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == list(NAMES)
     assert fresh.cert.not_valid_after_utc - fresh.cert.not_valid_before_utc == (
-        POLICY.serving_lifetime + dt.timedelta(minutes=5)
+        POLICY.serving_lifetime + POLICY.backdate
     )
 
 
@@ -174,3 +174,12 @@ def test_policy_is_checked() -> None:
         CertificatePolicy(renew_fraction=1.5)
     with pytest.raises(ValueError, match="serving_lifetime"):
         CertificatePolicy(ca_lifetime=dt.timedelta(days=3), serving_lifetime=dt.timedelta(days=2))
+
+
+def test_ip_addresses_are_ip_names() -> None:
+    names = (*NAMES, "127.0.0.1")
+    material = renew(None, None, names, NOW, POLICY)
+    san = material.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert examine(material, names, NOW, POLICY).ok
+    assert examine(material, (*names, "::1"), NOW, POLICY).serving
