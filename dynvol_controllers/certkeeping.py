@@ -78,7 +78,12 @@ class CertificateSettings:
     extra_names: tuple[str, ...] = ()
     policy: CertificatePolicy = attrs.field(factory=CertificatePolicy)
     #: Seconds between checks of the Secret and the caBundle.
-    interval: float = 15.0
+    interval: float = attrs.field(default=15.0)
+
+    @interval.validator
+    def _check_interval(self, _: object, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"interval must be positive, not {value}")
 
     @property
     def names(self) -> tuple[str, ...]:
