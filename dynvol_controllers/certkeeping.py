@@ -44,6 +44,7 @@ from .servingcert import (
     UnusableSecret,
     certificate_pem,
     examine,
+    read_bundle,
     read_secret,
     renew,
     service_names,
@@ -212,7 +213,11 @@ class CertificateKeeper:
             material, found, reasons = self._examined(secret)
             if material is not None and found is not None and found.ok:
                 return material
-            fresh = renew(material, found, self.settings.names, self.clock(), self.settings.policy)
+            foreign = read_bundle((secret or {}).get("data")) if material is None else ()
+            fresh = renew(
+                material, found, self.settings.names, self.clock(), self.settings.policy,
+                trusted_before=foreign,
+            )  # fmt: skip
             log.info(
                 "webhook certificate in Secret %s/%s: %s; writing a new one",
                 self.settings.namespace, self.settings.secret_name, "; ".join(reasons),

@@ -44,6 +44,7 @@ __all__ = [
     "certificate_pem",
     "examine",
     "needs_renewal",
+    "read_bundle",
     "read_secret",
     "renew",
     "service_names",
@@ -57,6 +58,8 @@ CA_KEY_KEY = "ca.key"
 
 #: A Secret's data is at most 1 MiB; a certificate bundle of ours is a few KiB.
 _MAX_FIELD = 64 * 1024
+#: CAs of a foreign Secret kept as retiring while taking it over.
+_MAX_RETIRING = 4
 
 
 def service_names(service: str, namespace: str) -> tuple[str, str]:
@@ -196,6 +199,16 @@ def read_secret(data: Mapping[str, object] | None) -> Material:
         ca_key=_key(data, CA_KEY_KEY),
         bundle=bundle,
     )
+
+
+def read_bundle(data: Mapping[str, object] | None) -> tuple[x509.Certificate, ...]:
+    """The certificates of ``data["ca.crt"]``, or none when it does not parse."""
+    if not isinstance(data, Mapping):
+        return ()
+    try:
+        return _certs(data, CA_CERT_KEY)
+    except UnusableSecret:
+        return ()
 
 
 def needs_renewal(
@@ -386,11 +399,16 @@ def renew(
     names: Sequence[str],
     now: dt.datetime,
     policy: CertificatePolicy,
+    *,
+    trusted_before: Sequence[x509.Certificate] = (),
 ) -> Material:
     """The material to write instead of ``material`` (None: missing or unusable).
 
     A CA is kept unless ``examination`` faults it; a replaced CA that is still valid and
-    was really the CA of ``material`` stays in the bundle as a retiring CA.
+    was really the CA of ``material`` stays in the bundle as a retiring CA. When there is
+    no usable material, ``trusted_before`` (the CAs of a Secret someone else wrote, e.g.
+    cert-manager's ``ca.crt``) retire the same way: replicas may still serve what they
+    signed.
     """
     if not names:
         raise ValueError("a serving certificate needs at least one name")
@@ -415,6 +433,8 @@ def renew(
         ):
             # Still trusted by the apiserver, and maybe still served by a replica.
             retiring = (material.ca_cert,)
+        elif material is None:
+            retiring = tuple(c for c in trusted_before if _is_ca(c))[:_MAX_RETIRING]
         cert, key = _new_serving(ca, ca_key, names, now, policy)
     retiring = tuple(c for c in retiring if c.not_valid_after_utc > now)
     return Material(cert=cert, key=key, ca_cert=ca, ca_key=ca_key, bundle=(ca, *retiring))

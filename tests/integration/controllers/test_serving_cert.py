@@ -403,3 +403,41 @@ async def test_two_managers_racing_converge_on_one_secret(
         await asyncio.sleep(1.5)
         again = await client.get(SECRETS, settings.secret_name, namespace=system_namespace)
         assert again["metadata"]["resourceVersion"] == version
+
+
+async def test_taking_over_from_cert_manager_trusts_both_cas_until_the_overlap(
+    client: Client, system_namespace: str, tmp_path: Path, cleanup_secrets: list[str]
+) -> None:
+    settings = _settings(system_namespace, policy=SHORT)
+    cleanup_secrets.append(settings.secret_name)
+    theirs = renew(None, None, settings.names, dt.datetime.now(dt.UTC), CertificatePolicy())
+    data = theirs.secret_data()
+    del data["ca.key"]  # cert-manager writes ca.crt, tls.crt and tls.key
+    await client.create(
+        SECRETS,
+        {
+            "metadata": {"name": settings.secret_name, "namespace": system_namespace},
+            "type": "kubernetes.io/tls",
+            "data": data,
+        },
+        namespace=system_namespace,
+    )
+    port = free_port()
+    name = settings.configuration_name
+    async with (
+        _configurations(client, name, f"https://127.0.0.1:{port}"),
+        _keeper(client, settings, tmp_path, port) as keeper,
+    ):
+        await asyncio.wait_for(keeper.serving.wait(), 30)
+        ours = await _secret_material(client, settings)
+        assert ours.ca_cert != theirs.ca_cert
+        assert ours.bundle == (ours.ca_cert, theirs.ca_cert)
+        assert await _bundles(client, name) == [base64.b64encode(ours.bundle_pem()).decode()] * 3
+        served = await _served(port, ours.bundle_pem(), settings.names[0])
+        assert served.serial_number == ours.cert.serial_number
+
+        async def only_ours() -> bool:
+            now = await _secret_material(client, settings)
+            return now.bundle == (ours.ca_cert,)
+
+        assert await _until(only_ours, within=20)

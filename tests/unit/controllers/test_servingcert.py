@@ -16,6 +16,7 @@ from dynvol_controllers.servingcert import (
     UnusableSecret,
     examine,
     needs_renewal,
+    read_bundle,
     read_secret,
     renew,
     service_names,
@@ -183,3 +184,20 @@ def test_ip_addresses_are_ip_names() -> None:
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     assert examine(material, names, NOW, POLICY).ok
     assert examine(material, (*names, "::1"), NOW, POLICY).serving
+
+
+def test_taking_over_a_foreign_secret_keeps_its_ca_for_the_overlap() -> None:
+    foreign = renew(None, None, NAMES, NOW, POLICY)
+    data = foreign.secret_data()
+    del data["ca.key"]  # as cert-manager writes it: ca.crt, tls.crt, tls.key
+    with pytest.raises(UnusableSecret, match=r"data\.ca\.key: missing"):
+        read_secret(data)
+    assert read_bundle(data) == (foreign.ca_cert,)
+    taken = renew(None, None, NAMES, NOW, POLICY, trusted_before=read_bundle(data))
+    assert taken.ca_cert != foreign.ca_cert
+    assert taken.bundle == (taken.ca_cert, foreign.ca_cert)
+    assert examine(taken, NAMES, NOW, POLICY).ok
+    assert examine(taken, NAMES, NOW + POLICY.ca_overlap + dt.timedelta(seconds=1), POLICY).prune
+    # A leaf certificate in a foreign ca.crt is not kept as a CA.
+    leafy = renew(None, None, NAMES, NOW, POLICY, trusted_before=(foreign.cert,))
+    assert leafy.bundle == (leafy.ca_cert,)
