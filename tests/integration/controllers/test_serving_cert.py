@@ -12,15 +12,18 @@ import base64
 import contextlib
 import datetime as dt
 import secrets
+import signal
 import ssl
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from cryptography import x509
 
-from dynvol.testing import free_port
+from dynvol.testing import Process, free_port
 from dynvol_controllers import CertificateKeeper, CertificateSettings, ControllerApp
 from dynvol_controllers.app import register_webhooks
 from dynvol_controllers.servingcert import (
@@ -441,3 +444,66 @@ async def test_taking_over_from_cert_manager_trusts_both_cas_until_the_overlap(
             return now.bundle == (ours.ca_cert,)
 
         assert await _until(only_ours, within=20)
+
+
+async def test_the_controller_process_keeps_its_certificate_by_default(
+    client: Client,
+    system_namespace: str,
+    control_plane: Any,
+    tmp_path: Path,
+    cleanup_secrets: list[str],
+) -> None:
+    """``dynvol controller`` with no certificate flags: self-managed, ready once served."""
+    settings = _settings(system_namespace)
+    cleanup_secrets.append(settings.secret_name)
+    port, status_port = free_port(), free_port()
+    name = settings.configuration_name
+    argv = [
+        sys.executable, "-m", "dynvol.cli", "controller",
+        "--kubeconfig", str(control_plane.kubeconfig),
+        "--webhook-host", "127.0.0.1", "--webhook-port", str(port),
+        "--webhook-secret", settings.secret_name, "--webhook-configuration", name,
+        "--lease-name", f"dynvol-test-{secrets.token_hex(3)}",
+        "--lease-namespace", system_namespace,
+        "--lease-duration", "3", "--renew-deadline", "2", "--retry-period", "0.5",
+        "--metrics-address", f"127.0.0.1:{status_port}",
+    ]  # fmt: skip
+    async with _configurations(client, name, f"https://127.0.0.1:{port}"):
+        process = Process.start(argv, name="dynvol-controller", log=tmp_path / "controller.log")
+        try:
+
+            async def ready() -> bool:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://127.0.0.1:{status_port}/readyz") as response,
+                ):
+                    return response.status == 200
+
+            assert await _until(_quietly(ready), within=60), process.log_tail()
+            material = await _secret_material(client, settings)
+            assert examine(
+                material, settings.names[:2], dt.datetime.now(dt.UTC), settings.policy
+            ).ok
+            bundle = base64.b64encode(material.bundle_pem()).decode()
+            assert await _until(lambda: _equal(_bundles(client, name), [bundle] * 3))
+            served = await _served(port, material.bundle_pem(), "dynvol-webhook.dynvol-system.svc")
+            assert served.serial_number == material.cert.serial_number
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{status_port}/metrics") as response,
+            ):
+                text = await response.text()
+            assert "dynvol_webhook_certificate_expiry_timestamp_seconds " in text
+            assert process.stop(signum=signal.SIGTERM) == 0, process.log_tail()
+        finally:
+            process.stop()
+
+
+def _quietly(check: Callable[[], Awaitable[bool]]) -> Callable[[], Awaitable[bool]]:
+    async def run() -> bool:
+        try:
+            return await check()
+        except aiohttp.ClientError:
+            return False
+
+    return run
