@@ -37,8 +37,9 @@ TOP = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/dynvol/dynvol:dev"
 #: The issue's goal is 200 MB; what the image carries beyond that (Debian's rclone, ICU for
 #: s3fs's libxml2, Python, the Kubernetes client) is listed in docs/images.md. This bound
-#: keeps it from growing again: the image was 374 MB before the Dockerfile built it.
-SIZE_LIMIT = 300_000_000
+#: keeps it from growing again: the image was 374 MB before the Dockerfile built it. 320:
+#: the controller keeps its webhook certificate with ``cryptography`` (17 MB with cffi).
+SIZE_LIMIT = 320_000_000
 CLEAN_ENV = {
     "PATH": "/opt/dynvol/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
