@@ -7,12 +7,15 @@ The public names are exported here; the modules behind them are internal.
 
 from .app import ControllerApp, register_webhooks
 from .certificates import DevCerts, ensure_dev_certs
+from .certkeeping import CertificateKeeper, CertificateSettings
 from .cluster import ClusterController
 from .nodes import NodeReconciler, SlotLookup
 from .settings import DmpTemplate, NodeReconcilerSettings
 from .webhooks import WebhookServer, webhook_configurations
 
 __all__ = [
+    "CertificateKeeper",
+    "CertificateSettings",
     "ClusterController",
     "ControllerApp",
     "DevCerts",

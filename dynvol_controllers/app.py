@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -19,8 +21,15 @@ from dynvol_core import constants as c
 from dynvol_kube import APIConflict, APINotFound, Client, EventRecorder, LeaderElector, Manager
 from dynvol_kube.resources import MUTATING_WEBHOOKS, VALIDATING_WEBHOOKS, Resource
 
+from .certkeeping import CertificateKeeper, CertificateSettings
 from .cluster import ClusterController
-from .webhooks import MUTATE_PODS_PATH, VALIDATE_PATH, WebhookServer, webhook_configurations
+from .webhooks import (
+    MUTATE_PODS_PATH,
+    VALIDATE_PATH,
+    Decide,
+    WebhookServer,
+    webhook_configurations,
+)
 
 __all__ = ["ControllerApp", "register_webhooks"]
 
@@ -69,12 +78,16 @@ async def _upsert(client: Client, resource: Resource, body: dict[str, Any]) -> N
 class ControllerApp:
     """Everything ``dynvol controller`` runs, with an explicit start/close lifecycle.
 
-    Without ``tls_cert``/``tls_key`` no webhook server runs (reconcilers only).
+    The webhook server's certificate comes from ``tls_cert``/``tls_key`` (files someone
+    else keeps, such as cert-manager) or, with ``serving_cert``, from the Secret a
+    :class:`~.certkeeping.CertificateKeeper` keeps (and, while leading, writes); with
+    neither, no webhook server runs (reconcilers only).
     """
 
     client: Client
     tls_cert: str | None = None
     tls_key: str | None = None
+    serving_cert: CertificateSettings | None = None
     webhook_host: str = "127.0.0.1"
     webhook_port: int = 9443
     leader_elect: bool = True
@@ -89,6 +102,7 @@ class ControllerApp:
     manager: Manager = attrs.field(init=False)
     controller: ClusterController = attrs.field(init=False)
     webhook: WebhookServer | None = attrs.field(default=None, init=False)
+    keeper: CertificateKeeper | None = attrs.field(default=None, init=False)
     elector: LeaderElector | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -115,18 +129,41 @@ class ControllerApp:
         for informer in self.controller.informers:
             self.manager.add_informer(informer)
         self.manager.add(recorder)
+        if self.tls_cert and self.tls_key and self.serving_cert:
+            raise ValueError("tls_cert/tls_key and serving_cert exclude each other")
+        handlers: dict[str, Decide] = {
+            MUTATE_PODS_PATH: self.controller.mutate,
+            VALIDATE_PATH: self.controller.validate,
+        }
         if self.tls_cert and self.tls_key:
             self.webhook = WebhookServer(
                 host=self.webhook_host,
                 port=self.webhook_port,
                 cert_file=self.tls_cert,
                 key_file=self.tls_key,
-                handlers={
-                    MUTATE_PODS_PATH: self.controller.mutate,
-                    VALIDATE_PATH: self.controller.validate,
-                },
+                handlers=handlers,
             )
             self.manager.add(self.webhook)
+        elif self.serving_cert is not None:
+            # The pair is copied from the Secret into a private directory (the key never
+            # lands anywhere shared); the keeper starts the server once it is there.
+            directory = Path(tempfile.mkdtemp(prefix="dynvol-webhook-"))
+            self.webhook = WebhookServer(
+                host=self.webhook_host,
+                port=self.webhook_port,
+                cert_file=str(directory / "tls.crt"),
+                key_file=str(directory / "tls.key"),
+                handlers=handlers,
+            )
+            self.keeper = CertificateKeeper(
+                client=self.client,
+                settings=self.serving_cert,
+                webhook=self.webhook,
+                directory=directory,
+                elector=self.elector,
+            )
+            # Not leader-gated: every replica serves; only the leader writes.
+            self.manager.add(self.keeper)
         self.manager.add(self.controller, leader_gated=True)
 
     async def start(self) -> None:

@@ -80,6 +80,8 @@ class Metrics:
     informer_synced: Gauge = attrs.field(init=False)
     events: Counter = attrs.field(init=False)
     leader: Gauge = attrs.field(init=False)
+    webhook_cert_expiry: Gauge = attrs.field(init=False)
+    webhook_cert_renewals: Counter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         r = self.registry
@@ -128,6 +130,16 @@ class Metrics:
         self.leader = Gauge(
             "dynvol_leader", "1 while this process holds the Lease, else 0.", ["lease"],
             registry=r,
+        )  # fmt: skip
+        self.webhook_cert_expiry = Gauge(
+            "dynvol_webhook_certificate_expiry_timestamp_seconds", "When the webhook serving "
+            "certificate this process serves expires (Unix time; 0 until one is served).",
+            registry=r,
+        )  # fmt: skip
+        self.webhook_cert_renewals = Counter(
+            "dynvol_webhook_certificate_renewals", "Webhook certificates this process wrote "
+            "to the Secret (created or renewed), by certificate (ca, serving).",
+            ["certificate"], registry=r,
         )  # fmt: skip
 
     def observe_request(self, method: str, path: str, code: int | None, seconds: float) -> None:

@@ -46,6 +46,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="create/replace the webhook configurations pointing at URL (e.g. "
         "https://127.0.0.1:9443) with the dev caBundle; for local clusters only",
     )
+    p.add_argument(
+        "--webhook-cert-management",
+        choices=("self", "external"),
+        help="self (the default without --tls-cert/--dev-certs): keep a CA and the serving "
+        "certificate in the Secret --webhook-secret, patch caBundle into the webhook "
+        "configurations and renew before expiry (the leader writes; every replica serves "
+        "from the Secret); external: someone else (cert-manager) writes the certificate, "
+        "served from --tls-cert/--tls-key",
+    )
+    p.add_argument(
+        "--webhook-secret",
+        default="dynvol-webhook-tls",
+        help="the Secret (in --lease-namespace) holding the self-managed certificate",
+    )
+    p.add_argument(
+        "--webhook-service",
+        default="dynvol-webhook",
+        help="the Service the apiserver calls the webhooks through (the certificate's names)",
+    )
+    p.add_argument(
+        "--webhook-configuration",
+        default="dynvol",
+        help="the Mutating- and ValidatingWebhookConfiguration whose caBundle is kept",
+    )
     p.add_argument("--no-webhooks", action="store_true", help="run the reconcilers only")
     p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--lease-name", default="dynvol-controller")
@@ -73,6 +97,22 @@ def _main(args: argparse.Namespace) -> int:
     if args.register_webhooks and not args.dev_certs:
         print("dynvol controller: --register-webhooks needs --dev-certs", file=sys.stderr)
         return 2
+    if args.webhook_cert_management is None:
+        args.webhook_cert_management = "external" if args.tls_cert or args.dev_certs else "self"
+    if args.webhook_cert_management == "self" and (args.tls_cert or args.dev_certs):
+        print(
+            "dynvol controller: --tls-cert and --dev-certs need --webhook-cert-management=external",
+            file=sys.stderr,
+        )
+        return 2
+    if args.webhook_cert_management == "external" and not (
+        args.tls_cert or args.dev_certs or args.no_webhooks
+    ):
+        print(
+            "dynvol controller: --webhook-cert-management=external needs --tls-cert/--tls-key",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return asyncio.run(_run(args))
     except KeyboardInterrupt:
@@ -80,7 +120,12 @@ def _main(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from dynvol_controllers import ControllerApp, ensure_dev_certs, register_webhooks
+    from dynvol_controllers import (
+        CertificateSettings,
+        ControllerApp,
+        ensure_dev_certs,
+        register_webhooks,
+    )
     from dynvol_kube import Client, Metrics, run_until_signalled
     from dynvol_providers.registry import load_registry
 
@@ -89,8 +134,16 @@ async def _run(args: argparse.Namespace) -> int:
     if args.dev_certs:
         certs = ensure_dev_certs(args.dev_certs)
         cert, key, ca_bundle = str(certs.cert), str(certs.key), certs.ca_bundle
+    serving_cert = None
+    if args.webhook_cert_management == "self":
+        serving_cert = CertificateSettings(
+            namespace=args.lease_namespace,
+            secret_name=args.webhook_secret,
+            service_name=args.webhook_service,
+            configuration_name=args.webhook_configuration,
+        )
     if args.no_webhooks:
-        cert = key = None
+        cert = key = serving_cert = None
     registry = load_registry(blocked=args.block_provider)
     metrics = Metrics()
     started = until_started(metrics)
@@ -103,6 +156,7 @@ async def _run(args: argparse.Namespace) -> int:
         client=client,
         tls_cert=cert,
         tls_key=key,
+        serving_cert=serving_cert,
         webhook_host=args.webhook_host,
         webhook_port=args.webhook_port,
         leader_elect=args.leader_elect,

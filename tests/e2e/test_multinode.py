@@ -3,7 +3,7 @@
 Each node is its own kubelet, containerd and kube-proxy in its own network and mount
 namespaces; pods talk across nodes over the pod network and reach the apiserver and the
 webhook through Services, as on a real cluster. dynvol is the base of ``manifests/base``
-with the local image and a webhook certificate from the cluster's CA
+with the local image; the controller makes its own webhook certificate
 (:mod:`dynvol.testing.cluster.deploying`). MinIO listens on the node network's host
 address (10.233.0.1), where the DMPs reach it.
 

@@ -36,9 +36,10 @@ pytestmark = pytest.mark.integration
 TOP = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/dynvol/dynvol:dev"
 #: The issue's goal is 200 MB; what the image carries beyond that (Debian's rclone, ICU for
-#: s3fs's libxml2, Python) is listed in docs/images.md. This bound
-#: keeps it from growing again: the image was 374 MB before the Dockerfile built it.
-SIZE_LIMIT = 260_000_000
+#: s3fs's libxml2, Python, cryptography for the webhook certificate) is listed in
+#: docs/images.md. This bound keeps it from growing again: the image was 374 MB before the
+#: Dockerfile built it.
+SIZE_LIMIT = 280_000_000
 CLEAN_ENV = {
     "PATH": "/opt/dynvol/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",

@@ -2,11 +2,10 @@
 
 ``kubectl kustomize manifests/base`` renders the base; the only changes are what an
 overlay for this cluster sets: the locally built image (``imagePullPolicy: Never``, there
-is no registry), the webhook's serving certificate (a Secret ``dynvol-webhook-tls`` from
-the cluster's CA, for the Service name) and that CA as the webhook configurations'
-``caBundle``, and a short idle grace for shared DMPs. Everything else (the webhook behind
-its Service, pods on the pod network reaching the apiserver through the ``kubernetes``
-Service) runs as the base has it.
+is no registry) and a short idle grace for shared DMPs. Everything else runs as the base
+has it: the webhook behind its Service, with the serving certificate and ``caBundle`` the
+controller makes itself (:func:`deploy` waits until the apiserver's calls to it succeed),
+pods on the pod network reaching the apiserver through the ``kubernetes`` Service.
 
 Neighbours: :class:`dynvol.testing.cluster.cluster.MultiNodeCluster` (the cluster),
 ``tests/e2e/test_multinode.py`` (the user).
@@ -14,7 +13,6 @@ Neighbours: :class:`dynvol.testing.cluster.cluster.MultiNodeCluster` (the cluste
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import yaml
 
 from dynvol.testing.cluster.cluster import ClusterError, MultiNodeCluster
-from dynvol.testing.cluster.pki import CertificateAuthority
+from dynvol_core import constants
 
 __all__ = ["IMAGE", "SYSTEM_NAMESPACE", "deploy", "render", "undeploy"]
 
@@ -40,15 +38,9 @@ def _containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render(cluster: MultiNodeCluster, checkout: Path) -> list[dict[str, Any]]:
-    """The base's objects with this cluster's image, webhook certificate and caBundle."""
+    """The base's objects with this cluster's image."""
     out = cluster.kubectl("kustomize", str(checkout / "manifests" / "base")).stdout
     objs = [o for o in yaml.safe_load_all(out) if o]
-    ca = CertificateAuthority(dir=cluster.layout.pki).load_or_create()
-    dns = f"{WEBHOOK_SERVICE}.{SYSTEM_NAMESPACE}.svc"
-    cert, key = ca.issue(
-        "dynvol-webhook", common_name=dns, hosts=(dns, f"{dns}.cluster.local"), server=True
-    )
-    bundle = base64.b64encode(ca.cert_path.read_bytes()).decode()
     for obj in objs:
         kind, name = obj["kind"], obj["metadata"]["name"]
         if kind in ("Deployment", "DaemonSet"):
@@ -60,21 +52,6 @@ def render(cluster: MultiNodeCluster, checkout: Path) -> list[dict[str, Any]]:
                 if env["name"] == "DYNVOL_IMAGE":
                     env["value"] = IMAGE
             node["args"] += ["--dmp-image-pull-policy=Never", "--shared-idle-grace=20"]
-        if kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
-            for hook in obj.get("webhooks", []):
-                hook["clientConfig"]["caBundle"] = bundle
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "kubernetes.io/tls",
-        "metadata": {"name": "dynvol-webhook-tls", "namespace": SYSTEM_NAMESPACE},
-        "data": {
-            "tls.crt": base64.b64encode(cert.read_bytes()).decode(),
-            "tls.key": base64.b64encode(key.read_bytes()).decode(),
-        },
-    }
-    at = next(i for i, o in enumerate(objs) if o["kind"] == "Namespace") + 1
-    objs.insert(at, secret)
     return objs
 
 
@@ -103,10 +80,49 @@ def deploy(cluster: MultiNodeCluster, checkout: Path, *, timeout: float = 240) -
         if any(
             e.get("conditions", {}).get("ready") for s in slices for e in s.get("endpoints") or []
         ):
-            return
+            break
         if time.monotonic() > deadline:
             raise ClusterError("the webhook Service has no ready endpoint after 60 s")
         time.sleep(0.5)
+    _wait_for_admission(cluster, within=90)
+
+
+def _wait_for_admission(cluster: MultiNodeCluster, *, within: float) -> None:
+    """Until the apiserver calls the webhook with the caBundle the controller wrote: a
+    server-side dry run of an opted-in pod comes back with the volume injected (the pod
+    webhook ignores failures, so only a successful TLS call injects it)."""
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "dynvol-webhook-probe",
+            "namespace": "default",
+            "annotations": {
+                constants.ANNOTATION_STORAGE_PROVIDER_CLASS: "webhook-probe",
+                constants.ANNOTATION_MOUNT_PATH_ROOT: "/dynamic",
+            },
+        },
+        "spec": {"containers": [{"name": "probe", "image": IMAGE}]},
+    }
+    deadline = time.monotonic() + within
+    last = ""
+    while True:
+        proc = cluster.kubectl(
+            "create", "--dry-run=server", "-o", "json", "-f", "-",
+            input=json.dumps(probe), check=False,
+        )  # fmt: skip
+        if proc.returncode == 0:
+            volumes = json.loads(proc.stdout)["spec"].get("volumes") or []
+            if any(v["name"] == constants.VOLUME_NAME for v in volumes):
+                return
+            last = "the pod came back without the dynvol volume"
+        else:
+            last = proc.stderr.strip()
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"the webhook is not called successfully after {within:.0f} s: {last}"
+            )
+        time.sleep(1)
 
 
 def undeploy(cluster: MultiNodeCluster, checkout: Path, *, timeout: float = 180) -> None:
