@@ -258,7 +258,7 @@ def test_dmp_values_become_node_plugin_flags(custom: list[dict[str, Any]]) -> No
     args = container["args"]
     assert args[:3] == ["--log-level=DEBUG", "--log-format=json", "node"]
     for flag in (
-        "--dmp-image=$(DYNVOL_IMAGE)",
+        "--dmp-image=registry.example/dmp:9",
         "--dmp-image-pull-policy=IfNotPresent",
         "--dmp-host-network",
         "--dmp-env=HTTPS_PROXY=http://proxy.example:3128",
@@ -266,7 +266,7 @@ def test_dmp_values_become_node_plugin_flags(custom: list[dict[str, Any]]) -> No
     ):
         assert flag in args
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["DYNVOL_IMAGE"] == "registry.example/dmp:9"
+    assert "DYNVOL_IMAGE" not in env
 
 
 def test_labels_annotations_priority_class_and_monitors(custom: list[dict[str, Any]]) -> None:

@@ -5,6 +5,7 @@ Needs no cluster, only the pinned kubectl for its built-in kustomize.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -36,6 +37,14 @@ def test_base_webhooks_equal_the_code_apart_from_the_ca() -> None:
         assert on_disk[rendered["kind"]] == rendered
 
 
+def _kind_expected() -> list[dict[str, object]]:
+    """The base with only the image changed: what the kind overlay must render."""
+    base = render_kustomize(TOP / "manifests/base")
+    text = json.dumps(base).replace('"ghcr.io/dynvol/dynvol:0.1.0"', '"dynvol/dynvol:dev"')
+    rendered: list[dict[str, object]] = json.loads(text)
+    return rendered
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_with_one_node_plugin_and_controller(overlay: str) -> None:
     docs = render_kustomize(TOP / "manifests/overlays" / overlay)
@@ -52,8 +61,11 @@ def test_overlay_renders_with_one_node_plugin_and_controller(overlay: str) -> No
     assert propagation["/var/lib/dynamic"] == "Bidirectional"
     env = {e["name"]: e.get("value") for e in node["env"]}
     (controller,) = deployment["spec"]["template"]["spec"]["containers"]
-    # The DMPs run the image the node plugin runs.
-    assert env["DYNVOL_IMAGE"] == node["image"] == controller["image"]
+    assert node["image"] == controller["image"]
+    # The DMPs run the image the node plugin runs: its own, read from its Pod.
+    assert "DYNVOL_IMAGE" not in env
+    assert not any(a.startswith("--dmp-image=") for a in node["args"])
+    assert {"POD_NAME", "POD_NAMESPACE"} <= set(env)
     assert {d["metadata"]["name"] for d in _by_kind(docs, "ServiceAccount")} == {
         "dynvol-node",
         "dynvol-controller",
@@ -64,6 +76,11 @@ def test_overlay_renders_with_one_node_plugin_and_controller(overlay: str) -> No
         (hook,) = hooks
         annotation = hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
         assert annotation == "dynvol-system/dynvol-webhook"
+    elif overlay == "kind":
+        # The base as it is: the controller keeps the certificate and the caBundle.
+        (hook,) = hooks
+        assert "--register-webhooks=https://127.0.0.1:9443" not in controller["args"]
+        assert docs == _kind_expected()
     else:
         # The controller registers them itself with its development CA.
         assert hooks == []

@@ -23,10 +23,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/* The image the node plugin gives the Dynamic Mount Pods. */}}
-{{- define "dynvol.dmpImage" -}}
-{{ .Values.dmp.image | default (include "dynvol.image" .) }}
-{{- end }}
-
 {{/* Global flags of every dynvol process (before its subcommand). */}}
 {{- define "dynvol.globalArgs" -}}
 {{- with .Values.logging.level }}
