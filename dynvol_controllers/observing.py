@@ -23,6 +23,7 @@ from dynvol_core.models import (
     PodInfo,
     StorageProviderClass,
 )
+from dynvol_core.models.pods import container_crash_looping
 from dynvol_kube import Client, Event, Informer, Obj
 from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, PODS
 
@@ -45,26 +46,20 @@ def _uid_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
 
 def slim_dmp(pod: Obj) -> Obj:
     """:func:`.objects.slim_pod` for a DMP, keeping ``spec.tolerations`` (a DMP inherits
-    its pods') and which containers wait in CrashLoopBackOff (such a DMP is replaced)."""
+    its pods') and the status of the containers that crash-loop (such a DMP is replaced)."""
     out = objects.slim_pod(pod)
     tolerations = (pod.get("spec") or {}).get("tolerations")
     if tolerations:
         out["spec"]["tolerations"] = tolerations
     statuses = (pod.get("status") or {}).get("containerStatuses")
     looping = [
-        {"name": item.get("name"), "state": {"waiting": {"reason": c.CRASH_LOOP_BACK_OFF}}}
+        {k: item[k] for k in ("name", "restartCount", "state") if k in item}
         for item in (statuses if isinstance(statuses, list) else ())
-        if isinstance(item, Mapping) and _waiting_reason(item) == c.CRASH_LOOP_BACK_OFF
+        if isinstance(item, Mapping) and container_crash_looping(item)
     ]
     if looping:
         out["status"]["containerStatuses"] = looping
     return out
-
-
-def _waiting_reason(status: Mapping[str, Any]) -> object:
-    state = status.get("state")
-    waiting = state.get("waiting") if isinstance(state, Mapping) else None
-    return waiting.get("reason") if isinstance(waiting, Mapping) else None
 
 
 def _changed(event: Event, *, ignore_status: bool) -> bool:

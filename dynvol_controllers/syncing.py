@@ -225,7 +225,9 @@ class DmpSync:
         """Delete a DMP whose container is in CrashLoopBackOff, so that it is created again
         and starts at once, within the budget (``--dmp-crash-replacements`` per 10 min)."""
         if self.budget.take(pod.name, self.clock()):
-            await self.delete(pod, "CrashLoopBackOff")
+            # Its mounts died with its container: nothing to unmount gracefully, and a
+            # container kubelet is just starting again gets a second, not the pod's 30 s.
+            await self.delete(pod, "CrashLoopBackOff", grace_seconds=1)
         elif self.budget.first_refusal(pod.name, pod.uid):
             log.warning(
                 "node %s: DMP %s keeps crashing (replaced %d times in %.0f s); kubelet's "
@@ -233,11 +235,13 @@ class DmpSync:
                 self.node_name, pod.name, self.budget.limit, self.budget.window,
             )  # fmt: skip
 
-    async def delete(self, pod: PodInfo, why: str) -> None:
+    async def delete(self, pod: PodInfo, why: str, *, grace_seconds: int | None = None) -> None:
+        grace = self.template.delete_grace
+        if grace_seconds is not None:
+            grace = grace_seconds if grace is None else min(grace, grace_seconds)
         with contextlib.suppress(APINotFound, APIConflict):
             await self.client.delete(
-                PODS, pod.name, namespace=pod.namespace, uid=pod.uid,
-                grace_seconds=self.template.delete_grace,
+                PODS, pod.name, namespace=pod.namespace, uid=pod.uid, grace_seconds=grace,
             )  # fmt: skip
         self.writes.deleted(pod.uid)
         log.info("node %s: deleted DMP %s (%s)", self.node_name, pod.name, why)

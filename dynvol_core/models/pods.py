@@ -46,7 +46,8 @@ class PodInfo:
     deleting: bool = False
     volume: InjectedVolume | None = None
     tolerations: tuple[Toleration, ...] = ()
-    #: A container of the pod is in CrashLoopBackOff: kubelet waits before starting it again.
+    #: A container of the pod crash-loops: kubelet waits before it starts it again
+    #: (:func:`container_crash_looping`).
     crash_looping: bool = False
 
     @classmethod
@@ -116,16 +117,31 @@ class PodInfo:
 
 
 def _crash_looping(status: Mapping[str, object]) -> bool:
-    """Whether a container waits in CrashLoopBackOff (status is kubelet's: read leniently)."""
+    """Whether a container of the pod crash-loops (see :func:`container_crash_looping`)."""
     statuses = status.get("containerStatuses")
     if not isinstance(statuses, list):
         return False
-    for item in statuses:
-        state = item.get("state") if isinstance(item, Mapping) else None
-        waiting = state.get("waiting") if isinstance(state, Mapping) else None
-        if isinstance(waiting, Mapping) and waiting.get("reason") == c.CRASH_LOOP_BACK_OFF:
-            return True
-    return False
+    return any(isinstance(s, Mapping) and container_crash_looping(s) for s in statuses)
+
+
+def container_crash_looping(status: Mapping[str, object]) -> bool:
+    """Whether kubelet will start this container (one entry of ``containerStatuses``) again
+    only after a back-off: it waits in CrashLoopBackOff, or it has exited after having been
+    restarted already (kubelet restarts a container at once only after its first exit, and
+    reports the back-off only when it is over). The status is kubelet's: read leniently."""
+    state = status.get("state")
+    if not isinstance(state, Mapping):
+        return False
+    waiting = state.get("waiting")
+    if isinstance(waiting, Mapping) and waiting.get("reason") == c.CRASH_LOOP_BACK_OFF:
+        return True
+    restarts = status.get("restartCount")
+    return (
+        isinstance(state.get("terminated"), Mapping)
+        and isinstance(restarts, int)
+        and not isinstance(restarts, bool)
+        and restarts >= 1
+    )
 
 
 def _read_tolerations(spec: Fields, errors: list[FieldError]) -> tuple[Toleration, ...]:

@@ -447,16 +447,23 @@ async def test_a_crash_looping_dmp_is_replaced_within_its_budget(
         dmps = await _dmps(client, spc)
         return dmps[0] if len(dmps) == 1 else None
 
-    async def crash_loop(dmp: dict[str, Any]) -> None:
-        """What kubelet reports after the DMP's container exited twice in a row."""
+    async def crash_loop(dmp: dict[str, Any], *, reported: bool = True) -> None:
+        """What kubelet reports after the DMP's container exited a second time: at once
+        ``terminated`` with a restart behind it, and CrashLoopBackOff once the back-off is
+        over (``reported``)."""
         container = dmp["spec"]["containers"][0]
+        state: dict[str, Any] = (
+            {"waiting": {"reason": c.CRASH_LOOP_BACK_OFF, "message": "back-off 10s"}}
+            if reported
+            else {"terminated": {"exitCode": 137, "reason": "Error"}}
+        )
         status = {
             "name": container["name"],
             "image": container["image"],
             "imageID": "",
             "ready": False,
-            "restartCount": 2,
-            "state": {"waiting": {"reason": c.CRASH_LOOP_BACK_OFF, "message": "back-off 10s"}},
+            "restartCount": 1 if not reported else 2,
+            "state": state,
         }
         await client.patch(
             PODS, dmp["metadata"]["name"],
@@ -469,8 +476,8 @@ async def test_a_crash_looping_dmp_is_replaced_within_its_budget(
             await objects.claim("crashy", selector=labels)
             dmp = await eventually(the_dmp)
             name = dmp["metadata"]["name"]
-            for _ in range(2):  # the budget: replaced by a new pod of the same name
-                await crash_loop(dmp)
+            for reported in (False, True):  # the budget: a new pod of the same name each time
+                await crash_loop(dmp, reported=reported)
                 old_uid = dmp["metadata"]["uid"]
 
                 async def replaced(old_uid: str = old_uid) -> dict[str, Any] | None:

@@ -497,7 +497,13 @@ def test_a_crash_looping_dmp_in_use_is_replaced_and_an_unused_one_deleted() -> N
             True,
         ),
         ([{"name": "a", "state": {"waiting": {"reason": "ContainerCreating"}}}], False),
-        ([{"name": "a", "state": {"terminated": {"reason": "Error"}}}], False),
+        # The first exit: kubelet starts it again at once.
+        ([{"name": "a", "restartCount": 0, "state": {"terminated": {"reason": "Error"}}}], False),
+        # An exit after a restart: kubelet backs off (and says so only when it is over).
+        ([{"name": "a", "restartCount": 1, "state": {"terminated": {"reason": "Error"}}}], True),
+        ([{"name": "a", "restartCount": True, "state": {"terminated": {}}}], False),
+        ([{"name": "a", "restartCount": "3", "state": {"terminated": {}}}], False),
+        ([{"name": "a", "restartCount": 4, "state": {"running": {}}}], False),
         # kubelet's status is read leniently: a malformed one is no crash loop.
         ("not a list", False),
         ([None, 3, {"state": "x"}, {"state": {"waiting": "y"}}], False),
