@@ -6,13 +6,15 @@
                                                    build, then import into containerd (k8s.io)
     hack/images/build.py list                      the images and their names
 
-IMAGE is one of: pause, busybox, dynvol (default: all three).
+IMAGE is one of: pause, busybox, dynvol (default: all three), coredns (only when named).
 
 Every image is an OCI image layout packed as a tar archive (``oci-layout``, ``index.json``,
 ``blobs/sha256/...``) with uncompressed layers, imported with ``ctr images import``.
 
 - ``pause``: a static C program (hack/images/pause.c), the pod sandbox process.
 - ``busybox``: the workload image for tests: Debian's busybox-static from this machine.
+- ``coredns``: the multi-node cluster's DNS: the static CoreDNS that
+  ``hack/tools/build.sh coredns`` builds into ``.tools/bin``, alone on an empty base.
 - ``dynvol``: the repository's ``Dockerfile``, built by ``buildah build --isolation
   chroot`` on ``localhost/debian:bookworm-slim``, a base this script makes with debootstrap
   from bookworm, bookworm-updates and bookworm-security, shaped like Debian's slim image.
@@ -69,6 +71,7 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 IMAGE_NAMES = {
     "pause": "localhost/dynvol/pause:dev",
     "busybox": "localhost/dynvol/busybox:dev",
+    "coredns": "localhost/dynvol/coredns:dev",
     "dynvol": "localhost/dynvol/dynvol:dev",
 }
 
@@ -324,6 +327,54 @@ def build_busybox() -> Built:
         )
 
     return _cached("busybox", busybox_key(), build)
+
+
+# --- coredns -----------------------------------------------------------------------------
+
+COREDNS = TOP / ".tools" / "bin" / "coredns"
+
+
+def coredns_binary() -> bytes:
+    if not COREDNS.exists():
+        raise SystemExit(f"images: {COREDNS} is missing: run 'hack/tools/build.sh coredns'")
+    data = COREDNS.read_bytes()
+    # A static binary has no program interpreter (PT_INTERP, program header type 3).
+    if not data.startswith(b"\x7fELF\x02\x01") or _has_interpreter(data):
+        raise SystemExit(f"images: {COREDNS} is not a static x86-64 ELF binary (CGO_ENABLED=0)")
+    return data
+
+
+def _has_interpreter(elf: bytes) -> bool:
+    phoff = int.from_bytes(elf[0x20:0x28], "little")
+    size = int.from_bytes(elf[0x36:0x38], "little")
+    count = int.from_bytes(elf[0x38:0x3A], "little")
+    return any(
+        int.from_bytes(elf[phoff + i * size : phoff + i * size + 4], "little") == 3
+        for i in range(count)
+    )
+
+
+def build_coredns() -> Built:
+    binary = coredns_binary()
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="dynvol-coredns-") as tmp:
+            root = Path(tmp) / "rootfs"
+            for d in ("etc/coredns", "tmp"):
+                (root / d).mkdir(parents=True)
+            (root / "tmp").chmod(0o1777)
+            (root / "coredns").write_bytes(binary)
+            (root / "coredns").chmod(0o755)
+            tar_dir(root, out / "layer.tar")
+        layer = Layer.from_tar(out / "layer.tar", "hack/tools/build.sh coredns (static)")
+        write_archive(
+            name=IMAGE_NAMES["coredns"],
+            layers=[layer],
+            out=out / "image.tar",
+            config={"Entrypoint": ["/coredns"], "WorkingDir": "/"},
+        )
+
+    return _cached("coredns", key_of(RECIPE, binary), build)
 
 
 # --- dynvol ------------------------------------------------------------------------------
@@ -898,7 +949,10 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "pause": build_pause,
     "busybox": build_busybox,
     "dynvol": build_dynvol,
+    "coredns": build_coredns,
 }
+#: What ``build`` and ``import`` do without names (the single-node cluster's images).
+DEFAULT_IMAGES = ["pause", "busybox", "dynvol"]
 
 
 def build_all(images: Iterable[str]) -> list[Built]:
@@ -940,17 +994,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_build = sub.add_parser("build")
-    p_build.add_argument("images", nargs="*", default=list(BUILDERS))
+    p_build.add_argument("images", nargs="*", default=DEFAULT_IMAGES)
     p_import = sub.add_parser("import")
     p_import.add_argument("--address", required=True, help="containerd socket")
-    p_import.add_argument("images", nargs="*", default=list(BUILDERS))
+    p_import.add_argument("images", nargs="*", default=DEFAULT_IMAGES)
     sub.add_parser("list")
     args = parser.parse_args(argv)
     if args.cmd == "list":
         for image, name in IMAGE_NAMES.items():
             print(f"{image}\t{name}")
         return 0
-    images = args.images or list(BUILDERS)
+    images = args.images or DEFAULT_IMAGES
     unknown = set(images) - set(BUILDERS)
     if unknown:
         parser.error(f"unknown image(s) {sorted(unknown)}; choose from {sorted(BUILDERS)}")
