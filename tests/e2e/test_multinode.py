@@ -436,9 +436,10 @@ def test_drain_moves_pods_with_their_mounts_and_leaves_nothing(storage: NodesSto
 
 
 #: The reader loop of the rolling-update case: reads the file (and lists its directory)
-#: every ~50 ms, counts the reads and logs every failure or wrong content with the time.
+#: every ~50 ms, counts the reads (a byte each) and logs every failure or wrong content
+#: with the time.
 _READER = r"""
-f=/dynamic/data/roll.txt; want="$1"; n=0
+f=/dynamic/data/roll.txt; want="$1"
 while [ ! -e /tmp/reader.stop ]; do
   if ! out=$(cat "$f" 2>&1); then
     echo "$(date +%T) up=$(cut -d' ' -f1 /proc/uptime) read failed: $out" >> /tmp/reader.err
@@ -449,7 +450,7 @@ while [ ! -e /tmp/reader.stop ]; do
     echo "$(date +%T) up=$(cut -d' ' -f1 /proc/uptime) list failed: $(cat /tmp/reader.ls)" \
       >> /tmp/reader.err
   fi
-  n=$((n + 1)); echo "$n" > /tmp/reader.count
+  printf . >> /tmp/reader.reads
   sleep 0.05
 done
 """
@@ -460,7 +461,8 @@ def _reader_state(storage: NodesStorage, pod: str) -> tuple[bool, int, str]:
     out = storage.sh(
         pod,
         'if kill -0 "$(cat /tmp/reader.pid)" 2>/dev/null; then echo alive; else echo dead; fi;'
-        " cat /tmp/reader.count; echo ---; cat /tmp/reader.err 2>/dev/null || true",
+        " wc -c < /tmp/reader.reads 2>/dev/null || echo 0; echo ---;"
+        " cat /tmp/reader.err 2>/dev/null || true",
     )
     head, _, errors = out.partition("---\n")
     alive, count = head.split()
