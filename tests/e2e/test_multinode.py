@@ -435,11 +435,15 @@ def test_drain_moves_pods_with_their_mounts_and_leaves_nothing(storage: NodesSto
         storage.cluster.kubectl("uncordon", drained, check=False)
 
 
-#: The reader loop of the rolling-update case: reads the file (and lists its directory)
-#: every ~50 ms, counts the reads (a byte each) and logs every failure or wrong content
-#: with the time.
+#: The rolling-update case's workload: the container's own process (a process started by
+#: ``kubectl exec`` ends with its session) waits for the expected content, then reads the
+#: claim's file (and lists its directory) every ~50 ms, counts the reads (a byte each) and
+#: logs every failure or wrong content with the time, until told to stop.
 _READER = r"""
-f=/dynamic/data/roll.txt; want="$1"
+trap 'exit 143' TERM
+f=/dynamic/data/roll.txt
+while [ ! -e /tmp/reader.want ]; do sleep 0.2; done
+want=$(cat /tmp/reader.want)
 while [ ! -e /tmp/reader.stop ]; do
   if ! out=$(cat "$f" 2>&1); then
     echo "$(date +%T) up=$(cut -d' ' -f1 /proc/uptime) read failed: $out" >> /tmp/reader.err
@@ -453,20 +457,29 @@ while [ ! -e /tmp/reader.stop ]; do
   printf . >> /tmp/reader.reads
   sleep 0.05
 done
+while true; do sleep 1; done
 """
 
 
-def _reader_state(storage: NodesStorage, pod: str) -> tuple[bool, int, str]:
-    """Whether the pod's reader loop runs, how many reads it made, what it logged."""
+def _reader_state(storage: NodesStorage, pod: str) -> tuple[int, str]:
+    """How many reads the pod's reader loop made, and what it logged."""
     out = storage.sh(
         pod,
-        'if kill -0 "$(cat /tmp/reader.pid)" 2>/dev/null; then echo alive; else echo dead; fi;'
-        " wc -c < /tmp/reader.reads 2>/dev/null || echo 0; echo ---;"
+        "wc -c < /tmp/reader.reads 2>/dev/null || echo 0; echo ---;"
         " cat /tmp/reader.err 2>/dev/null || true",
     )
     head, _, errors = out.partition("---\n")
-    alive, count = head.split()
-    return alive == "alive", int(count), errors.strip()
+    return int(head.strip()), errors.strip()
+
+
+def _readers_run(storage: NodesStorage, pods: list[str]) -> dict[str, tuple[int, str]]:
+    """Every reader's state, after checking that each one still reads (its count grows)."""
+    first = {pod: _reader_state(storage, pod) for pod in pods}
+    time.sleep(1.5)
+    now = {pod: _reader_state(storage, pod) for pod in pods}
+    for pod in pods:
+        assert now[pod][0] > first[pod][0], f"{pod}'s reader loop reads: {first[pod]} {now[pod]}"
+    return now
 
 
 def _node_pods(cluster: Cluster) -> dict[str, tuple[str, str, bool]]:
@@ -495,7 +508,10 @@ def test_rolling_update_of_the_node_plugin_keeps_every_mount_readable(
     while a reader loop in a pod on every node reads the claim's file every ~50 ms; no
     read fails (no ENOTCONN), the content stays right, and new claims mount afterwards."""
     cluster = storage.cluster
-    storage.cluster.apply(_spread(storage, "roll", 3))
+    workload = _spread(storage, "roll", 3)
+    (main,) = workload["spec"]["template"]["spec"]["containers"]
+    main["command"] = ["sh", "-c", _READER]
+    storage.cluster.apply(workload)
     storage.claim("roll", mountpoint="/data", selector={"app": "roll"})
     pods = storage.wait_ready("app=roll", 3)
     assert sorted(_node_of(storage, "app=roll").values()) == list(NODES)
@@ -503,17 +519,14 @@ def test_rolling_update_of_the_node_plugin_keeps_every_mount_readable(
     storage.put("roll.txt", body)
     for pod in pods:
         storage.wait_content(pod, "/dynamic/data/roll.txt", body)
-        storage.sh(pod, f"cat > /tmp/reader.sh <<'EOF'\n{_READER}\nEOF")
         storage.sh(
             pod,
-            f"nohup sh /tmp/reader.sh {shlex.quote(body.rstrip())} </dev/null >/dev/null 2>&1 &"
-            " echo $! > /tmp/reader.pid",
+            f"printf '%s' {shlex.quote(body.rstrip())} > /tmp/reader.new"
+            " && mv /tmp/reader.new /tmp/reader.want",
         )
     restarts = {p["metadata"]["uid"] for p in storage.pods("app=roll")}
-    time.sleep(2)
-    before = {pod: _reader_state(storage, pod) for pod in pods}
-    for pod, (alive, count, errors) in before.items():
-        assert alive, f"{pod}'s reader runs: {before[pod]}"
+    before = _readers_run(storage, pods)
+    for pod, (count, errors) in before.items():
         assert count > 0, f"{pod}'s reader reads: {before[pod]}"
         assert not errors, f"{pod}'s reader reads cleanly: {before[pod]}"
 
@@ -556,13 +569,12 @@ def test_rolling_update_of_the_node_plugin_keeps_every_mount_readable(
     assert most_unavailable <= 1, "at most one node was without a ready node plugin at a time"
     assert len(set(updated.values())) == len(NODES), f"one node after another: {updated}"
 
-    time.sleep(2)
+    after = _readers_run(storage, pods)
     for pod in pods:
-        alive, count, errors = _reader_state(storage, pod)
+        count, errors = after[pod]
         assert not errors, f"{pod}'s reader logged failures during the rollout:\n{errors}"
-        assert alive, f"{pod}'s reader loop stopped"
         # Each loop read all along the rollout (at least once a second; it aims at 20).
-        assert count - before[pod][1] >= took, f"{pod} read {count - before[pod][1]} times"
+        assert count - before[pod][0] >= took, f"{pod} read {count - before[pod][0]} times"
     assert {p["metadata"]["uid"] for p in storage.pods("app=roll")} == restarts
     assert not any(
         c.get("restartCount") for p in storage.pods("app=roll")
