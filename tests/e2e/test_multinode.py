@@ -593,8 +593,16 @@ def test_rolling_update_of_the_node_plugin_keeps_every_mount_readable(
 
 
 def test_node_loss_releases_its_mounts_within_a_minute(storage: NodesStorage) -> None:
-    """Runs last: the lost node stays lost for the rest of the module."""
-    lost = "node-3"
+    """Runs last: the lost node stays lost for the rest of the module. The lost node is one
+    that does not run dynvol's controller (losing the controller too is another case: its
+    replacement must be scheduled and elected first)."""
+    controllers = {
+        p["spec"].get("nodeName")
+        for p in storage.cluster.items(
+            "pods", "-n", SYSTEM_NAMESPACE, "-l", "app.kubernetes.io/component=controller"
+        )
+    }
+    lost = next(n for n in reversed(NODES) if n not in controllers)
     storage.cluster.apply(_spread(storage, "loss", 3))
     storage.claim("loss", mountpoint="/data", selector={"app": "loss"})
     pods = storage.wait_ready("app=loss", 3)
