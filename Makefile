@@ -29,7 +29,7 @@ tools-helm: setup
 	@bash hack/tools/build.sh helm
 
 tools-node: setup
-	@bash hack/tools/build.sh kubernetes-node
+	@bash hack/tools/build.sh kubernetes-node coredns
 
 # kube-apiserver and kubectl of the oldest supported release, for the integration tier.
 tools-oldest: setup

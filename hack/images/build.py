@@ -6,7 +6,7 @@
                                                    build, then import into containerd (k8s.io)
     hack/images/build.py list                      the images and their names
 
-IMAGE is one of: pause, busybox, dynvol (default: these three), e2e-busybox.
+IMAGE is one of: pause, busybox, dynvol (default: these three), coredns, e2e-busybox.
 
 Every image is an OCI image layout packed as a tar archive (``oci-layout``, ``index.json``,
 ``blobs/sha256/...``) with uncompressed layers, imported with ``ctr images import``.
@@ -15,6 +15,8 @@ Every image is an OCI image layout packed as a tar archive (``oci-layout``, ``in
 - ``busybox``: the workload image for tests: Debian's busybox-static from this machine.
 - ``e2e-busybox``: the same image under the name of the upstream e2e suite's busybox
   (``registry.k8s.io/e2e-test-images/busybox:<tag>``), for ``make test-upstream``.
+- ``coredns``: the multi-node cluster's DNS: the static CoreDNS that
+  ``hack/tools/build.sh coredns`` builds into ``.tools/bin``, alone on an empty base.
 - ``dynvol``: the repository's ``Dockerfile``, built by ``buildah build --isolation
   chroot`` on ``localhost/debian:bookworm-slim``, a base this script makes with debootstrap
   from bookworm, bookworm-updates and bookworm-security, shaped like Debian's slim image.
@@ -71,6 +73,7 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 IMAGE_NAMES = {
     "pause": "localhost/dynvol/pause:dev",
     "busybox": "localhost/dynvol/busybox:dev",
+    "coredns": "localhost/dynvol/coredns:dev",
     "dynvol": "localhost/dynvol/dynvol:dev",
     # The busybox above under the name the upstream e2e suite (e2e.test of the pinned
     # Kubernetes, `e2e.test --list-images`) gives its default test image, so that its pods
@@ -78,7 +81,8 @@ IMAGE_NAMES = {
     "e2e-busybox": "registry.k8s.io/e2e-test-images/busybox:1.37.0-2",
 }
 
-#: What `build` and `import` do without image names (the e2e suite's images only on request).
+#: What `build` and `import` do without image names (the single-node cluster's images; the
+#: multi-node cluster's DNS and the e2e suite's busybox only on request).
 DEFAULT_IMAGES = ("pause", "busybox", "dynvol")
 
 
@@ -337,6 +341,54 @@ def build_busybox(image: str = "busybox") -> Built:
 
 def build_e2e_busybox() -> Built:
     return build_busybox("e2e-busybox")
+
+
+# --- coredns -----------------------------------------------------------------------------
+
+COREDNS = TOP / ".tools" / "bin" / "coredns"
+
+
+def coredns_binary() -> bytes:
+    if not COREDNS.exists():
+        raise SystemExit(f"images: {COREDNS} is missing: run 'hack/tools/build.sh coredns'")
+    data = COREDNS.read_bytes()
+    # A static binary has no program interpreter (PT_INTERP, program header type 3).
+    if not data.startswith(b"\x7fELF\x02\x01") or _has_interpreter(data):
+        raise SystemExit(f"images: {COREDNS} is not a static x86-64 ELF binary (CGO_ENABLED=0)")
+    return data
+
+
+def _has_interpreter(elf: bytes) -> bool:
+    phoff = int.from_bytes(elf[0x20:0x28], "little")
+    size = int.from_bytes(elf[0x36:0x38], "little")
+    count = int.from_bytes(elf[0x38:0x3A], "little")
+    return any(
+        int.from_bytes(elf[phoff + i * size : phoff + i * size + 4], "little") == 3
+        for i in range(count)
+    )
+
+
+def build_coredns() -> Built:
+    binary = coredns_binary()
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="dynvol-coredns-") as tmp:
+            root = Path(tmp) / "rootfs"
+            for d in ("etc/coredns", "tmp"):
+                (root / d).mkdir(parents=True)
+            (root / "tmp").chmod(0o1777)
+            (root / "coredns").write_bytes(binary)
+            (root / "coredns").chmod(0o755)
+            tar_dir(root, out / "layer.tar")
+        layer = Layer.from_tar(out / "layer.tar", "hack/tools/build.sh coredns (static)")
+        write_archive(
+            name=IMAGE_NAMES["coredns"],
+            layers=[layer],
+            out=out / "image.tar",
+            config={"Entrypoint": ["/coredns"], "WorkingDir": "/"},
+        )
+
+    return _cached("coredns", key_of(RECIPE, binary), build)
 
 
 # --- dynvol ------------------------------------------------------------------------------
@@ -912,6 +964,7 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "busybox": build_busybox,
     "dynvol": build_dynvol,
     "e2e-busybox": build_e2e_busybox,
+    "coredns": build_coredns,
 }
 
 

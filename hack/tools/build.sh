@@ -10,6 +10,7 @@
 #   kubernetes-oldest   kube-apiserver, kubectl       at $KUBERNETES_OLDEST_VERSION
 #   csi-sanity, minio, etcd
 #   helm                the Helm client (charts/dynvol's tests)       at $HELM_VERSION
+#   coredns             the multi-node cluster's DNS (static)         at $COREDNS_VERSION
 #   --versions          print the Kubernetes versions the tiers run against, newest first
 #
 # KUBERNETES_VERSION defaults to the newest release in versions.env; set it in the
@@ -174,6 +175,13 @@ tool_helm() {
 -X $pkg/pkg/chartutil.k8sVersionMajor=1 -X $pkg/pkg/chartutil.k8sVersionMinor=$minor \
 -X $pkg/pkg/lint/rules.k8sVersionMajor=1 -X $pkg/pkg/lint/rules.k8sVersionMinor=$minor" \
     "$bin" $pkg/cmd/helm
+}
+
+# Static (CGO_ENABLED=0), so that its image needs no libc; hack/tools/coredns has only the
+# plugins the multi-node cluster's Corefile uses.
+tool_coredns() {
+  CGO_ENABLED=0 build coredns coredns "$COREDNS_VERSION" "-s -w" "$bin" \
+    dynvol.dev/hack/tools/coredns
 }
 
 # etcd comes from Debian (hack/setup.sh installs etcd-server); it is linked here so that

@@ -5,7 +5,8 @@ namespaces; pods talk across nodes over the pod network and reach the apiserver 
 webhook through Services, as on a real cluster. dynvol is the base of ``manifests/base``
 with the local image; the controller makes its own webhook certificate
 (:mod:`dynvol.testing.cluster.deploying`). MinIO listens on the node network's host
-address (10.233.0.1), where the DMPs reach it.
+address (10.233.0.1), where the DMPs reach it. CoreDNS behind ``kube-dns``
+(:mod:`dynvol.testing.cluster.dns`) resolves the cluster's names for every pod.
 
 Every case reads and writes real data from inside containers and checks the bucket from
 outside. After each case the fixture waits until no DVM, DMP or mount of the test is left
@@ -17,7 +18,10 @@ machine's cluster lock); the plain e2e tier skips this file.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -30,7 +34,11 @@ import pytest
 
 from dynvol.testing import MinioServer
 from dynvol.testing.cluster import ClusterError, MultiNodeCluster, deploying
-from dynvol.testing.cluster.addressing import HOST_ADDRESS
+from dynvol.testing.cluster.addressing import (
+    DNS_SERVICE_ADDRESS,
+    HOST_ADDRESS,
+    KUBERNETES_SERVICE_ADDRESS,
+)
 from dynvol.testing.controlplane import repo_root
 from dynvol.testing.localcluster import ClusterError as LocalClusterError
 from tests.e2e.conftest import Storage, wait_for
@@ -40,6 +48,9 @@ pytestmark = pytest.mark.e2e
 NODES = ("node-1", "node-2", "node-3")
 SYSTEM_NAMESPACE = deploying.SYSTEM_NAMESPACE
 XVOLS = "/var/lib/dynamic/xvols"
+#: The dynvol image under a second tag: what the node DaemonSet rolls to.
+ROLLOUT_IMAGE = "localhost/dynvol/dynvol:rollout"
+NODE_PODS = "app.kubernetes.io/name=dynvol,app.kubernetes.io/component=node"
 
 
 def _unavailable() -> str | None:
@@ -229,6 +240,112 @@ def test_nodes_share_no_mounts(cluster: Cluster) -> None:
     assert str(cluster.dir / "nodes") not in host, "nothing of a node is mounted on the host"
 
 
+#: Run in a pod of the dynvol image (glibc's resolver, Python): resolves NAME through the
+#: pod's resolv.conf, GETs https://NAME/healthz checking the certificate against CA (the
+#: webhook configuration's caBundle) and the name, and asks the cluster DNS directly for a
+#: name outside the cluster, printing the response code.
+_DNS_PROBE = """
+import json, socket, ssl, struct, sys, urllib.request
+name, ca, server, outside = sys.argv[1:5]
+out = {"address": socket.gethostbyname(name)}
+ctx = ssl.create_default_context(cadata=ca)
+with urllib.request.urlopen(f"https://{name}/healthz", context=ctx, timeout=10) as resp:
+    out["status"] = resp.status
+query = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+query += b"".join(bytes([len(p)]) + p.encode() for p in outside.split(".")) + b"\\0"
+query += struct.pack(">HH", 1, 1)
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock.settimeout(5)
+    sock.sendto(query, (server, 53))
+    reply = sock.recv(512)
+ident, flags, _, answers = struct.unpack(">HHHH", reply[:8])
+out.update(id=ident, rcode=flags & 0xF, answers=answers)
+print(json.dumps(out))
+"""
+
+
+def test_pods_on_every_node_resolve_cluster_names_and_nothing_else(cluster: Cluster) -> None:
+    """Every node's pods get the cluster DNS in resolv.conf; the apiserver's and the
+    webhook's Service names resolve to their ClusterIPs, the webhook answers by name with a
+    certificate for it, and a name outside the cluster is refused (nothing is forwarded)."""
+    namespace = f"dns-{uuid.uuid4().hex[:8]}"
+    cluster.kubectl("create", "namespace", namespace)
+    try:
+        for node in NODES:
+            cluster.apply(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": f"probe-{node}", "namespace": namespace},
+                    "spec": {
+                        "nodeName": node,
+                        "terminationGracePeriodSeconds": 1,
+                        "containers": [
+                            {
+                                "name": "main",
+                                "image": deploying.IMAGE,
+                                "imagePullPolicy": "Never",
+                                "command": ["sleep", "infinity"],
+                            }
+                        ],
+                    },
+                }
+            )
+        cluster.kubectl(
+            "-n", namespace, "wait", "--for=condition=Ready", "pod", "--all", "--timeout=120s",
+            timeout=130,
+        )  # fmt: skip
+        webhook = cluster.get("service", deploying.WEBHOOK_SERVICE, SYSTEM_NAMESPACE)
+        webhook_ip = webhook["spec"]["clusterIP"]
+        hooks = cluster.items("mutatingwebhookconfigurations")
+        bundles = {
+            h["clientConfig"]["caBundle"]
+            for c in hooks
+            for h in c.get("webhooks", [])
+            if h["clientConfig"].get("service", {}).get("name") == deploying.WEBHOOK_SERVICE
+        }
+        assert len(bundles) == 1, f"one caBundle for the webhook Service: {bundles}"
+        ca = base64.b64decode(bundles.pop()).decode()
+        short = f"{deploying.WEBHOOK_SERVICE}.{SYSTEM_NAMESPACE}.svc"
+        for node in NODES:
+            pod = f"probe-{node}"
+
+            def run(*argv: str, pod: str = pod) -> subprocess.CompletedProcess[str]:
+                return cluster.kubectl(
+                    "-n", namespace, "exec", pod, "--", *argv, check=False, timeout=60
+                )  # fmt: skip
+
+            resolv = run("cat", "/etc/resolv.conf").stdout
+            assert f"nameserver {DNS_SERVICE_ADDRESS}" in resolv.splitlines(), resolv
+            assert f"search {namespace}.svc.cluster.local svc.cluster.local cluster.local" in (
+                resolv
+            ), resolv
+            full = run("getent", "hosts", "kubernetes.default.svc.cluster.local")
+            assert full.returncode == 0, f"{node}: {full.stderr}"
+            assert full.stdout.split()[0] == str(KUBERNETES_SERVICE_ADDRESS), full.stdout
+            # The short name goes through the search list, as in any pod.
+            hook = run("getent", "hosts", short)
+            assert hook.returncode == 0, f"{node}: {hook.stderr}"
+            assert hook.stdout.split()[0] == webhook_ip, hook.stdout
+            outside = run("getent", "hosts", "example.com")
+            assert outside.returncode != 0, outside.stdout
+            assert not outside.stdout.strip(), outside.stdout
+            probe = run(
+                "python3", "-c", _DNS_PROBE, short, ca, str(DNS_SERVICE_ADDRESS), "example.com"
+            )  # fmt: skip
+            assert probe.returncode == 0, f"{node}: {probe.stderr}"
+            got = json.loads(probe.stdout)
+            assert got["address"] == webhook_ip
+            assert got["status"] == 200, f"{node}: the webhook answers by its Service name"
+            # REFUSED (5): no server block for the name and no forwarder to ask.
+            assert (got["id"], got["rcode"], got["answers"]) == (0x1234, 5, 0), got
+    finally:
+        cluster.kubectl(
+            "delete", "namespace", namespace, "--wait=true", "--timeout=120s",
+            check=False, timeout=130,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("storage", ["shared"], indirect=True)
 def test_shared_policy_one_dmp_per_node_and_class(storage: NodesStorage) -> None:
     storage.cluster.apply(_spread(storage, "team", 6))
@@ -318,9 +435,174 @@ def test_drain_moves_pods_with_their_mounts_and_leaves_nothing(storage: NodesSto
         storage.cluster.kubectl("uncordon", drained, check=False)
 
 
+#: The rolling-update case's workload: the container's own process (a process started by
+#: ``kubectl exec`` ends with its session) waits for the expected content, then reads the
+#: claim's file (and lists its directory) every ~50 ms, counts the reads (a byte each) and
+#: logs every failure or wrong content with the time, until told to stop.
+_READER = r"""
+trap 'exit 143' TERM
+f=/dynamic/data/roll.txt
+while [ ! -e /tmp/reader.want ]; do sleep 0.2; done
+want=$(cat /tmp/reader.want)
+while [ ! -e /tmp/reader.stop ]; do
+  if ! out=$(cat "$f" 2>&1); then
+    echo "$(date +%T) up=$(cut -d' ' -f1 /proc/uptime) read failed: $out" >> /tmp/reader.err
+  elif [ "$out" != "$want" ]; then
+    echo "$(date +%T) up=$(cut -d' ' -f1 /proc/uptime) wrong content: $out" >> /tmp/reader.err
+  fi
+  if ! ls /dynamic/data > /dev/null 2>/tmp/reader.ls; then
+    echo "$(date +%T) up=$(cut -d' ' -f1 /proc/uptime) list failed: $(cat /tmp/reader.ls)" \
+      >> /tmp/reader.err
+  fi
+  printf . >> /tmp/reader.reads
+  sleep 0.05
+done
+while true; do sleep 1; done
+"""
+
+
+def _reader_state(storage: NodesStorage, pod: str) -> tuple[int, str]:
+    """How many reads the pod's reader loop made, and what it logged."""
+    out = storage.sh(
+        pod,
+        "wc -c < /tmp/reader.reads 2>/dev/null || echo 0; echo ---;"
+        " cat /tmp/reader.err 2>/dev/null || true",
+    )
+    head, _, errors = out.partition("---\n")
+    return int(head.strip()), errors.strip()
+
+
+def _readers_run(storage: NodesStorage, pods: list[str]) -> dict[str, tuple[int, str]]:
+    """Every reader's state, after checking that each one still reads (its count grows)."""
+    first = {pod: _reader_state(storage, pod) for pod in pods}
+    time.sleep(1.5)
+    now = {pod: _reader_state(storage, pod) for pod in pods}
+    for pod in pods:
+        assert now[pod][0] > first[pod][0], f"{pod}'s reader loop reads: {first[pod]} {now[pod]}"
+    return now
+
+
+def _node_pods(cluster: Cluster) -> dict[str, tuple[str, str, bool]]:
+    """node -> (pod name, image, ready) of dynvol's node plugin pods not being deleted."""
+    found = {}
+    for pod in cluster.items("pods", "-n", SYSTEM_NAMESPACE, "-l", NODE_PODS):
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "node"]
+        ready = any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in pod.get("status", {}).get("conditions", [])
+        )
+        found[pod["spec"].get("nodeName", "")] = (
+            pod["metadata"]["name"],
+            container["image"],
+            ready,
+        )
+    return found
+
+
+def test_rolling_update_of_the_node_plugin_keeps_every_mount_readable(
+    storage: NodesStorage,
+) -> None:
+    """Issue 10: the node DaemonSet rolls to a new image node by node (maxUnavailable 1)
+    while a reader loop in a pod on every node reads the claim's file every ~50 ms; no
+    read fails (no ENOTCONN), the content stays right, and new claims mount afterwards."""
+    cluster = storage.cluster
+    workload = _spread(storage, "roll", 3)
+    (main,) = workload["spec"]["template"]["spec"]["containers"]
+    main["command"] = ["sh", "-c", _READER]
+    storage.cluster.apply(workload)
+    storage.claim("roll", mountpoint="/data", selector={"app": "roll"})
+    pods = storage.wait_ready("app=roll", 3)
+    assert sorted(_node_of(storage, "app=roll").values()) == list(NODES)
+    body = _body("roll")
+    storage.put("roll.txt", body)
+    for pod in pods:
+        storage.wait_content(pod, "/dynamic/data/roll.txt", body)
+        storage.sh(
+            pod,
+            f"printf '%s' {shlex.quote(body.rstrip())} > /tmp/reader.new"
+            " && mv /tmp/reader.new /tmp/reader.want",
+        )
+    restarts = {p["metadata"]["uid"] for p in storage.pods("app=roll")}
+    before = _readers_run(storage, pods)
+    for pod, (count, errors) in before.items():
+        assert count > 0, f"{pod}'s reader reads: {before[pod]}"
+        assert not errors, f"{pod}'s reader reads cleanly: {before[pod]}"
+
+    # The same image under a second tag on every node: a new template, so a real rollout.
+    for node in NODES:
+        sock = str(cluster.layout.node(node).containerd_sock)
+        subprocess.run(
+            ["ctr", "--address", sock, "-n", "k8s.io", "images", "tag", "--force",
+             deploying.IMAGE, ROLLOUT_IMAGE],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+    old = _node_pods(cluster)
+    assert sorted(old) == list(NODES)
+    assert all(i == deploying.IMAGE for _, i, _ in old.values()), old
+    ds = cluster.get("daemonset", "dynvol-node", SYSTEM_NAMESPACE)
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
+    began = time.monotonic()
+    cluster.kubectl(
+        "-n", SYSTEM_NAMESPACE, "set", "image", "daemonset/dynvol-node", f"node={ROLLOUT_IMAGE}"
+    )  # fmt: skip
+    updated: dict[str, float] = {}
+    most_unavailable = 0
+    while len(updated) < len(NODES):
+        assert time.monotonic() - began < 240, f"the rollout is stuck; updated: {updated}"
+        now = _node_pods(cluster)
+        unavailable = [n for n in NODES if n not in now or not now[n][2]]
+        most_unavailable = max(most_unavailable, len(unavailable))
+        for node, (name, image, ready) in now.items():
+            if image == ROLLOUT_IMAGE and ready and node not in updated:
+                assert name != old[node][0]
+                updated[node] = time.monotonic() - began
+        time.sleep(0.3)
+    cluster.kubectl(
+        "-n", SYSTEM_NAMESPACE, "rollout", "status", "daemonset/dynvol-node", "--timeout=60s",
+        timeout=70,
+    )  # fmt: skip
+    took = time.monotonic() - began
+    order = sorted(updated, key=updated.__getitem__)
+    print(f"node plugin rolled node by node in {took:.1f}s: {[(n, updated[n]) for n in order]}")
+    assert most_unavailable <= 1, "at most one node was without a ready node plugin at a time"
+    assert len(set(updated.values())) == len(NODES), f"one node after another: {updated}"
+
+    after = _readers_run(storage, pods)
+    for pod in pods:
+        count, errors = after[pod]
+        assert not errors, f"{pod}'s reader logged failures during the rollout:\n{errors}"
+        # Each loop read all along the rollout (at least once a second; it aims at 20).
+        assert count - before[pod][0] >= took, f"{pod} read {count - before[pod][0]} times"
+    assert {p["metadata"]["uid"] for p in storage.pods("app=roll")} == restarts
+    assert not any(
+        c.get("restartCount") for p in storage.pods("app=roll")
+        for c in p["status"].get("containerStatuses", [])
+    ), "no workload container restarted"  # fmt: skip
+    assert storage.get("roll.txt") == body, "the data is intact in the bucket"
+    # The old mounts still carry new data both ways, and a new claim mounts.
+    _all_read_and_write(storage, pods, "rolled")
+    for pod in pods:
+        storage.sh(pod, "touch /tmp/reader.stop")
+    storage.cluster.apply(_spread(storage, "fresh", 3))
+    storage.claim("fresh", mountpoint="/data", selector={"app": "fresh"})
+    fresh = storage.wait_ready("app=fresh", 3)
+    _all_read_and_write(storage, fresh, "fresh")
+    wait_for(lambda: _counts(storage, "fresh") == (3, 3, 0), 60, "the new claim counts 3 of 3")
+
+
 def test_node_loss_releases_its_mounts_within_a_minute(storage: NodesStorage) -> None:
-    """Runs last: the lost node stays lost for the rest of the module."""
-    lost = "node-3"
+    """Runs last: the lost node stays lost for the rest of the module. The lost node is one
+    that does not run dynvol's controller (losing the controller too is another case: its
+    replacement must be scheduled and elected first)."""
+    controllers = {
+        p["spec"].get("nodeName")
+        for p in storage.cluster.items(
+            "pods", "-n", SYSTEM_NAMESPACE, "-l", "app.kubernetes.io/component=controller"
+        )
+    }
+    lost = next(n for n in reversed(NODES) if n not in controllers)
     storage.cluster.apply(_spread(storage, "loss", 3))
     storage.claim("loss", mountpoint="/data", selector={"app": "loss"})
     pods = storage.wait_ready("app=loss", 3)

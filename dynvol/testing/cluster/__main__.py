@@ -44,6 +44,15 @@ def _print_status(report: dict[str, object]) -> None:
         for node in nodes:
             ready = "Ready" if node["ready"] else "NotReady"
             print(f"  node {node['name']:10} {node['address'] or '-':14} {ready}")
+    dns = report.get("dns")
+    if isinstance(dns, dict):
+        state = "ready" if dns["ready"] else "NOT READY"
+        where = ", ".join(
+            f"{r['name']} on {r['node'] or '-'} {'ready' if r['ready'] else 'not ready'}"
+            for r in dns["replicas"]
+        )
+        print(f"dns:        kube-dns {dns['address']} {state}, {dns['endpoints']} endpoint(s)")
+        print(f"  {where or 'no CoreDNS pod'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(report, indent=1))
         else:
             _print_status(report)
-        return 0 if report["running"] else 3
+        dns_ready = report.get("dns", {}).get("ready", True) if report["running"] else True
+        return 0 if report["running"] and dns_ready else 3
     except (ClusterError, ValueError) as exc:
         say(f"error: {exc}")
         return 1

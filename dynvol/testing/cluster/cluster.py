@@ -4,7 +4,8 @@ The control plane runs on the host; each node is a containerd (with runc), a kub
 a kube-proxy (iptables mode) in the node's own network namespace (a veth on the host
 bridge) and mount namespace (its own ``/var/lib/kubelet``, ``/var/lib/dynamic``, ``/run``
 and containerd root). Pods get addresses of their node's pod network, routed between
-nodes; Services work through each node's kube-proxy. Addresses:
+nodes; Services work through each node's kube-proxy; CoreDNS behind ``kube-dns`` is the
+cluster DNS (:mod:`dynvol.testing.cluster.dns`). Addresses:
 :mod:`dynvol.testing.cluster.addressing`.
 
 Neighbours: ``hack/local-cluster up --nodes N`` calls :func:`main` of
@@ -29,8 +30,9 @@ from typing import Any
 
 import attrs
 
-from dynvol.testing.cluster import isolation, network
+from dynvol.testing.cluster import dns, isolation, network
 from dynvol.testing.cluster.addressing import (
+    DNS_SERVICE_ADDRESS,
     HOST_ADDRESS,
     KUBERNETES_SERVICE_ADDRESS,
     NodePlan,
@@ -219,6 +221,7 @@ class MultiNodeCluster:
                     }
                     for n in json.loads(nodes.stdout)["items"]
                 ]
+            report["dns"] = dns.dns_status(self)
         return report
 
     # --- up ---------------------------------------------------------------------------
@@ -321,7 +324,7 @@ class MultiNodeCluster:
                 key=pki / f"{name}.key",
             )
         for plan in plans:
-            write_node_files(layout, plan, dns=[])
+            write_node_files(layout, plan, dns=[str(DNS_SERVICE_ADDRESS)])
         layout.write_state(
             {
                 "dir": str(layout.dir),
@@ -336,7 +339,12 @@ class MultiNodeCluster:
         return ports
 
     def up(self, *, images: tuple[str, ...] = ("pause", "busybox", "dynvol")) -> bool:
-        """Bring the cluster up unless it runs; returns whether this call started it."""
+        """Bring the cluster up unless it runs; returns whether this call started it.
+
+        The cluster DNS's image is always built and imported with ``images``, and CoreDNS
+        deployed, unless there is no checkout to build images from."""
+        if images and "coredns" not in images:
+            images = (*images, "coredns")
         if os.geteuid() != 0:
             raise ClusterError("run as root: namespaces, mounts and the kubelets need it")
         began, timings = time.monotonic(), {}
@@ -376,6 +384,11 @@ class MultiNodeCluster:
                 t = time.monotonic()
                 self._post_start()
                 timings["nodes-ready"] = time.monotonic() - t
+                if "coredns" in images and root is not None:
+                    t = time.monotonic()
+                    self.apply(*dns.objects())
+                    dns.wait_ready(self)
+                    timings["dns-ready"] = time.monotonic() - t
             except BaseException:
                 self.progress("start failed; stopping what was started")
                 self._teardown(grace=0)

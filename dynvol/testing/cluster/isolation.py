@@ -49,8 +49,15 @@ def create_mount_ns(layout: Layout, node: NodePlan) -> None:
         (nl.dynamic, "/var/lib/dynamic"),
         (nl.cni_cache, "/var/lib/cni"),
     )
-    script = [
-        "set -e",
+    script = ["set -e"]
+    # The host's own mounts there (the single-node cluster's /var/lib/kubelet and
+    # /var/lib/dynamic binds, and its pods' volumes) arrive as slave copies. Left beneath
+    # the tmpfs they still come first in the node's mount table, where containerd, looking
+    # for the mount of a Bidirectional hostPath, would take the host's (not shared) for the
+    # node's own. Unmounting a slave copy does not reach the host.
+    for _, dst in binds:
+        script.append(f"while mountpoint -q {dst}; do umount -l {dst}; done")
+    script += [
         "mount -t tmpfs -o mode=0755 dvmn-run /run",
         "mount -t tmpfs -o mode=0755 dvmn-varlib /var/lib",
         "mkdir -p /run/containerd /run/netns",

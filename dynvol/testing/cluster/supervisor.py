@@ -78,6 +78,15 @@ def remove_containers(sock: Path) -> None:
         ctr("containers", "rm", cid)
 
 
+#: What nsenter prints when it cannot join a namespace (the process never started).
+_NSENTER_FAILED = "nsenter: reassociate to namespace"
+_NSENTER_ATTEMPTS = 3
+
+
+class _NsenterFailed(RuntimeError):
+    pass
+
+
 @attrs.define
 class Supervisor:
     layout: Layout
@@ -116,6 +125,17 @@ class Supervisor:
                     os.waitpid(pid, 0)
 
     def start(self, spec: Spec) -> None:
+        for attempt in range(1, _NSENTER_ATTEMPTS + 1):
+            try:
+                self._start(spec)
+                return
+            except _NsenterFailed as exc:
+                if attempt == _NSENTER_ATTEMPTS:
+                    raise RuntimeError(str(exc)) from None
+                self.log(f"{exc}; starting it again ({attempt}/{_NSENTER_ATTEMPTS})")
+                time.sleep(0.5)
+
+    def _start(self, spec: Spec) -> None:
         env = {**os.environ, **dict(spec.env), "DYNVOL_MULTINODE": str(self.layout.dir)}
         log = self.layout.logs / f"{spec.name.replace('/', '.')}.log"
         proc = Process.start(spec.argv, name=spec.name, env=env, log=log, cwd=Path("/"))
@@ -125,6 +145,13 @@ class Supervisor:
         began = time.monotonic()
         while not spec.ready():
             self.reap()
+            if proc.poll() is not None and not self.stopping:
+                tail = proc.log_tail(40)
+                if _NSENTER_FAILED in tail:
+                    # nsenter could not join the node's namespace, and the process never
+                    # ran: seen now and then on this shared machine just after the node's
+                    # containerd joined the same namespace file. Another try is safe.
+                    raise _NsenterFailed(f"{spec.name} could not enter its namespaces{tail}")
             if proc.poll() is not None or self.stopping:
                 raise RuntimeError(
                     f"{spec.name} exited with {proc.returncode} before it was ready"
