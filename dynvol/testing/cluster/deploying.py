@@ -47,10 +47,8 @@ def render(cluster: MultiNodeCluster, checkout: Path) -> list[dict[str, Any]]:
             for c in _containers(obj):
                 c["image"], c["imagePullPolicy"] = IMAGE, "Never"
         if kind == "DaemonSet" and name == "dynvol-node":
+            # DMPs run the node plugin's image (read from its Pod), set just above.
             (node,) = [c for c in _containers(obj) if c["name"] == "node"]
-            for env in node.get("env", []):
-                if env["name"] == "DYNVOL_IMAGE":
-                    env["value"] = IMAGE
             node["args"] += ["--dmp-image-pull-policy=Never", "--shared-idle-grace=20"]
     return objs
 
