@@ -225,9 +225,12 @@ class DmpSync:
         """Delete a DMP whose container is in CrashLoopBackOff, so that it is created again
         and starts at once, within the budget (``--dmp-crash-replacements`` per 10 min)."""
         if self.budget.take(pod.name, self.clock()):
-            # Its mounts died with its container: nothing to unmount gracefully, and a
-            # container kubelet is just starting again gets a second, not the pod's 30 s.
-            await self.delete(pod, "CrashLoopBackOff", grace_seconds=1)
+            # Its mounts died with its container: nothing to unmount gracefully. Exited and
+            # waiting out its back-off, nothing of it runs, so the Pod goes at once (no wait
+            # for kubelet to confirm); otherwise kubelet may be starting it again right now,
+            # and that gets a second, not the pod's 30 s.
+            grace = 0 if pod.crashed_and_stopped else 1
+            await self.delete(pod, "CrashLoopBackOff", grace_seconds=grace)
         elif self.budget.first_refusal(pod.name, pod.uid):
             log.warning(
                 "node %s: DMP %s keeps crashing (replaced %d times in %.0f s); kubelet's "

@@ -49,6 +49,9 @@ class PodInfo:
     #: A container of the pod crash-loops: kubelet waits before it starts it again
     #: (:func:`container_crash_looping`).
     crash_looping: bool = False
+    #: ... and that container is not running: it has exited and waits out its back-off (so
+    #: nothing of the pod runs that a deletion would have to stop).
+    crashed_and_stopped: bool = False
 
     @classmethod
     def from_object(cls, obj: object) -> PodInfo:
@@ -78,6 +81,7 @@ class PodInfo:
             volume=volume,
             tolerations=tolerations,
             crash_looping=_crash_looping(status.obj),
+            crashed_and_stopped=_crash_looping(status.obj, stopped=True),
         )
 
     @property
@@ -116,12 +120,23 @@ class PodInfo:
         )
 
 
-def _crash_looping(status: Mapping[str, object]) -> bool:
-    """Whether a container of the pod crash-loops (see :func:`container_crash_looping`)."""
+def _crash_looping(status: Mapping[str, object], *, stopped: bool = False) -> bool:
+    """Whether a container of the pod crash-loops (see :func:`container_crash_looping`);
+    with ``stopped``, one that has exited and is not being started again right now."""
     statuses = status.get("containerStatuses")
     if not isinstance(statuses, list):
         return False
-    return any(isinstance(s, Mapping) and container_crash_looping(s) for s in statuses)
+    return any(
+        isinstance(s, Mapping)
+        and container_crash_looping(s)
+        and (not stopped or isinstance(_state(s).get("terminated"), Mapping))
+        for s in statuses
+    )
+
+
+def _state(status: Mapping[str, object]) -> Mapping[str, object]:
+    state = status.get("state")
+    return state if isinstance(state, Mapping) else {}
 
 
 def container_crash_looping(status: Mapping[str, object]) -> bool:

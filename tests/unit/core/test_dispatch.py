@@ -518,7 +518,16 @@ def test_crash_looping_is_read_from_the_container_statuses(statuses: object, loo
         "spec": {},
         "status": {"phase": "Running", "containerStatuses": statuses},
     }
-    assert PodInfo.from_object(obj).crash_looping is looping
+    info = PodInfo.from_object(obj)
+    assert info.crash_looping is looping
+    # Stopped only when the looping container has exited (not while kubelet reports the
+    # end of its back-off, when it starts it again).
+    exited = (
+        looping
+        and isinstance(statuses, list)
+        and any(isinstance(s, dict) and "terminated" in (s.get("state") or {}) for s in statuses)
+    )
+    assert info.crashed_and_stopped is exited
 
 
 def test_changed_claim_updates_mount_in_place() -> None:
