@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import mounts_under
 from dynvol.testing.processes import Process
 from dynvol_core import constants as c
+from dynvol_providers.builtin.rclone import pending_uploads
 
 from .conftest import (
     AgentRunner,
@@ -198,6 +199,13 @@ async def test_rclone_resumes_an_upload_cut_by_a_killed_mount_pod(
     bucket = minio.make_bucket("resume-rclone")
     agent = agent_factory(s3_keys)
     name = await _rclone_wrote(minio, mounts, slot, agent, container, bucket, "cut.bin")
+    # rclone records a closed file as to be uploaded in its cache (vfsMeta/); the upload
+    # that is cut is one it has recorded.
+    await eventually(
+        lambda: sum(pending_uploads(PurePosixPath(m.parent)) for m in
+                    agent.work_dir.glob("*/cache/vfsMeta")) >= 1,
+        within=10, interval=0.01, what="rclone to record the closed file as dirty", agent=agent,
+    )  # fmt: skip
     # The mount pod's container dies mid-upload (every process in it at once); its work
     # dir, an emptyDir in a real DMP, stays. Nothing was uploaded yet.
     assert agent.process is not None
