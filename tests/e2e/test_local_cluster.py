@@ -210,17 +210,21 @@ def test_bidirectional_mount_reaches_host_and_other_pods(
 def test_dynvol_image_reaches_the_apiserver_in_cluster(
     local_cluster: Cluster, pods: list[str]
 ) -> None:
-    """What dynvol's own pods do: hostNetwork, in-cluster config pointed at 127.0.0.1."""
+    """What dynvol's own pods do: hostNetwork, in-cluster config pointed at 127.0.0.1, through
+    dynvol's own client (the image has no kubernetes_asyncio: it reads the service account
+    itself)."""
     port = json.loads((local_cluster.dir / "run" / "state.json").read_text())["ports"]["apiserver"]
     script = (
-        "import asyncio\n"
-        "from kubernetes_asyncio import client, config\n"
+        "import asyncio, importlib.util\n"
+        "from dynvol_kube import Client\n"
+        "assert importlib.util.find_spec('kubernetes_asyncio') is None\n"
         "async def main():\n"
-        "    config.load_incluster_config()\n"
-        "    async with client.ApiClient() as api:\n"
-        "        review = await client.AuthenticationV1Api(api).create_self_subject_review(\n"
-        "            client.V1SelfSubjectReview())\n"
-        "        print(review.status.user_info.username)\n"
+        "    async with await Client.from_kubeconfig() as api:\n"
+        "        review = await api.request(\n"
+        "            'POST', '/apis/authentication.k8s.io/v1/selfsubjectreviews',\n"
+        "            body={'apiVersion': 'authentication.k8s.io/v1',\n"
+        "                  'kind': 'SelfSubjectReview'})\n"
+        "        print(review['status']['userInfo']['username'])\n"
         "asyncio.run(main())\n"
     )
     name = f"smoke-{uuid.uuid4().hex[:8]}"
