@@ -111,12 +111,7 @@ class _Session:
             timeout=aiohttp.ClientTimeout(total=request_timeout), **self._options(),
         ) as response:  # fmt: skip
             payload = await response.read()
-            cause: BaseException | None = None
-            if not 200 <= response.status <= 299:
-                cause = aiohttp.ClientResponseError(
-                    response.request_info, response.history, status=response.status,
-                    message=response.reason or "", headers=response.headers,
-                )  # fmt: skip
+            cause = None if 200 <= response.status <= 299 else _http_error(response)
             return _Reply(
                 response.status, response.reason or "", response.headers.get("Content-Type", ""),
                 payload, cause,
@@ -455,12 +450,8 @@ class Client:
         try:
             if response.status != 200:
                 body = await response.read()
-                original = aiohttp.ClientResponseError(
-                    response.request_info, response.history, status=response.status,
-                    message=response.reason or "",
-                )  # fmt: skip
                 raise _api_error("WATCH", path, response.status, response.reason, body) from (
-                    original
+                    _http_error(response)
                 )
             while True:
                 try:
@@ -494,6 +485,14 @@ class Client:
         finally:
             response.release()
             response.close()
+
+
+def _http_error(response: aiohttp.ClientResponse) -> aiohttp.ClientResponseError:
+    """aiohttp's own error for an answer that is not 2xx (chained under the project's)."""
+    return aiohttp.ClientResponseError(
+        response.request_info, response.history, status=response.status,
+        message=response.reason or "", headers=response.headers,
+    )  # fmt: skip
 
 
 def _resolve(path: str | os.PathLike[str] | None, context: str | None) -> Endpoint | str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 
@@ -57,6 +57,39 @@ async def _exited(agent: AgentRunner, within: float) -> int:
     return status
 
 
+async def _mounted(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+    bucket: str,
+    content: bytes,
+    *,
+    agent_args: Sequence[str] = (),
+) -> AgentRunner:
+    """An agent serving a new bucket ``bucket`` (holding ``hello.txt``) at /data."""
+    name = minio.make_bucket(bucket, {"hello.txt": content})
+    agent = agent_factory(s3_keys)
+    await assign(
+        mounts, slot, agent, {"bucket": name, "endpoint": minio.endpoint}, agent_args=agent_args
+    )
+    return agent
+
+
+def _sigterm(agent: AgentRunner) -> None:
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGTERM)
+
+
+async def _serves_as_evicted(agent: AgentRunner) -> None:
+    said = "evicted; serving the pods that are still there"
+    await eventually(
+        lambda: said in agent.log.read_text(), what="the agent to say it keeps serving",
+        agent=agent,
+    )  # fmt: skip
+
+
 @pytest.fixture
 async def client(control_plane: ControlPlane) -> AsyncIterator[Client]:
     made = await Client.from_kubeconfig(control_plane.kubeconfig)
@@ -75,21 +108,16 @@ async def test_a_drained_mount_pod_serves_its_terminating_pod_until_it_is_gone(
     agent_factory: Callable[[dict[str, str]], AgentRunner],
     client: Client,
 ) -> None:
-    bucket = minio.make_bucket("drain", {"hello.txt": b"still here\n"})
-    agent = agent_factory(s3_keys)
-    await assign(mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint})
+    agent = await _mounted(minio, s3_keys, slot, mounts, agent_factory, "drain", b"still here\n")
     assert container.read("data/hello.txt") == "still here\n"
     # The drain: the DMP is evicted and its user pod is terminating; the DMP gets SIGTERM.
     await _evict_the_mount_pod(client, slot)
     await _terminate(client, slot, grace=120)
-    assert agent.process is not None
-    agent.process.send_signal(signal.SIGTERM)
-    await eventually(
-        lambda: "evicted; serving the pods that are still there" in agent.log.read_text(),
-        what="the agent to say it keeps serving", agent=agent,
-    )  # fmt: skip
+    _sigterm(agent)
+    await _serves_as_evicted(agent)
     # Well past the settle time, the terminating pod still reads its data.
     await asyncio.sleep(2.0)
+    assert agent.process is not None
     assert agent.process.poll() is None
     assert container.read("data/hello.txt") == "still here\n"
     assert len(agent.daemons()) == 1
@@ -109,12 +137,9 @@ async def test_a_mount_pod_deleted_alone_hands_over_at_once(
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
 ) -> None:
-    bucket = minio.make_bucket("handover", {"hello.txt": b"x\n"})
-    agent = agent_factory(s3_keys)
-    await assign(mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint})
-    assert agent.process is not None
+    agent = await _mounted(minio, s3_keys, slot, mounts, agent_factory, "handover", b"x\n")
     began = time.monotonic()
-    agent.process.send_signal(signal.SIGTERM)
+    _sigterm(agent)
     assert await _exited(agent, within=15) == 0
     stopped_after = time.monotonic() - began
     agent.stop()
@@ -134,15 +159,12 @@ async def test_a_pod_that_takes_too_long_is_unmounted_at_the_stop_timeout(
     agent_factory: Callable[[dict[str, str]], AgentRunner],
     client: Client,
 ) -> None:
-    bucket = minio.make_bucket("slowpod", {"hello.txt": b"x\n"})
-    agent = agent_factory(s3_keys)
-    await assign(
-        mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint},
+    agent = await _mounted(
+        minio, s3_keys, slot, mounts, agent_factory, "slowpod", b"x\n",
         agent_args=["--stop-timeout", "3"],
     )  # fmt: skip
     await _terminate(client, slot, grace=300)
-    assert agent.process is not None
-    agent.process.send_signal(signal.SIGTERM)
+    _sigterm(agent)
     assert await _exited(agent, within=20) == 0
     agent.stop()
     assert mounts_under(slot.path) == []
@@ -166,19 +188,13 @@ async def test_an_evicted_mount_pod_serves_a_pod_that_is_not_leaving_yet(
 ) -> None:
     """A drain evicts pods one by one and a disruption budget may hold one back: an evicted
     DMP keeps serving a pod that is not terminating, until its stop timeout."""
-    bucket = minio.make_bucket("held", {"hello.txt": b"held\n"})
-    agent = agent_factory(s3_keys)
-    await assign(
-        mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint},
+    agent = await _mounted(
+        minio, s3_keys, slot, mounts, agent_factory, "held", b"held\n",
         agent_args=["--stop-timeout", "4"],
     )  # fmt: skip
     await _evict_the_mount_pod(client, slot)
-    assert agent.process is not None
-    agent.process.send_signal(signal.SIGTERM)
-    await eventually(
-        lambda: "evicted; serving the pods that are still there" in agent.log.read_text(),
-        what="the agent to say it keeps serving", agent=agent,
-    )  # fmt: skip
+    _sigterm(agent)
+    await _serves_as_evicted(agent)
     assert container.read("data/hello.txt") == "held\n"
     assert await _exited(agent, within=20) == 0
     agent.stop()
