@@ -345,8 +345,9 @@ class Agent:
                     len(self._owned), now - began,
                 )  # fmt: skip
                 return
+            seen: dict[tuple[str, str], str] = {}  # one read per served pod and pass
             for owned in list(self._owned.values()):
-                state = await self._served_pod(owned.key)
+                state = await self._served_pod(owned.key, seen)
                 if state == "gone" or (state == "staying" and not evicted):
                     log.info(
                         "stopping: unmounting %s/%s (its pod is %s)", *owned.key,
@@ -377,14 +378,21 @@ class Agent:
             for c_ in conditions
         )
 
-    async def _served_pod(self, key: Key) -> str:
-        """``gone``, ``leaving`` (terminating) or ``staying``: the pod a mount serves."""
+    async def _served_pod(self, key: Key, seen: dict[tuple[str, str], str]) -> str:
+        """``gone``, ``leaving`` (terminating) or ``staying``: the pod a mount serves (read
+        once per pass: a shared DMP's mounts serve few pods between them)."""
         obj = self._cached(key)
         if obj is None:
             return "leaving"  # the mount is being released through reconcile
         spec = obj.get("spec") or {}
+        pod_key = (key[0], str(spec.get("podUID")))
+        if pod_key not in seen:
+            seen[pod_key] = await self._pod_state(key[0], spec)
+        return seen[pod_key]
+
+    async def _pod_state(self, namespace: str, spec: Mapping[str, Any]) -> str:
         try:
-            pod = await self.client.get(PODS, str(spec.get("podName")), namespace=key[0])
+            pod = await self.client.get(PODS, str(spec.get("podName")), namespace=namespace)
         except APINotFound:
             return "gone"
         except APIError:
