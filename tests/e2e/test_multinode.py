@@ -22,7 +22,6 @@ import base64
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import time
 import uuid
@@ -33,19 +32,17 @@ from typing import Any
 import pytest
 
 from dynvol.testing import MinioServer
-from dynvol.testing.cluster import ClusterError, MultiNodeCluster, deploying
+from dynvol.testing.cluster import deploying
 from dynvol.testing.cluster.addressing import (
     DNS_SERVICE_ADDRESS,
     HOST_ADDRESS,
     KUBERNETES_SERVICE_ADDRESS,
 )
-from dynvol.testing.controlplane import repo_root
-from dynvol.testing.localcluster import ClusterError as LocalClusterError
 from tests.e2e.conftest import Storage, wait_for
+from tests.e2e.nodes import NODES, Cluster, deployed_cluster
 
 pytestmark = pytest.mark.e2e
 
-NODES = ("node-1", "node-2", "node-3")
 SYSTEM_NAMESPACE = deploying.SYSTEM_NAMESPACE
 XVOLS = "/var/lib/dynamic/xvols"
 #: The dynvol image under a second tag: what the node DaemonSet rolls to.
@@ -53,50 +50,12 @@ ROLLOUT_IMAGE = "localhost/dynvol/dynvol:rollout"
 NODE_PODS = "app.kubernetes.io/name=dynvol,app.kubernetes.io/component=node"
 
 
-def _unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "the multi-node cluster needs root"
-    for tool in ("containerd", "runc", "ctr", "ip", "nsenter", "unshare"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (make setup)"
-    if not Path("/usr/lib/cni/bridge").exists():
-        return "containernetworking-plugins is not installed (make setup)"
-    return None
-
-
-class Cluster(MultiNodeCluster):
-    """The multi-node cluster with the interface the e2e helpers (``Storage``) expect."""
-
-    def kubectl(
-        self, *args: str, timeout: float = 120, check: bool = True, input: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        try:
-            return super().kubectl(*args, timeout=timeout, check=check, input=input)
-        except ClusterError as exc:
-            # The shared helpers retry on the single-node driver's error type.
-            raise LocalClusterError(str(exc)) from exc
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     if os.environ.get("DYNVOL_MULTINODE_E2E") != "1":
         pytest.skip("three nodes take minutes and most of the CPU: run 'make test-multinode'")
-    reason = _unavailable()
-    if reason:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    checkout = repo_root()
-    assert checkout is not None
-    c = Cluster(nodes=len(NODES), progress=print)
-    started = c.up()
-    try:
-        deploying.deploy(c, checkout)
+    with deployed_cluster() as c:
         yield c
-    finally:
-        if started:
-            problems = c.down(grace=5)
-            assert not problems, problems
 
 
 @pytest.fixture(scope="module")

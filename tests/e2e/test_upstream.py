@@ -42,8 +42,7 @@ import yaml
 from dynvol.testing import MinioServer
 from dynvol.testing.cluster import deploying
 from dynvol.testing.cluster.addressing import HOST_ADDRESS
-from dynvol.testing.controlplane import repo_root
-from tests.e2e.test_multinode import NODES, Cluster, _unavailable
+from tests.e2e.nodes import NODES, Cluster, deployed_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -102,43 +101,30 @@ def _results_dir() -> Path:
     return Path(os.environ.get("DYNVOL_UPSTREAM_RESULTS") or TOP / "_out" / "upstream")
 
 
+def _import_suite_image(c: Cluster) -> None:
+    """A cluster someone else brought up may lack the suite's image."""
+    for node in NODES:
+        subprocess.run(
+            [
+                str(TOP / ".venv" / "bin" / "python"),
+                str(TOP / "hack" / "images" / "build.py"),
+                "import",
+                "--address",
+                str(c.layout.node(node).containerd_sock),
+                "e2e-busybox",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     if os.environ.get("DYNVOL_UPSTREAM_E2E") != "1":
         pytest.skip("the upstream suite takes minutes on three nodes: run 'make test-upstream'")
-    reason = _unavailable() or (
-        None if E2E_TEST.exists() else f"{E2E_TEST} is missing (make tools-e2e)"
-    )
-    if reason:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    checkout = repo_root()
-    assert checkout is not None
-    c = Cluster(nodes=len(NODES), progress=print)
-    started = c.up(images=IMAGES)
-    try:
-        if not started:
-            # A cluster someone else brought up: it may lack the suite's image.
-            for node in NODES:
-                subprocess.run(
-                    [
-                        str(TOP / ".venv" / "bin" / "python"),
-                        str(TOP / "hack" / "images" / "build.py"),
-                        "import",
-                        "--address",
-                        str(c.layout.node(node).containerd_sock),
-                        "e2e-busybox",
-                    ],
-                    check=True,
-                    stdout=subprocess.DEVNULL,
-                )
-        deploying.deploy(c, checkout)
+    missing = None if E2E_TEST.exists() else f"{E2E_TEST} is missing (make tools-e2e)"
+    with deployed_cluster(reason=missing, images=IMAGES, reused=_import_suite_image) as c:
         yield c
-    finally:
-        if started:
-            problems = c.down(grace=5)
-            assert not problems, problems
 
 
 @pytest.fixture(scope="module")
