@@ -15,8 +15,11 @@ class APIError(Exception):
 
     ``status`` is the HTTP status (``None`` for transport errors), ``reason`` the
     ``Status.reason`` (CamelCase, e.g. ``AlreadyExists``) and ``details`` the decoded
-    ``Status`` object when there was one.
+    ``Status`` object when there was one; ``retry_after`` the seconds of the answer's
+    ``Retry-After`` header (an overloaded apiserver's 429 says when to come back).
     """
+
+    retry_after: float | None = None
 
     def __init__(
         self,

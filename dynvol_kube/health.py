@@ -5,8 +5,9 @@ Beside the pipeline, not in it: the runtime's parts register checks on the proce
 liveness; an :class:`~.watching.Informer` that has not synced fails readiness), and the
 services add their own (the CSI plugin answers its own Probe; the controller is the leader
 or a standby). :class:`StatusServer` serves them with the process's metrics registry
-(:mod:`.metrics`). Liveness means "restart me": only a part that is stuck, not one that
-waits for the apiserver, fails it. Readiness means "send me work".
+(:mod:`.metrics`), on :mod:`.serving`'s small HTTP server. Liveness means "restart me":
+only a part that is stuck, not one that waits for the apiserver, fails it. Readiness
+means "send me work".
 
 A check is a coroutine function returning None when healthy, or a short sentence saying
 what is wrong; a check that raises or takes longer than its timeout counts as failing.
@@ -20,9 +21,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-import aiohttp.web
 import attrs
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from . import http, serving
 
 __all__ = ["Check", "Health", "Progress", "StatusServer", "parse_address"]
 
@@ -105,47 +107,59 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+#: Seconds a client has to send its request (the kubelet's probes send theirs at once).
+REQUEST_SECONDS = 10.0
+#: Bounds on a request: a probe or a scrape sends a short line and a few headers.
+_REQUEST_LIMITS = http.Limits(status_line=4096, header_line=4096, headers=50, header_bytes=16384)
+
+_TEXT = "text/plain; charset=utf-8"
+
+
 @attrs.define(eq=False)
 class StatusServer:
-    """Serve ``/metrics`` (``registry``), ``/healthz`` and ``/readyz`` (``health``).
+    """Serve ``/metrics`` (``registry``), ``/healthz``, ``/livez`` and ``/readyz`` (``health``).
 
     ``port`` 0 picks a free port; :attr:`port` holds the one bound after :meth:`start`.
+    On :class:`~.serving.Server`: ``GET`` and ``HEAD`` only, one request per connection
+    (``Connection: close``), a bounded request line and headers that must arrive within
+    ``request_seconds``.
     """
 
     registry: CollectorRegistry
     health: Health
     host: str = "127.0.0.1"
     port: int = 0
-    _runner: aiohttp.web.AppRunner | None = attrs.field(default=None, init=False)
+    request_seconds: float = REQUEST_SECONDS
+    _server: serving.Server | None = attrs.field(default=None, init=False)
 
     async def start(self) -> None:
         """Bind and serve."""
-        if self._runner is not None:
+        if self._server is not None:
             return
-        app = aiohttp.web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/livez", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        runner = aiohttp.web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = aiohttp.web.TCPSite(runner, self.host, self.port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        addresses = runner.addresses
-        if addresses:
-            self.port = int(addresses[0][1])
+        liveness: serving.Handler = self._liveness
+        routes: serving.Routes = {
+            "/metrics": {"GET": self._metrics},
+            "/healthz": {"GET": liveness},
+            "/livez": {"GET": liveness},
+            "/readyz": {"GET": self._readiness},
+        }
+        bounds = serving.Bounds(
+            head=_REQUEST_LIMITS, body=1024, request_seconds=self.request_seconds
+        )
+        server = serving.Server(
+            routes, host=self.host, port=self.port, bounds=bounds, keep_alive=False
+        )
+        await server.start()
+        self._server = server
+        self.port = server.port
         log.info("serving /metrics, /healthz and /readyz on %s", self.url)
 
     async def close(self) -> None:
-        """Stop serving."""
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        """Stop serving (answers under way get a few seconds to be sent)."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        await server.close()
 
     async def __aenter__(self) -> StatusServer:
         await self.start()
@@ -160,22 +174,22 @@ class StatusServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    async def _metrics(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+    async def _metrics(self, _: serving.Request) -> serving.Reply:
         body = await asyncio.to_thread(generate_latest, self.registry)
-        return aiohttp.web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return serving.Reply(200, body, CONTENT_TYPE_LATEST)
 
-    async def _healthz(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+    async def _liveness(self, _: serving.Request) -> serving.Reply:
         return _answer(await self.health.liveness())
 
-    async def _readyz(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
+    async def _readiness(self, _: serving.Request) -> serving.Reply:
         return _answer(await self.health.readiness())
 
 
-def _answer(results: list[tuple[str, str | None]]) -> aiohttp.web.Response:
+def _answer(results: list[tuple[str, str | None]]) -> serving.Reply:
     lines = [f"[-]{name}: {problem}" if problem else f"[+]{name} ok" for name, problem in results]
     failed = [name for name, problem in results if problem]
     lines.append(f"{'failed: ' + ', '.join(failed) if failed else 'ok'}")
-    return aiohttp.web.Response(status=503 if failed else 200, text="\n".join(lines) + "\n")
+    return serving.Reply(503 if failed else 200, ("\n".join(lines) + "\n").encode(), _TEXT)
 
 
 @attrs.define(eq=False)

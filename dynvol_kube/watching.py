@@ -12,9 +12,11 @@ synchronous and must be quick: they map the event to keys and add them to a
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -112,6 +114,9 @@ class Informer:
     gates_readiness: bool = attrs.field(default=False, kw_only=True)
     store: Store = attrs.field(init=False)
     relists: int = attrs.field(default=0, init=False)
+    #: How the watches ended: ``closed`` (by the server, normally its timeout), ``gone``
+    #: (410: relisted), or ``error <status>`` (retried after a backoff).
+    watch_ends: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _handlers: list[Handler] = attrs.field(factory=list, init=False)
     _synced: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
@@ -205,15 +210,33 @@ class Informer:
                 if need_list:
                     await self._list()
                     need_list = False
-                await self._watch()
-                failures = 0
+                began = time.monotonic()
+                timeout, events = await self._watch()
+                lasted = time.monotonic() - began
+                self.watch_ends["closed"] += 1
+                if lasted < timeout / 2:
+                    # The server ended it early: an overloaded apiserver drops the watchers
+                    # that fall behind, and all of them at once. Coming back together would
+                    # only overload it again; the events meanwhile are replayed from the
+                    # resourceVersion. A watch that ended at once without any event is a
+                    # failure (client-go's rule), backed off like one.
+                    if lasted < 1.0 and not events:
+                        failures += 1
+                    else:
+                        failures = 0
+                    await asyncio.sleep(self._early_close_delay(failures))
+                else:
+                    failures = 0
             except asyncio.CancelledError:
                 raise
             except APIGone:
+                self.watch_ends["gone"] += 1
                 log.info("informer %s: resourceVersion expired; relisting", self.name)
                 need_list = True
                 self._relisting()
             except (APIError, ValueError) as exc:
+                status = exc.status if isinstance(exc, APIError) else type(exc).__name__
+                self.watch_ends[f"error {status or 'transport'}"] += 1
                 failures += 1
                 delay = min(30.0, 0.2 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)
                 log.warning("informer %s: %s; retrying in %.1fs", self.name, exc, delay)
@@ -277,9 +300,18 @@ class Informer:
                 if gone is not None:
                     self._emit(Event(DELETED, gone, gone))
 
-    async def _watch(self) -> None:
+    @staticmethod
+    def _early_close_delay(failures: int) -> float:
+        """Seconds before watching again after the server ended a watch early."""
+        if failures:
+            return min(30.0, 0.2 * float(2 ** min(failures, 8))) * random.uniform(0.8, 1.2)
+        return random.uniform(0.0, 1.0)
+
+    async def _watch(self) -> tuple[int, int]:
+        """Watch until the server ends it; the timeout asked for and the events seen."""
         # Spread the server-side timeouts so informers do not all rewatch at once.
         timeout = int(self.watch_timeout * random.uniform(1.0, 1.5))
+        events = 0
         async for kind, raw in self.client.watch(
             self.resource,
             resource_version=self._rv,
@@ -288,6 +320,7 @@ class Informer:
             field_selector=self.field_selector,
             timeout_seconds=timeout,
         ):
+            events += 1
             rv = raw.get("metadata", {}).get("resourceVersion")
             if kind == "BOOKMARK":
                 if rv:
@@ -304,6 +337,7 @@ class Informer:
                 self._emit(Event(DELETED, obj, old))
             if rv:
                 self._rv = rv
+        return timeout, events
 
     async def _resync_loop(self, period: float) -> None:
         await self._synced.wait()

@@ -86,8 +86,9 @@ def test_core_has_modules() -> None:
     assert len(_modules("dynvol_core")) >= 5
 
 
-#: aiohttp carries the requests, yaml reads kubeconfig files, kubernetes_asyncio loads the
-#: kubeconfigs that need a credential plugin (client.py only).
+#: yaml reads kubeconfig files; kubernetes_asyncio loads the kubeconfigs that need a
+#: credential plugin, and its aiohttp carries their requests (client.py only, imported there
+#: on use). dynvol_kube.http carries every other request.
 _KUBE_ALLOWED = {
     "attrs", "attr", "aiohttp", "yaml", "kubernetes_asyncio", "prometheus_client",
     "dynvol_core", "dynvol_kube",

@@ -107,6 +107,9 @@ async def test_a_410_relists_without_losing_or_repeating_events(
     informer.add_handler(lambda event: seen.append(_seen(event)))
     await informer.start()
     await informer.wait_synced(within=30)
+    # The list is served from the watch cache (resourceVersion=0), which may be a moment
+    # behind the writes just made: the last of them may come as the watch's first event.
+    await _until(lambda: len(seen) >= 3, "the three objects")
     assert sorted(seen) == [("ADDED", "a", "1"), ("ADDED", "b", "1"), ("ADDED", "c", "1")]
     seen.clear()
 
@@ -167,6 +170,10 @@ async def test_a_dropped_watch_resumes_where_it_stopped(
     informer.add_handler(lambda event: seen.append(_seen(event)))
     await informer.start()
     await informer.wait_synced(within=30)
+    # The list may come from a watch cache a moment behind the write just made, and then
+    # "a" arrives as the watch's first event: wait for it before counting what follows.
+    await _until(lambda: bool(seen), "the first object")
+    assert seen == [("ADDED", "a", "1")]
     seen.clear()
     # Closing the informer drops its watch connection; changes made meanwhile must arrive
     # as watch events from where it stopped, not as a relist.
