@@ -2,7 +2,7 @@
 
 :func:`mutate_pod` decides whether a pod opted in and returns the JSON patch that injects
 the CSI ephemeral volume and its HostToContainer mounts (docs/design.md §1);
-:func:`review_response` wraps a decision into an AdmissionReview response. The aiohttp
+:func:`review_response` wraps a decision into an AdmissionReview response. The webhook
 server in :mod:`.webhooks` calls these; no I/O happens here, so they are unit-tested.
 
 Opt-in (pod annotations win over namespace defaults):

@@ -125,7 +125,10 @@ class ControllerApp:
                 renew_deadline=self.renew_deadline,
                 retry_period=self.retry_period,
             )
-        self.manager = Manager(self.client, elector=self.elector)
+        # It lists every pod and mount of the cluster from etcd; on a big cluster whose
+        # nodes all relist at once (after an apiserver restart) that takes minutes, and
+        # giving up only restarts the process to list from the start again.
+        self.manager = Manager(self.client, elector=self.elector, sync_timeout=600)
         for informer in self.controller.informers:
             self.manager.add_informer(informer)
         self.manager.add(recorder)

@@ -148,6 +148,14 @@ def _without_times(status: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: The labels of the controller's own pods in the base manifests and the chart (the webhook
+#: Service's selector).
+REPLICA_LABELS: Mapping[str, str] = {
+    "app.kubernetes.io/name": "dynvol",
+    c.LABEL_COMPONENT: "controller",
+}
+
+
 class ClusterController:
     """Reconcilers and admission decisions of ``dynvol controller``.
 
@@ -165,8 +173,11 @@ class ClusterController:
         workers: int = 4,
         resync: float | None = 600.0,
         coalesce: float = 1.0,
+        replica_labels: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
+        #: The labels of this Deployment's own pods (those its webhook Service selects).
+        self.replica_labels = dict(REPLICA_LABELS if replica_labels is None else replica_labels)
         self.recorder = recorder
         self.registry = registry
         self.leading = False
@@ -210,6 +221,8 @@ class ClusterController:
         self.system_namespace = system_namespace
         #: Nodes whose deletion this replica saw, until their mounts are released.
         self._lost_nodes: set[str] = set()
+        #: Nodes seen deleted (and not back): their pods only wait for pod GC.
+        self._gone_nodes: set[str] = set()
         self.node_controller = Controller(
             "lost-nodes", self.reconcile_node, workers=1, metrics=client.metrics
         )
@@ -311,6 +324,17 @@ class ClusterController:
                 self.class_controller.enqueue(name)
         if event.type == "ADDED" and self.leading:
             self._check_injection(event.obj)
+        if event.type == "DELETED":
+            self._forget_gone_node(event.obj)
+
+    def _forget_gone_node(self, pod: Mapping[str, Any]) -> None:
+        """Forget a Node seen deleted once pod GC has removed the last pod bound to it (a
+        scan of the cache, only for pods of such a Node)."""
+        node = (pod.get("spec") or {}).get("nodeName")
+        if not node or node not in self._gone_nodes:
+            return
+        if not any((p.get("spec") or {}).get("nodeName") == node for p in self.pods.store):
+            self._gone_nodes.discard(node)
 
     def _check_injection(self, pod: Mapping[str, Any]) -> None:
         annotations = pod["metadata"].get("annotations") or {}
@@ -365,9 +389,11 @@ class ClusterController:
         name = event.obj["metadata"]["name"]
         if event.type == "DELETED":
             self._lost_nodes.add(name)
+            self._gone_nodes.add(name)
             self.node_controller.enqueue(name)
         else:
             self._lost_nodes.discard(name)
+            self._gone_nodes.discard(name)
 
     def _check_stuck(self, dvm: Mapping[str, Any]) -> None:
         """Queue the node of a mount being deleted when that node does not exist."""
@@ -387,7 +413,9 @@ class ClusterController:
         A Node seen deleted loses all its mounts (finalizer, then the object). For a node
         that is merely absent (deleted while no replica led; or one that never registered)
         only mounts already being deleted whose DMP is gone are released: nothing else can
-        ever drop their finalizer, and their namespace would hang in Terminating.
+        ever drop their finalizer, and their namespace would hang in Terminating. The
+        controller's own replica pods on a Node seen deleted are deleted too
+        (:meth:`_retire_replicas`).
         """
         if self.nodes.store.get(name) is not None:
             self._lost_nodes.discard(name)
@@ -415,13 +443,49 @@ class ClusterController:
                 continue
             await self._release_mount(dvm)
             released += 1
+        retired = await self._retire_replicas(name) if seen_deleted else 0
         if not self.mounts.store.by_index(INDEX_NODE, name):
             self._lost_nodes.discard(name)
+        if retired:
+            log.info("node %s is gone; deleted %d controller replica pod(s) on it", name, retired)
         if released:
             log.info(
                 "node %s is gone; released %d DynamicVolumeMount(s) bound to it", name, released
             )
         return None
+
+    async def _retire_replicas(self, node: str) -> int:
+        """Delete (at once, as pod GC would 40 s later) this Deployment's pods on a Node seen
+        deleted.
+
+        Nothing on a deleted Node will ever report its pods not Ready, so until pod GC
+        removes them they stay endpoints of the webhook Service. The apiserver's calls that
+        land on the dead one time out, and a pod that opted in by annotation (``Ignore``)
+        is admitted without its volume -- which is exactly what happens to the lost node's
+        workload pods, whose replacements pod GC creates in the same sweep. Only pods in
+        the system namespace carrying every one of the replica labels are touched, and
+        each delete carries the pod's UID as a precondition.
+        """
+        if not self.replica_labels:
+            return 0
+        deleted = 0
+        for pod in self.pods.store.by_index("namespace", self.system_namespace):
+            meta = pod.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            if (pod.get("spec") or {}).get("nodeName") != node:
+                continue
+            if any(labels.get(k) != v for k, v in self.replica_labels.items()):
+                continue
+            with contextlib.suppress(APINotFound, APIConflict):
+                await self.client.delete(
+                    PODS,
+                    meta["name"],
+                    namespace=self.system_namespace,
+                    uid=meta.get("uid"),
+                    grace_seconds=0,
+                )
+                deleted += 1
+        return deleted
 
     async def _dmp_exists(self, name: str) -> bool:
         if not name:
@@ -658,6 +722,11 @@ class ClusterController:
             if (info := self._pod_models.get_or_none(raw_pod)) is not None
         ]
         chosen = selected_pods(claim, pods)
+        if self._gone_nodes:
+            # A pod bound to a Node seen deleted is not mounted by anyone (its node plugin
+            # went with the node); it only waits for pod GC, which kube-controller-manager
+            # runs 40 s after the node went at the earliest: it does not count.
+            chosen = tuple(p for p in chosen if p.node_name not in self._gone_nodes)
         # Only claims whose mountpoints overlap can take a pod away from this one.
         rivals = [
             other

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -118,6 +120,11 @@ class NodeReconciler:
     manager: Manager = attrs.field(init=False)
     passes: int = attrs.field(default=0, init=False)
     last_plan: NodePlan | None = attrs.field(default=None, init=False)
+    #: When :meth:`nudge` was last called (the event loop's clock), to tell a lone event
+    #: (acted on at once) from a burst (coalesced).
+    _last_nudge: float = attrs.field(default=-math.inf, init=False)
+    #: Passes in a row that failed because the apiserver was overloaded.
+    _overloaded: int = attrs.field(default=0, init=False)
     _owner: NodeOwner = attrs.field(init=False)
     _check: ProviderCheck = attrs.field(init=False)
     _dvms: DvmSync = attrs.field(init=False)
@@ -170,9 +177,19 @@ class NodeReconciler:
         await self.close()
 
     def nudge(self) -> None:
-        """Ask for a reconciliation pass (deduplicated with pending ones)."""
-        if self.settings.coalesce > 0:
-            self.controller.queue.add_after(self.node_name, self.settings.coalesce)
+        """Ask for a reconciliation pass (deduplicated with pending ones).
+
+        The first change after ``coalesce`` seconds without any is acted on at once (a
+        lone claim is mounted without waiting); a change that follows another within that
+        window waits ``coalesce`` seconds, so a burst of events costs one more pass, not
+        one each.
+        """
+        coalesce = self.settings.coalesce
+        now = asyncio.get_running_loop().time()
+        quiet = now - self._last_nudge >= coalesce
+        self._last_nudge = now
+        if coalesce > 0 and not quiet:
+            self.controller.queue.add_after(self.node_name, coalesce)
         else:
             self.controller.enqueue(self.node_name)
 
@@ -259,13 +276,41 @@ class NodeReconciler:
         if errors:
             first = errors[0]
             raise TemporaryError(
-                f"{len(errors)} action(s) failed on node {self.node_name}, first: {first}"
+                f"{len(errors)} action(s) failed on node {self.node_name}, first: {first}",
+                delay=self._overload_delay(errors),
             ) from first
+        self._overloaded = 0
         if plan.unpublished:
             recheck = self.settings.unpublished_recheck
             wait = min(wait or recheck, recheck)
         return RequeueAfter(wait) if wait else None
 
+    def _overload_delay(self, errors: Sequence[BaseException]) -> float | None:
+        """The wait before the next pass when the apiserver is overloaded, else None (the
+        queue's own backoff, which starts at 50 ms, for ordinary failures).
+
+        Every node of a cluster retries on its own; after timeouts, 429s and 5xx answers
+        they must not come back together and sooner than the server can cope: an
+        exponential backoff from ``overload_backoff`` seconds (capped at 60) with full
+        jitter, and never sooner than a ``Retry-After`` the apiserver sent.
+        """
+        overload = [e for e in errors if isinstance(e, APIError) and _overload(e)]
+        if not overload:
+            self._overloaded = 0
+            return None
+        self._overloaded += 1
+        base = self.settings.overload_backoff
+        ceiling = min(60.0, base * 2 ** min(self._overloaded - 1, 10))
+        delay = random.uniform(base / 2, ceiling)
+        after = max((e.retry_after or 0.0 for e in overload), default=0.0)
+        return max(delay, after)
+
     async def _reap(self, pod: PodInfo) -> None:
         await self._dmps.delete(pod, "IdleGraceExpired")
         self._reaper.forget(pod.name)
+
+
+def _overload(error: APIError) -> bool:
+    """Whether an error says the apiserver is overloaded (or unreachable), not that the
+    request was wrong: a timeout (no status, 504), 429, or another 5xx."""
+    return error.status is None or error.status == 429 or error.status >= 500

@@ -1,8 +1,9 @@
 """What one node reconciler watches, and which changes are worth a pass.
 
 Observe stage of the node reconciler (:mod:`.nodes`): informers for the pods bound to the
-node (``fieldSelector spec.nodeName``), all claims and classes, the node's
-DynamicVolumeMounts and its Dynamic Mount Pods (DMPs), each slimmed to the fields dynvol
+node (``fieldSelector spec.nodeName``, which the apiserver's watch cache indexes), all
+claims and classes, the node's DynamicVolumeMounts and its Dynamic Mount Pods (DMPs, by
+label and ``spec.nodeName``), each slimmed to the fields dynvol
 reads, and the models the planner takes, read from them through memoising caches. The
 event handlers call ``nudge`` only for changes that can alter the plan; the writers
 (:mod:`.syncing`) say which watched objects are their own creates coming back.
@@ -118,11 +119,15 @@ class NodeView:
             transform=objects.slim_dvm,
             indexers={"claim-uid": _claim_uid_index},
         )
+        # spec.nodeName as well as the labels: the apiserver's watch cache indexes pods by
+        # it, so that a pod changing anywhere in the cluster is not handed to every node's
+        # DMP watch to be filtered out (a label selector alone is matched per watcher).
         self.dmps = Informer(
             self.client,
             PODS,
             namespace=self.system_namespace,
             label_selector=f"{c.LABEL_COMPONENT}={c.COMPONENT_DMP},{c.LABEL_NODE}={node_label}",
+            field_selector=f"spec.nodeName={self.node_name}",
             transform=slim_dmp,
         )
 

@@ -110,8 +110,12 @@ class NodeReconcilerSettings:
     resync: float | None = 600.0
     #: Seconds before looking again at pods whose volume is not published yet.
     unpublished_recheck: float = 5.0
-    #: Seconds to gather events before a pass, so a burst costs one pass, not hundreds.
+    #: Seconds to gather events before a pass, so a burst costs one pass, not hundreds;
+    #: the first event after as long a quiet spell is acted on at once.
     coalesce: float = 0.05
+    #: Seconds of the first wait after a pass failed because the apiserver was
+    #: overloaded (timeouts, 429, 5xx); doubled per such failure in a row, jittered.
+    overload_backoff: float = 1.0
     #: Seconds the informers may take to list at start.
     sync_timeout: float = 120.0
 

@@ -1,8 +1,10 @@
-"""The admission webhook server (aiohttp over TLS) and its webhook configurations.
+"""The admission webhook server (HTTP/1.1 over TLS) and its webhook configurations.
 
 Receives AdmissionReviews from the kube-apiserver, hands the request to a decision
 function (pure ones live in :mod:`.admission`; the validating ones read informer caches),
-and answers. :func:`webhook_configurations` builds the MutatingWebhookConfiguration and
+and answers. The HTTP side is dynvol_kube's own small server (``dynvol_kube.serving``:
+keep-alive, bounded and timed requests), not aiohttp, which the services no longer
+install. :func:`webhook_configurations` builds the MutatingWebhookConfiguration and
 ValidatingWebhookConfiguration objects that point the apiserver at it.
 
 Failure policy, chosen deliberately:
@@ -34,9 +36,8 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from aiohttp import web
-
 from dynvol_core import constants as c
+from dynvol_kube.serving import Bounds, Handler, Reply, Request, Server
 
 from .admission import INJECT_ENABLED, LABEL_INJECT, AdmissionDecision, review_response
 
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 MUTATE_PODS_PATH = "/mutate-pods"
 VALIDATE_PATH = "/validate"
 WEBHOOK_CONFIG_NAME = "dynvol"
+
+#: The largest AdmissionReview taken (a pod with its managed fields is far below it; the
+#: apiserver itself refuses requests above 3 MiB).
+MAX_REVIEW_BYTES = 8 * 1024 * 1024
 
 Decide = Callable[[Mapping[str, Any]], AdmissionDecision | Awaitable[AdmissionDecision]]
 
@@ -130,6 +135,9 @@ class WebhookServer:
     """Serve admission endpoints over TLS on ``host:port`` (``port=0`` picks one).
 
     The certificate and key are reloaded when they change on disk (:class:`ServingCertificate`).
+    Each path of ``handlers`` takes ``POST`` of an AdmissionReview (a JSON body of at most
+    :data:`MAX_REVIEW_BYTES`); ``GET /healthz`` answers ``ok``. What the HTTP side allows
+    (``bounds``) is :class:`~dynvol_kube.serving.Bounds`'s defaults unless given.
     """
 
     def __init__(
@@ -140,57 +148,69 @@ class WebhookServer:
         cert_file: str,
         key_file: str,
         handlers: Mapping[str, Decide],
+        bounds: Bounds | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.cert_file = cert_file
         self.key_file = key_file
         self.certificate = ServingCertificate(cert_file, key_file)
+        self.bounds = bounds or Bounds(body=MAX_REVIEW_BYTES)
         self._handlers = dict(handlers)
-        self._runner: web.AppRunner | None = None
+        self._server: Server | None = None
         self.reviews = 0
 
     @property
     def url(self) -> str:
         """The base URL (after :meth:`start`, with the actual port)."""
-        return f"https://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    @property
+    def evicted(self) -> int:
+        """Waiting connections ended to make room for new ones (:class:`Bounds` ``connections``)."""
+        return self._server.evicted if self._server is not None else 0
+
+    @property
+    def refused(self) -> int:
+        """New connections answered 503: every one of the bound had a review under way."""
+        return self._server.refused if self._server is not None else 0
 
     def _ssl_context(self) -> ssl.SSLContext:
         return self.certificate.server_context()
 
     async def start(self) -> None:
         """Bind and serve."""
-        app = web.Application(client_max_size=8 * 1024 * 1024)
-        for path, decide in self._handlers.items():
-            app.router.add_post(path, self._endpoint(decide))
-        app.router.add_get("/healthz", self._healthz)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self._ssl_context())
-        await site.start()
-        if self.port == 0:
-            # Port 0 (tests): learn which port the kernel picked.
-            sockets = getattr(site._server, "sockets", None) or ()
-            if sockets:
-                self.port = int(sockets[0].getsockname()[1])
+        if self._server is not None:
+            return
+        routes: dict[str, dict[str, Handler]] = {
+            path: {"POST": self._endpoint(decide)} for path, decide in self._handlers.items()
+        }
+        routes["/healthz"] = {"GET": _healthz}
+        server = Server(
+            routes, host=self.host, port=self.port, ssl_context=self._ssl_context(),
+            bounds=self.bounds,
+        )  # fmt: skip
+        await server.start()
+        self._server = server
+        self.port = server.port
         log.info("webhook server listening on %s", self.url)
 
     async def close(self) -> None:
-        """Stop accepting, let in-flight reviews finish."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        """Stop accepting, let in-flight reviews finish (within the bounds' grace)."""
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.close()
 
-    async def _healthz(self, _: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    def _endpoint(self, decide: Decide) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def handle(request: web.Request) -> web.Response:
+    def _endpoint(self, decide: Decide) -> Handler:
+        async def handle(request: Request) -> Reply:
             try:
-                review = json.loads(await request.read())
+                review = json.loads(request.body)
                 admission_request = review["request"]
+                if not isinstance(admission_request, dict):
+                    raise TypeError("request is not an object")
             except (ValueError, KeyError, TypeError):
-                return web.Response(status=400, text="expected an AdmissionReview")
+                return Reply.text(400, "expected an AdmissionReview")
             self.reviews += 1
             try:
                 result = decide(admission_request)
@@ -204,9 +224,13 @@ class WebhookServer:
                 )
             if not decision.allowed:
                 log.info("denied %s: %s", _describe(admission_request), decision.message)
-            return web.json_response(review_response(admission_request, decision))
+            return Reply.json(review_response(admission_request, decision))
 
         return handle
+
+
+async def _healthz(_: Request) -> Reply:
+    return Reply(200, b"ok", "text/plain; charset=utf-8")
 
 
 def _describe(request: Mapping[str, Any]) -> str:

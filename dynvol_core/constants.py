@@ -31,6 +31,15 @@ PARAM_MOUNT_MEMORY_LIMIT: Final = f"{GROUP}/mount-memory-limit"
 PARAM_UNMOUNT_GRACE: Final = f"{GROUP}/unmount-grace-period"
 DEFAULT_UNMOUNT_GRACE: Final = 30
 MAX_UNMOUNT_GRACE: Final = 3600
+#: When a pod's DMP starts: ``OnClaim`` (the default), once a claim selects the pod;
+#: ``OnPublish``, as soon as the pod's volume is published on its node, so that the first
+#: claim finds its mount pod running (for ``independent``, one idle DMP per opted-in pod
+#: of the class until the pod goes; for ``shared``, the node's DMP of the class and
+#: credential from its first opted-in pod on).
+PARAM_DMP_START: Final = f"{GROUP}/dmp-start"
+DMP_START_ON_CLAIM: Final = "OnClaim"
+DMP_START_ON_PUBLISH: Final = "OnPublish"
+DMP_STARTS: Final = (DMP_START_ON_CLAIM, DMP_START_ON_PUBLISH)
 #: Every parameter key dynvol itself understands. Other keys under the dynvol prefix are
 #: rejected as probable typos; keys without the prefix belong to the provider.
 KNOWN_PARAMETERS: Final = frozenset(
@@ -42,6 +51,7 @@ KNOWN_PARAMETERS: Final = frozenset(
         PARAM_MOUNT_CPU_LIMIT,
         PARAM_MOUNT_MEMORY_LIMIT,
         PARAM_UNMOUNT_GRACE,
+        PARAM_DMP_START,
     }
 )
 

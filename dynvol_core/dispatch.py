@@ -830,6 +830,22 @@ def plan_node(
     desired_dmps: dict[str, DmpSpec] = {}
     served: dict[str, set[Toleration]] = {}
     unpublished = []
+
+    def want_dmp(pod: PodInfo, spc: StorageProviderClass, slot: PodSlot) -> DmpSpec:
+        """The DMP serving ``pod`` (one DmpSpec per name), with the pod's tolerations."""
+        dmp = _dmp_for(
+            pod,
+            spc,
+            slot,
+            node_name=node_name,
+            node_uid=node_uid,
+            system_namespace=system_namespace,
+            dmp_image=dmp_image,
+        )
+        dmp = desired_dmps.setdefault(dmp.name, dmp)
+        served.setdefault(dmp.name, set()).update(pod.tolerations)
+        return dmp
+
     for m in matches:
         if not m.ok:
             continue
@@ -838,19 +854,23 @@ def plan_node(
             unpublished.append(m)
             continue
         assert m.storage_class is not None
-        dmp = _dmp_for(
-            m.pod,
-            m.storage_class,
-            slot,
-            node_name=node_name,
-            node_uid=node_uid,
-            system_namespace=system_namespace,
-            dmp_image=dmp_image,
-        )
-        dmp = desired_dmps.setdefault(dmp.name, dmp)
-        served.setdefault(dmp.name, set()).update(m.pod.tolerations)
+        dmp = want_dmp(m.pod, m.storage_class, slot)
         dvm = _dvm_for(m, slot, dmp, node_name)
         desired_dvms[(dvm.namespace, dvm.name)] = dvm
+
+    # A class with ``dmp-start: OnPublish`` wants the DMP of every published pod of its
+    # own running before any claim selects the pod (the first mount then finds it up).
+    class_map = _class_map(classes)
+    for pod in sorted(local_pods, key=lambda p: (p.namespace, p.name, p.uid)):
+        slot = slots.get(pod.uid)
+        if slot is None or pod.volume is None or not pod.eligible:
+            continue
+        spc = class_map.get(pod.volume.class_name)
+        if spc is None or not spc.starts_on_publish or spc.deleting:
+            continue
+        if not spc.allows_namespace(pod.namespace):
+            continue
+        want_dmp(pod, spc, slot)
 
     for name, tolerations in served.items():
         desired_dmps[name] = attrs.evolve(desired_dmps[name], tolerations=_union(tolerations))

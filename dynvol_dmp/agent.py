@@ -130,6 +130,10 @@ CONDITION_DISRUPTION_TARGET = "DisruptionTarget"
 STOP_INTERVAL = 0.5
 #: Seconds a StorageProviderClass read from the API is reused.
 CLASS_TTL = 30.0
+#: A mount attempt reports phase Mounting only once its mounter has taken this long: a quick
+#: mount goes from Pending to Mounted in one status write (one apiserver write less per
+#: mount, and none on the way to the data), a slow one says what it is doing.
+MOUNTING_REPORT_AFTER = 1.0
 #: Seconds the agent keeps trying to read its own Pod at start before giving up.
 IDENTITY_TIMEOUT = 60.0
 
@@ -189,6 +193,8 @@ class _Owned:
     #: Set once it was unmounted (it may outlive its place in the agent's table while a
     #: moved mountpoint is mounted anew before the old one goes).
     released: bool = False
+    #: When its unmount grace period began (monotonic), while it waits for open files.
+    drain_started: float | None = None
 
 
 def _now() -> dt.datetime:
@@ -222,8 +228,9 @@ class Agent:
     _trusted: dict[Key, tuple[str, int]] = attrs.field(factory=dict, init=False)
     #: The last refusal reported for each object, so that it is reported once.
     _refused: dict[Key, tuple[str, int, str]] = attrs.field(factory=dict, init=False)
-    #: When each deleted mount still in use began its unmount grace period (monotonic).
-    _draining: dict[Key, float] = attrs.field(factory=dict, init=False)
+    #: The old mounts of moved mountpoints, no longer at their object's target, that wait
+    #: for the files still open on them (§9.1, §9.5); the new mount serves meanwhile.
+    _retiring: dict[Key, list[_Owned]] = attrs.field(factory=dict, init=False)
     #: Target and staging directory of each mount attempt under way (another attempt's
     #: new mounts are not strays of this one).
     _attempts: dict[Key, tuple[PurePosixPath, PurePosixPath]] = attrs.field(
@@ -408,16 +415,19 @@ class Agent:
         await self.supervisor.close()
         await self.controller.close()
         await self.informer.close()
-        owned = list(self._owned.values())
+        owned = [*self._owned.values(), *(o for old in self._retiring.values() for o in old)]
+        self._retiring.clear()
         await asyncio.gather(*(self._unmount_owned(o) for o in owned), return_exceptions=True)
-        await asyncio.gather(*(self._report_stopped(o.key) for o in owned), return_exceptions=True)
+        keys = {o.key for o in owned}
+        await asyncio.gather(*(self._report_stopped(k) for k in keys), return_exceptions=True)
         await self.recorder.close()
         await self.host.close()
 
     # -- event sources ----------------------------------------------------------------------
 
     def _on_daemon_exit(self, handle: DaemonHandle, status: int) -> None:
-        for owned in self._owned.values():
+        retiring = (o for old in self._retiring.values() for o in old)
+        for owned in (*self._owned.values(), *retiring):
             if owned.handle.daemon == handle:
                 owned.stale_reason = f"its mounter (pid {handle.pid}) exited with status {status}"
                 self.metrics.went_stale(CAUSE_MOUNTER_EXITED)
@@ -500,14 +510,15 @@ class Agent:
         if obj is None:
             if owned is not None:
                 await self._unmount_owned(owned)
+            await self._unmount_retiring(key)
             self._failures.pop(key, None)
-            self._draining.pop(key, None)
             return DONE
         try:
             dvm = DynamicVolumeMount.from_object(obj)
         except InvalidObject as exc:
             if owned is not None:
                 await self._unmount_owned(owned)
+            await self._unmount_retiring(key)
             await self._report(obj, MountPhase.FAILED, "InvalidSpec",
                                f"the DynamicVolumeMount is invalid: {exc}")  # fmt: skip
             return DONE
@@ -534,18 +545,40 @@ class Agent:
         except MountFailed as failure:
             if owned is not None:
                 await self._unmount_owned(owned)
+            await self._unmount_retiring(key)
             await self._report(obj, MountPhase.FAILED, failure.reason, failure.message)
             return RequeueAfter(self._backoff(key, floor=30.0 if not failure.retryable else 1.0))
         desired_key = _digest(dvm.uid, provider.name, request.config, request.read_only,
                               sorted(request.credentials.values.items()))  # fmt: skip
         desired = DesiredMount(target=target, source=provider.name, fs_type="", key=desired_key)
+        # An old mount of this object still draining where the new target nests with it (a
+        # move back, or below or above it) must be gone first, as in the plan's own order.
+        wait = await self._drain_retiring(
+            obj, dvm, lambda old: _moved(old.target, target, mounted=False),
+            only=lambda old: _within(old.target, target) or _within(target, old.target),
+        )  # fmt: skip
+        if wait is not None:
+            return RequeueAfter(wait)
         steps = self._plan(target, desired, owned)
         for index, step in enumerate(steps):
             if isinstance(step, LazyUnmount):
-                if step.reason == "ConfigChanged" and owned is not None and not owned.released:
-                    # The new mount goes where the old one is: files open on the old one
-                    # get the grace period first (a move mounts anew before, §9.1).
-                    wait = await self._drain(obj, dvm, owned, cause=CAUSE_CHANGED)
+                ours = owned is not None and not owned.released and owned.target == step.target
+                if ours and step.reason == "Retired" and self._owned.get(key) is not owned:
+                    # Make before break: the new mount serves already; the old one waits
+                    # for its open files below, and on the passes to come (§9.1).
+                    assert owned is not None
+                    self._retire(owned)
+                    continue
+                if ours and step.reason in ("ConfigChanged", "Retired"):
+                    # The new mount goes where the old one is, or inside or above it: files
+                    # open on the old one get the grace period first (§9.2, §9.5).
+                    assert owned is not None
+                    cause = (
+                        CAUSE_CHANGED
+                        if step.reason == "ConfigChanged"
+                        else _moved(owned.target, target, mounted=False)
+                    )
+                    wait = await self._drain(obj, dvm, owned, cause=cause)
                     if wait is not None:
                         return RequeueAfter(wait)
                 await self._unmount_step(step, owned, request.work_dir)
@@ -562,14 +595,34 @@ class Agent:
                 obj, dvm, provider, request, desired_key
             ):
                 # The old mount of a moved mountpoint goes even if the new one failed: the
-                # object no longer asks for it there (docs/design.md §9).
+                # object no longer asks for it there (docs/design.md §9); once its files
+                # are closed, looked at again when the mount is retried.
                 for later in steps[index + 1 :]:
-                    if isinstance(later, LazyUnmount):
+                    if not isinstance(later, LazyUnmount):
+                        continue
+                    if (
+                        later.reason == "Retired"
+                        and owned is not None
+                        and owned.target == later.target
+                        and not owned.released
+                    ):
+                        self._retire(owned)
+                    else:
                         await self._unmount_step(later, owned, request.work_dir)
+                await self._drain_retiring(
+                    self._cached(key) or obj, dvm, lambda old: _moved(old.target, target)
+                )
                 return RequeueAfter(self._backoff(key))
         owned = self._owned.get(key)
         obj = self._cached(key) or obj
+        wait = await self._drain_retiring(
+            obj, dvm, lambda old: _moved(old.target, target, mounted=True)
+        )
+        if wait is not None:
+            return RequeueAfter(wait)
+        obj = self._cached(key) or obj
         if owned is not None:
+            owned.drain_started = None  # in use again as it is: a later drain starts afresh
             obj = await self._ensure_finalizer(obj, DynamicVolumeMount.from_object(obj))
         phase = (obj.get("status") or {}).get("phase")
         if owned is not None and phase != MountPhase.MOUNTED:
@@ -823,8 +876,8 @@ class Agent:
     ) -> bool:
         key = (dvm.namespace, dvm.name)
         target, staging = request.target, staged.target
-        # The API writes (finalizer, Mounting) run while the mounter starts: they are not
-        # on the path to the mount being usable.
+        # The API writes (the finalizer; Mounting, when the mounter is slow) run while the
+        # mounter starts: they are not on the path to the mount being usable.
         mounting = asyncio.create_task(provider.mount(staged, self.host))
         conflict: APIConflict | None = None
         try:
@@ -833,8 +886,10 @@ class Agent:
             except APIConflict as exc:
                 conflict = exc
             if _announces_mounting(obj):
-                message = f"mounting {dvm.spec.provider} at {target}"
-                obj = await self._report(obj, MountPhase.MOUNTING, "Mounting", message)
+                done, _ = await asyncio.wait({mounting}, timeout=MOUNTING_REPORT_AFTER)
+                if not done:
+                    message = f"mounting {dvm.spec.provider} at {target}"
+                    obj = await self._report(obj, MountPhase.MOUNTING, "Mounting", message)
         except BaseException:
             mounting.cancel()
             with contextlib.suppress(BaseException):
@@ -901,6 +956,7 @@ class Agent:
     def _other_targets(self, key: Key) -> set[PurePosixPath]:
         """Where other mounts of this agent are, or are being made (and staged)."""
         targets = {o.target for k, o in self._owned.items() if k != key}
+        targets.update(o.target for k, old in self._retiring.items() if k != key for o in old)
         for other, paths in self._attempts.items():
             if other != key:
                 targets.update(paths)
@@ -992,7 +1048,6 @@ class Agent:
         if self._owned.get(owned.key) is owned:
             del self._owned[owned.key]
         owned.released = True
-        self._draining.pop(owned.key, None)
         try:
             await owned.provider.unmount(owned.handle, self.host)
         except OSError as exc:
@@ -1033,16 +1088,23 @@ class Agent:
         (docs/design.md §9.5); it is looked at again every second meanwhile.
         """
         key = (dvm.namespace, dvm.name)
-        if c.FINALIZER_MOUNT not in dvm.finalizers and owned is None:
+        idle = owned is None and not self._retiring.get(key)
+        if c.FINALIZER_MOUNT not in dvm.finalizers and idle:
             return DONE
         if dvm.deleting and (obj.get("status") or {}).get("phase") != MountPhase.UNMOUNTING:
             message = "unmounting: the DynamicVolumeMount is being deleted"
             obj = await self._report(obj, MountPhase.UNMOUNTING, "Unmounting", message)
+        # The old mount of a moved mountpoint still draining keeps its own grace period.
+        retiring: float | None = None
+        if dvm.deleting:
+            retiring = await self._drain_retiring(obj, dvm, lambda _: CAUSE_DELETED)
+        else:
+            await self._unmount_retiring(key)
         if owned is not None:
             if dvm.deleting:
                 wait = await self._drain(obj, dvm, owned, cause=CAUSE_DELETED)
                 if wait is not None:
-                    return RequeueAfter(wait)
+                    return RequeueAfter(wait if retiring is None else min(wait, retiring))
             await self._unmount_owned(owned)
             if dvm.deleting:
                 # Nothing will mount with these files again (the mounter's credentials
@@ -1050,13 +1112,15 @@ class Agent:
                 await asyncio.to_thread(shutil.rmtree, owned.request.work_dir, ignore_errors=True)
         elif (
             target is not None
+            and not self._retiring.get(key)
             and target not in self._other_targets(key)
             and topmost_at(read_mount_table(), target) is not None
         ):
             # Never another object's mount: a second object naming the same target must
             # not be able to unmount it by going away.
             await self.host.unmount(target, lazy=True)
-        self._draining.pop(key, None)
+        if retiring is not None:
+            return RequeueAfter(retiring)
         if c.FINALIZER_MOUNT in dvm.finalizers:
             remaining = [f for f in dvm.finalizers if f != c.FINALIZER_MOUNT]
             with contextlib.suppress(APINotFound):
@@ -1072,7 +1136,13 @@ class Agent:
         idle, or the grace period is over), else the seconds until it is looked at again."""
         key = owned.key
         now = time.monotonic()
-        started = self._draining.setdefault(key, now)
+        if owned.drain_started is None:
+            owned.drain_started = now
+        started = owned.drain_started
+        if owned.stale_reason and owned in self._retiring.get(key, ()):
+            # Its mounter is gone: nothing it holds open can be completed any more.
+            log.info("%s/%s: %s at %s; unmounting it", *key, owned.stale_reason, owned.target)
+            return None
         # rclone uploads closed files in the background, and would drop an upload under
         # way if stopped: wait for its write cache first (the unmount makes it exit).
         pending = 0
@@ -1108,6 +1178,53 @@ class Agent:
             log.info("%s/%s: %s", *key, message)
             await self._report(obj, MountPhase.UNMOUNTING, reason, message)
         return min(DRAIN_INTERVAL, left)
+
+    def _retire(self, owned: _Owned) -> None:
+        """Keep ``owned`` (the old mount of a moved mountpoint) until its files are closed."""
+        if self._owned.get(owned.key) is owned:
+            del self._owned[owned.key]
+        self._retiring.setdefault(owned.key, []).append(owned)
+
+    async def _drain_retiring(
+        self,
+        obj: dict[str, Any],
+        dvm: DynamicVolumeMount,
+        cause: Callable[[_Owned], str],
+        *,
+        only: Callable[[_Owned], bool] | None = None,
+    ) -> float | None:
+        """Unmount each old mount of ``dvm``'s moved mountpoints (those ``only`` picks) whose
+        files are closed or whose grace period is over; the seconds until the others are
+        looked at again, or None once none is left."""
+        key = (dvm.namespace, dvm.name)
+        waits: list[float] = []
+        for old in list(self._retiring.get(key, ())):
+            if only is not None and not only(old):
+                continue
+            wait = await self._drain(self._cached(key) or obj, dvm, old, cause=cause(old))
+            if wait is None:
+                await self._unmount_retired(old)
+            else:
+                waits.append(wait)
+        return min(waits) if waits else None
+
+    async def _unmount_retired(self, old: _Owned) -> None:
+        """Unmount an old mount of a moved mountpoint and remove its work directory."""
+        retiring = self._retiring.get(old.key, [])
+        if old in retiring:
+            retiring.remove(old)
+        if not retiring:
+            self._retiring.pop(old.key, None)
+        log.info("unmounting %s/%s at %s (Retired)", *old.key, old.target)
+        await self._unmount_owned(old)
+        current = self._owned.get(old.key)
+        if current is None or current.request.work_dir != old.request.work_dir:
+            await asyncio.to_thread(shutil.rmtree, old.request.work_dir, ignore_errors=True)
+
+    async def _unmount_retiring(self, key: Key) -> None:
+        """Unmount every old mount of ``key``'s moved mountpoints at once."""
+        for old in list(self._retiring.get(key, ())):
+            await self._unmount_retired(old)
 
     async def _unmount_grace(self, dvm: DynamicVolumeMount) -> float:
         """The class's unmount grace period (its default when the class cannot be read)."""
@@ -1272,6 +1389,16 @@ def _context(key: Key, reason: str) -> dict[str, str]:
 
 def _within(path: PurePosixPath, base: PurePosixPath) -> bool:
     return path == base or base in path.parents
+
+
+def _moved(old: PurePosixPath, new: PurePosixPath, *, mounted: bool | None = None) -> str:
+    """Why the old mount of a moved mountpoint is to be unmounted, for the Unmounting
+    message; ``mounted`` says whether the new one serves already (None: it failed)."""
+    if mounted is None:
+        return f"the mountpoint moved from {old} to {new} (which could not be mounted)"
+    if mounted:
+        return f"the mountpoint moved from {old} to {new} (mounted there already)"
+    return f"the mountpoint moved from {old} to {new} (mounted there once the old one is gone)"
 
 
 async def run(

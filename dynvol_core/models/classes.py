@@ -265,6 +265,14 @@ class StorageProviderClass:
         secret_ref = _read_secret_ref(params, errors)
         resources = _read_resources(params, errors)
         _check_unmount_grace(params, errors)
+        start = params.get(c.PARAM_DMP_START)
+        if start is not None and start not in c.DMP_STARTS:
+            errors.append(
+                FieldError(
+                    f"spec.parameters[{c.PARAM_DMP_START}]",
+                    f"must be one of {', '.join(c.DMP_STARTS)}",
+                )
+            )
         for key, value in params.items():
             where = f"spec.parameters[{key}]"
             if key.startswith(_PREFIX) and key not in c.KNOWN_PARAMETERS:
@@ -314,6 +322,12 @@ class StorageProviderClass:
         if raw is None or not _is_grace(raw):
             return float(c.DEFAULT_UNMOUNT_GRACE)
         return float(int(raw))
+
+    @property
+    def starts_on_publish(self) -> bool:
+        """Whether a pod's DMP starts when its volume is published (``dmp-start:
+        OnPublish``), not when a claim first selects the pod."""
+        return self.parameters.get(c.PARAM_DMP_START) == c.DMP_START_ON_PUBLISH
 
     def allows_namespace(self, namespace: str) -> bool:
         """Whether claims and pods in ``namespace`` may use this class."""

@@ -110,6 +110,7 @@ _MEM_REQ = f"spec.parameters[{_P}mount-memory-request]"
 _MEM_LIM = f"spec.parameters[{_P}mount-memory-limit]"
 _SECRET_NS = f"spec.parameters[{_P}storage-provider-secret-namespace]"
 _GRACE = f"spec.parameters[{_P}unmount-grace-period]"
+_DMP_START = f"spec.parameters[{_P}dmp-start]"
 
 BAD_OBJECTS: tuple[BadCase, ...] = (
     # ------------------------------------------------------------ StorageProviderClass
@@ -173,6 +174,13 @@ BAD_OBJECTS: tuple[BadCase, ...] = (
         _GRACE,
         "from 0 to 3600",
         api_message="from 0 to 3600",
+    ),
+    _spc_case(
+        "class-dmp-start-unknown",
+        {"provider": "s3", "parameters": _params(dmp_start="onpublish")},
+        _DMP_START,
+        "must be one of OnClaim, OnPublish",
+        api_message="must be one of OnClaim, OnPublish",
     ),
     _spc_case(
         "class-unknown-dynvol-parameter",

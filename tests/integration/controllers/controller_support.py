@@ -89,10 +89,12 @@ class Objects:
         provider: str = "s3",
         secret: str | None = None,
         allowed_namespaces: list[str] | None = None,
+        parameters: dict[str, str] | None = None,
     ) -> Any:
         params = {
             c.PARAM_MOUNT_CPU_REQUEST: "10m",
             c.PARAM_MOUNT_MEMORY_REQUEST: "50Mi",
+            **(parameters or {}),
         }
         if secret:
             params[c.PARAM_SECRET_NAME] = secret

@@ -22,7 +22,7 @@ from dynvol_kube import APINotFound, Client
 from dynvol_kube.resources import CLAIMS, CLASSES, EVENTS, MOUNTS, NODES, PODS, SECRETS
 from dynvol_providers.registry import load_registry
 
-from .controller_support import Objects, eventually, list_items
+from .controller_support import Objects, eventually, list_items, pod_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -426,6 +426,69 @@ async def test_deleted_node_releases_its_mounts(
         await _cleanup_dmps(client, spc)
         with contextlib.suppress(APINotFound):
             await client.delete(NODES, lost)
+
+
+async def test_deleted_node_loses_the_controller_replicas_on_it(
+    client: Client, objects: Objects, system_namespace: str, controller: ControllerApp
+) -> None:
+    """The controller's own pods on a Node seen deleted are deleted at once, so the dead one
+    leaves the webhook Service's endpoints before pod GC would remove it; nothing else is
+    touched: not a pod with other labels beside it, not a look-alike in another namespace,
+    not a replica on a Node that still exists."""
+    replica = {"app.kubernetes.io/name": "dynvol", c.LABEL_COMPONENT: "controller"}
+    assert controller.controller.replica_labels == replica
+    lost, alive = f"n-gone-{objects.suffix}", f"n-here-{objects.suffix}"
+    made: list[tuple[str, str]] = []
+
+    async def pod(name: str, namespace: str, labels: dict[str, str], node: str) -> None:
+        await client.create(PODS, pod_manifest(name, labels=labels, node=node), namespace=namespace)
+        made.append((namespace, name))
+
+    await client.create(NODES, {"metadata": {"name": lost}})
+    await client.create(NODES, {"metadata": {"name": alive}})
+    try:
+        sfx = objects.suffix
+        await pod(f"ctl-gone-{sfx}", system_namespace, replica, lost)
+        await pod(f"ctl-here-{sfx}", system_namespace, replica, alive)
+        await pod(f"other-gone-{sfx}", system_namespace, {**replica, c.LABEL_COMPONENT: "x"}, lost)
+        await pod(f"tenant-gone-{sfx}", objects.namespace, replica, lost)
+
+        async def all_cached() -> bool:
+            store = controller.controller.pods.store
+            return await _cached(controller, lost) and all(
+                store.get(f"{ns}/{name}") is not None for ns, name in made
+            )
+
+        await eventually(all_cached)
+        await client.delete(NODES, lost)
+
+        async def gone() -> bool:
+            try:
+                await client.get(PODS, f"ctl-gone-{sfx}", namespace=system_namespace)
+            except APINotFound:
+                return True
+            return False
+
+        await eventually(gone)
+        for ns, name in made[1:]:
+            kept = await client.get(PODS, name, namespace=ns)
+            assert not kept["metadata"].get("deletionTimestamp"), f"{ns}/{name} was kept"
+        # Once pod GC (here: the test) removes the last pod bound to the deleted Node, the
+        # controller forgets the Node (its memory of deleted Nodes does not grow forever).
+        assert lost in controller.controller._gone_nodes
+        for ns, name in made[2:]:
+            await objects.delete_pod(name, namespace=ns)
+
+        async def forgotten() -> bool:
+            return lost not in controller.controller._gone_nodes
+
+        await eventually(forgotten)
+    finally:
+        for ns, name in made:
+            await objects.delete_pod(name, namespace=ns)
+        for node in (lost, alive):
+            with contextlib.suppress(APINotFound):
+                await client.delete(NODES, node)
 
 
 async def _force_delete_mounts(client: Client, ns: str) -> None:

@@ -260,6 +260,67 @@ async def test_claims_become_mounts_and_dmps(
         await _cleanup_system(client, spc)
 
 
+async def test_a_class_with_dmp_start_on_publish_runs_each_pods_dmp_before_any_claim(
+    client: Client, objects: Objects, system_namespace: str
+) -> None:
+    """``dmp-start: OnPublish``: every published pod of the class gets its DMP at once (one
+    per pod for ``independent``, one per node for ``shared``), with no claim; the first
+    claim mounts through them; a pod's independent DMP goes with the pod."""
+    spc = f"early-{objects.suffix}"
+    node = f"node-e-{objects.suffix}"
+    await objects.storage_class(spc, parameters={c.PARAM_DMP_START: c.DMP_START_ON_PUBLISH})
+    web = {"app": "web"}
+    await objects.pod("i1", labels=web, node=node, class_name=spc)
+    await objects.pod("i2", labels=web, node=node, class_name=spc)
+    await objects.pod("s1", labels=web, node=node, class_name=spc, policy="shared")
+    reconciler = _node_reconciler(client, node)
+    try:
+        async with running(reconciler):
+
+            async def three_dmps() -> list[dict[str, Any]] | None:
+                dmps = await _dmps(client, spc)
+                return dmps if len(dmps) == 3 else None
+
+            dmps = await eventually(three_dmps)
+            labels = [p["metadata"]["labels"] for p in dmps]
+            by_policy = sorted((x[c.LABEL_POLICY], x.get(c.LABEL_POD, "")) for x in labels)
+            assert by_policy == [
+                (c.POLICY_INDEPENDENT, "i1"), (c.POLICY_INDEPENDENT, "i2"), (c.POLICY_SHARED, ""),
+            ]  # fmt: skip
+            assert await _dvms(client, objects.namespace) == []
+            started = {p["metadata"]["name"]: p["metadata"]["uid"] for p in dmps}
+
+            await objects.claim("web-data", selector=web)
+
+            async def three_mounts() -> list[dict[str, Any]] | None:
+                items = await _dvms(client, objects.namespace)
+                return items if len(items) == 3 else None
+
+            dvms = await eventually(three_mounts)
+            assert {d["spec"]["dmpName"] for d in dvms} == set(started)
+            now = {p["metadata"]["name"]: p["metadata"]["uid"] for p in await _dmps(client, spc)}
+            assert now == started, "the claim reused the DMPs started before it"
+
+            await objects.delete_pod("i2")
+
+            async def i2s_dmp_gone() -> bool:
+                pods = {p["metadata"]["labels"].get(c.LABEL_POD) for p in await _dmps(client, spc)}
+                return pods == {"i1", None}
+
+            await eventually(i2s_dmp_gone)
+    finally:
+        for dvm in await _dvms(client, objects.namespace):
+            with contextlib.suppress(APINotFound):
+                await client.patch(
+                    MOUNTS, dvm["metadata"]["name"], {"metadata": {"finalizers": None}},
+                    namespace=objects.namespace,
+                )  # fmt: skip
+                await client.delete(MOUNTS, dvm["metadata"]["name"], namespace=objects.namespace)
+        for name in ("i1", "i2", "s1"):
+            await objects.delete_pod(name)
+        await _cleanup_system(client, spc)
+
+
 async def test_restart_mid_way_converges_without_duplicates(
     client: Client, objects: Objects, system_namespace: str
 ) -> None:

@@ -189,6 +189,26 @@ def container(slot: Slot, tmp_path: Path) -> Iterator[Container]:
         proc.stop(timeout=5)
 
 
+@pytest.fixture
+def writer(container: Container, tmp_path: Path) -> Iterator[Callable[[str], Process]]:
+    """Starts a shell inside the container's mount namespace; stopped afterwards."""
+    started: list[Process] = []
+
+    def start(script: str) -> Process:
+        proc = Process.start(
+            ["nsenter", "-t", str(container.process.pid), "-m", "sh", "-c", script],
+            name="writer", log=tmp_path / f"writer-{len(started)}.log",
+        )  # fmt: skip
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop(timeout=5)
+
+
 @attrs.define
 class AgentRunner:
     """Starts and stops ``dynvol dmp`` in its own mount namespace."""
@@ -452,6 +472,31 @@ def ready_condition(obj: dict[str, Any] | None) -> dict[str, Any]:
     assert obj is not None
     conditions: list[dict[str, Any]] = obj["status"]["conditions"]
     return {x["type"]: x for x in conditions}["Ready"]
+
+
+def ready_reason(obj: dict[str, Any] | None) -> str:
+    """The reason of the Ready condition of ``obj``, or "" while it has none."""
+    for condition in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return str(condition.get("reason", ""))
+    return ""
+
+
+def files_open(obj: dict[str, Any] | None) -> bool:
+    """The mount waits in phase Unmounting for a file open in it (reason FilesOpen)."""
+    return (
+        obj is not None
+        and (obj.get("status") or {}).get("phase") == "Unmounting"
+        and ready_reason(obj) == "FilesOpen"
+    )
+
+
+async def finished(proc: Process, *, within: float, what: str = "the writer") -> None:
+    """Wait until ``proc`` exits by itself, within ``within`` seconds, with status 0."""
+    await eventually(
+        lambda: proc.poll() is not None, what=f"{what} to finish", within=within, interval=0.1
+    )
+    assert proc.poll() == 0, proc.log_tail()
 
 
 async def eventually(

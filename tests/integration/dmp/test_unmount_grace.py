@@ -10,9 +10,8 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import pytest
 
@@ -32,6 +31,8 @@ from .conftest import (
     assign,
     descendants,
     eventually,
+    files_open,
+    finished,
     gone,
     phase_is,
     release,
@@ -39,42 +40,6 @@ from .conftest import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def _ready_reason(obj: dict[str, Any] | None) -> str:
-    for condition in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "Ready":
-            return str(condition.get("reason", ""))
-    return ""
-
-
-@pytest.fixture
-def writer(container: Container, tmp_path: Path) -> Iterator[Callable[[str], Process]]:
-    """Starts a shell inside the container's mount namespace; stopped afterwards."""
-    started: list[Process] = []
-
-    def start(script: str) -> Process:
-        proc = Process.start(
-            ["nsenter", "-t", str(container.process.pid), "-m", "sh", "-c", script],
-            name="writer", log=tmp_path / f"writer-{len(started)}.log",
-        )  # fmt: skip
-        started.append(proc)
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            proc.stop(timeout=5)
-
-
-def _files_open(obj: dict[str, Any] | None) -> bool:
-    """The mount waits in phase Unmounting for a file open in it (reason FilesOpen)."""
-    return (
-        obj is not None
-        and (obj.get("status") or {}).get("phase") == "Unmounting"
-        and _ready_reason(obj) == "FilesOpen"
-    )
 
 
 async def test_a_file_open_across_deletion_is_completed_before_unmount(
@@ -101,7 +66,7 @@ async def test_a_file_open_across_deletion_is_completed_before_unmount(
     await wait_for_marker(opened, proc, what="the writer did not start")
     deleted = time.monotonic()
     await mounts.delete(name)
-    obj = await mounts.wait(name, _files_open, what="Unmounting, FilesOpen", agent=agent)
+    obj = await mounts.wait(name, files_open, what="Unmounting, FilesOpen", agent=agent)
     assert obj is not None
     assert "unmount grace period of 30s" in obj["status"]["message"]
     assert mounts_under(slot.path) == [str(slot.path / "data")]  # still mounted meanwhile
@@ -256,15 +221,11 @@ async def test_a_file_open_across_a_config_change_is_completed_first(
     )
     await wait_for_marker(opened, proc, what="the writer did not start")
     await mounts.edit(name, readOnly=True)  # the same target, mounted anew
-    obj = await mounts.wait(name, _files_open, what="Unmounting, FilesOpen", agent=agent)
+    obj = await mounts.wait(name, files_open, what="Unmounting, FilesOpen", agent=agent)
     assert obj is not None
     assert "configuration changed" in obj["status"]["message"]
     assert agent.daemons() == [old_daemon]  # the old mounter serves the open file meanwhile
-    deadline = time.monotonic() + 15
-    while proc.poll() is None:  # it closes the file by itself, 6 s after opening it
-        assert time.monotonic() < deadline, "the writer did not finish"
-        await asyncio.sleep(0.1)
-    assert proc.poll() == 0, proc.log_tail()
+    await finished(proc, within=15)  # it closes the file by itself, 6 s after opening it
     await mounts.wait(name, phase_is("Mounted"), limit=30, what="Mounted again", agent=agent)
     body = s3.get_object(Bucket=bucket, Key="edit.txt")["Body"].read()
     assert body == b"before\nafter\n"

@@ -138,7 +138,8 @@ class TestNfs(ProviderConformance):
                 ({"server": "169.254.169.254", "path": "/x"}, "server"),
             ],
             mountable=(
-                "this machine has no NFS client (mount.nfs) and no NFS server; the mount "
+                "this kernel has no NFS client (no nfs in /proc/filesystems, no modules to "
+                "load), and the machine has no mount.nfs and no NFS server; the mount "
                 "command is covered by tests/unit/providers/test_nfs.py"
             ),
         )

@@ -453,6 +453,59 @@ def test_removed_claim_tears_down_then_frees_dmps() -> None:
     assert len(back.create_dvms) == 2
 
 
+def _on_publish(name: str = "s3-sample", **params: str) -> StorageProviderClass:
+    base = spc(name)
+    return spc(
+        name,
+        parameters={**base.parameters, c.PARAM_DMP_START: c.DMP_START_ON_PUBLISH, **params},
+    )
+
+
+def test_dmp_start_on_publish_starts_each_published_pods_dmp_before_any_claim() -> None:
+    waiting = pod("i1")
+    unpublished = pod("i2")
+    shared = [pod("s1", policy=c.POLICY_SHARED), pod("s2", policy=c.POLICY_SHARED)]
+    other_class = pod("o1", cls="s3-other")
+    gone = attrs.evolve(pod("d1"), deleting=True)
+    pods = [waiting, unpublished, *shared, other_class, gone]
+    slots = slots_for([waiting, *shared, other_class, gone])
+    classes = [_on_publish(), spc("s3-other")]
+    result = plan(pods, [], classes, slots=slots)
+    assert result.dvms == ()
+    # One DMP for the published independent pod, one for the node's shared pods; none for
+    # the pod not yet published, the one being deleted, nor the class that waits for claims.
+    started = {(d.policy, d.pod_uid) for d in result.create_dmps}
+    assert started == {(c.POLICY_INDEPENDENT, waiting.uid), (c.POLICY_SHARED, "")}
+    # Applied, the plan is stable: the idle DMPs stay while their pods are there.
+    _, dmps = apply(result, [], [])
+    again = plan(pods, [], classes, slots=slots, dmps=dmps)
+    assert not again.has_actions
+    assert again.idle_dmps == ()
+    # The first claim mounts through the DMPs already running; only the pod of the class
+    # that waits for claims gets its DMP now.
+    claimed = plan(pods, [claim()], classes, slots=slots, dmps=dmps)
+    assert [d.class_name for d in claimed.create_dmps] == ["s3-other"]
+    running = {d.name for d in result.dmps}
+    on_publish = [d for d in claimed.create_dvms if d.spec.storage_provider_class == "s3-sample"]
+    assert len(on_publish) == 3
+    assert {d.spec.dmp_name for d in on_publish} <= running
+    # When the pod goes, its independent DMP goes at once; the shared one waits idle.
+    left = plan([unpublished, other_class], [], classes, slots=slots, dmps=dmps)
+    assert [p.labels[c.LABEL_POLICY] for p in left.delete_dmps] == [c.POLICY_INDEPENDENT]
+    assert [p.labels[c.LABEL_POLICY] for p in left.idle_dmps] == [c.POLICY_SHARED]
+
+
+def test_dmp_start_on_publish_respects_the_classs_namespaces() -> None:
+    guarded = spc(
+        "s3-sample",
+        parameters={**_on_publish().parameters},
+        allowedNamespaces=["allowed"],
+    )
+    pods = [pod("p", "allowed"), pod("q", "elsewhere")]
+    result = plan(pods, [], [guarded])
+    assert [d.pod_namespace for d in result.create_dmps] == ["allowed"]
+
+
 def test_terminated_dmp_is_replaced_and_orphans_are_reported() -> None:
     pods, claims = [pod()], [claim()]
     first = plan(pods, claims)
