@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(etcd-server s3fs rclone fuse3 util-linux mount procps iproute2 openssl
-  containerd runc containernetworking-plugins debootstrap busybox-static iptables buildah)
+  containerd runc containernetworking-plugins debootstrap busybox-static iptables buildah
+  openssh-server)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -4,10 +4,12 @@ At session start we note the mount points and the stack processes already there;
 end, any new mount, any new stack process and any :class:`dynvol.testing.Process` still
 running fails the run, even when every test passed.
 
-Under ``CI=true`` every new mount and stack process counts. On a developer machine, where
-other sessions may run beside this one, only processes carrying this session's marker in
-their environment (inherited by everything the suite starts, orphans included) and mounts
-below this session's temporary directory count.
+Under ``CI=true`` every new mount and stack process counts, except the processes of the other
+lane of ``make test`` (dynvol.testing.lanes), which runs in a PID namespace of its own beside
+this session: they are that lane's to check. On a developer machine, where other sessions
+may run beside this one, only processes carrying this session's marker in their
+environment (inherited by everything the suite starts, orphans included) and mounts below
+this session's temporary directory count.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dynvol.testing.controlplane import (
     kubernetes_bin_dir,
     requested_kubernetes_version,
 )
+from dynvol.testing.lanes import foreign_lane_namespaces
 from dynvol_core.mountinfo import parse_mountinfo
 
 _STACK = (
@@ -114,9 +117,12 @@ _MARKER = "DYNVOL_TEST_SESSION"
 _CI = os.environ.get("CI", "").lower() == "true"
 
 
-def _ours(pid: int) -> bool:
+def _ours(pid: int, foreign: set[str]) -> bool:
     if _CI:
-        return True
+        try:
+            return os.readlink(f"/proc/{pid}/ns/pid") not in foreign
+        except OSError:
+            return False
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
@@ -140,8 +146,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     processes.stop_all()
     before_procs = _BEFORE["procs"]
     assert isinstance(before_procs, set)
+    foreign = foreign_lane_namespaces()
     for pid, argv in sorted(_stack_processes().items()):
-        if pid not in before_procs and pid != os.getpid() and _ours(pid):
+        if pid not in before_procs and pid != os.getpid() and _ours(pid, foreign):
             problems.append(f"stack process left behind: pid {pid} {argv}")
     before_mounts = _BEFORE["mounts"]
     assert isinstance(before_mounts, set)

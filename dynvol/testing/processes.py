@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,12 +25,51 @@ import attrs
 _LIVE: dict[int, Process] = {}
 
 
+#: Names the ports :func:`free_port` may hand out, ``LOW-HIGH`` (inclusive). ``make test``
+#: gives each of its lanes its own range, so that steps running side by side never pick
+#: the same port.
+PORTS_ENV = "DYNVOL_TEST_PORTS"
+#: Where :func:`free_port` looks without ``$DYNVOL_TEST_PORTS``: above the well-known
+#: ports, below Kubernetes' NodePort range (30000-32767 by default) and the kernel's
+#: ephemeral ports (``net.ipv4.ip_local_port_range``, 32768-60999 by default), from which
+#: every ``bind(("", 0))`` and ``connect()`` on the machine takes its port. A port handed
+#: out from there could be taken by any process between the check here and the bind of the
+#: server it is meant for (a mount pod's status server, a kubelet, an outgoing connection),
+#: and the test would then talk to that process instead.
+DEFAULT_PORTS = (20000, 29999)
+#: Ports this interpreter handed out already: never handed out twice.
+_GIVEN: set[int] = set()
+
+
+def port_range(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """The ports :func:`free_port` picks from (``$DYNVOL_TEST_PORTS`` or the default)."""
+    raw = (os.environ if environ is None else environ).get(PORTS_ENV, "")
+    if not raw:
+        return DEFAULT_PORTS
+    low_text, sep, high_text = raw.partition("-")
+    if not sep or not low_text.isdigit() or not high_text.isdigit():
+        raise ValueError(f"${PORTS_ENV} must be LOW-HIGH (two port numbers), not {raw!r}")
+    low, high = int(low_text), int(high_text)
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"${PORTS_ENV}={raw!r}: want 1024 <= LOW <= HIGH <= 65535")
+    return low, high
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, from :func:`port_range`, and
+    not handed out before by this interpreter."""
+    low, high = port_range()
+    candidates = [port for port in range(low, high + 1) if port not in _GIVEN]
+    random.shuffle(candidates)
+    for port in candidates[:512]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
         return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 in {low}-{high} (${PORTS_ENV})")
 
 
 def wait_until(

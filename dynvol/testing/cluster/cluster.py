@@ -38,7 +38,12 @@ from dynvol.testing.cluster.addressing import (
     NodePlan,
     plan_nodes,
 )
-from dynvol.testing.cluster.configs import server_url, write_node_files
+from dynvol.testing.cluster.configs import (
+    apiserver_kubelet_client_binding,
+    server_url,
+    write_node_files,
+)
+from dynvol.testing.cluster.configs import write_kubeconfig as _write_kubeconfig
 from dynvol.testing.cluster.layout import Layout, default_dir
 from dynvol.testing.cluster.pki import CertificateAuthority
 from dynvol.testing.cluster.supervisor import descendants, remove_containers
@@ -85,29 +90,6 @@ def _ours(pid: int | None, layout: Layout) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X") and str(layout.dir).encode() in raw
-
-
-def _write_kubeconfig(path: Path, *, server: str, ca: Path, cert: Path, key: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "dynvol-multinode",
-                "cluster": {"server": server, "certificate-authority": str(ca)},
-            }
-        ],
-        "users": [
-            {"name": "user", "user": {"client-certificate": str(cert), "client-key": str(key)}}
-        ],
-        "contexts": [
-            {"name": "dynvol-multinode", "context": {"cluster": "dynvol-multinode", "user": "user"}}
-        ],
-        "current-context": "dynvol-multinode",
-    }
-    path.write_text(json.dumps(config, indent=1))
-    path.chmod(0o600)
 
 
 @attrs.define(kw_only=True)
@@ -437,6 +419,19 @@ class MultiNodeCluster:
             time.sleep(0.3)
         raise ClusterError("the cluster did not start within 300 s")
 
+    def import_images(self, *images: str) -> None:
+        """Build (if missing) and import ``images`` of this checkout into every node of the
+        running cluster, e.g. a rebuilt ``dynvol`` into one that :meth:`up` found running."""
+        root = repo_root()
+        if root is None:
+            raise ClusterError("no checkout to build images from")
+        subprocess.run(
+            [sys.executable, str(root / "hack" / "images" / "build.py"), "build", *images],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        self._import_images(root, images)
+
     def _import_images(self, root: Path, images: tuple[str, ...]) -> None:
         for plan in self.plans:
             self.progress(f"importing {', '.join(images)} into {plan.name}")
@@ -454,23 +449,7 @@ class MultiNodeCluster:
             )
 
     def _post_start(self) -> None:
-        binding = {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": "dynvol-multinode:apiserver-kubelet-client"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "system:kubelet-api-admin",
-            },
-            "subjects": [
-                {
-                    "apiGroup": "rbac.authorization.k8s.io",
-                    "kind": "User",
-                    "name": "kube-apiserver-kubelet-client",
-                }
-            ],
-        }
+        binding = apiserver_kubelet_client_binding("dynvol-multinode")
         self.kubectl("apply", "-f", "-", input=json.dumps(binding))
         names = [f"node/{p.name}" for p in self.plans]
         deadline = time.monotonic() + 120

@@ -33,7 +33,20 @@ from dynvol.testing.cluster.addressing import (
 from dynvol.testing.cluster.layout import Layout, NodeLayout
 from dynvol.testing.cluster.network import netns_path
 
-__all__ = ["PAUSE_IMAGE", "Spec", "control_plane_specs", "node_specs", "write_node_files"]
+__all__ = [
+    "MULTINODE",
+    "PAUSE_IMAGE",
+    "ControlPlaneProfile",
+    "Spec",
+    "apiserver_kubelet_client_binding",
+    "bridge_network",
+    "containerd_toml",
+    "control_plane_specs",
+    "kubelet_configuration",
+    "node_specs",
+    "write_kubeconfig",
+    "write_node_files",
+]
 
 PAUSE_IMAGE = "localhost/dynvol/pause:dev"
 CNI_BIN = Path("/usr/lib/cni")
@@ -84,11 +97,41 @@ def server_url(ports: dict[str, int]) -> str:
     return f"https://{HOST_ADDRESS}:{ports['apiserver']}"
 
 
-def control_plane_specs(layout: Layout, ports: dict[str, int], bin_dir: Path) -> list[Spec]:
+@attrs.frozen(kw_only=True)
+class ControlPlaneProfile:
+    """What differs between the control planes of the clusters this package runs; the
+    defaults are the multi-node cluster's (:data:`MULTINODE`), the single node's are in
+    :mod:`dynvol.testing.cluster.single`."""
+
+    #: etcd's member name.
+    name: str = "dynvol-multinode"
+    #: Where the apiserver listens and what it advertises.
+    address: str = str(HOST_ADDRESS)
+    service_network: str = str(SERVICE_NETWORK)
+    kubelet_address_types: str = "InternalIP"
+    etcd_args: tuple[str, ...] = ()
+    apiserver_args: tuple[str, ...] = ()
+    # A lost node is noticed within 20 s (the default is 50 s).
+    controller_manager_args: tuple[str, ...] = ("--node-monitor-grace-period=20s",)
+    scheduler_args: tuple[str, ...] = ()
+
+    def server(self, ports: dict[str, int]) -> str:
+        return f"https://{self.address}:{ports['apiserver']}"
+
+
+MULTINODE = ControlPlaneProfile()
+
+
+def control_plane_specs(
+    layout: Layout,
+    ports: dict[str, int],
+    bin_dir: Path,
+    profile: ControlPlaneProfile = MULTINODE,
+) -> list[Spec]:
     pki = layout.pki
     etcd_url = f"http://127.0.0.1:{ports['etcd']}"
     peer = f"http://127.0.0.1:{ports['etcd-peer']}"
-    server = server_url(ports)
+    server = profile.server(ports)
 
     def component(name: str) -> tuple[str, ...]:
         kubeconfig = str(layout.kubeconfig_for(name))
@@ -111,16 +154,17 @@ def control_plane_specs(layout: Layout, ports: dict[str, int], bin_dir: Path) ->
             name="etcd",
             argv=(
                 str(bin_dir / "etcd"),
-                "--name=dynvol-multinode",
+                f"--name={profile.name}",
                 f"--data-dir={layout.etcd_data}",
                 f"--listen-client-urls={etcd_url}",
                 f"--advertise-client-urls={etcd_url}",
                 f"--listen-peer-urls={peer}",
                 f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=dynvol-multinode={peer}",
+                f"--initial-cluster={profile.name}={peer}",
                 f"--listen-metrics-urls=http://127.0.0.1:{ports['etcd-metrics']}",
                 "--logger=zap",
                 "--log-outputs=stderr",
+                *profile.etcd_args,
             ),
             ready=lambda: http_ok(f"{etcd_url}/health"),
             timeout=30,
@@ -131,8 +175,8 @@ def control_plane_specs(layout: Layout, ports: dict[str, int], bin_dir: Path) ->
                 str(bin_dir / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
                 # The host end of the node network: kubelets and pods reach it there.
-                f"--bind-address={HOST_ADDRESS}",
-                f"--advertise-address={HOST_ADDRESS}",
+                f"--bind-address={profile.address}",
+                f"--advertise-address={profile.address}",
                 f"--secure-port={ports['apiserver']}",
                 f"--cert-dir={pki}",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -141,11 +185,11 @@ def control_plane_specs(layout: Layout, ports: dict[str, int], bin_dir: Path) ->
                 f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
                 f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
                 f"--kubelet-certificate-authority={pki / 'ca.crt'}",
-                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-preferred-address-types={profile.kubelet_address_types}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-cluster-ip-range={SERVICE_NETWORK}",
+                f"--service-cluster-ip-range={profile.service_network}",
                 "--authorization-mode=Node,RBAC",
                 "--enable-admission-plugins=NodeRestriction",
                 "--allow-privileged=true",
@@ -154,6 +198,7 @@ def control_plane_specs(layout: Layout, ports: dict[str, int], bin_dir: Path) ->
                 "--enable-aggregator-routing=true",
                 "--profiling=false",
                 "--v=1",
+                *profile.apiserver_args,
             ),
             ready=lambda: http_ok(f"{server}/readyz", _admin_context(layout)),
         ),
@@ -169,10 +214,9 @@ def control_plane_specs(layout: Layout, ports: dict[str, int], bin_dir: Path) ->
                 f"--cluster-signing-cert-file={pki / 'ca.crt'}",
                 f"--cluster-signing-key-file={pki / 'ca.key'}",
                 "--use-service-account-credentials=true",
-                f"--service-cluster-ip-range={SERVICE_NETWORK}",
+                f"--service-cluster-ip-range={profile.service_network}",
                 "--allocate-node-cidrs=false",
-                # A lost node is noticed within 20 s (the default is 50 s).
-                "--node-monitor-grace-period=20s",
+                *profile.controller_manager_args,
             ),
             ready=lambda: http_ok(
                 f"https://127.0.0.1:{ports['kcm']}/healthz", _admin_context(layout, verify=False)
@@ -184,6 +228,7 @@ def control_plane_specs(layout: Layout, ports: dict[str, int], bin_dir: Path) ->
                 str(bin_dir / "kube-scheduler"),
                 *component("kube-scheduler"),
                 f"--secure-port={ports['scheduler']}",
+                *profile.scheduler_args,
             ),
             ready=lambda: http_ok(
                 f"https://127.0.0.1:{ports['scheduler']}/healthz",
@@ -257,26 +302,29 @@ def node_specs(layout: Layout, node: NodePlan, bin_dir: Path) -> list[Spec]:
     ]
 
 
-def containerd_config(nl: NodeLayout, node: NodePlan) -> str:
-    c = nl.containerd
+def containerd_toml(
+    *, root: Path, sock: Path, stream_address: str, cni_conf: Path, header: str
+) -> str:
+    """containerd's configuration: its root, state, runc root and opt directory under
+    ``root``, its socket at ``sock``, the CRI streaming server on ``stream_address``, CNI
+    configuration from ``cni_conf``; ``header`` is the comment at the top."""
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     runc = shutil.which("runc") or "/usr/sbin/runc"
     return f"""\
-# Written by dynvol.testing.cluster for {node.name}; paths are under the cluster's directory,
-# except /run/containerd, which is the node's own tmpfs in its mount namespace.
+# {header}
 version = 2
-root = "{c / "root"}"
-state = "{c / "state"}"
+root = "{root / "root"}"
+state = "{root / "state"}"
 plugin_dir = ""
 disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
                     "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
                     "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 
 [grpc]
-  address = "{nl.containerd_sock}"
+  address = "{sock}"
 
 [ttrpc]
-  address = "{nl.containerd_sock}.ttrpc"
+  address = "{sock}.ttrpc"
 
 [debug]
   address = ""
@@ -285,14 +333,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   address = ""
 
 [plugins."io.containerd.internal.v1.opt"]
-  path = "{c / "opt"}"
+  path = "{root / "opt"}"
 
 [{cri}]
   sandbox_image = "{PAUSE_IMAGE}"
-  stream_server_address = "{node.address}"
+  stream_server_address = "{stream_address}"
   stream_server_port = "0"
+  # Pod network namespaces under containerd's state directory, not /run/netns.
   netns_mounts_under_state_dir = true
-  # No process here may lower its OOM score below its parent's (see local-cluster.md).
+  # This machine withholds CAP_SYS_RESOURCE, so no process may lower its OOM score below
+  # its parent's; the kubelet asks -998 for sandboxes, and runc would fail with "failed to
+  # update /proc/self/oom_score_adj: Permission denied" (see local-cluster.md).
   restrict_oom_score_adj = true
   enable_selinux = false
   disable_apparmor = true
@@ -307,39 +358,67 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 [{cri}.containerd.runtimes.runc.options]
   BinaryName = "{runc}"
-  Root = "{c / "runc"}"
+  Root = "{root / "runc"}"
   SystemdCgroup = false
 
 [{cri}.cni]
   bin_dir = "{CNI_BIN}"
-  conf_dir = "{nl.cni_conf}"
+  conf_dir = "{cni_conf}"
   max_conf_num = 1
 """
+
+
+def containerd_config(nl: NodeLayout, node: NodePlan) -> str:
+    return containerd_toml(
+        root=nl.containerd,
+        sock=nl.containerd_sock,
+        stream_address=str(node.address),
+        cni_conf=nl.cni_conf,
+        header=f"Written by dynvol.testing.cluster for {node.name}; paths are under the "
+        "cluster's directory,\n# except /run/containerd, which is the node's own tmpfs in "
+        "its mount namespace.",
+    )
+
+
+def bridge_network(
+    *, name: str, bridge: str, subnet: str, ipam_dir: Path, gateway: str | None
+) -> dict[str, Any]:
+    """A CNI network list: a ``bridge`` with ``host-local`` addresses from ``subnet``.
+
+    With a ``gateway``, the bridge has that address and is the pods' default route (with
+    hairpin mode and port mappings). Without one, the bridge is a closed segment: no
+    address, no gateway, no routes, so pods reach each other and nothing else. Never any
+    masquerading.
+    """
+    ranges: dict[str, str] = {"subnet": subnet}
+    if gateway is not None:
+        ranges["gateway"] = gateway
+    plugins: list[dict[str, Any]] = [
+        {
+            "type": "bridge",
+            "bridge": bridge,
+            "isGateway": gateway is not None,
+            "isDefaultGateway": gateway is not None,
+            "ipMasq": False,
+            "hairpinMode": gateway is not None,
+            "ipam": {"type": "host-local", "ranges": [[ranges]], "dataDir": str(ipam_dir)},
+        }
+    ]
+    if gateway is not None:
+        plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
+    return {"cniVersion": "1.0.0", "name": name, "plugins": plugins}
 
 
 def cni_config(nl: NodeLayout, node: NodePlan) -> dict[str, Any]:
     # The node's bridge is its pods' gateway; no masquerading, so pods keep their
     # addresses across nodes (the routes of network.create carry them).
-    return {
-        "cniVersion": "1.0.0",
-        "name": "dynvol-multinode",
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": "cni0",
-                "isGateway": True,
-                "isDefaultGateway": True,
-                "ipMasq": False,
-                "hairpinMode": True,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": str(node.pod_cidr), "gateway": str(node.pod_gateway)}]],
-                    "dataDir": str(nl.ipam),
-                },
-            },
-            {"type": "portmap", "capabilities": {"portMappings": True}},
-        ],
-    }
+    return bridge_network(
+        name="dynvol-multinode",
+        bridge="cni0",
+        subnet=str(node.pod_cidr),
+        ipam_dir=nl.ipam,
+        gateway=str(node.pod_gateway),
+    )
 
 
 def cgroup_root(node: NodePlan) -> str:
@@ -347,34 +426,49 @@ def cgroup_root(node: NodePlan) -> str:
     return f"/dvmn-{node.index}"
 
 
-def kubelet_config(layout: Layout, node: NodePlan, dns: list[str]) -> dict[str, Any]:
-    nl, pki, addr = layout.node(node.name), layout.pki, str(node.address)
-    return {
+def kubelet_configuration(
+    *,
+    address: str,
+    port: int,
+    healthz_port: int,
+    serving: tuple[Path, Path],
+    client_ca: Path,
+    runtime_sock: Path,
+    cluster_dns: list[str],
+    cgroup_root: str | None = None,
+) -> dict[str, Any]:
+    """A KubeletConfiguration: serving on ``address`` with the certificate and key
+    ``serving``, clients checked against ``client_ca`` and the apiserver, the runtime at
+    ``runtime_sock``; ``cgroup_root`` None for the kubelet's default."""
+    config: dict[str, Any] = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
-        "address": addr,
-        "port": KUBELET_PORT,
+        "address": address,
+        "port": port,
         "readOnlyPort": 0,
-        "healthzBindAddress": addr,
-        "healthzPort": KUBELET_HEALTHZ_PORT,
-        "tlsCertFile": str(pki / f"{node.name}-serving.crt"),
-        "tlsPrivateKeyFile": str(pki / f"{node.name}-serving.key"),
+        "healthzBindAddress": address,
+        "healthzPort": healthz_port,
+        "tlsCertFile": str(serving[0]),
+        "tlsPrivateKeyFile": str(serving[1]),
         "authentication": {
             "anonymous": {"enabled": False},
             "webhook": {"enabled": True},
-            "x509": {"clientCAFile": str(pki / "ca.crt")},
+            "x509": {"clientCAFile": str(client_ca)},
         },
         "authorization": {"mode": "Webhook"},
         "cgroupDriver": "cgroupfs",
-        "cgroupRoot": cgroup_root(node),
-        # cgroup v1 here; see docs/local-cluster.md.
+        # This kernel mounts only cgroup v1 controllers under /sys/fs/cgroup. From v1.35
+        # on, a kubelet refuses to start on cgroup v1 unless this is false; see
+        # docs/local-cluster.md.
         "failCgroupV1": False,
         "failSwapOn": False,
-        "containerRuntimeEndpoint": f"unix://{nl.containerd_sock}",
-        "imageServiceEndpoint": f"unix://{nl.containerd_sock}",
+        "containerRuntimeEndpoint": f"unix://{runtime_sock}",
+        "imageServiceEndpoint": f"unix://{runtime_sock}",
         "clusterDomain": "cluster.local",
-        "clusterDNS": dns,
+        "clusterDNS": cluster_dns,
         "resolvConf": "/etc/resolv.conf",
+        # Images cannot be pulled again here, so the kubelet must never collect them, and
+        # a nearly full disk must not evict the pods of a test run.
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "evictionHard": {
@@ -390,11 +484,28 @@ def kubelet_config(layout: Layout, node: NodePlan, dns: list[str]) -> dict[str, 
         "maxPods": 110,
         "nodeStatusUpdateFrequency": "5s",
         "shutdownGracePeriod": "0s",
-        # The chains would be made in the node's own network namespace; kube-proxy owns
-        # the node's NAT rules.
+        # No kubelet chains: on the single node they would be the host's firewall, on a
+        # node of several its own network namespace's, whose NAT rules kube-proxy owns.
         "makeIPTablesUtilChains": False,
         "containerLogMaxSize": "10Mi",
     }
+    if cgroup_root is not None:
+        config["cgroupRoot"] = cgroup_root
+    return config
+
+
+def kubelet_config(layout: Layout, node: NodePlan, dns: list[str]) -> dict[str, Any]:
+    nl, pki = layout.node(node.name), layout.pki
+    return kubelet_configuration(
+        address=str(node.address),
+        port=KUBELET_PORT,
+        healthz_port=KUBELET_HEALTHZ_PORT,
+        serving=(pki / f"{node.name}-serving.crt", pki / f"{node.name}-serving.key"),
+        client_ca=pki / "ca.crt",
+        runtime_sock=nl.containerd_sock,
+        cluster_dns=dns,
+        cgroup_root=cgroup_root(node),
+    )
 
 
 def kube_proxy_config(layout: Layout, node: NodePlan) -> dict[str, Any]:
@@ -429,3 +540,53 @@ def write_node_files(layout: Layout, node: NodePlan, dns: list[str]) -> None:
     (nl.config / "kube-proxy.json").write_text(
         json.dumps(kube_proxy_config(layout, node), indent=1)
     )
+
+
+def write_kubeconfig(
+    path: Path,
+    *,
+    server: str,
+    ca: Path,
+    cert: Path,
+    key: Path,
+    cluster: str = "dynvol-multinode",
+    user: str = "user",
+) -> None:
+    """A kubeconfig for ``server`` with a client certificate, readable by root only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": cluster, "cluster": {"server": server, "certificate-authority": str(ca)}}
+        ],
+        "users": [
+            {"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}
+        ],
+        "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": user}}],
+        "current-context": cluster,
+    }
+    path.write_text(json.dumps(config, indent=1))
+    path.chmod(0o600)
+
+
+def apiserver_kubelet_client_binding(prefix: str) -> dict[str, Any]:
+    """The ClusterRoleBinding that lets the apiserver's kubelet client identity use the
+    kubelets' API (exec, logs, port-forward)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": f"{prefix}:apiserver-kubelet-client"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "system:kubelet-api-admin",
+        },
+        "subjects": [
+            {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "User",
+                "name": "kube-apiserver-kubelet-client",
+            }
+        ],
+    }

@@ -24,7 +24,13 @@ from dynvol.testing.cluster.layout import Layout
 from dynvol.testing.mounts import mounts_under
 from dynvol.testing.processes import run
 
-__all__ = ["create_cgroups", "create_mount_ns", "remove_cgroups", "remove_mount_namespaces"]
+__all__ = [
+    "create_cgroups",
+    "create_mount_ns",
+    "remove_cgroup_trees",
+    "remove_cgroups",
+    "remove_mount_namespaces",
+]
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 
@@ -112,12 +118,12 @@ def create_cgroups(node: NodePlan) -> None:
                 (path / name).write_text((hierarchy / name).read_text())
 
 
-def remove_cgroups(node: NodePlan) -> list[str]:
-    """Remove the node's cgroups, deepest first; returns those that are not empty."""
-    rel = cgroup_root(node).lstrip("/")
+def remove_cgroup_trees(rel: str) -> list[str]:
+    """Remove the cgroup ``rel`` (``kubepods``, ``dvmn-1``) and what is below it in every
+    hierarchy, deepest first (only empty cgroups can go); returns the tops still there."""
     left = []
     for hierarchy in _hierarchies():
-        top = hierarchy / rel
+        top = hierarchy / rel.lstrip("/")
         if not top.is_dir():
             continue
         for path in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
@@ -129,3 +135,8 @@ def remove_cgroups(node: NodePlan) -> list[str]:
         except OSError:
             left.append(str(top))
     return left
+
+
+def remove_cgroups(node: NodePlan) -> list[str]:
+    """Remove the node's cgroups, deepest first; returns those that are not empty."""
+    return remove_cgroup_trees(cgroup_root(node))

@@ -58,6 +58,8 @@ class CertificateAuthority:
     """A CA in ``dir`` (``ca.crt``, ``ca.key``); made on first use, reused after."""
 
     dir: Path
+    #: The CA certificate's subject (when it is made).
+    common_name: str = "dynvol-multinode-ca"
     _key: ec.EllipticCurvePrivateKey | None = None
     _cert: x509.Certificate | None = None
 
@@ -81,7 +83,7 @@ class CertificateAuthority:
             return self
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
-        name = _name("dynvol-multinode-ca")
+        name = _name(self.common_name)
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)

@@ -94,6 +94,8 @@ class Supervisor:
     state: dict[str, Any] = attrs.field(factory=dict)
     procs: dict[str, Process] = attrs.field(factory=dict)
     stopping: bool = False
+    #: Set to the cluster's directory in every process's environment.
+    env_name: str = "DYNVOL_MULTINODE"
 
     def log(self, msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} supervisor: {msg}", flush=True)
@@ -136,7 +138,7 @@ class Supervisor:
                 time.sleep(0.5)
 
     def _start(self, spec: Spec) -> None:
-        env = {**os.environ, **dict(spec.env), "DYNVOL_MULTINODE": str(self.layout.dir)}
+        env = {**os.environ, **dict(spec.env), self.env_name: str(self.layout.dir)}
         log = self.layout.logs / f"{spec.name.replace('/', '.')}.log"
         proc = Process.start(spec.argv, name=spec.name, env=env, log=log, cwd=Path("/"))
         self.procs[spec.name] = proc
