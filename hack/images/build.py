@@ -6,7 +6,8 @@
                                                    build, then import into containerd (k8s.io)
     hack/images/build.py list                      the images and their names
 
-IMAGE is one of: pause, busybox, dynvol (default: these three), coredns, e2e-busybox.
+IMAGE is one of: pause, busybox, dynvol (default: these three), coredns, e2e-busybox,
+provider-example.
 
 Every image is an OCI image layout packed as a tar archive (``oci-layout``, ``index.json``,
 ``blobs/sha256/...``) with uncompressed layers, imported with ``ctr images import``.
@@ -21,6 +22,9 @@ Every image is an OCI image layout packed as a tar archive (``oci-layout``, ``in
   chroot`` on ``localhost/debian:bookworm-slim``, a base this script makes with debootstrap
   from bookworm, bookworm-updates and bookworm-security, shaped like Debian's slim image.
   The pip configuration and CA bundle of this machine reach the build as build secrets.
+- ``provider-example``: a third-party provider's image, built the way its author would:
+  ``examples/dynvol-provider-example/Dockerfile``, ``FROM`` the ``dynvol`` image above
+  (built first), with the example package pip-installed into dynvol's virtualenv.
 
 The tars this script writes itself (pause, busybox, the Debian base) have sorted names,
 zeroed times and numeric owners, so the same inputs give the same digests.
@@ -79,6 +83,7 @@ IMAGE_NAMES = {
     # Kubernetes, `e2e.test --list-images`) gives its default test image, so that its pods
     # start with imagePullPolicy IfNotPresent and never pull (docs/upstream-e2e.md).
     "e2e-busybox": "registry.k8s.io/e2e-test-images/busybox:1.37.0-2",
+    "provider-example": "localhost/dynvol/provider-example:dev",
 }
 
 #: What `build` and `import` do without image names (the single-node cluster's images; the
@@ -647,7 +652,19 @@ def build_debian_base(m: Mirrors, state: str) -> Path:
 
 
 def buildah(*args: str) -> list[str]:
-    """buildah with this cache's own storage, which the machine's other users never see."""
+    """buildah with this cache's own storage, which the machine's other users never see.
+
+    ``skip_mount_home``: by default the overlay driver bind-mounts its storage directory
+    onto itself while it has something mounted (to make it private), and counts that in
+    the storage's run directory, which every mount namespace shares. When a buildah in
+    another namespace holds a mount at the same time (the nodes lane building the example
+    provider's image while the api lane's image test has the image mounted), the count
+    never drops to zero in between and the bind mount is left in the test step's
+    namespace: its leak check failed a cold ``make test``. Reproduced and gone with the
+    option by a buildah ``mount`` in the machine's namespace overlapping one in an
+    ``unshare --mount`` of its own. The containers' own overlays are made and removed by
+    buildah either way.
+    """
     if shutil.which("buildah") is None:
         raise SystemExit("images: buildah is missing: apt-get install buildah (hack/setup.sh)")
     store = cache_root() / "buildah"
@@ -659,6 +676,8 @@ def buildah(*args: str) -> list[str]:
         str(store / "run"),
         "--storage-driver",
         "overlay",
+        "--storage-opt",
+        "overlay.skip_mount_home=true",
         *args,
     ]
 
@@ -692,6 +711,7 @@ CONTEXT_TOP_FILES = (
     "README.md",
     "hack/constraints.txt",
     "hack/images/pinned.py",
+    "hack/images/slim.py",
     "Dockerfile",
     ".dockerignore",
 )
@@ -884,6 +904,9 @@ def _build_dynvol() -> Built:
                     "--isolation",
                     "chroot",
                     "--layers",
+                    # A failed step's container goes too: left behind, it pins its image,
+                    # and the storage could no longer be pruned.
+                    "--force-rm",
                     "--pull=never",
                     "--build-arg",
                     f"BASE={BASE_NAME}",
@@ -914,6 +937,71 @@ def _build_dynvol() -> Built:
     prune("debian-base-", keep=base_archive.parent)
     prune("dynvol-", keep=built.archive.parent, exclude="dynvol-base-")
     prune_storage()
+    return built
+
+
+# --- provider-example ----------------------------------------------------------------------
+
+EXAMPLE = TOP / "examples" / "dynvol-provider-example"
+
+
+def example_context_files() -> list[Path]:
+    """The example's build context as its .dockerignore lets it through, and the recipe."""
+    files = [
+        EXAMPLE / name for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")
+    ]
+    for path in sorted((EXAMPLE / "src").rglob("*")):
+        skipped = "__pycache__" in path.parts or any(p.endswith(".egg-info") for p in path.parts)
+        if path.is_file() and not skipped and path.suffix != ".pyc":
+            files.append(path)
+    return files
+
+
+def build_provider_example() -> Built:
+    """The example provider's image on top of the dynvol image of this checkout, cached by
+    the dynvol image's manifest digest and the example's files."""
+    base = build_dynvol()
+    manifest = json.loads((base.archive.parent / "image.json").read_text())["manifest"]
+    parts: list[str | bytes] = [RECIPE, manifest]
+    for path in example_context_files():
+        parts += [str(path.relative_to(EXAMPLE)), path.read_bytes()]
+    key = key_of(*parts)
+
+    def build(out: Path) -> None:
+        # buildah's storage is shared by every checkout on this machine, and all of them
+        # tag their dynvol image localhost/dynvol/dynvol:dev: build on this checkout's
+        # archive under a name of its own digest.
+        base_name = f"localhost/dynvol/dynvol:{manifest.removeprefix('sha256:')[:16]}"
+        image_id = _output(buildah("pull", "--quiet", f"oci-archive:{base.archive}")).strip()
+        run(buildah("tag", image_id, base_name))
+        name = IMAGE_NAMES["provider-example"]
+        with tempfile.TemporaryDirectory(prefix="dynvol-build-") as tmp:
+            pip_conf = Path(tmp) / "pip.conf"
+            pip_conf.write_text(host_pip_config(_pip_config_list()))
+            pip_conf.chmod(0o600)
+            secrets = ["--secret", f"id=pipconf,src={pip_conf}"]
+            ca = host_ca()
+            if ca is not None:
+                secrets += ["--secret", f"id=cacert,src={ca}"]
+            log(f"buildah build {EXAMPLE / 'Dockerfile'} FROM {base_name}")
+            run(
+                buildah(
+                    "build", "--isolation", "chroot", "--layers", "--force-rm", "--pull=never",
+                    "--build-arg", f"DYNVOL_IMAGE={base_name}", *secrets,
+                    "-f", str(EXAMPLE / "Dockerfile"), "-t", name, str(EXAMPLE),
+                ),
+                stdout=sys.stderr,
+            )  # fmt: skip
+        pushed = out / "pushed.tar"
+        pushed.unlink(missing_ok=True)
+        run(buildah("push", "--quiet", "--format", "oci", name, f"oci-archive:{pushed}:{name}"))
+        meta = finish_archive(pushed, out / "image.tar", name)
+        pushed.unlink()
+        (out / "image.json").write_text(json.dumps(meta, indent=1))
+
+    with _locked("provider-example"):
+        built = _cached("provider-example", key, build)
+    prune("provider-example-", keep=built.archive.parent)
     return built
 
 
@@ -965,6 +1053,7 @@ BUILDERS: dict[str, Callable[[], Built]] = {
     "dynvol": build_dynvol,
     "e2e-busybox": build_e2e_busybox,
     "coredns": build_coredns,
+    "provider-example": build_provider_example,
 }
 
 

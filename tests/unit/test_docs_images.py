@@ -7,7 +7,6 @@ hand-edited or truncated picture fails too.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -15,18 +14,15 @@ from types import ModuleType
 
 import pytest
 
+from tests.scripts import load_script
+
 TOP = Path(__file__).resolve().parents[2]
 IMAGES = TOP / "docs" / "images"
 SOURCES = sorted((IMAGES / "src").glob("*.dot"))
 
 
 def _renderer() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("render_docs_images", IMAGES / "render.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("render_docs_images", IMAGES / "render.py")
 
 
 def test_there_are_pictures_and_every_one_is_current() -> None:
