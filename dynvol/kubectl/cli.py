@@ -3,8 +3,9 @@
 Options follow kubectl: ``--kubeconfig``, ``--context``, ``-n/--namespace``,
 ``-A/--all-namespaces`` and ``-o/--output table|json|yaml``, before or after the
 subcommand. Exit status: 0 when the command worked (``doctor``: and found no error), 1 when
-``doctor`` found an error, 2 for a usage or connection problem, which is printed on stderr
-as ``error: ...`` like kubectl does.
+``doctor`` found an error or a DMP that ``upgrade-dmps`` moved did not come back, 2 for a
+usage or connection problem, which is printed on stderr as ``error: ...`` like kubectl
+does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dynvol_core import constants as c
 from dynvol_kube import APIError, Client
 from dynvol_kube import KubeconfigError as KubeconfigUnusable
 
-from . import doctor, pods, status
+from . import doctor, pods, status, upgrade
 from .kubeconfig import KubeconfigError, resolve
 
 __all__ = ["build_parser", "main"]
@@ -46,7 +47,7 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--system-namespace", default=c.DEFAULT_SYSTEM_NAMESPACE if top else argparse.SUPPRESS,
-        help="where dynvol runs (default %(default)s)",
+        help=f"where dynvol runs (default {c.DEFAULT_SYSTEM_NAMESPACE})",
     )  # fmt: skip
 
 
@@ -65,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     pod.add_argument("name", metavar="NAME", help="the pod")
     _common(pod, top=False)
     _common(sub.add_parser("doctor", help="check the installation on this cluster"), top=False)
+    move = sub.add_parser(
+        "upgrade-dmps",
+        help="move mounts onto the node plugin's current image, one DMP at a time",
+        description=(upgrade.__doc__ or "").split("\n\n")[1].replace("\n", " "),
+    )
+    move.add_argument("--node", help="only the DMPs of this node")
+    move.add_argument("--dry-run", action="store_true", help="list the DMPs; move nothing")
+    move.add_argument(
+        "--timeout", type=float, default=120.0, metavar="SECONDS",
+        help="how long each DMP may take to be back with its mounts (default %(default)s)",
+    )  # fmt: skip
+    _common(move, top=False)
     return parser
 
 
@@ -96,6 +109,13 @@ async def _run(args: argparse.Namespace) -> int:
             report = await pods.gather(client, target.namespace, args.name, args.system_namespace)
             _print(report, args.output, pods.table(report))
             return 0
+        if args.command == "upgrade-dmps":
+            report = await upgrade.run(
+                client, args.system_namespace, node=args.node, dry_run=args.dry_run,
+                wait_s=args.timeout,
+            )  # fmt: skip
+            _print(report, args.output, upgrade.table(report))
+            return 0
         report = await doctor.gather(client, args.system_namespace)
         _print(report, args.output, doctor.table(report))
         return 0 if report["healthy"] else 1
@@ -112,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KubeconfigError, KubeconfigUnusable, pods.PodNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except upgrade.UpgradeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except APIError as exc:
         print(f"error: the apiserver refused or could not be reached: {exc}", file=sys.stderr)
         return 2

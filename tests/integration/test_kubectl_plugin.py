@@ -640,3 +640,163 @@ def test_the_kubeconfig_is_chosen_as_kubectl_chooses_it(
     first.write_text("- a list")
     with pytest.raises(KubeconfigError, match="is not a mapping"):
         resolve(str(first), None, None)
+
+
+# --------------------------------------------------------------------------- upgrade-dmps
+
+OLD, NEW = "registry.invalid/dynvol:1", "registry.invalid/dynvol:2"
+
+
+def dmp_pod(name: str, node: str, image: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {c.LABEL_COMPONENT: c.COMPONENT_DMP, c.LABEL_MANAGED_BY: "dynvol"},
+        },
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 30,
+            "containers": [{"name": "dmp", "image": image}],
+        },
+    }
+
+
+def node_plugin_pod(node: str, image: str, args: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"dynvol-node-{node}", "labels": {c.LABEL_COMPONENT: "node"}},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "node", "image": image, "args": args or ["node"]}],
+        },
+    }
+
+
+async def mounted_status(client: Client, ns: str, name: str, at: str) -> None:
+    status = {"phase": "Mounted", "mountedAt": at, "repairCount": 0, "conditions": []}
+    await client.patch(MOUNTS, name, {"status": status}, namespace=ns, subresource="status")
+
+
+async def play_node(client: Client, system: str, ns: str, dmp: str, node: str) -> float:
+    """What kubelet and the node plugin do when a DMP is deleted, with no kubelet here: the
+    pod goes (its grace is kubelet's to end), the node plugin creates it again with its
+    image, kubelet runs it, its agent mounts the DMP's mounts again (a new mountedAt).
+    Returns when it had deleted the old pod (monotonic)."""
+    while True:
+        pod = await client.get(PODS, dmp, namespace=system)
+        if pod["metadata"].get("deletionTimestamp"):
+            break
+        await asyncio.sleep(0.05)
+    await client.delete(PODS, dmp, namespace=system, grace_seconds=0)
+    gone = asyncio.get_running_loop().time()
+    new = await client.create(PODS, dmp_pod(dmp, node, NEW), namespace=system)
+    await set_ready(client, new)
+    await asyncio.sleep(0.3)  # the agent's start and mount
+    for item in (await client.list(MOUNTS, namespace=ns))["items"]:
+        if item["spec"]["dmpName"] == dmp:
+            await mounted_status(client, ns, item["metadata"]["name"], "2026-06-01T00:00:09Z")
+    return gone
+
+
+async def test_upgrade_dmps_moves_each_outdated_dmp_and_waits_for_its_mounts(
+    control_plane: ControlPlane, client: Client, namespace: str
+) -> None:
+    async with system_namespace(client) as system:
+        try:
+            # node-a's plugin runs the new image; node-b's still the old one, and node-c's
+            # plugin gives DMPs another image by flag; node-d's plugin is not running.
+            for node, image, args in (
+                ("node-a", NEW, None),
+                ("node-b", OLD, None),
+                ("node-c", OLD, ["node", "--dmp-image", NEW]),
+            ):
+                plugin = await client.create(
+                    PODS, node_plugin_pod(node, image, args), namespace=system
+                )
+                await set_ready(client, plugin)
+            await client.create(PODS, node_plugin_pod("node-d", NEW), namespace=system)
+            dmps = {}
+            for name, node, image in (
+                ("dmp-a1", "node-a", OLD),  # outdated
+                ("dmp-a2", "node-a", NEW),  # current
+                ("dmp-b1", "node-b", OLD),  # current for node-b
+                ("dmp-c1", "node-c", OLD),  # outdated: node-c's plugin says NEW by flag
+                ("dmp-d1", "node-d", OLD),  # its plugin's image is unknown: left alone
+            ):
+                dmps[name] = await client.create(PODS, dmp_pod(name, node, image), namespace=system)
+                await set_ready(client, dmps[name])
+            pod = await client.create(
+                PODS, workload_pod("app-a", "node-a", {"app": "a"}), namespace=namespace
+            )
+            claim = await make_claim(client, namespace, "data", {"app": "a"})
+            await make_mount(client, claim, pod, "dmp-a1", phase="Mounted", message="mounted")
+            await client.patch(
+                MOUNTS, "data-app-a",
+                {"metadata": {"labels": {c.LABEL_DMP: "dmp-a1"}}}, namespace=namespace,
+            )  # fmt: skip
+            await mounted_status(client, namespace, "data-app-a", "2026-06-01T00:00:00Z")
+
+            code, out, err = await run_plugin(
+                control_plane, "upgrade-dmps", "--dry-run", "-o", "json",
+                "--system-namespace", system,
+            )  # fmt: skip
+            assert code == 0, err
+            report = json.loads(out)
+            assert [(d["name"], d["from"], d["to"]) for d in report["dmps"]] == [
+                ("dmp-a1", OLD, NEW),
+                ("dmp-c1", OLD, NEW),
+            ]
+            assert report["images"] == {"node-a": NEW, "node-b": OLD, "node-c": NEW}
+            # A dry run moved nothing.
+            still = await client.get(PODS, "dmp-a1", namespace=system)
+            assert still["metadata"]["uid"] == dmps["dmp-a1"]["metadata"]["uid"]
+            assert not still["metadata"].get("deletionTimestamp")
+
+            # The real move of node-a's DMPs: the command deletes dmp-a1 and returns only
+            # once the new pod runs the new image and the mount has a new mountedAt.
+            node = asyncio.create_task(play_node(client, system, namespace, "dmp-a1", "node-a"))
+            code, out, err = await run_plugin(
+                control_plane, "upgrade-dmps", "--node", "node-a", "-o", "json",
+                "--system-namespace", system,
+            )  # fmt: skip
+            await node
+            assert code == 0, err
+            (moved,) = json.loads(out)["dmps"]
+            assert moved["name"] == "dmp-a1"
+            assert moved["mounts"] == 1
+            assert 0 < moved["running_after_s"] <= moved["mounted_after_s"]
+            new = await client.get(PODS, "dmp-a1", namespace=system)
+            assert new["spec"]["containers"][0]["image"] == NEW
+            # node-c's outdated DMP was not touched (another node).
+            other = await client.get(PODS, "dmp-c1", namespace=system)
+            assert other["metadata"]["uid"] == dmps["dmp-c1"]["metadata"]["uid"]
+            code, out, _ = await run_plugin(
+                control_plane, "upgrade-dmps", "--dry-run", "--node", "node-a",
+                "--system-namespace", system,
+            )  # fmt: skip
+            assert code == 0
+            assert "nothing to move" in out
+
+            # A DMP that does not come back in time: exit 1, its name in the message.
+            code, out, err = await run_plugin(
+                control_plane, "upgrade-dmps", "--node", "node-c", "--timeout", "2",
+                "--system-namespace", system,
+            )  # fmt: skip
+            assert code == 1
+            assert "dmp-c1 did not come back" in err
+        finally:
+            for ns in (namespace, system):
+                for kind in (MOUNTS, CLAIMS):
+                    if ns == system:
+                        continue
+                    for item in (await client.list(kind, namespace=ns))["items"]:
+                        with contextlib.suppress(APINotFound):
+                            await client.delete(kind, item["metadata"]["name"], namespace=ns)
+                for item in (await client.list(PODS, namespace=ns))["items"]:
+                    with contextlib.suppress(APINotFound):
+                        await client.delete(
+                            PODS, item["metadata"]["name"], namespace=ns, grace_seconds=0
+                        )
