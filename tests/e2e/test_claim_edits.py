@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,11 +231,15 @@ def _delete_claim(storage: Storage, name: str) -> None:
     )  # fmt: skip
 
 
-def _files_open(storage: Storage, claim: str) -> bool:
-    dvm = _dvm(storage, claim)
-    status = (dvm or {}).get("status") or {}
+def _files_open_status(storage: Storage, claim: str) -> dict[str, Any] | None:
+    """The claim's DynamicVolumeMount's status while it waits for open files, else None."""
+    status: dict[str, Any] = (_dvm(storage, claim) or {}).get("status") or {}
     reasons = [x.get("reason") for x in status.get("conditions") or [] if x.get("type") == "Ready"]
-    return status.get("phase") == "Unmounting" and reasons == ["FilesOpen"]
+    return status if status.get("phase") == "Unmounting" and reasons == ["FilesOpen"] else None
+
+
+def _files_open(storage: Storage, claim: str) -> bool:
+    return _files_open_status(storage, claim) is not None
 
 
 def test_a_file_open_across_the_claims_deletion_is_complete(storage: Storage) -> None:
@@ -350,3 +355,51 @@ def test_rclone_finishes_an_upload_cut_by_a_killed_dmp_container(storage: Storag
         lambda: storage.exec(pod, "wc -c < /dynamic/data/cut.bin").stdout.strip() == str(size),
         60, "the pod reads the whole file through the mount again",
     )  # fmt: skip
+
+
+# -- moving a mountpoint while a pod still writes to the old one (docs/design.md §9.1) ---
+
+
+def _waiting_for_move(storage: Storage, claim: str) -> str | None:
+    """The DynamicVolumeMount's message while the old mount of a move waits, else None."""
+    message = str((_files_open_status(storage, claim) or {}).get("message", ""))
+    return message if "the mountpoint moved from" in message else None
+
+
+def test_a_file_open_across_a_move_is_completed_on_the_old_mountpoint(storage: Storage) -> None:
+    storage.cluster.apply(storage.workload("Pod", "app", {"app": "app"}))
+    (pod,) = storage.wait_ready("app=app", 1)
+    storage.put("hello.txt", "hello\n")
+    storage.claim("c", mountpoint="/m1", selector={"app": "app"})
+    _read(storage, pod, "/dynamic/m1/hello.txt", "hello\n")
+    (old_daemon,) = _converged(storage, pod, "c", "/m1", [])
+    script = (
+        "exec 3> /dynamic/m1/moved.txt && echo part1 >&3 && touch /tmp/opened && sleep 10 "
+        "&& echo part2 >&3 && exec 3>&- && echo closed"
+    )
+    with _in_background(storage, pod, script) as proc:
+        wait_for(lambda: storage.exec(pod, "test -e /tmp/opened").returncode == 0, 30, "opened")
+        moved = time.monotonic()
+        _edit(storage, "c", {"mountpoint": "/m2"})
+        message = wait_for(
+            lambda: _waiting_for_move(storage, "c"), 30, "the dvm shows Unmounting, FilesOpen"
+        )
+        assert "/m1 to " in message, message
+        assert "(mounted there already)" in message, message
+        # The new mountpoint serves while the old one still holds the open file.
+        _read(storage, pod, "/dynamic/m2/hello.txt", "hello\n")
+        assert proc.poll() is None, "the writer finished before the move was seen"
+        assert sorted(set(_pod_mounts(storage, pod))) == ["/dynamic/m1", "/dynamic/m2"]
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert out.strip() == "closed"
+    storage.wait_gone(pod, "/dynamic/m1", timeout=60)
+    gone_after = time.monotonic() - moved
+    assert storage.get("moved.txt") == "part1\npart2\n"
+    _read(storage, pod, "/dynamic/m2/moved.txt", "part1\npart2\n")
+    _converged(storage, pod, "c", "/m2", [old_daemon])  # the old daemon is gone
+    wait_for(
+        lambda: (_dvm(storage, "c") or {}).get("status", {}).get("phase") == "Mounted",
+        30, "the dvm is Mounted again",
+    )  # fmt: skip
+    print(f"move with a file open 10 s: /m1 gone from the pod {gone_after:.1f} s after the edit")

@@ -19,10 +19,12 @@ machine's cluster lock); the plain e2e tier skips this file.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -542,6 +544,7 @@ def test_rolling_update_of_the_node_plugin_keeps_every_mount_readable(
     assert storage.get("roll.txt") == body, "the data is intact in the bucket"
     # The old mounts still carry new data both ways, and a new claim mounts.
     _all_read_and_write(storage, pods, "rolled")
+    _move_dmps_to_the_new_image(storage, pods, after)
     for pod in pods:
         storage.sh(pod, "touch /tmp/reader.stop")
     storage.cluster.apply(_spread(storage, "fresh", 3))
@@ -551,23 +554,111 @@ def test_rolling_update_of_the_node_plugin_keeps_every_mount_readable(
     wait_for(lambda: _counts(storage, "fresh") == (3, 3, 0), 60, "the new claim counts 3 of 3")
 
 
-def test_node_loss_releases_its_mounts_within_a_minute(storage: NodesStorage) -> None:
-    """Runs last: the lost node stays lost for the rest of the module. The lost node is one
-    that does not run dynvol's controller (losing the controller too is another case: its
-    replacement must be scheduled and elected first)."""
-    controllers = {
-        p["spec"].get("nodeName")
-        for p in storage.cluster.items(
+def _gap(errors: str) -> float:
+    """The span of a reader's logged failures (``up=<uptime>`` stamps), plus one period."""
+    stamps = [
+        float(word[3:]) for line in errors.splitlines() for word in line.split()
+        if word.startswith("up=")
+    ]  # fmt: skip
+    return max(stamps) - min(stamps) + 0.05 if stamps else 0.0
+
+
+def _move_dmps_to_the_new_image(
+    storage: NodesStorage, pods: list[str], readers: dict[str, tuple[int, str]]
+) -> None:
+    """Issue 12: the DMPs that served through the rollout still run the old image; `kubectl
+    dynvol upgrade-dmps` moves them onto the new one, one at a time, and each pod's reader
+    sees one short gap; afterwards the mounts read and write as before."""
+    served = {d["spec"]["dmpName"] for d in storage.dvms() if d["spec"]["claimName"] == "roll"}
+    images = {
+        p["metadata"]["name"]: p["spec"]["containers"][0]["image"] for p in storage.dmps()
+        if p["metadata"]["name"] in served
+    }  # fmt: skip
+    assert sorted(images) == sorted(served), (images, served)
+    assert set(images.values()) == {deploying.IMAGE}, f"the rollout restarted no DMP: {images}"
+    plugin = Path(sys.executable).parent / "kubectl-dynvol"
+    began = time.monotonic()
+    proc = subprocess.run(
+        [str(plugin), "--kubeconfig", str(storage.cluster.kubeconfig), "upgrade-dmps",
+         "-o", "json", "--timeout", "120"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    took = time.monotonic() - began
+    assert proc.returncode == 0, f"upgrade-dmps failed: {proc.stderr}\n{proc.stdout}"
+    moved = {d["name"]: d for d in json.loads(proc.stdout)["dmps"]}
+    assert served <= set(moved), f"every DMP of the claim was moved: {sorted(moved)}"
+    now = {
+        p["metadata"]["name"]: p["spec"]["containers"][0]["image"] for p in storage.dmps()
+        if p["metadata"]["name"] in served
+    }  # fmt: skip
+    assert set(now.values()) == {ROLLOUT_IMAGE}, now
+    wait_for(lambda: _counts(storage, "roll") == (3, 3, 0), 60, "the claim counts 3 of 3")
+    after = _readers_run(storage, pods)
+    gaps = {}
+    for pod in pods:
+        count, errors = after[pod]
+        new = errors[len(readers[pod][1]) :].strip()
+        assert count > readers[pod][0], f"{pod}'s reader reads again"
+        gaps[pod] = _gap(new)
+    for name in sorted(served):
+        d = moved[name]
+        print(
+            f"upgrade-dmps moved {name} on {d['node']}: running after {d['running_after_s']}s, "
+            f"{d['mounts']} mount(s) Mounted again after {d['mounted_after_s']}s"
+        )
+    print(f"upgrade-dmps took {took:.1f}s for {len(moved)} DMP(s); the gap each pod's "
+          f"reader saw: {', '.join(f'{p} {g:.2f}s' for p, g in gaps.items())}")  # fmt: skip
+    _all_read_and_write(storage, pods, "moved")
+    assert not any(
+        c.get("restartCount") for p in storage.pods("app=roll")
+        for c in p["status"].get("containerStatuses", [])
+    ), "no workload container restarted"  # fmt: skip
+    assert storage.get("roll.txt") is not None, "the data is intact in the bucket"
+
+
+def _controllers(cluster: Cluster) -> dict[str, str]:
+    """The controller pods that are not being deleted, by name, with their nodes."""
+    return {
+        p["metadata"]["name"]: p["spec"].get("nodeName", "")
+        for p in cluster.items(
             "pods", "-n", SYSTEM_NAMESPACE, "-l", "app.kubernetes.io/component=controller"
         )
-    }
-    lost = next(n for n in reversed(NODES) if n not in controllers)
-    storage.cluster.apply(_spread(storage, "loss", 3))
-    storage.claim("loss", mountpoint="/data", selector={"app": "loss"})
-    pods = storage.wait_ready("app=loss", 3)
-    _all_read_and_write(storage, pods, "before")
-    assert lost in _node_of(storage, "app=loss").values()
+        if not p["metadata"].get("deletionTimestamp")
+    }  # fmt: skip
 
+
+def _lease(cluster: Cluster) -> dict[str, Any]:
+    """The controller's Lease spec (holderIdentity is ``<pod name>_<pid>``)."""
+    lease = cluster.items("leases", "-n", SYSTEM_NAMESPACE, "--field-selector",
+                          "metadata.name=dynvol-controller")  # fmt: skip
+    assert lease, "the controller's Lease exists"
+    spec: dict[str, Any] = lease[0]["spec"]
+    return spec
+
+
+def _leader(cluster: Cluster) -> str:
+    """The pod name of the controller replica holding the Lease."""
+    holder = _lease(cluster).get("holderIdentity") or ""
+    return holder.rpartition("_")[0]
+
+
+def _epoch(micro_time: str) -> float:
+    """Seconds since the epoch of a MicroTime (``2026-12-01T18:36:28.123456Z``)."""
+    return datetime.datetime.fromisoformat(micro_time.replace("Z", "+00:00")).timestamp()
+
+
+def _lose_node_and_check(storage: NodesStorage, lost: str, tag: str) -> float:
+    """Lose ``lost`` (its processes killed, its Node deleted) while a claim has a pod on it;
+    assert its DVMs are released and the claim's counts are right within 60 s, and that
+    the claim mounts on the remaining nodes afterwards. Returns the wall-clock time of the
+    loss (the kill)."""
+    storage.cluster.apply(_spread(storage, tag, 3))
+    storage.claim(tag, mountpoint="/data", selector={"app": tag})
+    pods = storage.wait_ready(f"app={tag}", 3)
+    _all_read_and_write(storage, pods, "before")
+    assert lost in _node_of(storage, f"app={tag}").values()
+
+    lost_at = time.time()
     storage.cluster.stop_node(lost)
     storage.cluster.kubectl("delete", "node", lost, "--wait=true", timeout=60)
     began = time.monotonic()
@@ -576,22 +667,91 @@ def test_node_loss_releases_its_mounts_within_a_minute(storage: NodesStorage) ->
         60,
         f"the DVMs of {lost} are released",
     )
+    released = time.monotonic() - began
 
     def counts_right() -> bool:
         live = [
-            p for p in storage.pods("app=loss")
+            p for p in storage.pods(f"app={tag}")
             if p["spec"].get("nodeName") != lost and p.get("status", {}).get("phase") == "Running"
         ]  # fmt: skip
-        mounted = _counts(storage, "loss")[1]
-        return lost not in _node_of(storage, "app=loss").values() and mounted == len(live)
+        # The lost node's pods stay until pod GC (40 s after the Node went, at the earliest);
+        # the claim's counts leave them out at once.
+        matched, mounted, _ = _counts(storage, tag)
+        return matched == len(live) and mounted == len(live)
 
     wait_for(
         counts_right,
         max(1.0, 60 - (time.monotonic() - began)),
         "the claim's counts leave out the lost node's pods",
     )
-    print(f"node loss -> DVMs released and counts right: {time.monotonic() - began:.1f}s")
+    print(
+        f"node loss -> DVMs released: {released:.1f}s; "
+        f"counts right: {time.monotonic() - began:.1f}s"
+    )
     assert lost not in _dmp_nodes(storage), f"no DMP object is left on {lost}"
-    pods = storage.wait_ready("app=loss", 3, timeout=180)
+
+    def replica_gone() -> bool:
+        on = storage.cluster.items(
+            "pods", "-n", SYSTEM_NAMESPACE, "-l", "app.kubernetes.io/component=controller",
+            "--field-selector", f"spec.nodeName={lost}",
+        )  # fmt: skip
+        return not on
+
+    # A controller replica that ran there stops being a webhook endpoint before pod GC
+    # could remove it (40 s after the Node went, at the earliest), whose replacements of
+    # the lost pods a dead endpoint would otherwise admit without their volume.
+    wait_for(
+        replica_gone,
+        max(1.0, 35 - (time.monotonic() - began)),
+        f"no controller pod is left on {lost}",
+    )
+    print(f"no controller pod on {lost}: {time.monotonic() - began:.1f}s")
+    # Kubernetes' part: pod GC deletes the lost node's pods (still Ready in their status:
+    # no kubelet is left to say otherwise), then their replacements start elsewhere.
+    wait_for(
+        lambda: lost not in _node_of(storage, f"app={tag}").values(),
+        180,
+        f"pod GC deletes the pods of {lost}",
+    )
+    pods = storage.wait_ready(f"app={tag}", 3, timeout=180)
     _all_read_and_write(storage, pods, "after")
-    wait_for(lambda: _counts(storage, "loss") == (3, 3, 0), 60, "the claim counts 3 of 3")
+    wait_for(lambda: _counts(storage, tag) == (3, 3, 0), 60, "the claim counts 3 of 3")
+    return lost_at
+
+
+# The two node-loss cases run last, in this order: each lost node stays lost for the rest
+# of the module (the first loses a node without a controller, which three nodes and two
+# controller replicas always leave; the second the leader's, of the two left).
+
+
+def test_node_loss_releases_its_mounts_within_a_minute(storage: NodesStorage) -> None:
+    """The lost node is one that runs no controller replica: the leader goes on."""
+    controllers = _controllers(storage.cluster)
+    lost = next(n for n in reversed(NODES) if n not in controllers.values())
+    leader = _leader(storage.cluster)
+    _lose_node_and_check(storage, lost, "loss")
+    assert _leader(storage.cluster) == leader, "the Lease stayed with its holder"
+
+
+def test_losing_the_leading_controllers_node_releases_its_mounts_within_a_minute(
+    storage: NodesStorage,
+) -> None:
+    """The lost node runs the controller replica holding the Lease: the standby on another
+    node (the base spreads the two) takes the Lease once it expires and releases the lost
+    node's mounts, within the same minute."""
+    controllers = _controllers(storage.cluster)
+    leader = _leader(storage.cluster)
+    assert leader in controllers, (leader, controllers)
+    lost = controllers[leader]
+    standbys = {pod for pod, node in controllers.items() if node != lost}
+    assert standbys, f"a controller replica runs on a node other than {lost}: {controllers}"
+    before = _lease(storage.cluster)
+    lost_at = _lose_node_and_check(storage, lost, "leaderloss")
+    after = _lease(storage.cluster)
+    assert _leader(storage.cluster) in standbys, (after, standbys)
+    assert int(after.get("leaseTransitions") or 0) > int(before.get("leaseTransitions") or 0)
+    takeover = _epoch(after["acquireTime"]) - lost_at
+    print(
+        f"leader's node lost -> the standby leads: {takeover:.1f}s "
+        f"(lease {before.get('leaseDurationSeconds')}s)"
+    )
