@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -49,6 +50,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from dynvol.testing import ControlPlane, Process
 from dynvol.testing.slots import node_reconciler_without_kubelet
@@ -89,17 +92,63 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
-async def request_counts(client: Client) -> dict[tuple[str, str, str, str], float]:
-    """apiserver_request_total per (verb, resource, subresource, code), from /metrics."""
-    # A busy apiserver at 1,000 nodes can take long to render its metrics: retry.
+#: apiserver/etcd metric families whose change over a size's measurement is reported (the
+#: breakdown of where the apiserver's time and requests go), and the labels kept of each.
+BREAKDOWN_FAMILIES: dict[str, tuple[str, ...]] = {
+    "apiserver_request_duration_seconds_sum": ("verb", "resource"),
+    "apiserver_request_duration_seconds_count": ("verb", "resource"),
+    "apiserver_terminated_watchers_total": ("resource",),
+    "apiserver_watch_events_total": ("kind", "resource"),
+    "apiserver_watch_events_sizes_sum": ("kind", "resource"),
+    "apiserver_watch_cache_events_dispatched_total": ("resource",),
+    "apiserver_watch_cache_initializations_total": ("resource",),
+    "apiserver_init_events_total": ("resource",),
+    "apiserver_request_terminations_total": ("verb", "resource", "code"),
+    "apiserver_flowcontrol_rejected_requests_total": ("priority_level", "reason"),
+    "apiserver_cache_list_returned_objects_total": ("resource_prefix",),
+    "apiserver_cache_list_fetched_objects_total": ("resource_prefix",),
+    "etcd_request_duration_seconds_sum": ("operation", "type"),
+    "etcd_request_duration_seconds_count": ("operation", "type"),
+}
+#: Gauges reported as they are at the end (open watches and long requests).
+BREAKDOWN_GAUGES: dict[str, tuple[str, ...]] = {
+    "apiserver_longrunning_requests": ("verb", "resource"),
+    "apiserver_registered_watchers": ("kind", "resource"),
+}
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? ([-0-9.e+naNIf]+)$")
+
+
+async def metrics_text(client: Client) -> str:
+    """The apiserver's /metrics (a busy apiserver at 1,000 nodes can take long: retried)."""
     for attempt in range(3):
         try:
-            text = await client.request("GET", "/metrics", request_timeout=180)
-            break
+            text: str = await client.request("GET", "/metrics", request_timeout=180)
+            return text
         except Exception:
             if attempt == 2:
                 raise
             await asyncio.sleep(5)
+    raise AssertionError("unreachable")
+
+
+def parse_families(text: str, families: dict[str, tuple[str, ...]]) -> dict[str, float]:
+    """The samples of ``families`` summed by the labels kept: ``name{a=x,b=y}`` -> value."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        m = _SAMPLE.match(line)
+        if not m or m.group(1) not in families:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        kept = ",".join(f"{k}={labels[k]}" for k in families[m.group(1)] if labels.get(k))
+        key = f"{m.group(1)}{{{kept}}}"
+        out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def request_counts_of(text: str) -> dict[tuple[str, str, str, str], float]:
+    """apiserver_request_total per (verb, resource, subresource, code)."""
     counts: dict[tuple[str, str, str, str], float] = {}
     pattern = re.compile(r"^apiserver_request_total\{(.*)\} ([0-9.e+]+)$")
     for line in text.splitlines():
@@ -115,6 +164,80 @@ async def request_counts(client: Client) -> dict[tuple[str, str, str, str], floa
         )
         counts[key] = counts.get(key, 0.0) + float(m.group(2))
     return counts
+
+
+async def request_counts(client: Client) -> dict[tuple[str, str, str, str], float]:
+    """apiserver_request_total per (verb, resource, subresource, code), from /metrics."""
+    return request_counts_of(await metrics_text(client))
+
+
+@attrs.frozen
+class Snapshot:
+    """The apiserver's metrics and the processes' CPU times at one moment."""
+
+    text: str
+    cpu: dict[str, float]
+    at: float
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float]:
+    out = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    times = os.times()
+    out["bench driver"] = times.user + times.system
+    return out
+
+
+def breakdown(
+    before_text: str,
+    after_text: str,
+    cpu_before: dict[str, float],
+    cpu_after: dict[str, float],
+    seconds: float,
+) -> dict[str, Any]:
+    """Where the measured window's time and requests went, from the apiserver's metrics
+    and the processes' CPU times."""
+    b = parse_families(before_text, BREAKDOWN_FAMILIES)
+    a = parse_families(after_text, BREAKDOWN_FAMILIES)
+    delta = {k: v - b.get(k, 0.0) for k, v in a.items() if abs(v - b.get(k, 0.0)) > 1e-9}
+    out: dict[str, Any] = {
+        "window_seconds": round(seconds, 2),
+        "cpu_seconds": {
+            k: round(cpu_after.get(k, 0.0) - v, 1) for k, v in sorted(cpu_before.items())
+        },
+    }
+    # Mean latency and total time per verb/resource (requests and etcd operations).
+    for prefix, label in (
+        ("apiserver_request_duration_seconds", "apiserver_seconds"),
+        ("etcd_request_duration_seconds", "etcd_seconds"),
+    ):
+        table = {}
+        for key, total in delta.items():
+            if not key.startswith(prefix + "_sum"):
+                continue
+            labels = key[len(prefix) + 4 :]
+            count = delta.get(f"{prefix}_count{labels}", 0.0)
+            if count:
+                table[labels.strip("{}")] = {
+                    "count": int(count),
+                    "total_s": round(total, 1),
+                    "mean_ms": round(1000 * total / count, 1),
+                }
+        out[label] = dict(sorted(table.items(), key=lambda kv: -kv[1]["total_s"])[:12])
+    out["counters"] = {
+        k: round(v, 1) for k, v in sorted(delta.items()) if "duration_seconds" not in k
+    }
+    gauges = parse_families(after_text, BREAKDOWN_GAUGES)
+    out["gauges_at_end"] = {k: v for k, v in sorted(gauges.items()) if v}
+    return out
 
 
 def count_delta(
@@ -138,15 +261,23 @@ async def gather_limited(coros: list[Any], limit: int) -> list[Any]:
 
 
 async def create_ignoring_conflict(client: Client, resource: Any, body: Any, ns: str | None) -> Any:
-    """Create; a name taken is fine, and a transport error (an overloaded apiserver at the
-    largest sizes) is retried a few times (a retry that finds the object is a conflict)."""
-    for attempt in range(5):
+    """Create; a name taken is fine, and a transport error or a 5xx (an overloaded
+    apiserver at the largest sizes) is retried a few times (a retry that finds the object
+    is a conflict)."""
+    attempts = 8
+    for attempt in range(attempts):
         try:
-            return await client.create(resource, body, namespace=ns)
+            # A patient timeout: at 1,000 nodes the apiserver answers a create in minutes.
+            return await client.request(
+                "POST", resource.path(namespace=ns or body.get("metadata", {}).get("namespace")),
+                body=dict(body), request_timeout=120,
+            )  # fmt: skip
         except APIConflict:
             return None
         except APIError as exc:
-            if exc.status is not None or attempt == 4:
+            # A transport error or a 5xx of an overloaded apiserver (a quota evaluation
+            # that timed out, say): try again; if it landed, the retry is a conflict.
+            if (exc.status is not None and exc.status < 500) or attempt == attempts - 1:
                 raise
             await asyncio.sleep(2)
     return None
@@ -178,7 +309,9 @@ async def node_worker(args: argparse.Namespace) -> int:
     try:
         await asyncio.gather(*(r.start() for r in reconcilers))
         Path(args.ready_file).touch()  # noqa: ASYNC240 - once, tiny
-        await asyncio.Event().wait()
+        while True:
+            write_worker_stats(Path(args.ready_file).with_suffix(".stats.json"), reconcilers)
+            await asyncio.sleep(2)
     except asyncio.CancelledError:
         pass
     finally:
@@ -186,6 +319,57 @@ async def node_worker(args: argparse.Namespace) -> int:
         for client in clients:
             await client.close()
     return 0
+
+
+def write_worker_stats(path: Path, reconcilers: list[Any]) -> None:
+    """How this worker's informers and reconcilers fared (read by :func:`worker_reports`)."""
+    stats: dict[str, Any] = {"passes": 0, "results": {}, "informers": {}}
+    for r in reconcilers:
+        stats["passes"] += r.passes
+        for result, n in r.controller.counts.items():
+            stats["results"][result] = stats["results"].get(result, 0) + n
+        view = r.view
+        for role, informer in (("pods", view.pods), ("claims", view.claims),
+                               ("classes", view.classes), ("mounts", view.mounts),
+                               ("dmps", view.dmps)):  # fmt: skip
+            entry = stats["informers"].setdefault(role, {"relists": 0, "watch_ends": {}})
+            entry["relists"] += informer.relists
+            for why, n in informer.watch_ends.items():
+                entry["watch_ends"][why] = entry["watch_ends"].get(why, 0) + n
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stats))
+    tmp.replace(path)
+
+
+_FAILED = re.compile(r"first: (?:POST|PUT|PATCH|DELETE|GET) \S+: (.*?)\); retrying")
+
+
+def node_errors(workdir: Path) -> dict[str, int]:
+    """The node reconcilers' failed passes by the first error's message (from their logs)."""
+    counts: dict[str, int] = {}
+    for log in workdir.glob("node-worker-*.log"):
+        with contextlib.suppress(OSError):
+            for m in _FAILED.finditer(log.read_text(errors="replace")):
+                message = re.sub(r"bench-\d+|node-\d+|claim-\d+|pod-\d+", "*", m.group(1))
+                counts[message[:120]] = counts.get(message[:120], 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10])
+
+
+def worker_reports(workdir: Path) -> dict[str, Any]:
+    """The node workers' stats summed: relists and watch ends per informer, passes."""
+    total: dict[str, Any] = {"passes": 0, "results": {}, "informers": {}}
+    for f in sorted(workdir.glob("node-worker-*.stats.json")):
+        with contextlib.suppress(OSError, ValueError):
+            stats = json.loads(f.read_text())
+            total["passes"] += stats["passes"]
+            for k, n in stats["results"].items():
+                total["results"][k] = total["results"].get(k, 0) + n
+            for role, entry in stats["informers"].items():
+                t = total["informers"].setdefault(role, {"relists": 0, "watch_ends": {}})
+                t["relists"] += entry["relists"]
+                for why, n in entry["watch_ends"].items():
+                    t["watch_ends"][why] = t["watch_ends"].get(why, 0) + n
+    return total
 
 
 # -- the objects -------------------------------------------------------------------------------
@@ -269,7 +453,8 @@ async def control_plane(args: argparse.Namespace, label: str) -> Any:
     # the measurement about the controllers (use --workdir to measure a real disk).
     base = args.workdir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)  # noqa: ASYNC240
     workdir = Path(tempfile.mkdtemp(prefix=f"dynvol-bench-{label}-", dir=base))
-    plane = ControlPlane(dir=workdir / "control-plane")
+    flags = ("--profiling=true",) if args.apiserver_profile else ()
+    plane = ControlPlane(dir=workdir / "control-plane", extra_apiserver_flags=flags)
     print(f"bench: [{label}] starting etcd + kube-apiserver in {workdir}", flush=True)
     plane.start()
     client = await Client.from_kubeconfig(str(plane.kubeconfig), user_agent="dynvol-bench")
@@ -334,6 +519,7 @@ class MountCounter:
         self.reached = asyncio.Event()
         self.marks: dict[int, float] = {}
         self.t0 = time.monotonic()
+        self.wall_t0 = time.time()
         self.watcher = Informer(client, MOUNTS, transform=lambda o: {"metadata": o["metadata"]})
         self.watcher.add_handler(self._on_mount)
 
@@ -348,6 +534,17 @@ class MountCounter:
     @property
     def count(self) -> int:
         return len(self.watcher.store)
+
+    def created_seconds(self) -> list[float]:
+        """When the apiserver created the mounts (``creationTimestamp``, whole seconds),
+        from the first claim: what the watch of them adds to the time is the rest."""
+        out = []
+        for obj in self.watcher.store:
+            stamp = obj["metadata"].get("creationTimestamp")
+            if stamp:
+                at = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+                out.append(at - self.wall_t0)
+        return sorted(out)
 
 
 # -- one size of the scale curve ---------------------------------------------------------------
@@ -437,10 +634,14 @@ async def run_size(args: argparse.Namespace, nodes_count: int) -> dict[str, Any]
                 f"controller are ready after {row['reconcilers_ready_seconds']}s",
                 flush=True,
             )
-            before = await request_counts(client)
+            pids = {"etcd": plane.etcd.pid, "kube-apiserver": plane.apiserver.pid}
+            pids.update({p.name: p.pid for p in procs})
+            before = Snapshot(await metrics_text(client), cpu_of(pids), time.monotonic())
             counter = MountCounter(client, pods_count)
             try:
-                return await measure_size(args, client, row, counter, peaks, before, claims)
+                return await measure_size(
+                    args, client, row, counter, peaks, before, claims, pids, workdir, plane
+                )
             except Exception as exc:
                 row["stopped"] = f"{exc!r} with {counter.count} of {pods_count} mounts"
                 row["mounts_at_25_50_75_100_percent_seconds"] = [
@@ -461,8 +662,11 @@ async def measure_size(
     row: dict[str, Any],
     counter: MountCounter,
     peaks: Peaks,
-    before: dict[tuple[str, str, str, str], float],
+    before: Snapshot,
     claims: int,
+    pids: dict[str, int],
+    workdir: Path,
+    plane: ControlPlane,
 ) -> dict[str, Any]:
     """Create the claims, wait for every mount, count the requests."""
     namespaces = [f"bench-{i}" for i in range(args.namespaces)]
@@ -480,6 +684,11 @@ async def measure_size(
         32,
     )  # fmt: skip
     row["claims_created_seconds"] = round(time.monotonic() - counter.t0, 2)
+    profile = None
+    if args.apiserver_profile:
+        profile = asyncio.create_task(
+            apiserver_profile(plane, Path(args.apiserver_profile), row["nodes"])
+        )
     try:
         await asyncio.wait_for(counter.reached.wait(), timeout=args.timeout)
         converged = time.monotonic() - counter.t0
@@ -487,12 +696,26 @@ async def measure_size(
         converged = math.nan
         row["stopped"] = f"{counter.count} of {pods_count} mounts after {args.timeout:.0f}s"
     # Let the claim status writes that follow settle before counting requests.
+    cpu_converged, converged_at = cpu_of(pids), time.monotonic()
+    if profile is not None:
+        with contextlib.suppress(Exception):
+            await profile
     await asyncio.sleep(args.settle)
-    after = await request_counts(client)
+    after = Snapshot(await metrics_text(client), cpu_of(pids), time.monotonic())
     mounts = counter.count
+    created = counter.created_seconds()
+    if created:
+        row["mounts_created_25_50_75_100_percent_seconds"] = [
+            round(created[max(0, len(created) * q // 4 - 1)], 1) for q in (1, 2, 3, 4)
+        ]
     await counter.watcher.close()
     row["peak_rss_mib"] = await peaks.stop()
-    delta = count_delta(before, after)
+    delta = count_delta(request_counts_of(before.text), request_counts_of(after.text))
+    row["breakdown"] = breakdown(
+        before.text, after.text, before.cpu, cpu_converged, converged_at - before.at
+    )
+    row["breakdown"]["node_workers"] = worker_reports(workdir)
+    row["breakdown"]["node_failed_passes"] = node_errors(workdir)
     # The bench's own writes: the claims it created.
     dynvol_writes = writes_of(delta) - claims
     top = sorted(((v, " ".join(p for p in k if p)) for k, v in delta.items()), reverse=True)[:10]
@@ -514,6 +737,29 @@ async def measure_size(
         }
     )
     return row
+
+
+async def apiserver_profile(plane: ControlPlane, path: Path, nodes: int) -> None:
+    """A CPU profile of the apiserver over the first 30 s after the claims were created
+    (``go tool pprof -top kube-apiserver FILE`` reads it)."""
+    import ssl
+
+    import aiohttp
+
+    context = ssl.create_default_context(cafile=str(plane.ca_file))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{plane.server}/debug/pprof/profile?seconds=30",
+            headers={"Authorization": f"Bearer {plane.token}"},
+            ssl=context,
+            timeout=aiohttp.ClientTimeout(total=180),
+        ) as response,
+    ):
+        data = await response.read()
+    out = path.with_name(f"{path.stem}-{nodes}n{path.suffix}")
+    out.write_bytes(data)
+    print(f"bench: [{nodes}n] apiserver CPU profile in {out} ({response.status})", flush=True)
 
 
 # -- the real node plugin with many pods ---------------------------------------------------------
@@ -728,6 +974,11 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the control plane's dir")
     parser.add_argument("--workdir", help="where etcd and the logs live (default: /dev/shm)")
     parser.add_argument("--no-record", action="store_true", help="do not write latest.json")
+    parser.add_argument(
+        "--apiserver-profile",
+        metavar="FILE",
+        help="write a 30 s CPU profile of the apiserver (FILE-<nodes>n) after the claims",
+    )
     args = parser.parse_args()
     if args.mode == "node-worker":
         profile_to = os.environ.get("DYNVOL_BENCH_PROFILE")

@@ -8,7 +8,11 @@ namespace, s3fs, and a "container" mount namespace that binds the slot rslave. O
 - repair: ``kill -9`` of the mount's s3fs -> the file is readable in the container again;
 - floor: a bare ``s3fs -f`` of the same bucket -> the file is readable (same options).
 
-Goal: mount p50 <= 1.5 x floor p50 + 100 ms; repair p99 < 2 s.
+It also reports the agent's start (process started -> ``/readyz`` answers 200: imports,
+first list and watch) and its resident memory with 10 and with N+1 mounts.
+
+Goal: mount p50 <= 1.5 x floor p50 + 100 ms; repair p99 < 2 s; agent VmRSS with 10 mounts
+<= 40 MiB (issue 14, FUSE daemons not counted).
 
     python bench/bench_dmp.py [--count 50]
 """
@@ -33,10 +37,13 @@ from typing import Any
 from dynvol.testing.controlplane import ControlPlane
 from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import lazy_unmount_tree, rshared_dir
-from dynvol.testing.processes import Process
+from dynvol.testing.processes import Process, free_port
 from dynvol_core import constants as c
 from dynvol_core.dispatch import DmpSpec, dmp_pod_manifest, label_value
 from dynvol_core.models import DynamicVolumeMount, MountSpec
+
+#: Issue 14: the agent's VmRSS with 10 mounts, FUSE daemons not counted.
+AGENT_RSS_GOAL_MIB = 40.0
 
 DYNVOL = str(Path(sys.executable).with_name("dynvol"))
 
@@ -104,13 +111,18 @@ def wait_for_file(path: Path, limit: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def s3fs_daemons() -> set[int]:
-    """Every s3fs process on the machine (the bench's agent is the only one mounting)."""
+def s3fs_daemons(parent: int) -> set[int]:
+    """The s3fs processes whose parent is ``parent`` (the agent runs its mounters as its
+    children; other people's s3fs on a shared machine are not the agent's)."""
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (entry / "comm").read_text().strip() == "s3fs":
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if (entry / "comm").read_text().strip() != "s3fs":
+                    continue
+                # The fields after the command's closing parenthesis: state, then ppid.
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
                     found.add(int(entry.name))
     return found
 
@@ -182,6 +194,35 @@ def vm_rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def mounter_parent(pid: int) -> int:
+    """The process that starts the mounters: the agent, which ``unshare`` (``pid``) execs
+    into, so the same PID unless ``unshare`` forked."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    with contextlib.suppress(OSError, ValueError):
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "unshare":
+            return int(children.read_text().split()[0])
+    return pid
+
+
+async def wait_ready(port: int, started: float, within: float = 60.0) -> float:
+    """Seconds from ``started`` until the agent's ``/readyz`` answers 200 (asked over a
+    bare socket, so that the figure does not depend on the client under test)."""
+    while time.monotonic() - started < within:
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(1.0):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                try:
+                    writer.write(b"GET /readyz HTTP/1.1\r\nHost: bench\r\n\r\n")
+                    await writer.drain()
+                    status = await reader.readline()
+                finally:
+                    writer.close()
+                if status.startswith(b"HTTP/1.1 200"):
+                    return time.monotonic() - started
+        await asyncio.sleep(0.005)
+    raise TimeoutError(f"the agent was not ready within {within:g}s")
 
 
 async def main(count: int, *, agent_log: Path | None = None) -> int:
@@ -259,25 +300,31 @@ async def main(count: int, *, agent_log: Path | None = None) -> int:
                 await core.create_namespaced_pod(spec.namespace, dmp_pod_manifest(spec))
                 log_level = "DEBUG" if agent_log is not None else "WARNING"
                 env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+                port = free_port()
+                agent_started = time.monotonic()
                 agent = Process.start(
                     ["unshare", "-m", "--propagation", "unchanged", DYNVOL,
                      "--log-level", log_level, "dmp", "--name", dmp,
                      "--namespace", c.DEFAULT_SYSTEM_NAMESPACE, "--xvols", str(slot),
                      "--secrets-dir", str(secrets_dir), "--kubeconfig", str(plane.kubeconfig),
-                     "--work-dir", str(base / "work")],
+                     "--work-dir", str(base / "work"),
+                     "--metrics-address", f"127.0.0.1:{port}"],
                     name="dynvol-dmp", env=env, log=base / "dmp.log",
                 )  # fmt: skip
                 procs.append(agent)
+                ready_after = await wait_ready(port, agent_started)
                 reader = Reader(container.pid)
                 s3config = {"bucket": bucket, "endpoint": minio.endpoint}
                 # One mount to warm up the agent (watch established, imports done).
                 await create_dvm(custom, namespace, dmp, cls, 999, s3config, slot, pod_uid)
                 reader.wait_readable(croot / "m999" / "probe.txt")
+                rss[1] = vm_rss_mib(agent.pid)  # what one opted-in pod with one claim costs
 
                 mount_times = []
                 daemon_of: dict[int, int] = {}
+                agent_pid = mounter_parent(agent.pid)
                 for i in range(count):
-                    before = s3fs_daemons()
+                    before = s3fs_daemons(agent_pid)
                     start = time.monotonic()
                     await create_dvm(custom, namespace, dmp, cls, i, s3config, slot, pod_uid)
                     done = await asyncio.to_thread(
@@ -286,15 +333,22 @@ async def main(count: int, *, agent_log: Path | None = None) -> int:
                     mount_times.append(done - start)
                     # The agent mounts at a staging directory and binds it onto the target,
                     # so s3fs names no target: the daemon new since the mount is this one's.
-                    (daemon_of[i],) = s3fs_daemons() - before
+                    new = s3fs_daemons(agent_pid) - before
+                    if len(new) == 1:
+                        (daemon_of[i],) = new
+                    else:  # e.g. a daemon that died and was restarted meanwhile
+                        print(f"mount {i}: {len(new)} new s3fs, not repaired", file=sys.stderr)
                     if i + 2 == 10:  # ten mounts with the warm-up one
                         rss[10] = vm_rss_mib(agent.pid)
                 rss[count + 1] = vm_rss_mib(agent.pid)
                 repair_times = []
-                for i in range(count):
-                    pid = daemon_of[i]
+                for i, pid in sorted(daemon_of.items()):
                     start = time.monotonic()
-                    os.kill(pid, signal.SIGKILL)
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        print(f"mount {i}: its s3fs {pid} had gone already", file=sys.stderr)
+                        continue
                     done = await asyncio.to_thread(
                         reader.wait_readable, croot / f"m{i}" / "probe.txt"
                     )
@@ -333,7 +387,10 @@ async def main(count: int, *, agent_log: Path | None = None) -> int:
         ("kill -9 -> readable again (repair)", repair_times),
         ("bare s3fs mount -> readable (floor)", floor_times),
     ]
-    print(f"dynvol DMP benchmark: {count} mounts, s3fs against MinIO on 127.0.0.1")
+    print(
+        f"dynvol DMP benchmark: {count} mounts, {len(repair_times)} repairs, "
+        "s3fs against MinIO on 127.0.0.1"
+    )
     print(f"{'':38}{'p50':>11}{'p99':>12}")
     for label, values in rows:
         print(f"{label:38}{ms(statistics.median(values))} {ms(percentile(values, 99))}")
@@ -344,8 +401,13 @@ async def main(count: int, *, agent_log: Path | None = None) -> int:
     )
     verdict = "met" if repair99 < 2.0 else "NOT met"
     print(f"repair p99 {repair99 * 1000:.1f} ms (goal < 2000 ms: {verdict})")
+    print(f"agent start -> /readyz 200: {ready_after * 1000:.0f} ms")
     for mounts, mib in sorted(rss.items()):
-        print(f"agent VmRSS with {mounts} mounts: {mib:.1f} MiB (FUSE daemons not counted)")
+        goal = ""
+        if mounts == 10:
+            verdict = "met" if mib <= AGENT_RSS_GOAL_MIB else "NOT met"
+            goal = f" (goal <= {AGENT_RSS_GOAL_MIB:g} MiB: {verdict})"
+        print(f"agent VmRSS with {mounts} mounts: {mib:.1f} MiB{goal} (FUSE daemons not counted)")
     return 0
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.scripts import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -24,13 +24,7 @@ ISSUE_KEYS = {
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_goals_under_test", BENCH / "goals.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look the module up while building
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_goals_under_test", BENCH / "goals.py")
 
 
 goals = _load()
@@ -136,13 +130,7 @@ def test_a_reference_figure_has_no_verdict() -> None:
 
 
 def _load_e2e() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_e2e_under_test", BENCH / "bench_e2e.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_e2e_under_test", BENCH / "bench_e2e.py")
 
 
 def test_the_fuse_repair_goal_counts_the_first_three_repairs_in_a_minute() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import subprocess
@@ -10,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.scripts import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -35,12 +36,7 @@ def _run(results: Path, out: Path) -> str:
 def test_every_plot_is_drawn_from_the_recorded_samples(tmp_path: Path) -> None:
     rng = random.Random(14)
     results = tmp_path / "latest.json"
-    spec = importlib.util.spec_from_file_location("goals_for_plots", BENCH / "goals.py")
-    assert spec is not None
-    assert spec.loader is not None
-    goals = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = goals
-    spec.loader.exec_module(goals)
+    goals = load_script("goals_for_plots", BENCH / "goals.py")
     goals.record(
         {"e2e.warm.p50": 0.3},
         benchmark="bench_e2e",
