@@ -348,7 +348,7 @@ class MultiNodeCluster:
                 )
                 timings["images-build"] = time.monotonic() - t
             t = time.monotonic()
-            network.create(self.plans)
+            network.create(self.plans, marker=self.layout.netns_marker)
             self._check_port()
             self._prepare()
             for plan in self.plans:
@@ -562,7 +562,9 @@ class MultiNodeCluster:
         problems += [
             f"mount namespace still held: {p}" for p in isolation.remove_mount_namespaces(layout)
         ]
-        problems += [f"network still there: {n}" for n in network.remove(plans)]
+        problems += [
+            f"network still there: {n}" for n in network.remove(plans, marker=layout.netns_marker)
+        ]
         for plan in plans:
             problems += [f"cgroup not empty: {c}" for c in isolation.remove_cgroups(plan)]
         stuck = [p for p in mounts_under(self.dir) if p != str(layout.namespaces)]

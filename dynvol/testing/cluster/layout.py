@@ -94,6 +94,11 @@ class Layout:
         return self.dir / "etcd"
 
     @property
+    def netns_marker(self) -> Path:
+        """There while ``/run/netns`` is a mount that this cluster's ``ip netns add`` made."""
+        return self.dir / "netns-dir-mounted"
+
+    @property
     def namespaces(self) -> Path:
         """Holds one file per node on which that node's mount namespace is kept."""
         return self.dir / "ns"

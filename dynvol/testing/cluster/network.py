@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dynvol.testing.cluster.addressing import BRIDGE, HOST_ADDRESS, NODE_NETWORK, NodePlan
+from dynvol.testing.mounts import mounts_under
 from dynvol.testing.processes import run
 
 __all__ = ["create", "exists", "netns_path", "remove"]
@@ -47,9 +48,22 @@ def exists(nodes: Sequence[NodePlan]) -> list[str]:
     return found
 
 
-def create(nodes: Sequence[NodePlan]) -> None:
-    """Make the bridge, each node's namespace and veth, addresses, routes and sysctls."""
+def _netns_dir_mounted() -> bool:
+    return str(NETNS_DIR) in mounts_under(NETNS_DIR)
+
+
+def create(nodes: Sequence[NodePlan], *, marker: Path) -> None:
+    """Make the bridge, each node's namespace and veth, addresses, routes and sysctls.
+
+    The first ``ip netns add`` on a machine binds ``/run/netns`` onto itself (shared), and
+    nothing else ever undoes that. When this call is the one that makes that mount,
+    ``marker`` records it, so that :func:`remove` unmounts it again once the directory holds
+    no namespace: the cluster leaves the mount table as it found it.
+    """
     prefix = NODE_NETWORK.prefixlen
+    if not _netns_dir_mounted() and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{NETNS_DIR} was not a mount point before this cluster\n")
     if not Path(f"/sys/class/net/{BRIDGE}").exists():
         _ip("link", "add", BRIDGE, "type", "bridge")
         _ip("addr", "add", f"{HOST_ADDRESS}/{prefix}", "dev", BRIDGE)
@@ -76,8 +90,12 @@ def create(nodes: Sequence[NodePlan]) -> None:
         _ip("route", "replace", str(node.pod_cidr), "via", str(node.address), "dev", BRIDGE)
 
 
-def remove(nodes: Sequence[NodePlan]) -> list[str]:
-    """Remove namespaces, veths, host routes and the bridge; returns what is left."""
+def remove(nodes: Sequence[NodePlan], *, marker: Path) -> list[str]:
+    """Remove namespaces, veths, host routes and the bridge; returns what is left.
+
+    ``/run/netns`` is unmounted too if :func:`create` recorded in ``marker`` that it made
+    that mount and no namespace is left in it (another user's would keep it).
+    """
     for node in nodes:
         with contextlib.suppress(RuntimeError):
             _ip("route", "del", str(node.pod_cidr))
@@ -89,4 +107,12 @@ def remove(nodes: Sequence[NodePlan]) -> list[str]:
     if Path(f"/sys/class/net/{BRIDGE}").exists():
         with contextlib.suppress(RuntimeError):
             _ip("link", "del", BRIDGE)
-    return exists(nodes)
+    left = exists(nodes)
+    if marker.exists():
+        if _netns_dir_mounted() and not any(NETNS_DIR.iterdir()):
+            subprocess.run(["umount", str(NETNS_DIR)], capture_output=True, check=False)
+        if not _netns_dir_mounted():
+            marker.unlink()
+        else:
+            left.append(f"{NETNS_DIR} (mounted by this cluster, still holds namespaces)")
+    return left
