@@ -54,10 +54,12 @@ print(json.dumps(seen))
 """
 
 
+_UNSHARE = ("unshare", "--mount", "--net", "--propagation", "private")
+
+
 def _run(mode: str, marker: Path) -> dict[str, object]:
     done = subprocess.run(
-        ["unshare", "--mount", "--net", "--propagation", "private"]
-        + [sys.executable, "-c", _SCRIPT, mode, str(marker)],
+        [*_UNSHARE, sys.executable, "-c", _SCRIPT, mode, str(marker)],
         capture_output=True,
         text=True,
         timeout=120,
