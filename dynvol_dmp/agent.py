@@ -624,9 +624,14 @@ class Agent:
         if owned is not None:
             owned.drain_started = None  # in use again as it is: a later drain starts afresh
             obj = await self._ensure_finalizer(obj, DynamicVolumeMount.from_object(obj))
-        phase = (obj.get("status") or {}).get("phase")
-        if owned is not None and phase != MountPhase.MOUNTED:
-            await self._report(obj, MountPhase.MOUNTED, "Mounted", f"mounted at {target}")
+        status = obj.get("status") or {}
+        message = f"mounted at {target}"
+        # The message too: after a move whose own report lost to a conflict, the phase is
+        # still Mounted from the old mountpoint, and only the message says where.
+        if owned is not None and (
+            status.get("phase") != MountPhase.MOUNTED or status.get("message") != message
+        ):
+            await self._report(obj, MountPhase.MOUNTED, "Mounted", message)
         self._failures.pop(key, None)
         return DONE
 

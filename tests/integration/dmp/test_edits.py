@@ -125,9 +125,13 @@ async def test_a_changed_mountpoint_moves_the_mount(
             agent=agent, slot=slot, container=container, mountpoint=mountpoint, reads=reads,
             old_daemons=[daemon], what=f"moved to {mountpoint}",
         )  # fmt: skip
-        obj = await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
+        # The mount table converged first; the status says where a moment later.
+        message = f"mounted at {slot.path}{mountpoint}"
+        obj = await mounts.wait(
+            name, lambda o: phase_is("Mounted")(o) and o["status"]["message"] == message,
+            what=f"Mounted, {message!r}", agent=agent,
+        )  # fmt: skip
         assert obj is not None
-        assert obj["status"]["message"] == f"mounted at {slot.path}{mountpoint}"
     # The directories of the old mountpoints are gone too; only the last one is there.
     assert sorted(p.name for p in slot.path.iterdir()) == ["m1"]
     await _released_cleanly(mounts, name, agent, slot)
