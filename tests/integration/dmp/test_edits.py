@@ -97,6 +97,11 @@ def _move(mountpoint: str) -> dict[str, str]:
     return {"mountpoint": mountpoint, "dmpTargetPath": f"{c.DMP_XVOLS_DIR}{mountpoint}"}
 
 
+def _mounted_saying(message: str) -> Callable[[dict[str, Any] | None], bool]:
+    mounted = phase_is("Mounted")
+    return lambda obj: mounted(obj) and obj is not None and obj["status"]["message"] == message
+
+
 @pytest.mark.parametrize("mounter", ["s3fs", "rclone"])
 async def test_a_changed_mountpoint_moves_the_mount(
     mounter: str,
@@ -128,8 +133,7 @@ async def test_a_changed_mountpoint_moves_the_mount(
         # The mount table converged first; the status says where a moment later.
         message = f"mounted at {slot.path}{mountpoint}"
         obj = await mounts.wait(
-            name, lambda o: phase_is("Mounted")(o) and o["status"]["message"] == message,
-            what=f"Mounted, {message!r}", agent=agent,
+            name, _mounted_saying(message), what=f"Mounted, {message!r}", agent=agent,
         )  # fmt: skip
         assert obj is not None
     # The directories of the old mountpoints are gone too; only the last one is there.
