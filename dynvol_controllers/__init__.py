@@ -11,11 +11,13 @@ from .certkeeping import CertificateKeeper, CertificateSettings
 from .cluster import ClusterController
 from .nodes import NodeReconciler, SlotLookup
 from .settings import DmpTemplate, NodeReconcilerSettings
+from .slicing import ClaimSlicer, standalone_slicer
 from .webhooks import WebhookServer, webhook_configurations
 
 __all__ = [
     "CertificateKeeper",
     "CertificateSettings",
+    "ClaimSlicer",
     "ClusterController",
     "ControllerApp",
     "DevCerts",
@@ -26,5 +28,6 @@ __all__ = [
     "WebhookServer",
     "ensure_dev_certs",
     "register_webhooks",
+    "standalone_slicer",
     "webhook_configurations",
 ]

@@ -15,6 +15,8 @@ class and claim keys, and reconciles them while this replica holds the Lease:
 * **credential copies** (:mod:`.credentials`): one copy of each class's Secret in the
   system namespace, which the DMPs mount; its state is the class's ``CredentialsReady``
   condition.
+* **claim slices** (:mod:`.slicing`): one ``DynamicVolumeClaimSlice`` per node with the
+  claims that select its pods, which is all of the claims its node plugin watches.
 * **lost nodes**: when a Node is deleted, the DynamicVolumeMounts bound to it lose the
   DMP's unmount finalizer and are deleted, since no DMP will ever run there again to
   unmount them; otherwise their namespaces would hang in Terminating.
@@ -61,6 +63,7 @@ from dynvol_providers.base import parse_provider_config, qualify_config_errors
 from . import objects
 from .admission import AdmissionDecision, mutate_pod
 from .credentials import CONDITION_CREDENTIALS, CredentialCopier
+from .slicing import INDEX_POD_NODE, ClaimSlicer, pod_node_index
 
 __all__ = ["ClusterController"]
 
@@ -193,7 +196,7 @@ class ClusterController:
             client,
             PODS,
             transform=objects.slim_pod,
-            indexers={INDEX_CLASS: _pod_class_index},
+            indexers={INDEX_CLASS: _pod_class_index, INDEX_POD_NODE: pod_node_index},
             from_cache=False,
         )
         self.mounts = Informer(
@@ -233,6 +236,16 @@ class ClusterController:
             system_namespace=system_namespace,
             on_state=self.class_controller.enqueue,
         )
+        #: The nodes' claim slices (:mod:`.slicing`), so that no node watches every claim.
+        self.slicer = ClaimSlicer(
+            client,
+            claims=self.claims,
+            pods=self.pods,
+            nodes=self.nodes,
+            claim_models=self._claim_models,
+            pod_models=self._pod_models,
+            workers=workers,
+        )
         self.classes.add_handler(self._on_class)
         self.claims.add_handler(self._on_claim)
         self.pods.add_handler(self._on_pod)
@@ -250,6 +263,7 @@ class ClusterController:
             self.pods,
             self.mounts,
             self.credentials.copies,
+            self.slicer.slices,
         )
 
     # -- lifecycle (leader-gated part) ----------------------------------------------------
@@ -261,6 +275,7 @@ class ClusterController:
         await self.claim_controller.start()
         await self.node_controller.start()
         await self.credentials.start()
+        await self.slicer.start()
         for obj in self.classes.store:
             self.class_controller.enqueue(obj["metadata"]["name"])
         for obj in self.claims.store:
@@ -272,6 +287,7 @@ class ClusterController:
     async def close(self) -> None:
         """Stop reconciling."""
         self.leading = False
+        await self.slicer.close()
         await self.credentials.close()
         await self.node_controller.close()
         await self.claim_controller.close()

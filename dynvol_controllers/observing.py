@@ -1,8 +1,9 @@
 """What one node reconciler watches, and which changes are worth a pass.
 
 Observe stage of the node reconciler (:mod:`.nodes`): informers for the pods bound to the
-node (``fieldSelector spec.nodeName``, which the apiserver's watch cache indexes), all
-claims and classes, the node's DynamicVolumeMounts and its Dynamic Mount Pods (DMPs, by
+node (``fieldSelector spec.nodeName``, which the apiserver's watch cache indexes), the
+node's claim slice (the claims that select its pods, which the controller keeps:
+:mod:`.slicing`), all classes, the node's DynamicVolumeMounts and its Dynamic Mount Pods (DMPs, by
 label and ``spec.nodeName``), each slimmed to the fields dynvol
 reads, and the models the planner takes, read from them through memoising caches. The
 event handlers call ``nudge`` only for changes that can alter the plan; the writers
@@ -25,8 +26,9 @@ from dynvol_core.models import (
     StorageProviderClass,
 )
 from dynvol_core.models.pods import container_crash_looping
+from dynvol_core.slices import claim_object
 from dynvol_kube import Client, Event, Informer, Obj
-from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, PODS
+from dynvol_kube.resources import CLAIM_SLICES, CLASSES, MOUNTS, PODS
 
 from . import objects
 
@@ -61,6 +63,10 @@ def slim_dmp(pod: Obj) -> Obj:
     if looping:
         out["status"]["containerStatuses"] = looping
     return out
+
+
+def _slim_slice(obj: Obj) -> Obj:
+    return {**obj, "metadata": objects.slim_metadata(obj.get("metadata") or {})}
 
 
 def _changed(event: Event, *, ignore_status: bool) -> bool:
@@ -110,7 +116,13 @@ class NodeView:
             indexers={"uid": _uid_index},
             resync=self.resync,
         )
-        self.claims = Informer(self.client, CLAIMS)
+        # Not every claim of the cluster: the one slice the controller keeps for this node.
+        self.claims = Informer(
+            self.client,
+            CLAIM_SLICES,
+            field_selector=f"metadata.name={self.node_name}",
+            transform=_slim_slice,
+        )
         self.classes = Informer(self.client, CLASSES)
         self.mounts = Informer(
             self.client,
@@ -143,13 +155,17 @@ class NodeView:
         return [p for p in (self._pod_models.get_or_none(raw) for raw in self.pods.store) if p]
 
     def claims_in(self, namespaces: set[str]) -> list[DynamicVolumeClaim]:
-        """The claims of ``namespaces`` (malformed ones left out)."""
-        return [
-            claim
-            for ns in namespaces
-            for raw in self.claims.store.by_index("namespace", ns)
-            if (claim := self._claim_models.get_or_none(raw)) is not None
-        ]
+        """The claims of the node's slice in ``namespaces`` (malformed ones left out)."""
+        out = []
+        for raw_slice in self.claims.store:
+            revision = raw_slice["metadata"].get("resourceVersion", "")
+            for entry in (raw_slice.get("spec") or {}).get("claims") or ():
+                if not isinstance(entry, Mapping) or entry.get("namespace") not in namespaces:
+                    continue
+                claim = self._claim_models.get_or_none(claim_object(entry, revision=revision))
+                if claim is not None:
+                    out.append(claim)
+        return out
 
     def storage_classes(self) -> dict[str, StorageProviderClass]:
         """Every valid class, by name."""
@@ -186,10 +202,9 @@ class NodeView:
             if _changed(event, ignore_status=False):
                 nudge()
 
-        def on_claim(event: Event) -> None:
-            # Every node sees every claim; most concern none of its pods. A pass costs far
-            # more than this check, and a cluster of nodes would all pay it.
-            if _changed(event, ignore_status=True) and self._claim_concerns_us(event):
+        def on_slice(event: Event) -> None:
+            # The slice lists only claims that select pods here (or did, when it shrinks).
+            if _changed(event, ignore_status=True):
                 nudge()
 
         def on_mount(event: Event) -> None:
@@ -206,26 +221,7 @@ class NodeView:
                 nudge()
 
         self.pods.add_handler(on_pod)
-        self.claims.add_handler(on_claim)
+        self.claims.add_handler(on_slice)
         self.classes.add_handler(on_any)
         self.mounts.add_handler(on_mount)
         self.dmps.add_handler(on_dmp)
-
-    def _claim_concerns_us(self, event: Event) -> bool:
-        meta = event.obj.get("metadata") or {}
-        uid = meta.get("uid", "")
-        if uid and self.mounts.store.by_index("claim-uid", label_value(uid)):
-            return True  # we have mounts for it: any change may matter
-        local = self.pods.store.by_index("namespace", meta.get("namespace", ""))
-        if not local:
-            return False
-        for version in (event.obj, event.old):
-            if version is None:
-                continue
-            claim = self._claim_models.get_or_none(version)
-            if claim is None:
-                continue
-            for raw in local:
-                if claim.selector.selects(raw["metadata"].get("labels") or {}):
-                    return True
-        return False

@@ -76,9 +76,11 @@ DEFAULT_SYSTEM_NAMESPACE: Final = "dynvol-system"
 KIND_CLASS: Final = "StorageProviderClass"
 KIND_CLAIM: Final = "DynamicVolumeClaim"
 KIND_MOUNT: Final = "DynamicVolumeMount"
+KIND_CLAIM_SLICE: Final = "DynamicVolumeClaimSlice"
 PLURAL_CLASS: Final = "storageproviderclasses"
 PLURAL_CLAIM: Final = "dynamicvolumeclaims"
 PLURAL_MOUNT: Final = "dynamicvolumemounts"
+PLURAL_CLAIM_SLICE: Final = "dynamicvolumeclaimslices"
 
 #: Finalizer the controller keeps on a StorageProviderClass while pods or claims use it.
 FINALIZER_CLASS_IN_USE: Final = f"{GROUP}/in-use-protection"

@@ -79,3 +79,11 @@ CLASSES = Resource(
 )
 CLAIMS = Resource(constants.GROUP, constants.VERSION, "dynamicvolumeclaims", "DynamicVolumeClaim")
 MOUNTS = Resource(constants.GROUP, constants.VERSION, "dynamicvolumemounts", "DynamicVolumeMount")
+#: One per node, named after it, written by the controller: the claims its node plugin needs.
+CLAIM_SLICES = Resource(
+    constants.GROUP,
+    constants.VERSION,
+    constants.PLURAL_CLAIM_SLICE,
+    constants.KIND_CLAIM_SLICE,
+    namespaced=False,
+)

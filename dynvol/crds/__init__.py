@@ -1,9 +1,10 @@
 """dynvol's CustomResourceDefinitions, shipped inside the package.
 
-These files are the source of the three CRDs (StorageProviderClass, DynamicVolumeClaim,
-DynamicVolumeMount). ``manifests/base/crds/`` holds copies for kustomize, which loads no
-file outside its own directory; ``hack/gen-crd-config-blocks.py`` writes them (and the
-providers' config blocks into the claim CRD), and a unit test fails while they differ.
+These files are the source of the four CRDs (StorageProviderClass, DynamicVolumeClaim,
+DynamicVolumeMount, DynamicVolumeClaimSlice). ``manifests/base/crds/`` holds copies for
+kustomize, which loads no file outside its own directory; ``hack/gen-crd-config-blocks.py``
+writes them (and the providers' config blocks into the claim CRD), and a unit test fails
+while they differ.
 
 Other controllers and test suites get the files from an installed dynvol with
 :func:`crd_files` (or apply the directory of :func:`crd_dir`); the test control plane
@@ -17,11 +18,12 @@ from pathlib import Path
 
 __all__ = ["CRD_FILES", "crd_dir", "crd_files"]
 
-#: The CRD files, in the order they are applied (classes, claims, mounts).
+#: The CRD files, in the order they are applied (classes, claims, mounts, claim slices).
 CRD_FILES = (
     "storageproviderclasses.yaml",
     "dynamicvolumeclaims.yaml",
     "dynamicvolumemounts.yaml",
+    "dynamicvolumeclaimslices.yaml",
 )
 
 
@@ -41,6 +43,6 @@ def crd_dir() -> Path:
 
 
 def crd_files() -> tuple[Path, ...]:
-    """The paths of the three CRD files, in the order they are applied."""
+    """The paths of the CRD files, in the order they are applied."""
     directory = crd_dir()
     return tuple(directory / name for name in CRD_FILES)

@@ -2,7 +2,7 @@
 
 Each check has a status, ``ok``, ``warning`` or ``error``, and a detail line:
 
-- ``crds``: dynvol's three CustomResourceDefinitions exist and are Established.
+- ``crds``: dynvol's four CustomResourceDefinitions exist and are Established.
 - ``csidriver``: the CSIDriver object exists, for ephemeral volumes with pod info on mount.
 - ``node-plugin``: the DaemonSet's pods are ready, and on every schedulable node a ready
   node plugin pod runs and kubelet lists the driver in the node's CSINode (it registered).
@@ -60,7 +60,9 @@ OK, WARNING, ERROR = "ok", "warning", "error"
 EXPIRY_WARNING = dt.timedelta(days=30)
 NODE_DAEMONSET = "dynvol-node"
 CONTROLLER_DEPLOYMENT = "dynvol-controller"
-CRD_NAMES = tuple(f"{p}.{c.GROUP}" for p in (c.PLURAL_CLASS, c.PLURAL_CLAIM, c.PLURAL_MOUNT))
+CRD_NAMES = tuple(
+    f"{p}.{c.GROUP}" for p in (c.PLURAL_CLASS, c.PLURAL_CLAIM, c.PLURAL_MOUNT, c.PLURAL_CLAIM_SLICE)
+)
 _TIMEOUT = 5.0
 
 

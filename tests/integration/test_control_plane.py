@@ -18,6 +18,7 @@ CRDS = {
     "storageproviderclasses.dynamicvolume.csi.cloudnative101.net": "Cluster",
     "dynamicvolumeclaims.dynamicvolume.csi.cloudnative101.net": "Namespaced",
     "dynamicvolumemounts.dynamicvolume.csi.cloudnative101.net": "Namespaced",
+    "dynamicvolumeclaimslices.dynamicvolume.csi.cloudnative101.net": "Cluster",
 }
 
 

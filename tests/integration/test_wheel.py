@@ -196,7 +196,12 @@ def test_the_wheel_carries_the_crds_and_the_go_modules(wheels: dict[str, Path]) 
         names = set(whl.namelist())
         (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         meta = email.parser.Parser().parsestr(whl.read(meta_name).decode())
-    for crd in ("storageproviderclasses", "dynamicvolumeclaims", "dynamicvolumemounts"):
+    for crd in (
+        "storageproviderclasses",
+        "dynamicvolumeclaims",
+        "dynamicvolumemounts",
+        "dynamicvolumeclaimslices",
+    ):
         assert f"dynvol/crds/{crd}.yaml" in names
     for module in tools.MODULES:
         assert {

@@ -28,8 +28,9 @@ import yaml
 from dynvol.testing import ControlPlane, Process
 from dynvol_controllers.admission import LABEL_INJECT, apply_patch, mutate_pod
 from dynvol_core import constants as c
-from dynvol_kube import APIError, Client
-from dynvol_kube.resources import MOUNTS, NAMESPACES, PODS
+from dynvol_core.slices import slice_object
+from dynvol_kube import APIError, APINotFound, Client
+from dynvol_kube.resources import CLAIM_SLICES, MOUNTS, NAMESPACES, PODS
 
 from .controller_support import eventually, pod_manifest
 from .test_webhooks import Served, webhook_app  # noqa: F401  (a fixture)
@@ -43,6 +44,8 @@ SYSTEM = c.DEFAULT_SYSTEM_NAMESPACE
 SCOPE_LABEL = "dynvol.test/admission-policies"
 NODE_SA = f"system:serviceaccount:{SYSTEM}:dynvol-node"
 DMP_SA = f"system:serviceaccount:{SYSTEM}:dynvol-dmp"
+CONTROLLER_SA = f"system:serviceaccount:{SYSTEM}:dynvol-controller"
+SLICES_POLICY = "dynvol-dynamicvolumeclaimslices"
 VAP = "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies"
 VAP_BINDINGS = "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings"
 
@@ -55,7 +58,16 @@ OPTED_IN = {
 def _policy_documents(token: str) -> list[dict[str, Any]]:
     docs = [d for d in yaml.safe_load_all(POLICIES.read_text()) if d]
     for doc in docs:
-        if doc["kind"] == "ValidatingAdmissionPolicyBinding":
+        if doc["kind"] != "ValidatingAdmissionPolicyBinding":
+            continue
+        if doc["spec"]["policyName"] == SLICES_POLICY:
+            # Claim slices are cluster-scoped, which a namespaceSelector never leaves out:
+            # scope that binding by the objects' labels, so that the controllers other tests
+            # run (as the admin, not as dynvol-controller) keep writing theirs.
+            doc["spec"]["matchResources"] = {
+                "objectSelector": {"matchLabels": {SCOPE_LABEL: token}}
+            }
+        else:
             doc["spec"]["matchResources"] = {
                 "namespaceSelector": {"matchLabels": {SCOPE_LABEL: token}}
             }
@@ -227,7 +239,7 @@ async def test_policies_are_stored_as_written_and_fail_closed(
         for d in _policy_documents(policies)
         if d["kind"] == "ValidatingAdmissionPolicy"
     }
-    for name in ("dynvol-pods", "dynvol-dynamicvolumemounts"):
+    for name in ("dynvol-pods", "dynvol-dynamicvolumemounts", SLICES_POLICY):
         stored = await client.request("GET", f"{VAP}/{name}")
         assert stored["spec"]["failurePolicy"] == "Fail"
         assert stored["spec"]["validations"] == written[name]["spec"]["validations"]
@@ -611,12 +623,85 @@ async def test_only_the_node_plugin_writes_dynamicvolumemounts(
     await node.delete(MOUNTS, "real", namespace=ns)
 
 
+async def test_only_the_controller_writes_claim_slices(
+    client: Client, as_user: Any, policies: str
+) -> None:
+    """A node plans from its slice as from claims: nobody else writes one, not even a
+    user whose RBAC allows it."""
+    name = f"node-{secrets.token_hex(3)}"
+    entry = {
+        "namespace": "tenant-a",
+        "name": "forged",
+        "uid": "00000000-0000-0000-0000-000000000001",
+        "spec": {"mountpoint": "/data", "selector": {"matchLabels": {"app": "x"}}},
+    }
+    body = slice_object(name, [entry])
+    body["metadata"]["labels"][SCOPE_LABEL] = policies
+    rbac = "/apis/rbac.authorization.k8s.io/v1"
+    role = f"slice-writer-{policies}"
+    await client.request(
+        "POST",
+        f"{rbac}/clusterroles",
+        body={
+            "metadata": {"name": role},
+            "rules": [
+                {
+                    "apiGroups": [c.GROUP],
+                    "resources": [c.PLURAL_CLAIM_SLICE],
+                    "verbs": ["get", "create", "update", "patch", "delete"],
+                }
+            ],
+        },
+    )
+    writer = f"system:serviceaccount:{SYSTEM}:dynvol-node"
+    await client.request(
+        "POST",
+        f"{rbac}/clusterrolebindings",
+        body={
+            "metadata": {"name": role},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": role,
+            },
+            "subjects": [{"kind": "User", "name": writer}, {"kind": "User", "name": CONTROLLER_SA}],
+        },
+    )
+    try:
+        # The node plugin (here with write access it does not ship with) is refused.
+        node = await as_user(writer)
+
+        async def refused() -> bool:
+            try:
+                await node.create(CLAIM_SLICES, body)
+            except APIError as exc:
+                return "written only by the dynvol controller" in str(exc)
+            await client.delete(CLAIM_SLICES, name)  # RBAC or policy not there yet
+            return False
+
+        await eventually(refused, within=30, interval=0.3)
+        controller = await as_user(CONTROLLER_SA)
+        made = await controller.create(CLAIM_SLICES, body)
+        with pytest.raises(APIError, match="written only by the dynvol controller") as caught:
+            await node.patch(CLAIM_SLICES, name, {"spec": {"claims": []}})
+        assert writer in str(caught.value)
+        changed = await controller.replace(
+            CLAIM_SLICES, {**made, "spec": {"nodeName": name, "claims": []}}
+        )
+        assert changed["spec"]["claims"] == []
+    finally:
+        with contextlib.suppress(APINotFound):
+            await client.delete(CLAIM_SLICES, name)
+        await client.request("DELETE", f"{rbac}/clusterrolebindings/{role}")
+        await client.request("DELETE", f"{rbac}/clusterroles/{role}")
+
+
 def test_the_base_kustomization_ships_the_policies(control_plane: ControlPlane) -> None:
     """``kubectl apply -k manifests/base`` (and every overlay) installs them as written."""
     for target in ("manifests/base", "manifests/overlays/local", "manifests/overlays/production"):
         rendered = control_plane.kubectl("kustomize", str(TOP / target))
         docs = [d for d in yaml.safe_load_all(rendered) if d]
         kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-        for name in ("dynvol-pods", "dynvol-dynamicvolumemounts"):
+        for name in ("dynvol-pods", "dynvol-dynamicvolumemounts", SLICES_POLICY):
             assert ("ValidatingAdmissionPolicy", name) in kinds, target
             assert ("ValidatingAdmissionPolicyBinding", name) in kinds, target

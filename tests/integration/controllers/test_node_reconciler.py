@@ -1,4 +1,8 @@
-"""The node reconciler against the real apiserver, with pods bound to made-up nodes."""
+"""The node reconciler against the real apiserver, with pods bound to made-up nodes.
+
+Each test runs the controller's claim slicer as well (:func:`standalone_slicer`), since
+the node reconciler reads its claims from its node's slice, as it does in a cluster.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 import pytest
 
 from dynvol.testing.slots import node_reconciler_without_kubelet
-from dynvol_controllers import NodeReconciler
+from dynvol_controllers import NodeReconciler, standalone_slicer
 from dynvol_core import constants as c
 from dynvol_core.dispatch import credentials_secret_name, label_value
 from dynvol_kube import APINotFound, Client
@@ -20,6 +24,17 @@ from dynvol_providers.registry import load_registry
 from .controller_support import Objects, eventually, list_items
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+async def slicer(client: Client) -> AsyncIterator[None]:
+    """The claim slices the node reconcilers read, kept as ``dynvol controller`` keeps them."""
+    manager = standalone_slicer(client)
+    await manager.start()
+    try:
+        yield
+    finally:
+        await manager.close()
 
 
 def _node_reconciler(client: Client, node: str, **kw: Any) -> NodeReconciler:

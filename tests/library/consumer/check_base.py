@@ -103,6 +103,7 @@ def test_the_control_plane_serves_dynvols_api_and_the_consumers(
         "storageproviderclasses.dynamicvolume.csi.cloudnative101.net",
         "dynamicvolumeclaims.dynamicvolume.csi.cloudnative101.net",
         "dynamicvolumemounts.dynamicvolume.csi.cloudnative101.net",
+        "dynamicvolumeclaimslices.dynamicvolume.csi.cloudnative101.net",
         "widgets.consumer.example.com",
     } <= crds
     control_plane.kubectl("create", "namespace", "dynamic-volume-test")
