@@ -70,6 +70,11 @@ from dynvol_dmp.metrics import (
     CAUSE_HEALTH_CHECK,
     CAUSE_MOUNT_GONE,
     CAUSE_MOUNTER_EXITED,
+    STAGE_ATTACH,
+    STAGE_MOUNTER,
+    STAGE_PREPARE,
+    STAGE_RESOLVE,
+    STAGE_VERIFY,
     DmpMetrics,
 )
 from dynvol_dmp.targets import REASON_UNSAFE, UnsafeTarget, open_below, remove_dir_below
@@ -236,6 +241,9 @@ class Agent:
     _attempts: dict[Key, tuple[PurePosixPath, PurePosixPath]] = attrs.field(
         factory=dict, init=False
     )
+    #: The stages of the mount under way of each object and how long each took
+    #: (``dynvol_dmp_mount_stage_seconds``), reported once it is mounted.
+    _stages: dict[Key, list[tuple[str, float]]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.host = LocalHost(on_daemon_exit=self._on_daemon_exit)
@@ -512,6 +520,7 @@ class Agent:
                 await self._unmount_owned(owned)
             await self._unmount_retiring(key)
             self._failures.pop(key, None)
+            self._stages.pop(key, None)
             return DONE
         try:
             dvm = DynamicVolumeMount.from_object(obj)
@@ -532,6 +541,7 @@ class Agent:
             )
             await self._report(obj, MountPhase.FAILED, "InvalidPath", message)
             return DONE
+        began = time.monotonic()
         try:
             problem = await self._untrusted(key, dvm)
         except APIError as exc:
@@ -540,6 +550,7 @@ class Agent:
         if problem is not None:
             await self._refuse(obj, dvm, problem)
             return DONE
+        verified = time.monotonic()
         try:
             provider, request = await self._mount_request(dvm, target)
         except MountFailed as failure:
@@ -548,6 +559,10 @@ class Agent:
             await self._unmount_retiring(key)
             await self._report(obj, MountPhase.FAILED, failure.reason, failure.message)
             return RequeueAfter(self._backoff(key, floor=30.0 if not failure.retryable else 1.0))
+        self._stages[key] = [
+            (STAGE_VERIFY, verified - began),
+            (STAGE_RESOLVE, time.monotonic() - verified),
+        ]
         desired_key = _digest(dvm.uid, provider.name, request.config, request.read_only,
                               sorted(request.credentials.values.items()))  # fmt: skip
         desired = DesiredMount(target=target, source=provider.name, fs_type="", key=desired_key)
@@ -834,6 +849,7 @@ class Agent:
     ) -> bool:
         key = (dvm.namespace, dvm.name)
         assert self.identity is not None
+        began = time.monotonic()
         try:
             names, slot_part = target_names(self.identity, dvm)
             opened = await asyncio.to_thread(
@@ -858,6 +874,7 @@ class Agent:
             staged = attrs.evolve(request, target=staging)
             slot = PurePosixPath(self.settings.xvols).joinpath(*names[:slot_part])
             started = time.monotonic()
+            self._stage(key, STAGE_PREPARE, started - began)
             ok = await self._mount_opened(
                 obj, dvm, provider, request, staged, opened.fd, desired_key, before, slot
             )
@@ -866,6 +883,9 @@ class Agent:
         finally:
             self._attempts.pop(key, None)
             opened.close()
+
+    def _stage(self, key: Key, stage: str, seconds: float) -> None:
+        self._stages.setdefault(key, []).append((stage, seconds))
 
     async def _mount_opened(
         self,
@@ -883,6 +903,7 @@ class Agent:
         target, staging = request.target, staged.target
         # The API writes (the finalizer; Mounting, when the mounter is slow) run while the
         # mounter starts: they are not on the path to the mount being usable.
+        began = time.monotonic()
         mounting = asyncio.create_task(provider.mount(staged, self.host))
         conflict: APIConflict | None = None
         try:
@@ -902,6 +923,7 @@ class Agent:
             raise
         try:
             handle = await mounting
+            self._stage(key, STAGE_MOUNTER, time.monotonic() - began)
         except MountFailed as failure:
             await self.host.unmount(staging, lazy=True)
             message = failure.message.replace(str(staging), str(target))
@@ -917,6 +939,7 @@ class Agent:
             message += await self._undo_strays(key, target, slot, before)
             await self._report(obj, MountPhase.FAILED, "MountFailed", message)
             return False
+        attaching = time.monotonic()
         try:
             await self.host.attach(staging, target_fd, target)
         except OSError as exc:
@@ -924,6 +947,7 @@ class Agent:
         else:
             attach_error = None
         landing = self._landing(key, before, target, handle.fs_type, slot)
+        self._stage(key, STAGE_ATTACH, time.monotonic() - attaching)
         if attach_error is not None or not landing.ok:
             for entry in landing.stray:
                 await self.host.unmount(entry.path, lazy=True)
@@ -944,7 +968,12 @@ class Agent:
             request=request, handle=handle, slot=slot,
             repairs=previous.repairs if previous is not None else [],
         )  # fmt: skip
-        log.info("mounted %s/%s at %s", *key, target, extra=_context(key, "Mounted"))
+        stages = self._stages.pop(key, [])
+        log.info("mounted %s/%s at %s (%s)", *key, target,
+                 ", ".join(f"{name} {1000 * took:.1f} ms" for name, took in stages),
+                 extra=_context(key, "Mounted"))  # fmt: skip
+        for name, took in stages:
+            self.metrics.stage(name, took)
         self._pod_event(obj, NORMAL, "Mounted", f"mounted {dvm.spec.provider} at "
                         f"{dvm.spec.mountpoint} (claim {dvm.spec.claim_name})")  # fmt: skip
         if conflict is not None:

@@ -32,6 +32,7 @@ __all__ = [
     "CAUSE_HEALTH_CHECK",
     "CAUSE_MOUNTER_EXITED",
     "CAUSE_MOUNT_GONE",
+    "STAGES",
     "DmpMetrics",
 ]
 
@@ -39,6 +40,16 @@ __all__ = [
 CAUSE_MOUNTER_EXITED = "MounterExited"
 CAUSE_MOUNT_GONE = "MountDisappeared"
 CAUSE_HEALTH_CHECK = "HealthCheckFailed"
+
+#: The stages of a new mount (the ``stage`` label of ``dynvol_dmp_mount_stage_seconds``).
+STAGE_VERIFY = "Verify"
+STAGE_RESOLVE = "Resolve"
+STAGE_PREPARE = "Prepare"
+STAGE_MOUNTER = "Mounter"
+STAGE_ATTACH = "Attach"
+STAGES = (STAGE_VERIFY, STAGE_RESOLVE, STAGE_PREPARE, STAGE_MOUNTER, STAGE_ATTACH)
+#: Milliseconds matter here: a whole warm mount is meant to take about 0.1 s.
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 _PHASES = tuple(str(p) for p in MountPhase)
 
@@ -74,6 +85,7 @@ class DmpMetrics:
     registry: CollectorRegistry
     mount_duration: Histogram = attrs.field(init=False)
     repair_duration: Histogram = attrs.field(init=False)
+    stage_duration: Histogram = attrs.field(init=False)
     repairs: Counter = attrs.field(init=False)
     stale: Counter = attrs.field(init=False)
     failures: Counter = attrs.field(init=False)
@@ -86,6 +98,14 @@ class DmpMetrics:
             "mounter's start to the mount checked at its target, by provider and result "
             "(Mounted or Failed).", ["provider", "result"], buckets=DURATION_BUCKETS,
             registry=r,
+        )  # fmt: skip
+        self.stage_duration = Histogram(
+            "dynvol_dmp_mount_stage_seconds", "Where a new mount's time goes, by stage: "
+            "Verify (reading the pod, claim and class a mount names, once per generation), "
+            "Resolve (class, config and credentials), Prepare (the target opened without "
+            "following links, the staging directory), Mounter (the mounter's start until "
+            "its mount is up) and Attach (the bind onto the target and the check of where "
+            "it landed).", ["stage"], buckets=STAGE_BUCKETS, registry=r,
         )  # fmt: skip
         self.repair_duration = Histogram(
             "dynvol_dmp_repair_duration_seconds", "How long repairs of stale mounts took "
@@ -123,6 +143,10 @@ class DmpMetrics:
     def mounted(self, provider: str, ok: bool, seconds: float) -> None:
         """A mount attempt ended."""
         self.mount_duration.labels(provider, "Mounted" if ok else "Failed").observe(seconds)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        """A stage of a new mount took ``seconds`` (one of :data:`STAGES`)."""
+        self.stage_duration.labels(stage).observe(seconds)
 
     def went_stale(self, cause: str) -> None:
         """A mount was found stale (one of the ``CAUSE_*`` words)."""

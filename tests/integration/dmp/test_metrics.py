@@ -21,6 +21,7 @@ import pytest
 from dynvol.testing.minio import MinioServer
 from dynvol.testing.processes import free_port
 from dynvol.testing.scraping import Scrape, get, scrape
+from dynvol_dmp.metrics import STAGES
 
 from .conftest import AgentRunner, Container, Mounts, Slot, eventually, phase_is, release
 
@@ -75,6 +76,10 @@ async def test_figures_move_with_a_mount_a_repair_and_an_unmount(
     assert after_mount.get("dynvol_dmp_mount_duration_seconds_count", provider="s3",
                            result="Mounted") == 1  # fmt: skip
     assert after_mount.get("dynvol_dmp_mount_duration_seconds_sum", provider="s3") > 0
+    # Each stage of that mount, once; the mounter's start is the one that takes time.
+    for stage in STAGES:
+        assert after_mount.get("dynvol_dmp_mount_stage_seconds_count", stage=stage) == 1, stage
+    assert after_mount.get("dynvol_dmp_mount_stage_seconds_sum", stage="Mounter") > 0
     controller = f"dmp {slot.dmp_name}"
     assert after_mount.get("dynvol_reconciles_total", controller=controller, result="Done") >= 1
     assert after_mount.get("dynvol_apiserver_requests_total", verb="patch",
