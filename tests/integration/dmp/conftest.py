@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,37 @@ def writer(container: Container, tmp_path: Path) -> Iterator[Callable[[str], Pro
     finally:
         for proc in started:
             proc.stop(timeout=5)
+
+
+#: ``hold(path, seconds=..., first=..., then=...)``: see :func:`holder`.
+Hold = Callable[..., Awaitable[Process]]
+
+
+@pytest.fixture
+def holder(writer: Callable[[str], Process], tmp_path: Path) -> Hold:
+    """``await hold(path, seconds=S, first="a", then="b")``: a writer in the container that
+    opens ``path`` for writing, writes the line ``first``, keeps the file open ``S`` seconds,
+    then writes the line ``then`` and closes it (without ``then``: keeps it open until the
+    test ends). Returns once the file is open, with the writer's process."""
+    count = 0
+
+    async def hold(
+        path: Path, *, seconds: float = 120, first: str | None = None, then: str | None = None
+    ) -> Process:
+        nonlocal count
+        count += 1
+        opened = tmp_path / f"opened-{count}"
+        script = f"exec 3> '{path}'"
+        if first is not None:
+            script += f" && echo {first} >&3"
+        script += f" && touch '{opened}' && sleep {seconds:g}"
+        if then is not None:
+            script += f" && echo {then} >&3 && exec 3>&-"
+        proc = writer(script)
+        await wait_for_marker(opened, proc, what=f"the writer of {path} did not start")
+        return proc
+
+    return hold
 
 
 @attrs.define

@@ -10,19 +10,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import mounts_under
-from dynvol.testing.processes import Process
 from dynvol_core import constants as c
 
 from .conftest import (
     AgentRunner,
     Container,
+    Hold,
     Mounts,
     Slot,
     assert_no_mounter_files,
@@ -33,7 +32,6 @@ from .conftest import (
     finished,
     phase_is,
     release,
-    wait_for_marker,
 )
 
 pytestmark = pytest.mark.integration
@@ -56,8 +54,7 @@ async def test_a_file_open_across_a_move_is_completed_on_the_old_mountpoint(
     container: Container,
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
-    writer: Callable[[str], Process],
-    tmp_path: Path,
+    holder: Hold,
 ) -> None:
     s3 = minio.client()
     bucket = minio.make_bucket("move-grace", {"hello.txt": b"hello\n"})
@@ -65,13 +62,8 @@ async def test_a_file_open_across_a_move_is_completed_on_the_old_mountpoint(
     config = {"bucket": bucket, "endpoint": minio.endpoint}
     name = await assign(mounts, slot, agent, config, mountpoint="/m1")  # grace: 30 s
     (old_daemon,) = agent.daemons()
-    opened = tmp_path / "opened"
     path = container.root / "m1" / "held.txt"
-    proc = writer(
-        f"exec 3> '{path}' && echo before >&3 && touch '{opened}' && sleep 8 && "
-        "echo after >&3 && exec 3>&-"
-    )
-    await wait_for_marker(opened, proc, what="the writer did not start")
+    proc = await holder(path, first="before", seconds=8, then="after")
     moved = time.monotonic()
     await mounts.edit(name, **_move("/m2"))
     obj = await mounts.wait(name, _waiting_for_move, what="Unmounting, FilesOpen", agent=agent)
@@ -119,8 +111,7 @@ async def test_the_grace_period_of_a_move_ends_and_the_old_mount_goes(
     container: Container,
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
-    writer: Callable[[str], Process],
-    tmp_path: Path,
+    holder: Hold,
 ) -> None:
     bucket = minio.make_bucket("move-grace-end", {"hello.txt": b"hello\n"})
     agent = agent_factory(s3_keys)
@@ -129,9 +120,7 @@ async def test_the_grace_period_of_a_move_ends_and_the_old_mount_goes(
         mounts, slot, agent, config, mountpoint="/m1",
         class_parameters={c.PARAM_UNMOUNT_GRACE: "3"},
     )  # fmt: skip
-    opened = tmp_path / "opened"
-    proc = writer(f"exec 3> '{container.root}/m1/held.txt' && touch '{opened}' && sleep 120")
-    await wait_for_marker(opened, proc, what="the writer did not start")
+    proc = await holder(container.root / "m1" / "held.txt")
     moved = time.monotonic()
     await mounts.edit(name, **_move("/m2"))
     await mounts.wait(name, _waiting_for_move, what="Unmounting, FilesOpen", agent=agent)
@@ -159,8 +148,7 @@ async def test_a_move_below_the_old_mountpoint_waits_before_the_new_mount(
     container: Container,
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
-    writer: Callable[[str], Process],
-    tmp_path: Path,
+    holder: Hold,
 ) -> None:
     s3 = minio.client()
     bucket = minio.make_bucket("move-nested", {"hello.txt": b"hello\n"})
@@ -168,12 +156,7 @@ async def test_a_move_below_the_old_mountpoint_waits_before_the_new_mount(
     config = {"bucket": bucket, "endpoint": minio.endpoint}
     name = await assign(mounts, slot, agent, config, mountpoint="/m1")
     (old_daemon,) = agent.daemons()
-    opened = tmp_path / "opened"
-    proc = writer(
-        f"exec 3> '{container.root}/m1/nested.txt' && echo one >&3 && touch '{opened}' && "
-        "sleep 5 && echo two >&3 && exec 3>&-"
-    )
-    await wait_for_marker(opened, proc, what="the writer did not start")
+    proc = await holder(container.root / "m1" / "nested.txt", first="one", seconds=5, then="two")
     # The new target lies inside the old mount: it cannot be made before the old one goes.
     await mounts.edit(name, **_move("/m1/deeper"))
     obj = await mounts.wait(name, _waiting_for_move, what="Unmounting, FilesOpen", agent=agent)
@@ -207,20 +190,14 @@ async def test_a_mount_deleted_while_its_old_mountpoint_drains_waits_for_both(
     container: Container,
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
-    writer: Callable[[str], Process],
-    tmp_path: Path,
+    holder: Hold,
 ) -> None:
     s3 = minio.client()
     bucket = minio.make_bucket("move-delete")
     agent = agent_factory(s3_keys)
     config = {"bucket": bucket, "endpoint": minio.endpoint}
     name = await assign(mounts, slot, agent, config, mountpoint="/m1")
-    opened = tmp_path / "opened"
-    proc = writer(
-        f"exec 3> '{container.root}/m1/last.txt' && echo a >&3 && touch '{opened}' && "
-        "sleep 6 && echo b >&3 && exec 3>&-"
-    )
-    await wait_for_marker(opened, proc, what="the writer did not start")
+    proc = await holder(container.root / "m1" / "last.txt", first="a", seconds=6, then="b")
     await mounts.edit(name, **_move("/m2"))
     await mounts.wait(name, _waiting_for_move, what="Unmounting, FilesOpen", agent=agent)
     await mounts.delete(name)

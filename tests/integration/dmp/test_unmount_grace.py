@@ -11,19 +11,19 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import pytest
 
 from dynvol.testing.minio import MinioServer
 from dynvol.testing.mounts import mounts_under
-from dynvol.testing.processes import Process
 from dynvol_core import constants as c
 from dynvol_providers.builtin.rclone import pending_uploads
 
 from .conftest import (
     AgentRunner,
     Container,
+    Hold,
     Mounts,
     Slot,
     assert_nothing_mounted,
@@ -36,7 +36,6 @@ from .conftest import (
     gone,
     phase_is,
     release,
-    wait_for_marker,
 )
 
 pytestmark = pytest.mark.integration
@@ -49,21 +48,15 @@ async def test_a_file_open_across_deletion_is_completed_before_unmount(
     container: Container,
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
-    writer: Callable[[str], Process],
-    tmp_path: Path,
+    holder: Hold,
 ) -> None:
     s3 = minio.client()
     bucket = minio.make_bucket("grace")
     agent = agent_factory(s3_keys)
     config = {"bucket": bucket, "endpoint": minio.endpoint}
     name = await assign(mounts, slot, agent, config)  # the default grace: 30 s
-    opened = tmp_path / "opened"
     path = container.root / "data" / "long.txt"
-    proc = writer(
-        f"exec 3> '{path}' && echo part1 >&3 && touch '{opened}' && sleep 10 && "
-        "echo part2 >&3 && exec 3>&-"
-    )
-    await wait_for_marker(opened, proc, what="the writer did not start")
+    proc = await holder(path, first="part1", seconds=10, then="part2")
     deleted = time.monotonic()
     await mounts.delete(name)
     obj = await mounts.wait(name, files_open, what="Unmounting, FilesOpen", agent=agent)
@@ -91,17 +84,14 @@ async def test_the_grace_period_ends_and_the_mount_goes(
     container: Container,
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
-    writer: Callable[[str], Process],
-    tmp_path: Path,
+    holder: Hold,
 ) -> None:
     bucket = minio.make_bucket("grace-end")
     agent = agent_factory(s3_keys)
     config = {"bucket": bucket, "endpoint": minio.endpoint}
     name = await assign(mounts, slot, agent, config, class_parameters={c.PARAM_UNMOUNT_GRACE: "2"})
-    opened = tmp_path / "opened"
     path = container.root / "data" / "held.txt"
-    proc = writer(f"exec 3> '{path}' && touch '{opened}' && sleep 120")
-    await wait_for_marker(opened, proc, what="the writer did not start")
+    await holder(path)
     deleted = time.monotonic()
     await release(mounts, name, agent)
     released = time.monotonic() - deleted
@@ -205,21 +195,15 @@ async def test_a_file_open_across_a_config_change_is_completed_first(
     container: Container,
     mounts: Mounts,
     agent_factory: Callable[[dict[str, str]], AgentRunner],
-    writer: Callable[[str], Process],
-    tmp_path: Path,
+    holder: Hold,
 ) -> None:
     s3 = minio.client()
     bucket = minio.make_bucket("grace-edit")
     agent = agent_factory(s3_keys)
     name = await assign(mounts, slot, agent, {"bucket": bucket, "endpoint": minio.endpoint})
     (old_daemon,) = agent.daemons()
-    opened = tmp_path / "opened"
     path = container.root / "data" / "edit.txt"
-    proc = writer(
-        f"exec 3> '{path}' && echo before >&3 && touch '{opened}' && sleep 6 && "
-        "echo after >&3 && exec 3>&-"
-    )
-    await wait_for_marker(opened, proc, what="the writer did not start")
+    proc = await holder(path, first="before", seconds=6, then="after")
     await mounts.edit(name, readOnly=True)  # the same target, mounted anew
     obj = await mounts.wait(name, files_open, what="Unmounting, FilesOpen", agent=agent)
     assert obj is not None
