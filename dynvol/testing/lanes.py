@@ -236,8 +236,11 @@ class Runner:
         self.serial = serial
         self.outcomes = {s.name: Outcome() for s in self.steps}
         self._changed = threading.Condition()
-        self._print = threading.Lock()
+        self._print = threading.RLock()  # stop() may print from a signal handler
         self.began = time.monotonic()
+        #: The signal :meth:`stop` passed on, once it was called.
+        self.stopped: int | None = None
+        self._running: dict[str, subprocess.Popen[str]] = {}
 
     def run(self) -> bool:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -257,6 +260,30 @@ class Runner:
         self._summary()
         return all(o.status == "passed" for o in self.outcomes.values())
 
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Pass ``signum`` on to every step under way and start no other.
+
+        An isolated step gets it at its namespace's init, which hands it to the command
+        (pytest then runs its finalisers: clusters stopped, mounts undone); the processes
+        around it (``flock``, ``nice``, ``unshare``) would not pass it on, and ``unshare
+        --kill-child`` kills the init outright when it dies. Other steps get it in their
+        whole process group (their own session).
+        """
+        with self._changed:
+            self.stopped = signum
+            running = list(self._running.items())
+            self._changed.notify_all()
+        for name, proc in running:
+            init = _init_below(proc.pid)
+            try:
+                if init is not None:
+                    os.kill(init, signum)
+                else:
+                    os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                continue
+            self._say(name, f"stopping: passed signal {signum} on")
+
     def _queue(self, queue: str) -> None:
         for step in self.steps:
             if step.queue == queue:
@@ -270,7 +297,7 @@ class Runner:
                 bad = [n for n, st in states.items() if st in ("failed", "skipped")]
                 if bad:
                     return bad[0]
-                if all(st == "passed" for st in states.values()):
+                if all(st == "passed" for st in states.values()) or self.stopped is not None:
                     return None
                 self._changed.wait()
 
@@ -289,6 +316,10 @@ class Runner:
 
     def _run_step(self, step: Step) -> None:
         missing = self._wait_needs(step)
+        if self.stopped is not None:
+            self._set(step.name, status="skipped", reason=f"stopped by signal {self.stopped}")
+            self._say(step.name, "not run: the run was stopped")
+            return
         if missing is not None:
             self._set(step.name, status="skipped", reason=f"{missing} did not pass")
             self._say(step.name, f"not run: {missing} did not pass")
@@ -314,15 +345,23 @@ class Runner:
         shown = " ".join(f"{k}={v}" for k, v in step.env)
         self._say(step.name, f"$ {shown + ' ' if shown else ''}{shlex.join(step.argv)}")
         with log.open("w") as out:
-            proc = subprocess.Popen(
-                argv, cwd=self.top, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
-            )  # fmt: skip
+            with self._changed:
+                if self.stopped is not None:  # stopped while this step got ready
+                    self._set(step.name, status="skipped", reason="stopped")
+                    return
+                proc = subprocess.Popen(
+                    argv, cwd=self.top, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
+                    start_new_session=True,
+                )  # fmt: skip
+                self._running[step.name] = proc
             assert proc.stdout is not None
             for line in proc.stdout:
                 out.write(line)
                 self._say(step.name, line)
             code = proc.wait()
+            with self._changed:
+                self._running.pop(step.name, None)
         ended = time.monotonic()
         status = "passed" if code == 0 else "failed"
         self._set(step.name, status=status, returncode=code, ended=ended)
@@ -371,6 +410,37 @@ def failures(log: Path, limit: int = 30) -> list[str]:
 
 #: What the init of an isolated step runs as (its command line holds both words).
 INIT_MODULE, INIT_FLAG = "dynvol.testing.lanes", "--init"
+
+
+def _init_below(pid: int) -> int | None:
+    """The namespace init (:func:`init_main`) among ``pid``'s descendants, if one runs."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: the fields follow the last ")".
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    todo = list(children.get(pid, ()))
+    while todo:
+        child = todo.pop(0)
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+        except OSError:
+            continue
+        # The interpreter itself, ``python -m dynvol.testing.lanes --init``: not the
+        # ``unshare`` before it, whose arguments hold the same words.
+        wanted = [b"-m", INIT_MODULE.encode(), INIT_FLAG.encode()]
+        if argv[1:4] == wanted:
+            return child
+        todo.extend(children.get(child, ()))
+    return None
 
 
 def foreign_lane_namespaces(proc: Path = Path("/proc")) -> set[str]:
@@ -483,7 +553,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = Runner(
         steps, top=top, logs=top / opts.logs, serial=opts.serial, cluster_lock=opts.cluster_lock
     )
+    # A stopped run stops its steps the way each can clean up after itself (Runner.stop),
+    # then ends as they do.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: runner.stop(signum))
     ok = runner.run()
+    if runner.stopped is not None:
+        return 128 + runner.stopped
     return 0 if ok else 1
 
 

@@ -359,3 +359,56 @@ def _ppid(entry: Path) -> int:
         return int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unshare of mount and PID namespaces needs root")
+def test_a_stopped_run_lets_its_steps_clean_up_and_starts_no_other(tmp_path: Path) -> None:
+    """The signal reaches the command of an isolated step through its init, past the
+    ``flock``, ``nice`` and ``unshare --kill-child`` around it, so that its handler (pytest's
+    finalisers, in ``make test``) runs; a step not started yet is not started."""
+    handler = textwrap.dedent(
+        f"""
+        import pathlib, signal, sys, time
+        def done(signum, frame):
+            pathlib.Path("{tmp_path}/cleaned").write_text(str(signum))
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, done)
+        pathlib.Path("{tmp_path}/ready").touch()
+        time.sleep(60)
+        """
+    )
+    shell = f"trap 'echo $? > {tmp_path}/shell-stopped; exit 4' TERM; touch {tmp_path}/ready2; "
+    steps = [
+        Step(
+            name="held",
+            queue="nodes",
+            isolated=True,
+            cluster=True,
+            nice=1,
+            argv=(sys.executable, "-c", handler),
+        ),
+        Step(name="next", queue="nodes", argv=("sh", "-c", f"touch {tmp_path}/next-ran")),
+        Step(name="plain", queue="api", argv=("sh", "-c", shell + "sleep 60 & wait")),
+    ]
+    lock = tmp_path / "cluster.lock"
+    runner = Runner(steps, top=tmp_path, logs=tmp_path / "logs", serial=False, cluster_lock=lock)
+    import threading
+
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not ((tmp_path / "ready").exists() and (tmp_path / "ready2").exists()):
+            assert time.monotonic() < deadline, "the steps did not start"
+            time.sleep(0.05)
+        runner.stop(signal.SIGTERM)
+    finally:
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert (tmp_path / "cleaned").read_text() == str(int(signal.SIGTERM))
+    assert runner.outcomes["held"].returncode == 3
+    assert (tmp_path / "shell-stopped").exists()
+    assert runner.outcomes["plain"].returncode == 4
+    assert runner.outcomes["next"].status == "skipped"
+    assert not (tmp_path / "next-ran").exists()
+    assert runner.stopped == signal.SIGTERM
