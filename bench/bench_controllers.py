@@ -474,8 +474,10 @@ async def control_plane(args: argparse.Namespace, label: str) -> Any:
 
 def start_controller(plane: ControlPlane, workdir: Path) -> Process:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    profile = os.environ.get("DYNVOL_BENCH_CONTROLLER_PROFILE")
+    prefix = [sys.executable, "-m", "cProfile", "-o", profile] if profile else [sys.executable]
     return Process.start(
-        [sys.executable, "-m", "dynvol.cli", "--log-level", "WARNING", "controller",
+        [*prefix, "-m", "dynvol.cli", "--log-level", "WARNING", "controller",
          "--kubeconfig", str(plane.kubeconfig), "--no-webhooks", "--no-leader-elect"],
         name="dynvol-controller", env=env, log=workdir / "controller.log",
     )  # fmt: skip

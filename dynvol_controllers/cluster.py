@@ -236,6 +236,12 @@ class ClusterController:
             system_namespace=system_namespace,
             on_state=self.class_controller.enqueue,
         )
+        #: Per namespace: a count of the pod events seen there, the parsed pods as of a
+        #: count (:meth:`pods_in`), and per claim the pods it selected as of one.
+        self._pod_epochs: dict[str, int] = {}
+        self._pods_by_ns: dict[str, tuple[int, list[PodInfo]]] = {}
+        self._selected: dict[str, tuple[tuple[str, int, bool, int], tuple[PodInfo, ...]]] = {}
+        self.pods.add_handler(self._bump_pods)
         #: The nodes' claim slices (:mod:`.slicing`), so that no node watches every claim.
         self.slicer = ClaimSlicer(
             client,
@@ -245,6 +251,7 @@ class ClusterController:
             claim_models=self._claim_models,
             pod_models=self._pod_models,
             workers=workers,
+            pods_in=self.pods_in,
         )
         self.classes.add_handler(self._on_class)
         self.claims.add_handler(self._on_claim)
@@ -306,6 +313,8 @@ class ClusterController:
                 self.claim_controller.enqueue(_key(raw))
 
     def _on_claim(self, event: Event) -> None:
+        if event.type == "DELETED":
+            self._selected.pop(_key(event.obj), None)
         self.claim_controller.enqueue(_key(event.obj))
         for obj in (event.obj, event.old):
             for name in _claim_class_index(obj) if obj else ():
@@ -732,12 +741,7 @@ class ClusterController:
             return None
         ok, reason, message = self._acceptance(claim)
         ns = claim.namespace
-        pods = [
-            info
-            for raw_pod in self.pods.store.by_index("namespace", ns)
-            if (info := self._pod_models.get_or_none(raw_pod)) is not None
-        ]
-        chosen = selected_pods(claim, pods)
+        chosen = self._selected_pods(key, claim)
         if self._gone_nodes:
             # A pod bound to a Node seen deleted is not mounted by anyone (its node plugin
             # went with the node); it only waits for pod GC, which kube-controller-manager
@@ -807,6 +811,46 @@ class ClusterController:
         }
         await self._write_claim_status(raw, status)
         return None
+
+    # -- parsed pods, per namespace ------------------------------------------------------------
+
+    def _bump_pods(self, event: Event) -> None:
+        for obj in (event.obj, event.old):
+            if obj:
+                ns = obj["metadata"].get("namespace", "")
+                self._pod_epochs[ns] = self._pod_epochs.get(ns, 0) + 1
+
+    def pods_in(self, namespace: str) -> list[PodInfo]:
+        """The parsed pods of ``namespace`` (malformed ones left out), kept until a pod of
+        it changes: claims are reconciled far more often than their pods change (each
+        mount's status reaches its claim), and parsing every pod of the namespace for each
+        of those passes was most of the controller's CPU at scale."""
+        epoch = self._pod_epochs.get(namespace, 0)
+        hit = self._pods_by_ns.get(namespace)
+        if hit is not None and hit[0] == epoch:
+            return hit[1]
+        pods = [
+            info
+            for raw_pod in self.pods.store.by_index("namespace", namespace)
+            if (info := self._pod_models.get_or_none(raw_pod)) is not None
+        ]
+        self._pods_by_ns[namespace] = (epoch, pods)
+        return pods
+
+    def _selected_pods(self, key: str, claim: DynamicVolumeClaim) -> tuple[PodInfo, ...]:
+        """:func:`selected_pods` of the claim, kept while neither it nor its pods change."""
+        version = (
+            claim.uid,
+            claim.generation,
+            claim.deleting,
+            self._pod_epochs.get(claim.namespace, 0),
+        )
+        hit = self._selected.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        chosen = selected_pods(claim, self.pods_in(claim.namespace))
+        self._selected[key] = (version, chosen)
+        return chosen
 
     async def _write_claim_status(self, raw: Mapping[str, Any], status: dict[str, Any]) -> None:
         current = raw.get("status") or {}

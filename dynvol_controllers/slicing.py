@@ -27,7 +27,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from dynvol_core.models import DynamicVolumeClaim, PodInfo
@@ -91,6 +91,7 @@ class ClaimSlicer:
         pod_models: objects.ModelCache,
         workers: int = 2,
         coalesce: float = 0.2,
+        pods_in: Callable[[str], list[PodInfo]] | None = None,
     ) -> None:
         self.client = client
         self.claims = claims
@@ -99,6 +100,8 @@ class ClaimSlicer:
         self._claim_models = claim_models
         self._pod_models = pod_models
         self.coalesce = coalesce
+        #: The parsed pods of a namespace (the controller's memoised :meth:`pods_in`).
+        self._namespace_pods = pods_in or self._parse_pods_in
         self.slices = Informer(
             client,
             CLAIM_SLICES,
@@ -153,11 +156,15 @@ class ClaimSlicer:
                 out.add(pod.node_name)
         return out
 
+    def _parse_pods_in(self, namespace: str) -> list[PodInfo]:
+        return [
+            pod
+            for raw in self.pods.store.by_index("namespace", namespace)
+            if (pod := self._pod_models.get_or_none(raw)) is not None
+        ]
+
     def _pods_in(self, namespace: str) -> Iterable[PodInfo]:
-        for raw in self.pods.store.by_index("namespace", namespace):
-            pod = self._pod_models.get_or_none(raw)
-            if pod is not None and pod.opted_in:
-                yield pod
+        return (pod for pod in self._namespace_pods(namespace) if pod.opted_in)
 
     def _on_claim(self, event: Event) -> None:
         if (
