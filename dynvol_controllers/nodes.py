@@ -125,6 +125,8 @@ class NodeReconciler:
     _last_nudge: float = attrs.field(default=-math.inf, init=False)
     #: Passes in a row that failed because the apiserver was overloaded.
     _overloaded: int = attrs.field(default=0, init=False)
+    #: The last pass found no claim slice for the node's opted-in pods (and did nothing).
+    _waiting_for_slice: bool = attrs.field(default=False, init=False)
     _owner: NodeOwner = attrs.field(init=False)
     _check: ProviderCheck = attrs.field(init=False)
     _dvms: DvmSync = attrs.field(init=False)
@@ -229,6 +231,17 @@ class NodeReconciler:
     async def _reconcile(self, key: str) -> Outcome | None:
         self.passes += 1
         began = time.monotonic()
+        if self.view.waits_for_slice():
+            # Its ADDED event nudges the next pass; until then, change nothing.
+            if not self._waiting_for_slice:
+                log.info(
+                    "node %s: no claim slice from the controller yet; leaving every mount "
+                    "and DMP as it is until there is one",
+                    self.node_name,
+                )
+            self._waiting_for_slice = True
+            return None
+        self._waiting_for_slice = False
         plan = self.plan()
         self.last_plan = plan
         planned = time.monotonic()

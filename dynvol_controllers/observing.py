@@ -167,6 +167,18 @@ class NodeView:
                     out.append(claim)
         return out
 
+    def waits_for_slice(self) -> bool:
+        """Whether the node must not act: it has opted-in pods but no claim slice yet.
+
+        The controller writes a slice, empty if need be, for every node with opted-in pods
+        (:mod:`.slicing`). Without one, the node cannot tell "no claim selects my pods"
+        from "the controller has not written my slice" (not installed yet, being upgraded,
+        or the slice was deleted), and acting on the first would unmount everything.
+        """
+        if len(self.claims.store):
+            return False
+        return any(p.opted_in for p in self.user_pods())
+
     def storage_classes(self) -> dict[str, StorageProviderClass]:
         """Every valid class, by name."""
         return {

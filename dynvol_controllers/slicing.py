@@ -15,6 +15,12 @@ a slice changed or deleted by anyone else is put back. A pass compares the wante
 with the cached slice and writes only when they differ: a claim status write, which
 changes no entry, costs nothing here and reaches no node.
 
+Every node with an opted-in pod gets a slice, with no entries when no claim selects its
+pods; a slice goes once no opted-in pod is bound to its node. So a node whose slice is
+missing while it has opted-in pods knows that the controller has not spoken (not yet
+installed or upgraded, or the slice was deleted), and holds still instead of unmounting
+everything (:class:`~.observing.NodeView`).
+
 A node whose first change comes after ``coalesce`` seconds of quiet is written at once (a
 lone claim is not delayed); changes following within that window wait ``coalesce``, so a
 burst of claims costs each node one more write, not one each.
@@ -200,8 +206,9 @@ class ClaimSlicer:
 
     # -- process -------------------------------------------------------------------------------
 
-    def wanted(self, node: str) -> list[dict[str, Any]]:
-        """The entries ``node``'s slice should have, from the caches."""
+    def wanted(self, node: str) -> list[dict[str, Any]] | None:
+        """The entries ``node``'s slice should have, from the caches; None when the node
+        needs no slice (no opted-in pod is bound to it)."""
         pods = [
             pod
             for raw in self.pods.store.by_index(INDEX_POD_NODE, node)
@@ -215,12 +222,17 @@ class ClaimSlicer:
                 if claim is not None:
                     raws[claim.uid] = raw
                     models.append(claim)
+        if not pods:
+            return None
         return slice_entries([raws[claim.uid] for claim in claims_for_node(models, pods)])
 
     async def reconcile(self, node: str) -> Outcome | None:
         entries = self.wanted(node)
         current = self.slices.store.get(node)
-        if not entries:
+        # A node with opted-in pods always has a slice, empty when no claim selects them:
+        # a node without one has not heard from the controller yet, and waits for it
+        # instead of unmounting (docs/design.md, "DynamicVolumeClaimSlice").
+        if entries is None:
             if current is not None:
                 with contextlib.suppress(APINotFound):
                     await self.client.delete(CLAIM_SLICES, node, uid=current["metadata"].get("uid"))

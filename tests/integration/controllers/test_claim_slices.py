@@ -62,6 +62,10 @@ async def _names(client: Client, node: str) -> list[str] | None:
     return [e["name"] for e in obj["spec"]["claims"]]
 
 
+async def _names_are(client: Client, node: str, want: list[str] | None) -> bool:
+    return await _names(client, node) == want
+
+
 async def test_each_node_gets_the_claims_of_its_pods_and_nothing_else(
     client: Client,
     objects: Objects,
@@ -73,10 +77,12 @@ async def test_each_node_gets_the_claims_of_its_pods_and_nothing_else(
     a, b, c_node = nodes
     node_a = await client.create(NODES, {"metadata": {"name": a}})
     await objects.pod("web-a", labels={"app": "web"}, node=a, class_name="s3-sample")
+    # Opted in, selected by no claim: its node gets an empty slice.
+    await objects.pod("lone", labels={"app": "none-of-them"}, node=c_node, class_name="s3-sample")
     await objects.pod("web-b", labels={"app": "web"}, node=b, class_name="s3-sample")
     await objects.pod("db-b", labels={"app": "db"}, node=b, class_name="s3-sample")
     # Selected by the claim but not opted in: no mount can reach it, so no slice needs it.
-    await objects.pod("web-c", labels={"app": "web"}, node=c_node)
+    await objects.pod("web-c", labels={"app": "web"}, node=f"{c_node}-bare")
     web = await objects.claim("web", selector={"app": "web"})
     await objects.claim("db", selector={"app": "db"}, mountpoint="/db")
     await objects.claim("nobody", selector={"app": "none"}, mountpoint="/n")
@@ -85,7 +91,9 @@ async def test_each_node_gets_the_claims_of_its_pods_and_nothing_else(
         return await _names(client, a) == ["web"] and await _names(client, b) == ["db", "web"]
 
     await eventually(sliced)
-    assert await _slice(client, c_node) is None
+    await eventually(lambda: _names_are(client, c_node, []))
+    # The node with only a pod that did not opt in needs no slice at all.
+    assert await _slice(client, f"{c_node}-bare") is None
     slice_a = await _slice(client, a)
     assert slice_a is not None
     assert slice_a["spec"]["nodeName"] == a
@@ -154,13 +162,14 @@ async def test_slices_follow_pods_and_claims_and_are_put_back_when_tampered_with
     # Or deletes it: it comes back too.
     await client.delete(CLAIM_SLICES, a)
     await eventually(lambda: names_are(a, ["blue"]))
-    # A second pod on another node; then the claim goes: both slices go, as they are empty.
+    # A second pod on another node; then the claim goes: both slices stay, empty, since
+    # their nodes still have opted-in pods (a node without a slice would hold still).
     await objects.pod("q", labels={"color": "blue"}, node=b, class_name="s3-sample")
     await eventually(lambda: names_are(b, ["blue"]))
     await client.delete(CLAIMS, "blue", namespace=namespace)
-    await eventually(lambda: names_are(a, None))
-    await eventually(lambda: names_are(b, None))
-    # A pod that goes takes its claims off its node.
+    await eventually(lambda: names_are(a, []))
+    await eventually(lambda: names_are(b, []))
+    # The last opted-in pod of a node goes: so does its slice.
     await objects.claim("blue", selector={"color": "blue"}, mountpoint="/blue")
     await eventually(lambda: names_are(b, ["blue"]))
     await objects.delete_pod("q")

@@ -17,8 +17,8 @@ from dynvol.testing.slots import node_reconciler_without_kubelet
 from dynvol_controllers import NodeReconciler, standalone_slicer
 from dynvol_core import constants as c
 from dynvol_core.dispatch import credentials_secret_name, label_value
-from dynvol_kube import APINotFound, Client
-from dynvol_kube.resources import CLAIMS, MOUNTS, NAMESPACES, PODS, SECRETS
+from dynvol_kube import APINotFound, Client, Manager
+from dynvol_kube.resources import CLAIM_SLICES, CLAIMS, MOUNTS, NAMESPACES, PODS, SECRETS
 from dynvol_providers.registry import load_registry
 
 from .controller_support import Objects, eventually, list_items
@@ -27,12 +27,12 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(autouse=True)
-async def slicer(client: Client) -> AsyncIterator[None]:
+async def slicer(client: Client) -> AsyncIterator[Manager]:
     """The claim slices the node reconcilers read, kept as ``dynvol controller`` keeps them."""
     manager = standalone_slicer(client)
     await manager.start()
     try:
-        yield
+        yield manager
     finally:
         await manager.close()
 
@@ -272,6 +272,68 @@ async def test_claims_become_mounts_and_dmps(
         for name in ("p1", "p2", "p3", "p4", "p5", "plain"):
             await objects.delete_pod(name)
         await objects.delete_pod("foreign", other_namespace)
+        await _cleanup_system(client, spc)
+
+
+async def test_a_node_without_its_claim_slice_keeps_its_mounts_until_it_has_one(
+    client: Client, objects: Objects, system_namespace: str, slicer: Manager
+) -> None:
+    """Before the controller writes a node's slice (a first install, an upgrade of the
+    node plugins before the controller, a slice deleted by hand), the node cannot tell its
+    pods' claims from none: it changes nothing, rather than unmounting everything."""
+    ns = objects.namespace
+    spc = f"hold-{objects.suffix}"
+    node = f"node-hold-{objects.suffix}"
+    await objects.storage_class(spc)
+    await objects.pod("p1", labels={"app": "held"}, node=node, class_name=spc)
+    reconciler = _node_reconciler(client, node)
+    try:
+        async with running(reconciler):
+            await objects.claim("held", selector={"app": "held"})
+
+            async def one_mount() -> list[dict[str, Any]] | None:
+                dvms = await _dvms(client, ns)
+                return dvms if len(dvms) == 1 else None
+
+            (dvm,) = await eventually(one_mount)
+            # The controller goes, and so does the slice.
+            await slicer.close()
+            await client.delete(CLAIM_SLICES, node)
+
+            async def saw_it_go() -> bool:
+                return not len(reconciler.view.claims.store)
+
+            await eventually(saw_it_go)
+            before = reconciler.passes
+            reconciler.nudge()
+
+            async def passed() -> bool:
+                return reconciler.passes > before
+
+            await eventually(passed)
+            (still,) = await _dvms(client, ns)
+            assert still["metadata"]["uid"] == dvm["metadata"]["uid"]
+            assert not still["metadata"].get("deletionTimestamp")
+            assert await _dmps(client, spc)
+            # A controller again: the slice comes back and the same mount stays.
+            again = standalone_slicer(client)
+            await again.start()
+            try:
+
+                async def sliced() -> bool:
+                    return bool(len(reconciler.view.claims.store))
+
+                await eventually(sliced)
+                before = reconciler.passes
+                reconciler.nudge()
+                await eventually(passed)
+                (kept,) = await _dvms(client, ns)
+                assert kept["metadata"]["uid"] == dvm["metadata"]["uid"]
+                assert not kept["metadata"].get("deletionTimestamp")
+            finally:
+                await again.close()
+    finally:
+        await objects.delete_pod("p1")
         await _cleanup_system(client, spc)
 
 
