@@ -240,7 +240,7 @@ class Runner:
         self.began = time.monotonic()
         #: The signal :meth:`stop` passed on, once it was called.
         self.stopped: int | None = None
-        self._running: dict[str, subprocess.Popen[str]] = {}
+        self._running: dict[str, tuple[Step, subprocess.Popen[str]]] = {}
 
     def run(self) -> bool:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -261,28 +261,31 @@ class Runner:
         return all(o.status == "passed" for o in self.outcomes.values())
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
-        """Pass ``signum`` on to every step under way and start no other.
+        """Stop every step under way and start no other.
 
-        An isolated step gets it at its namespace's init, which hands it to the command
-        (pytest then runs its finalisers: clusters stopped, mounts undone); the processes
-        around it (``flock``, ``nice``, ``unshare``) would not pass it on, and ``unshare
-        --kill-child`` kills the init outright when it dies. Other steps get it in their
-        whole process group (their own session).
+        A test step (isolated, or one that starts a cluster) gets SIGINT at its command,
+        past the ``flock``, ``nice`` and ``unshare`` around it, which would not pass a
+        signal on (and ``unshare --kill-child`` kills the init outright when it dies): at
+        an isolated step's namespace init, which hands it to pytest, or at pytest itself.
+        pytest takes SIGINT as a KeyboardInterrupt and runs the fixtures' finalisers
+        (clusters stopped, mounts undone), where SIGTERM would kill it on the spot. Any
+        other step (a build) gets ``signum`` in its whole process group (its own session).
         """
         with self._changed:
             self.stopped = signum
             running = list(self._running.items())
             self._changed.notify_all()
-        for name, proc in running:
-            init = _init_below(proc.pid)
+        for name, (step, proc) in running:
+            graceful = step.isolated or step.cluster
+            target = _command_below(proc.pid) if graceful else None
             try:
-                if init is not None:
-                    os.kill(init, signum)
+                if target is not None:
+                    os.kill(target, signal.SIGINT)
                 else:
-                    os.killpg(proc.pid, signum)
+                    os.killpg(proc.pid, signal.SIGINT if graceful else signum)
             except ProcessLookupError:
                 continue
-            self._say(name, f"stopping: passed signal {signum} on")
+            self._say(name, f"stopping: signal {signum} passed on")
 
     def _queue(self, queue: str) -> None:
         for step in self.steps:
@@ -354,7 +357,7 @@ class Runner:
                     stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1,
                     start_new_session=True,
                 )  # fmt: skip
-                self._running[step.name] = proc
+                self._running[step.name] = (step, proc)
             assert proc.stdout is not None
             for line in proc.stdout:
                 out.write(line)
@@ -412,8 +415,14 @@ def failures(log: Path, limit: int = 30) -> list[str]:
 INIT_MODULE, INIT_FLAG = "dynvol.testing.lanes", "--init"
 
 
-def _init_below(pid: int) -> int | None:
-    """The namespace init (:func:`init_main`) among ``pid``'s descendants, if one runs."""
+#: Commands that run another without passing signals on to it.
+_WRAPPERS = frozenset({b"flock", b"nice", b"unshare"})
+
+
+def _command_below(pid: int) -> int | None:
+    """The process that runs a step's own command under ``pid``: the first one, from
+    ``pid`` down, that is none of :data:`_WRAPPERS` (an isolated step's namespace init,
+    :func:`init_main`, or the command itself); None if there is none yet."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -426,20 +435,17 @@ def _init_below(pid: int) -> int | None:
         # The command name may hold spaces and parentheses: the fields follow the last ")".
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry))
-    todo = list(children.get(pid, ()))
+    todo = [pid]
     while todo:
-        child = todo.pop(0)
+        here = todo.pop(0)
         try:
-            with open(f"/proc/{child}/cmdline", "rb") as fh:
+            with open(f"/proc/{here}/cmdline", "rb") as fh:
                 argv = fh.read().split(b"\0")
         except OSError:
             continue
-        # The interpreter itself, ``python -m dynvol.testing.lanes --init``: not the
-        # ``unshare`` before it, whose arguments hold the same words.
-        wanted = [b"-m", INIT_MODULE.encode(), INIT_FLAG.encode()]
-        if argv[1:4] == wanted:
-            return child
-        todo.extend(children.get(child, ()))
+        if argv and argv[0] and os.path.basename(argv[0]) not in _WRAPPERS:
+            return here
+        todo.extend(children.get(here, ()))
     return None
 
 

@@ -363,18 +363,19 @@ def _ppid(entry: Path) -> int:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="unshare of mount and PID namespaces needs root")
 def test_a_stopped_run_lets_its_steps_clean_up_and_starts_no_other(tmp_path: Path) -> None:
-    """The signal reaches the command of an isolated step through its init, past the
-    ``flock``, ``nice`` and ``unshare --kill-child`` around it, so that its handler (pytest's
-    finalisers, in ``make test``) runs; a step not started yet is not started."""
+    """A test step gets SIGINT (pytest's KeyboardInterrupt, which runs the finalisers) at
+    its command, through an isolated step's init, past the ``flock``, ``nice`` and
+    ``unshare --kill-child`` around it; a build gets the signal itself in its process
+    group; a step not started yet is not started."""
     handler = textwrap.dedent(
         f"""
-        import pathlib, signal, sys, time
-        def done(signum, frame):
-            pathlib.Path("{tmp_path}/cleaned").write_text(str(signum))
-            sys.exit(3)
-        signal.signal(signal.SIGTERM, done)
+        import pathlib, sys, time
         pathlib.Path("{tmp_path}/ready").touch()
-        time.sleep(60)
+        try:
+            time.sleep(60)
+        except KeyboardInterrupt:  # what pytest gets: its finalisers run from here
+            pathlib.Path("{tmp_path}/cleaned").write_text("interrupted")
+            sys.exit(3)
         """
     )
     shell = f"trap 'echo $? > {tmp_path}/shell-stopped; exit 4' TERM; touch {tmp_path}/ready2; "
@@ -405,7 +406,7 @@ def test_a_stopped_run_lets_its_steps_clean_up_and_starts_no_other(tmp_path: Pat
     finally:
         thread.join(timeout=30)
     assert not thread.is_alive()
-    assert (tmp_path / "cleaned").read_text() == str(int(signal.SIGTERM))
+    assert (tmp_path / "cleaned").read_text() == "interrupted"
     assert runner.outcomes["held"].returncode == 3
     assert (tmp_path / "shell-stopped").exists()
     assert runner.outcomes["plain"].returncode == 4
