@@ -18,7 +18,7 @@ import asyncio
 import os
 import secrets
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -136,8 +136,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _BEFORE["procs"] = set(_stack_processes())
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+@pytest.hookimpl(wrapper=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[None]:
+    # After the other implementations: pytest's own tears down the session's fixtures
+    # there when a run was interrupted (a stopped `make test`: Ctrl-C, or the lanes
+    # runner's SIGINT), and the check must see what their finalisers left, not the
+    # clusters they were about to stop.
+    yield
     if "mounts" not in _BEFORE or hasattr(session.config, "workerinput"):
         return
     problems = []
