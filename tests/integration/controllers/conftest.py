@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from dynvol_kube import APIConflict, Client
+from dynvol_controllers import standalone_slicer
+from dynvol_kube import APIConflict, Client, Manager
 from dynvol_kube.resources import NAMESPACES
 
 from .controller_support import SYSTEM_NAMESPACE, Objects
@@ -41,3 +42,15 @@ async def objects(client: Client, namespace: str) -> AsyncIterator[Objects]:
         yield made
     finally:
         await made.cleanup()
+
+
+@pytest.fixture
+async def slicer(client: Client) -> AsyncIterator[Manager]:
+    """The controller's claim slicer on its own (``standalone_slicer``), which keeps the
+    nodes' claim slices as ``dynvol controller`` does; node reconcilers read them."""
+    manager = standalone_slicer(client)
+    await manager.start()
+    try:
+        yield manager
+    finally:
+        await manager.close()

@@ -10,23 +10,12 @@ from typing import Any
 
 import pytest
 
-from dynvol_controllers import standalone_slicer
 from dynvol_kube import APINotFound, Client, Manager
 from dynvol_kube.resources import CLAIM_SLICES, CLAIMS, NODES, PODS
 
 from .controller_support import Objects, eventually
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def slicer(client: Client) -> AsyncIterator[Manager]:
-    manager = standalone_slicer(client)
-    await manager.start()
-    try:
-        yield manager
-    finally:
-        await manager.close()
 
 
 @pytest.fixture

@@ -23,18 +23,8 @@ from dynvol_providers.registry import load_registry
 
 from .controller_support import Objects, eventually, list_items
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True)
-async def slicer(client: Client) -> AsyncIterator[Manager]:
-    """The claim slices the node reconcilers read, kept as ``dynvol controller`` keeps them."""
-    manager = standalone_slicer(client)
-    await manager.start()
-    try:
-        yield manager
-    finally:
-        await manager.close()
+# The claim slices the node reconcilers read, kept as ``dynvol controller`` keeps them.
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("slicer")]
 
 
 def _node_reconciler(client: Client, node: str, **kw: Any) -> NodeReconciler:
