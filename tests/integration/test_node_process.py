@@ -25,6 +25,7 @@ import pytest
 from grpclib.client import Channel
 
 from dynvol.testing import ControlPlane, Process, wait_until
+from dynvol_controllers import standalone_slicer
 from dynvol_core import constants as c
 from dynvol_csi._proto.csi import v1 as csi
 from dynvol_kube import APIConflict, Client
@@ -100,8 +101,19 @@ async def _eventually(probe: Any, *, within: float = 30.0) -> Any:
         await asyncio.sleep(0.2)
 
 
+@pytest.fixture
+async def slicer(client: Client) -> AsyncIterator[None]:
+    """The claim slices ``dynvol controller`` would keep: the node reads its claims there."""
+    manager = standalone_slicer(client)
+    await manager.start()
+    try:
+        yield
+    finally:
+        await manager.close()
+
+
 async def test_publish_feeds_the_reconciler(
-    node_process: tuple[Process, Path, Path], client: Client, namespace: str
+    node_process: tuple[Process, Path, Path], client: Client, namespace: str, slicer: None
 ) -> None:
     proc, socket, base = node_process
     class_name = f"spc-{secrets.token_hex(3)}"

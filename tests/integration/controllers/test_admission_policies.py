@@ -267,6 +267,12 @@ def test_policies_type_check_without_warnings(
         name="kube-controller-manager",
         log=tmp_path / "kcm.log",
     )  # fmt: skip
+    names = {
+        d["metadata"]["name"]
+        for d in _policy_documents(policies)
+        if d["kind"] == "ValidatingAdmissionPolicy"
+    }
+    assert len(names) == 3  # pods, DynamicVolumeMounts, DynamicVolumeClaimSlices
     try:
 
         def checked() -> list[dict[str, Any]] | None:
@@ -280,7 +286,7 @@ def test_policies_type_check_without_warnings(
                 if (i.get("status") or {}).get("observedGeneration") == i["metadata"]["generation"]
                 and "typeChecking" in i["status"]
             ]
-            return done if len(done) == 2 else None
+            return done if len(done) == len(names) else None
 
         deadline = time.monotonic() + 60
         while (result := checked()) is None:

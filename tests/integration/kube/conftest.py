@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dynvol.testing.controlplane import ControlPlane
-from dynvol_kube import APIConflict, APINotFound, Client, Resource
+from dynvol_kube import APIConflict, APIError, APINotFound, Client, Resource
 
 CRDS = Resource(
     "apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
@@ -83,13 +83,18 @@ async def widgets(client: Client) -> AsyncIterator[Resource]:
             if time.monotonic() > deadline:
                 raise AssertionError(f"CRD {name} was not established")
             await asyncio.sleep(0.1)
-        # Served only once discovery knows it; a list proves it.
+        # Served only once discovery knows it (a list proves it), and watched only once
+        # its watch cache is up: until then a watch is answered 429 "storage is
+        # (re)initializing" while lists go to etcd. A one-second watch proves that.
         while True:
             try:
-                await client.list(WIDGETS)
+                listed = await client.list(WIDGETS)
+                version = listed["metadata"]["resourceVersion"]
+                async for _ in client.watch(WIDGETS, resource_version=version, timeout_seconds=1):
+                    break
                 break
-            except APINotFound:
-                if time.monotonic() > deadline:
+            except APIError as exc:
+                if exc.status not in (404, 429) or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
         yield WIDGETS
