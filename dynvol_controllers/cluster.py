@@ -236,12 +236,10 @@ class ClusterController:
             system_namespace=system_namespace,
             on_state=self.class_controller.enqueue,
         )
-        #: Per namespace: a count of the pod events seen there, the parsed pods as of a
-        #: count (:meth:`pods_in`), and per claim the pods it selected as of one.
-        self._pod_epochs: dict[str, int] = {}
-        self._pods_by_ns: dict[str, tuple[int, list[PodInfo]]] = {}
+        #: The parsed pods of each namespace, and per claim the pods it selected as of a
+        #: count of its namespace's pod events.
+        self.pods_in = objects.NamespacePods(self.pods, self._pod_models)
         self._selected: dict[str, tuple[tuple[str, int, bool, int], tuple[PodInfo, ...]]] = {}
-        self.pods.add_handler(self._bump_pods)
         #: The nodes' claim slices (:mod:`.slicing`), so that no node watches every claim.
         self.slicer = ClaimSlicer(
             client,
@@ -251,7 +249,7 @@ class ClusterController:
             claim_models=self._claim_models,
             pod_models=self._pod_models,
             workers=workers,
-            pods_in=self.pods_in,
+            namespace_pods=self.pods_in,
         )
         self.classes.add_handler(self._on_class)
         self.claims.add_handler(self._on_claim)
@@ -812,38 +810,13 @@ class ClusterController:
         await self._write_claim_status(raw, status)
         return None
 
-    # -- parsed pods, per namespace ------------------------------------------------------------
-
-    def _bump_pods(self, event: Event) -> None:
-        for obj in (event.obj, event.old):
-            if obj:
-                ns = obj["metadata"].get("namespace", "")
-                self._pod_epochs[ns] = self._pod_epochs.get(ns, 0) + 1
-
-    def pods_in(self, namespace: str) -> list[PodInfo]:
-        """The parsed pods of ``namespace`` (malformed ones left out), kept until a pod of
-        it changes: claims are reconciled far more often than their pods change (each
-        mount's status reaches its claim), and parsing every pod of the namespace for each
-        of those passes was most of the controller's CPU at scale."""
-        epoch = self._pod_epochs.get(namespace, 0)
-        hit = self._pods_by_ns.get(namespace)
-        if hit is not None and hit[0] == epoch:
-            return hit[1]
-        pods = [
-            info
-            for raw_pod in self.pods.store.by_index("namespace", namespace)
-            if (info := self._pod_models.get_or_none(raw_pod)) is not None
-        ]
-        self._pods_by_ns[namespace] = (epoch, pods)
-        return pods
-
     def _selected_pods(self, key: str, claim: DynamicVolumeClaim) -> tuple[PodInfo, ...]:
         """:func:`selected_pods` of the claim, kept while neither it nor its pods change."""
         version = (
             claim.uid,
             claim.generation,
             claim.deleting,
-            self._pod_epochs.get(claim.namespace, 0),
+            self.pods_in.epoch(claim.namespace),
         )
         hit = self._selected.get(key)
         if hit is not None and hit[0] == version:

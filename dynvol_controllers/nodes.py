@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -120,9 +119,6 @@ class NodeReconciler:
     manager: Manager = attrs.field(init=False)
     passes: int = attrs.field(default=0, init=False)
     last_plan: NodePlan | None = attrs.field(default=None, init=False)
-    #: When :meth:`nudge` was last called (the event loop's clock), to tell a lone event
-    #: (acted on at once) from a burst (coalesced).
-    _last_nudge: float = attrs.field(default=-math.inf, init=False)
     #: Passes in a row that failed because the apiserver was overloaded.
     _overloaded: int = attrs.field(default=0, init=False)
     #: The last pass found no claim slice for the node's opted-in pods (and did nothing).
@@ -186,14 +182,7 @@ class NodeReconciler:
         window waits ``coalesce`` seconds, so a burst of events costs one more pass, not
         one each.
         """
-        coalesce = self.settings.coalesce
-        now = asyncio.get_running_loop().time()
-        quiet = now - self._last_nudge >= coalesce
-        self._last_nudge = now
-        if coalesce > 0 and not quiet:
-            self.controller.queue.add_after(self.node_name, coalesce)
-        else:
-            self.controller.enqueue(self.node_name)
+        self.controller.queue.add_coalesced(self.node_name, self.settings.coalesce)
 
     def pod_class(self, pod_uid: str) -> str | None:
         """The class of a pod on this node, by UID (for slot lookups that need it)."""

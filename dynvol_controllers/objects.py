@@ -14,7 +14,7 @@ from typing import Any
 from dynvol_core import constants as c
 from dynvol_core.errors import InvalidObject
 from dynvol_core.models import InjectedVolume, PodInfo
-from dynvol_kube import Obj
+from dynvol_kube import Event, Informer, Obj
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ __all__ = [
     "owner_ref",
     "slim_dvm",
     "slim_metadata",
+    "slim_object",
     "slim_pod",
 ]
 
@@ -80,10 +81,13 @@ def slim_pod(pod: Obj) -> Obj:
     }
 
 
-def slim_dvm(dvm: Obj) -> Obj:
-    """A DynamicVolumeMount without managedFields (spec and status are small already)."""
-    meta = dvm.get("metadata") or {}
-    return {**dvm, "metadata": slim_metadata(meta)}
+def slim_object(obj: Obj) -> Obj:
+    """An object with its metadata slimmed (no managedFields), for objects whose spec and
+    status are small already: DynamicVolumeMounts, claim slices."""
+    return {**obj, "metadata": slim_metadata(obj.get("metadata") or {})}
+
+
+slim_dvm = slim_object
 
 
 _STATUS_SPEC = (
@@ -256,3 +260,46 @@ class ModelCache:
 
 
 __all__ += ["ModelCache"]
+
+
+class NamespacePods:
+    """The parsed pods of each namespace of a pod cache, kept until a pod there changes.
+
+    Claims are reconciled far more often than their pods change (each mount's status
+    reaches its claim), and parsing every pod of the namespace on each of those passes was
+    most of the controller's CPU at scale. Call it with a namespace; :meth:`epoch` counts
+    the pod events seen in a namespace, for callers that keep results derived from them.
+    """
+
+    def __init__(self, pods: Informer, models: ModelCache) -> None:
+        self._pods = pods
+        self._models = models
+        self._epochs: dict[str, int] = {}
+        self._parsed: dict[str, tuple[int, list[PodInfo]]] = {}
+        pods.add_handler(self._changed)
+
+    def _changed(self, event: Event) -> None:
+        for obj in (event.obj, event.old):
+            if obj:
+                ns = obj["metadata"].get("namespace", "")
+                self._epochs[ns] = self._epochs.get(ns, 0) + 1
+
+    def epoch(self, namespace: str) -> int:
+        return self._epochs.get(namespace, 0)
+
+    def __call__(self, namespace: str) -> list[PodInfo]:
+        """The parsed pods of ``namespace`` (malformed ones left out); do not change it."""
+        epoch = self.epoch(namespace)
+        hit = self._parsed.get(namespace)
+        if hit is not None and hit[0] == epoch:
+            return hit[1]
+        pods = [
+            info
+            for raw in self._pods.store.by_index("namespace", namespace)
+            if (info := self._models.get_or_none(raw)) is not None
+        ]
+        self._parsed[namespace] = (epoch, pods)
+        return pods
+
+
+__all__ += ["NamespacePods"]

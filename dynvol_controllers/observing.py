@@ -65,10 +65,6 @@ def slim_dmp(pod: Obj) -> Obj:
     return out
 
 
-def _slim_slice(obj: Obj) -> Obj:
-    return {**obj, "metadata": objects.slim_metadata(obj.get("metadata") or {})}
-
-
 def _changed(event: Event, *, ignore_status: bool) -> bool:
     """Whether an update changed more than its resourceVersion (and status, if ignored)."""
     if event.type != "MODIFIED" or event.old is None:
@@ -121,7 +117,7 @@ class NodeView:
             self.client,
             CLAIM_SLICES,
             field_selector=f"metadata.name={self.node_name}",
-            transform=_slim_slice,
+            transform=objects.slim_object,
         )
         self.classes = Informer(self.client, CLASSES)
         self.mounts = Informer(

@@ -28,12 +28,10 @@ burst of claims costs each node one more write, not one each.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from dynvol_core.models import DynamicVolumeClaim, PodInfo
@@ -74,10 +72,6 @@ def _slice_claim_index(obj: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(e["uid"] for e in entries if isinstance(e, Mapping) and e.get("uid"))
 
 
-def _slim_slice(obj: dict[str, Any]) -> dict[str, Any]:
-    return {**obj, "metadata": objects.slim_metadata(obj.get("metadata") or {})}
-
-
 class ClaimSlicer:
     """Keep every node's ``DynamicVolumeClaimSlice`` as the claims and pods say.
 
@@ -97,7 +91,7 @@ class ClaimSlicer:
         pod_models: objects.ModelCache,
         workers: int = 2,
         coalesce: float = 0.2,
-        pods_in: Callable[[str], list[PodInfo]] | None = None,
+        namespace_pods: objects.NamespacePods | None = None,
     ) -> None:
         self.client = client
         self.claims = claims
@@ -106,12 +100,12 @@ class ClaimSlicer:
         self._claim_models = claim_models
         self._pod_models = pod_models
         self.coalesce = coalesce
-        #: The parsed pods of a namespace (the controller's memoised :meth:`pods_in`).
-        self._namespace_pods = pods_in or self._parse_pods_in
+        #: The parsed pods of a namespace (the controller's, when it shares its caches).
+        self._namespace_pods = namespace_pods or objects.NamespacePods(pods, pod_models)
         self.slices = Informer(
             client,
             CLAIM_SLICES,
-            transform=_slim_slice,
+            transform=objects.slim_object,
             indexers={_INDEX_SLICE_CLAIM: _slice_claim_index},
         )
         self.controller = Controller(
@@ -119,7 +113,6 @@ class ClaimSlicer:
         )
         #: Slice writes (create, update, delete) this replica made.
         self.writes = 0
-        self._last_queued: dict[str, float] = {}
         claims.add_handler(self._on_claim)
         pods.add_handler(self._on_pod)
         self.slices.add_handler(self._on_slice)
@@ -142,13 +135,7 @@ class ClaimSlicer:
 
     def queue(self, node: str) -> None:
         """Queue a pass for ``node``: at once after a quiet spell, else after ``coalesce``."""
-        now = asyncio.get_running_loop().time()
-        quiet = now - self._last_queued.get(node, -math.inf) >= self.coalesce
-        self._last_queued[node] = now
-        if self.coalesce > 0 and not quiet:
-            self.controller.queue.add_after(node, self.coalesce)
-        else:
-            self.controller.enqueue(node)
+        self.controller.queue.add_coalesced(node, self.coalesce)
 
     def _nodes_selected_by(self, raw: Mapping[str, Any] | None) -> set[str]:
         if not raw:
@@ -161,13 +148,6 @@ class ClaimSlicer:
             if pod.node_name and pod.node_name not in out and claim.selector.selects(pod.labels):
                 out.add(pod.node_name)
         return out
-
-    def _parse_pods_in(self, namespace: str) -> list[PodInfo]:
-        return [
-            pod
-            for raw in self.pods.store.by_index("namespace", namespace)
-            if (pod := self._pod_models.get_or_none(raw)) is not None
-        ]
 
     def _pods_in(self, namespace: str) -> Iterable[PodInfo]:
         return (pod for pod in self._namespace_pods(namespace) if pod.opted_in)
@@ -214,6 +194,8 @@ class ClaimSlicer:
             for raw in self.pods.store.by_index(INDEX_POD_NODE, node)
             if (pod := self._pod_models.get_or_none(raw)) is not None and pod.opted_in
         ]
+        if not pods:
+            return None
         raws: dict[str, Mapping[str, Any]] = {}
         models: list[DynamicVolumeClaim] = []
         for namespace in {p.namespace for p in pods}:
@@ -222,8 +204,6 @@ class ClaimSlicer:
                 if claim is not None:
                     raws[claim.uid] = raw
                     models.append(claim)
-        if not pods:
-            return None
         return slice_entries([raws[claim.uid] for claim in claims_for_node(models, pods)])
 
     async def reconcile(self, node: str) -> Outcome | None:
@@ -283,7 +263,7 @@ def standalone_slicer(client: Client, *, sync_timeout: float = 120.0) -> Manager
         transform=objects.slim_pod,
         indexers={INDEX_POD_NODE: pod_node_index},
     )
-    nodes = Informer(client, NODES, transform=_slim_slice)
+    nodes = Informer(client, NODES, transform=objects.slim_object)
     slicer = ClaimSlicer(
         client,
         claims=claims,

@@ -14,6 +14,7 @@ guarantees what controller-runtime's does:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 
@@ -101,6 +102,8 @@ class WorkQueue:
         self._timers: dict[str, tuple[float, asyncio.TimerHandle]] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._shutting_down = False
+        #: When :meth:`add_coalesced` last saw each key (the loop's clock).
+        self._last_coalesced: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -144,6 +147,18 @@ class WorkQueue:
             existing[1].cancel()
         handle = loop.call_at(deadline, self._fire, key)
         self._timers[key] = (deadline, handle)
+
+    def add_coalesced(self, key: str, window: float) -> None:
+        """Queue ``key`` at once if it was not added this way in the last ``window``
+        seconds (a lone change is not delayed), else after ``window`` (a burst of changes
+        costs one more pass, not one each)."""
+        now = asyncio.get_running_loop().time()
+        quiet = now - self._last_coalesced.get(key, -math.inf) >= window
+        self._last_coalesced[key] = now
+        if window > 0 and not quiet:
+            self.add_after(key, window)
+        else:
+            self.add(key)
 
     def add_rate_limited(self, key: str) -> float:
         """Queue ``key`` after its backoff delay; returns the delay."""
