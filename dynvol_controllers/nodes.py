@@ -3,8 +3,10 @@
 A composition of small collaborators, one concern each, started and stopped by one
 :class:`~dynvol_kube.Manager`:
 
-- observe: :class:`~.observing.NodeView` (informers for the node's pods, all claims and
-  classes, the node's DynamicVolumeMounts and Dynamic Mount Pods; which changes matter);
+- observe: :class:`~.observing.NodeView` (informers for the node's pods, its claim slice,
+  the classes, the node's DynamicVolumeMounts (listed, not watched, and kept from the
+  node's own writes) and Dynamic Mount Pods; which changes matter);
+  :class:`~.observing.DeletionFollower` reads the mounts being deleted until they are gone;
 - queue: every relevant change queues the single key of the node, so a burst of events
   collapses into one pass (the :class:`~dynvol_kube.Controller`);
 - process: one pass reads the caches, drops claims whose provider cannot mount them
@@ -57,7 +59,7 @@ from dynvol_kube import (
 from dynvol_kube.resources import Resource
 
 from .checking import ProviderCheck
-from .observing import NodeView
+from .observing import DeletionFollower, NodeView
 from .reaping import IdleReaper
 from .reporting import RejectionReporter
 from .settings import NodeReconcilerSettings
@@ -127,17 +129,28 @@ class NodeReconciler:
     _check: ProviderCheck = attrs.field(init=False)
     _dvms: DvmSync = attrs.field(init=False)
     _dmps: DmpSync = attrs.field(init=False)
+    _follower: DeletionFollower = attrs.field(init=False)
     _reaper: IdleReaper = attrs.field(init=False)
     _reporter: RejectionReporter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         settings = self.settings
         self.view = NodeView(
-            self.client, self.node_name, settings.system_namespace, resync=settings.resync
+            self.client,
+            self.node_name,
+            settings.system_namespace,
+            resync=settings.resync,
+            mounts_relist=settings.mounts_relist,
         )
         self._owner = NodeOwner(self.client, self.node_name)
         self._check = ProviderCheck(self.registry, self.node_name)
-        self._dvms = DvmSync(self.client, on_orphaned=self.on_orphaned)
+        self._dvms = DvmSync(
+            self.client,
+            on_orphaned=self.on_orphaned,
+            on_written=self.view.remember_dvm,
+            on_gone=self.view.forget_dvm,
+        )
+        self._follower = DeletionFollower(self.client, self.view.mounts, self.nudge)
         self._dmps = DmpSync(client=self.client, node_name=self.node_name, template=settings.dmp)
         self._reaper = IdleReaper(settings.shared_idle_grace)
         self.controller = Controller(
@@ -154,6 +167,7 @@ class NodeReconciler:
             self.manager.add(self.recorder)
         self._reporter = RejectionReporter(self.recorder)
         self.manager.add(self._owner)
+        self.manager.add(self._follower)
         self.manager.add(self.controller)
 
     # -- lifecycle (the manager's) --------------------------------------------------------
@@ -259,6 +273,10 @@ class NodeReconciler:
             + [dvms.delete(d) for d in plan.delete_dvms]
             + [dvms.release_orphan(d) for d in plan.orphaned_dvms]
         )
+        # Mounts being deleted hold their DMP until gone; nothing watches for that.
+        for dvm in self.view.cached_dvms():
+            if dvm.deleting:
+                self._follower.follow(dvm.namespace, dvm.name, dvm.uid)
         await run_all(
             [dmps.create(spec) for spec in plan.create_dmps]
             + [dmps.tolerate(change) for change in plan.tolerate_dmps]
@@ -282,6 +300,10 @@ class NodeReconciler:
                 delay=self._overload_delay(errors),
             ) from first
         self._overloaded = 0
+        if plan.delete_dvms or plan.orphaned_dvms:
+            # The writes' answers changed the node's mounts (no watch event will say so):
+            # plan again, e.g. to delete a DMP no mount names any more.
+            self.nudge()
         if plan.unpublished:
             recheck = self.settings.unpublished_recheck
             wait = min(wait or recheck, recheck)

@@ -3,15 +3,29 @@
 Observe stage of the node reconciler (:mod:`.nodes`): informers for the pods bound to the
 node (``fieldSelector spec.nodeName``, which the apiserver's watch cache indexes), the
 node's claim slice (the claims that select its pods, which the controller keeps:
-:mod:`.slicing`), all classes, the node's DynamicVolumeMounts and its Dynamic Mount Pods (DMPs, by
-label and ``spec.nodeName``), each slimmed to the fields dynvol
-reads, and the models the planner takes, read from them through memoising caches. The
-event handlers call ``nudge`` only for changes that can alter the plan; the writers
-(:mod:`.syncing`) say which watched objects are their own creates coming back.
+:mod:`.slicing`), all classes, the node's DynamicVolumeMounts and its Dynamic Mount Pods
+(DMPs, by label and ``spec.nodeName``), each slimmed to the fields dynvol reads, and the
+models the planner takes, read from them through memoising caches. The event handlers
+call ``nudge`` only for changes that can alter the plan; the writers (:mod:`.syncing`) say
+which watched objects are their own creates coming back.
+
+The node's DynamicVolumeMounts are not watched. The watch cache of a custom resource has
+no index but namespace and name, so a watch by label is handed every change of every
+mount in the cluster to filter: a thousand nodes would cost the apiserver a thousand times
+each mount's events, and under that load it drops the watchers that fall behind, which
+then replay what they missed (docs/benchmarks.md measures it). The node writes its mounts
+itself and keeps what its writes return (:meth:`NodeView.remember_dvm`); it lists them
+at start and every ``mounts_relist`` seconds for the changes others make (a mount
+deleted by hand), and follows the mounts being deleted by name until they are gone
+(:class:`DeletionFollower`: their DMP drops the finalizer once it has unmounted).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,12 +41,14 @@ from dynvol_core.models import (
 )
 from dynvol_core.models.pods import container_crash_looping
 from dynvol_core.slices import claim_object
-from dynvol_kube import Client, Event, Informer, Obj
+from dynvol_kube import APIError, APINotFound, Client, Event, Informer, Obj
 from dynvol_kube.resources import CLAIM_SLICES, CLASSES, MOUNTS, PODS
 
 from . import objects
 
-__all__ = ["NodeView"]
+__all__ = ["DeletionFollower", "NodeView"]
+
+log = logging.getLogger(__name__)
 
 OwnCreate = Callable[[Mapping[str, object]], bool]
 
@@ -88,6 +104,8 @@ class NodeView:
     node_name: str
     system_namespace: str
     resync: float | None = None
+    #: Seconds between lists of the node's DynamicVolumeMounts (they are not watched).
+    mounts_relist: float = 60.0
     pods: Informer = attrs.field(init=False)
     claims: Informer = attrs.field(init=False)
     classes: Informer = attrs.field(init=False)
@@ -120,12 +138,15 @@ class NodeView:
             transform=objects.slim_object,
         )
         self.classes = Informer(self.client, CLASSES)
+        # Listed, not watched: see the module's docstring.
         self.mounts = Informer(
             self.client,
             MOUNTS,
             label_selector=f"{c.LABEL_NODE}={node_label}",
             transform=objects.slim_dvm,
             indexers={"claim-uid": _claim_uid_index},
+            watch=False,
+            relist=self.mounts_relist,
         )
         # spec.nodeName as well as the labels: the apiserver's watch cache indexes pods by
         # it, so that a pod changing anywhere in the cluster is not handed to every node's
@@ -187,6 +208,14 @@ class NodeView:
         """The node's DynamicVolumeMounts as the cache has them."""
         return [m for m in (self._dvm_models.get_or_none(r) for r in self.mounts.store) if m]
 
+    def remember_dvm(self, obj: Obj) -> None:
+        """Keep a DynamicVolumeMount a write of this node returned."""
+        self.mounts.remember(obj)
+
+    def forget_dvm(self, namespace: str, name: str) -> None:
+        """Drop a DynamicVolumeMount a write of this node found gone."""
+        self.mounts.forget(f"{namespace}/{name}")
+
     def cached_dmps(self) -> list[PodInfo]:
         """The node's DMPs as the cache has them."""
         return [p for p in (self._pod_models.get_or_none(r) for r in self.dmps.store) if p]
@@ -233,3 +262,91 @@ class NodeView:
         self.classes.add_handler(on_any)
         self.mounts.add_handler(on_mount)
         self.dmps.add_handler(on_dmp)
+
+
+@attrs.define(eq=False)
+class DeletionFollower:
+    """Follow the node's DynamicVolumeMounts that are being deleted until they are gone.
+
+    A mount being deleted waits for its DMP to unmount it and drop the finalizer; until
+    then it holds its DMP. The node does not watch its mounts (see the module), so it
+    reads each one it follows by name (an indexed read): first ``first`` seconds after it
+    began to follow, then twice as long each time up to ``longest``. A mount found gone,
+    recreated or changed is put into the informer's store as such and reported to
+    ``changed``, which asks for a pass. A manager component.
+    """
+
+    client: Client
+    mounts: Informer
+    changed: Callable[[], None]
+    first: float = 0.05
+    longest: float = 2.0
+    clock: Callable[[], float] = time.monotonic
+    #: key -> (uid, when to read it next, the wait after that)
+    _followed: dict[str, tuple[str, float, float]] = attrs.field(factory=dict, init=False)
+    _wake: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
+    _task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
+
+    @property
+    def followed(self) -> int:
+        return len(self._followed)
+
+    def follow(self, namespace: str, name: str, uid: str) -> None:
+        """Read the mount until it is gone (a mount already followed keeps its pace)."""
+        key = f"{namespace}/{name}"
+        if key in self._followed and self._followed[key][0] == uid:
+            return
+        self._followed[key] = (uid, self.clock() + self.first, self.first * 2)
+        self._wake.set()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="follow deleting mounts")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            if not self._followed:
+                await self._wake.wait()
+                continue
+            now = self.clock()
+            due = [k for k, (_, at, _) in self._followed.items() if at <= now]
+            if not due:
+                soonest = min(at for _, at, _ in self._followed.values())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, soonest - now))
+                continue
+            results = await asyncio.gather(*(self._read(k) for k in due))
+            if any(results):
+                self.changed()
+
+    async def _read(self, key: str) -> bool:
+        """Read one followed mount; whether the node's plan may have changed."""
+        uid, _, wait = self._followed[key]
+        namespace, _, name = key.partition("/")
+        try:
+            obj = await self.client.get(MOUNTS, name, namespace=namespace)
+        except APINotFound:
+            obj = None
+        except APIError as exc:
+            log.debug("following mount %s: %s", key, exc)
+            self._followed[key] = (uid, self.clock() + wait, min(self.longest, wait * 2))
+            return False
+        if obj is None or obj.get("metadata", {}).get("uid") != uid:
+            self._followed.pop(key, None)
+            cached = self.mounts.store.get(key)
+            if cached is not None and cached.get("metadata", {}).get("uid") == uid:
+                self.mounts.forget(key)
+            if obj is not None:
+                self.mounts.remember(obj)
+            return True
+        self._followed[key] = (uid, self.clock() + wait, min(self.longest, wait * 2))
+        self.mounts.remember(obj)
+        return False

@@ -108,6 +108,9 @@ class NodeReconcilerSettings:
     concurrency: int = 4
     #: Seconds between full resyncs of the pod informer (None: never).
     resync: float | None = 600.0
+    #: Seconds between lists of the node's DynamicVolumeMounts, which the node does not
+    #: watch (:mod:`.observing`): how soon a mount deleted by hand is made again.
+    mounts_relist: float = attrs.field(default=60.0, validator=lambda _, __, v: _check_relist(v))
     #: Seconds before looking again at pods whose volume is not published yet.
     unpublished_recheck: float = 5.0
     #: Seconds to gather events before a pass, so a burst costs one pass, not hundreds;
@@ -138,6 +141,11 @@ class NodeReconcilerSettings:
             else:
                 raise TypeError(f"unknown node reconciler setting {name!r}")
         return cls(dmp=DmpTemplate(**dmp), **rest)
+
+
+def _check_relist(value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"--mounts-relist: must be a positive number of seconds, not {value!r}")
 
 
 def _check_namespace(value: str) -> None:

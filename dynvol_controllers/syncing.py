@@ -19,7 +19,7 @@ import attrs
 from dynvol_core import constants as c
 from dynvol_core.dispatch import DmpSpec, DmpTolerations, dmp_pod_manifest, missing_tolerations
 from dynvol_core.models import DynamicVolumeMount, PodInfo, Toleration
-from dynvol_kube import APIConflict, APIForbidden, APINotFound, Client, TemporaryError
+from dynvol_kube import APIConflict, APIForbidden, APINotFound, Client, Obj, TemporaryError
 from dynvol_kube.resources import MOUNTS, PODS
 
 from .expectations import Expectations
@@ -33,6 +33,17 @@ FIELD_MANAGER = "dynvol-node"
 _JSON_PATCH = "application/json-patch+json"
 
 OrphanHook = Callable[[DynamicVolumeMount], Awaitable[None]]
+#: Told what a write returned (the object), or that it found the object gone (ns, name).
+Written = Callable[[Obj], None]
+Gone = Callable[[str, str], None]
+
+
+def _ignore_written(_: Obj) -> None:
+    return None
+
+
+def _ignore_gone(_: str, __: str) -> None:
+    return None
 
 
 @attrs.define(eq=False)
@@ -43,6 +54,10 @@ class DvmSync:
     #: Called for a mount being deleted whose DMP is gone (the shell unmounts lazily).
     on_orphaned: OrphanHook | None = None
     writes: Expectations[tuple[str, str], DynamicVolumeMount] = attrs.field(factory=Expectations)
+    #: Told of every mount a write returned, and of every mount a write found gone: the
+    #: node keeps its mounts from its own writes (it does not watch them).
+    on_written: Written = attrs.field(default=_ignore_written, kw_only=True)
+    on_gone: Gone = attrs.field(default=_ignore_gone, kw_only=True)
 
     def existing(self, cached: Iterable[DynamicVolumeMount]) -> list[DynamicVolumeMount]:
         """The mounts the node has: the cache, plus own creates it does not show yet.
@@ -83,20 +98,38 @@ class DvmSync:
             raise
         model = DynamicVolumeMount.from_object(created)
         self.writes.created((model.namespace, model.name), model)
+        self.on_written(created)
 
     async def update(self, dvm: DynamicVolumeMount) -> None:
         body = dvm.to_object()
         body.pop("status", None)
-        await self.client.replace(MOUNTS, body, field_manager=FIELD_MANAGER)
+        try:
+            updated = await self.client.replace(MOUNTS, body, field_manager=FIELD_MANAGER)
+        except APINotFound:
+            self.on_gone(dvm.namespace, dvm.name)
+            raise
+        self.on_written(updated)
 
     async def delete(self, dvm: DynamicVolumeMount) -> None:
         try:
-            await self.client.delete(MOUNTS, dvm.name, namespace=dvm.namespace, uid=dvm.uid)
+            answer = await self.client.delete(
+                MOUNTS, dvm.name, namespace=dvm.namespace, uid=dvm.uid
+            )
         except APIConflict:
             return  # a precondition miss: it was replaced; the next pass decides again
         except APINotFound:
-            pass
+            answer = None
         self.writes.deleted(dvm.uid)
+        self._deleted(dvm, answer)
+
+    def _deleted(self, dvm: DynamicVolumeMount, answer: object) -> None:
+        # A mount with finalizers stays, with its deletionTimestamp, until they are gone;
+        # one without is gone at once (the answer is then the object as it was, or a
+        # Status).
+        if isinstance(answer, dict) and _still_deleting(answer.get("metadata")):
+            self.on_written(answer)
+        else:
+            self.on_gone(dvm.namespace, dvm.name)
 
     async def release_orphan(self, dvm: DynamicVolumeMount) -> None:
         """A mount whose DMP is gone: unmount it on the host, drop the finalizer, delete."""
@@ -108,11 +141,22 @@ class DvmSync:
                 "metadata": {"finalizers": finalizers, "resourceVersion": dvm.resource_version}
             }
             try:
-                await self.client.patch(MOUNTS, dvm.name, patch, namespace=dvm.namespace)
+                patched = await self.client.patch(MOUNTS, dvm.name, patch, namespace=dvm.namespace)
             except APINotFound:
+                self.on_gone(dvm.namespace, dvm.name)
                 return
+            # Without its last finalizer a mount being deleted is gone at once.
+            self._deleted(dvm, patched if not dvm.deleting else None)
         if not dvm.deleting:
             await self.delete(dvm)
+
+
+def _still_deleting(meta: object) -> bool:
+    return (
+        isinstance(meta, Mapping)
+        and bool(meta.get("deletionTimestamp"))
+        and bool(meta.get("finalizers"))
+    )
 
 
 @attrs.define(eq=False, kw_only=True)

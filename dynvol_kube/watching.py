@@ -4,7 +4,11 @@ Stage one of the pipeline (observe -> queue -> process -> act). An informer list
 resource (in pages), then watches from the list's resourceVersion with bookmarks, so a
 watch that the server ends is resumed where it stopped; when the resourceVersion has
 expired (410 Gone) it lists again and reports the difference as events. A periodic resync
-(off unless asked for) replays the cache to the handlers only as a safety net. Handlers are
+(off unless asked for) replays the cache to the handlers only as a safety net. An informer
+made with ``watch=False`` lists only: again every ``relist`` seconds, or sooner when
+:meth:`Informer.refresh` asks, for a selection that a watch would make too costly for the
+apiserver (one filtered by labels on a custom resource, which its watch cache cannot
+index: every change of the resource cluster-wide is handed to every such watcher). Handlers are
 synchronous and must be quick: they map the event to keys and add them to a
 :class:`~.queueing.WorkQueue` (next stage); they never act.
 """
@@ -93,7 +97,10 @@ class Informer:
 
     ``transform`` slims each object before it is cached (client-go's SetTransform);
     ``indexers`` add secondary indexes; ``resync`` (seconds) replays the cache to the
-    handlers periodically; ``None`` disables it.
+    handlers periodically; ``None`` disables it. ``watch=False`` lists every ``relist``
+    seconds instead of watching (the changes between two lists are reported as events);
+    its owner keeps the store current with its own writes (:meth:`remember`,
+    :meth:`forget`), which a list that has not caught up with them does not undo.
     """
 
     client: Client
@@ -112,7 +119,12 @@ class Informer:
     #: metrics); the :class:`~.managing.Manager` sets it for the informers it starts. Off
     #: for informers made on demand, which must not hold a whole process back.
     gates_readiness: bool = attrs.field(default=False, kw_only=True)
+    #: False: list only, every ``relist`` seconds (jittered) or when :meth:`refresh` asks.
+    watch: bool = attrs.field(default=True, kw_only=True)
+    relist: float = attrs.field(default=60.0, kw_only=True)
     store: Store = attrs.field(init=False)
+    #: Lists made by a ``watch=False`` informer (a watching one counts :attr:`relists`).
+    lists: int = attrs.field(default=0, init=False)
     relists: int = attrs.field(default=0, init=False)
     #: How the watches ended: ``closed`` (by the server, normally its timeout), ``gone``
     #: (410: relisted), or ``error <status>`` (retried after a backoff).
@@ -122,6 +134,7 @@ class Informer:
     _task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     _resync_task: asyncio.Task[None] | None = attrs.field(default=None, init=False)
     _rv: str = attrs.field(default="", init=False)
+    _refresh: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     _unready: Callable[[], None] | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -169,6 +182,25 @@ class Informer:
                     self._resync_loop(self.resync), name=f"resync {self.name}"
                 )
 
+    def refresh(self) -> None:
+        """Ask a ``watch=False`` informer to list again now (requests made before that
+        list starts are served by it)."""
+        self._refresh.set()
+
+    def remember(self, obj: Obj) -> Obj:
+        """Take an object a write returned (transformed like a listed one) unless the
+        store has a newer version; returns what is cached. No event is reported."""
+        obj = self.transform(obj)
+        if obj["metadata"].get("resourceVersion") and object_key(obj) not in self.store:
+            self.store.put(obj)
+        else:
+            self.store.put_if_newer(obj)
+        return self.store.get(object_key(obj)) or obj
+
+    def forget(self, key: str) -> None:
+        """Drop an object a write found gone (no event is reported)."""
+        self.store.remove(key)
+
     async def wait_synced(self, within: float | None = None) -> None:
         """Wait until the first list is in the store."""
         waiter = asyncio.ensure_future(self._synced.wait())
@@ -201,6 +233,9 @@ class Informer:
     # -- internals ------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        if not self.watch:
+            await self._list_loop()
+            return
         failures = 0
         # Started again after close(), it resumes watching where it stopped, as a dropped
         # watch does; a resourceVersion that expired meanwhile (410) makes it relist.
@@ -246,6 +281,28 @@ class Informer:
                     self._relisting()
                 await asyncio.sleep(delay)
 
+    async def _list_loop(self) -> None:
+        """List, wait for the period or a :meth:`refresh`, list again; forever."""
+        failures = 0
+        while True:
+            self._refresh.clear()
+            try:
+                await self._list()
+            except asyncio.CancelledError:
+                raise
+            except (APIError, ValueError) as exc:
+                status = exc.status if isinstance(exc, APIError) else type(exc).__name__
+                failures += 1
+                delay = min(30.0, 0.2 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)
+                log.warning("informer %s: list: %s (%s); retrying in %.1fs", self.name, exc,
+                            status or "transport", delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self.lists += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh.wait(), self.relist * random.uniform(0.9, 1.1))
+
     async def _list(self) -> None:
         items: list[Obj] = []
         token: str | None = None
@@ -273,7 +330,7 @@ class Informer:
             token = meta.get("continue") or None
             if not token:
                 break
-        self._replace(items)
+        self._replace(items, rv)
         self._rv = rv
         self._synced.set()
         if self.client.metrics is not None:
@@ -284,11 +341,13 @@ class Informer:
         if self.client.metrics is not None:
             self.client.metrics.relists.labels(self.resource.plural).inc()
 
-    def _replace(self, items: list[Obj]) -> None:
+    def _replace(self, items: list[Obj], listed_rv: str = "") -> None:
         seen = set()
         for obj in items:
             key = object_key(obj)
             seen.add(key)
+            if not self.watch and _newer(self.store.get(key), _rv_of(obj)):
+                continue  # the owner's own write, which this list does not show yet
             old = self.store.put(obj)
             if old is None:
                 self._emit(Event(ADDED, obj))
@@ -296,6 +355,8 @@ class Informer:
                 self._emit(Event(MODIFIED, obj, old))
         for key in self.store.key_list():
             if key not in seen:
+                if not self.watch and _newer(self.store.get(key), listed_rv):
+                    continue  # created after the list's resourceVersion
                 gone = self.store.remove(key)
                 if gone is not None:
                     self._emit(Event(DELETED, gone, gone))
@@ -356,6 +417,16 @@ class Informer:
         except Exception:
             # A broken handler must not stop the informer for everyone else.
             log.exception("informer %s: handler %r failed", self.name, handler)
+
+
+def _newer(obj: Obj | None, rv: str) -> bool:
+    """Whether ``obj`` is a version later than ``rv`` (False when either is unknown)."""
+    if obj is None:
+        return False
+    try:
+        return int(_rv_of(obj)) > int(rv)
+    except ValueError:
+        return False
 
 
 def _rv_of(obj: Obj) -> str:

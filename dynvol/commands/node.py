@@ -159,6 +159,14 @@ def register(subparsers: Any) -> None:
         help="how long an idle shared DMP is kept before it is deleted (default 60)",
     )
     full.add_argument(
+        "--mounts-relist",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how often the node lists its DynamicVolumeMounts, which it does not watch: "
+        "how soon a mount deleted by hand is made again (default 60)",
+    )
+    full.add_argument(
         "--block-plugin",
         action="append",
         default=[],
@@ -245,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
                     crash_replacements=args.dmp_crash_replacements,
                 ),
                 shared_idle_grace=args.shared_idle_grace,
+                mounts_relist=args.mounts_relist,
             )
         except ValueError as exc:
             print(f"dynvol node: {exc}", file=sys.stderr)

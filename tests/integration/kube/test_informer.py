@@ -187,3 +187,83 @@ async def test_a_dropped_watch_resumes_where_it_stopped(
     await asyncio.sleep(0.5)
     assert seen == expected
     assert informer.relists == 0
+
+
+async def test_a_list_only_informer_reports_the_changes_between_two_lists(
+    client: Client, namespace: str, widgets: Resource
+) -> None:
+    maps = Objects(client, namespace, widgets)
+    for name in ("a", "b"):
+        await maps.put(name, "1")
+    lister = Informer(client, widgets, namespace=namespace, watch=False, relist=3600)
+    seen: list[Seen] = []
+    lister.add_handler(lambda event: seen.append(_seen(event)))
+    try:
+        await lister.start()
+        await lister.wait_synced(within=30)
+        # The list comes from the watch cache, which may be a moment behind the writes.
+        while len(lister.store) < 2:
+            lister.refresh()
+            await asyncio.sleep(0.1)
+        assert sorted(seen) == [("ADDED", "a", "1"), ("ADDED", "b", "1")]
+        seen.clear()
+        lists = lister.lists
+
+        # Nothing watches: changes stay unseen until the next list, which reports them.
+        await maps.put("a", "2")
+        await maps.delete("b")
+        await maps.put("c", "1")
+        await asyncio.sleep(0.5)
+        assert seen == []
+        expected = [("ADDED", "c", "1"), ("DELETED", "b", "1"), ("MODIFIED", "a", "2")]
+        deadline = time.monotonic() + 20
+        while sorted(seen) != sorted(expected):
+            assert time.monotonic() < deadline, f"the lists reported {seen}"
+            lister.refresh()
+            await asyncio.sleep(0.2)
+        assert lister.lists > lists
+        assert lister.relists == 0 and not lister.watch_ends
+    finally:
+        await lister.close()
+
+
+async def test_a_list_does_not_undo_what_the_owner_s_own_writes_returned(
+    client: Client, namespace: str, widgets: Resource
+) -> None:
+    maps = Objects(client, namespace, widgets)
+    await maps.put("a", "1")
+    lister = Informer(client, widgets, namespace=namespace, watch=False, relist=3600)
+    try:
+        await lister.start()
+        await lister.wait_synced(within=30)
+        while f"{namespace}/a" not in lister.store:
+            lister.refresh()
+            await asyncio.sleep(0.1)
+        listed = lister.store.get(f"{namespace}/a")
+        assert listed is not None
+        rv = int(listed["metadata"]["resourceVersion"])
+        # A write's answer newer than any list yet (a resourceVersion far ahead): one
+        # changed object and one created after the list.
+        ahead = {**listed, "metadata": {**listed["metadata"], "resourceVersion": str(rv + 10**6)}}
+        ahead["data"] = {"v": "mine"}
+        created = {
+            "apiVersion": widgets.api_version, "kind": widgets.kind, "data": {"v": "new"},
+            "metadata": {"name": "z", "namespace": namespace, "uid": "u-z",
+                         "resourceVersion": str(rv + 10**6)},
+        }  # fmt: skip
+        lister.remember(ahead)
+        lister.remember(created)
+        lists = lister.lists
+        lister.refresh()
+        await _until(lambda: lister.lists > lists, "another list")
+        kept = lister.store.get(f"{namespace}/a")
+        assert kept is not None and kept["data"] == {"v": "mine"}
+        assert f"{namespace}/z" in lister.store
+        # An older answer does not replace a newer cached version either.
+        lister.remember(listed)
+        kept = lister.store.get(f"{namespace}/a")
+        assert kept is not None and kept["data"] == {"v": "mine"}
+        lister.forget(f"{namespace}/z")
+        assert f"{namespace}/z" not in lister.store
+    finally:
+        await lister.close()
