@@ -222,7 +222,8 @@ async def test_a_list_only_informer_reports_the_changes_between_two_lists(
             lister.refresh()
             await asyncio.sleep(0.2)
         assert lister.lists > lists
-        assert lister.relists == 0 and not lister.watch_ends
+        assert lister.relists == 0
+        assert not lister.watch_ends
     finally:
         await lister.close()
 
@@ -257,12 +258,14 @@ async def test_a_list_does_not_undo_what_the_owner_s_own_writes_returned(
         lister.refresh()
         await _until(lambda: lister.lists > lists, "another list")
         kept = lister.store.get(f"{namespace}/a")
-        assert kept is not None and kept["data"] == {"v": "mine"}
+        assert kept is not None
+        assert kept["data"] == {"v": "mine"}
         assert f"{namespace}/z" in lister.store
         # An older answer does not replace a newer cached version either.
         lister.remember(listed)
         kept = lister.store.get(f"{namespace}/a")
-        assert kept is not None and kept["data"] == {"v": "mine"}
+        assert kept is not None
+        assert kept["data"] == {"v": "mine"}
         lister.forget(f"{namespace}/z")
         assert f"{namespace}/z" not in lister.store
     finally:
