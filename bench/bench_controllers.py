@@ -332,8 +332,11 @@ def write_worker_stats(path: Path, reconcilers: list[Any]) -> None:
         for role, informer in (("pods", view.pods), ("claims", view.claims),
                                ("classes", view.classes), ("mounts", view.mounts),
                                ("dmps", view.dmps)):  # fmt: skip
-            entry = stats["informers"].setdefault(role, {"relists": 0, "watch_ends": {}})
+            entry = stats["informers"].setdefault(
+                role, {"relists": 0, "lists": 0, "watch_ends": {}}
+            )
             entry["relists"] += informer.relists
+            entry["lists"] += informer.lists  # the mounts are listed, not watched
             for why, n in informer.watch_ends.items():
                 entry["watch_ends"][why] = entry["watch_ends"].get(why, 0) + n
     tmp = path.with_suffix(".tmp")
