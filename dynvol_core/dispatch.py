@@ -478,6 +478,11 @@ def dmp_pod_manifest(
         "--work-dir",
         c.DMP_WORK_DIR,
     ]
+    if spec.policy == c.POLICY_INDEPENDENT and spec.pod_namespace:
+        # One pod's DMP: its mounts are all in that pod's namespace, and a watch by
+        # namespace is indexed by the apiserver (a watch by label alone is handed every
+        # mount change of the cluster).
+        argv += ["--mounts-namespace", spec.pod_namespace]
     if not host_network:
         # On the pod network each DMP has its own address; on the host network several
         # DMPs of one node would clash on a fixed port, so they keep the default (loopback,

@@ -178,6 +178,11 @@ class Settings:
     #: Seconds a SIGTERM'd agent keeps serving the pods that are terminating too (within
     #: the DMP's terminationGracePeriodSeconds, 30, less time to unmount).
     stop_timeout: float = 25.0
+    #: Watch the mounts of this namespace only (an independent DMP serves one pod, whose
+    #: mounts all live in its namespace): the apiserver's watch cache indexes a watch by
+    #: namespace, so such a watch is not handed every mount change of the cluster to
+    #: filter by label. None: every namespace (a shared DMP serves several).
+    mounts_namespace: str | None = None
 
 
 @attrs.define
@@ -247,8 +252,13 @@ class Agent:
 
     def __attrs_post_init__(self) -> None:
         self.host = LocalHost(on_daemon_exit=self._on_daemon_exit)
-        self.informer = Informer(self.client, MOUNTS, label_selector=self.label_selector,
-                                 gates_readiness=True)  # fmt: skip
+        self.informer = Informer(
+            self.client,
+            MOUNTS,
+            namespace=self.settings.mounts_namespace,
+            label_selector=self.label_selector,
+            gates_readiness=True,
+        )
         wakes = ChangePredicate(intent)
 
         def on_event(event: Event) -> None:

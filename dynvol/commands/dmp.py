@@ -37,6 +37,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--stop-timeout", type=float, default=25.0, metavar="SECONDS",
                         help="after SIGTERM, how long to keep serving pods that are "
                         "terminating too (default 25, within the DMP's 30 s grace)")  # fmt: skip
+    parser.add_argument("--mounts-namespace", default=None, metavar="NAMESPACE",
+                        help="watch the DynamicVolumeMounts of this namespace only (an "
+                        "independent DMP's, whose pod's they all are; default: every "
+                        "namespace)")  # fmt: skip
     parser.add_argument("--block-plugin", action="append", default=[], metavar="NAME",
                         help="do not load this provider plugin (repeatable)")  # fmt: skip
     add_status_flags(parser)
@@ -53,6 +57,7 @@ def _main(args: argparse.Namespace) -> int:
         workers=args.workers,
         health_interval=args.health_interval,
         stop_timeout=args.stop_timeout,
+        mounts_namespace=args.mounts_namespace,
     )
     registry = load_registry(blocked=args.block_plugin)
     return asyncio.run(_serve(settings, args, registry))

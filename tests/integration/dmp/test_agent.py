@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,3 +252,49 @@ async def test_a_changed_credentials_secret_is_used_without_any_api_change(
     )  # fmt: skip
     assert agent.stop() == 0
     assert mounts_under(slot.path) == []
+
+
+async def test_an_agent_told_its_pods_namespace_takes_no_mount_of_another(
+    minio: MinioServer,
+    s3_keys: dict[str, str],
+    slot: Slot,
+    container: Container,
+    mounts: Mounts,
+    agent_factory: Callable[[dict[str, str]], AgentRunner],
+    kube_client: Any,
+) -> None:
+    """An independent DMP watches its pod's namespace only (``--mounts-namespace``, which
+    the node plugin passes it): a mount naming it from another namespace never reaches it,
+    while its own is mounted as usual."""
+    from kubernetes_asyncio import client
+
+    core = client.CoreV1Api(kube_client)
+    elsewhere = f"elsewhere-{secrets.token_hex(4)}"
+    await core.create_namespace({"metadata": {"name": elsewhere}})
+    others = Mounts(kube_client, elsewhere)
+    try:
+        bucket = minio.make_bucket("own-ns", {"seen.txt": b"mine\n"})
+        config = {"bucket": bucket, "endpoint": minio.endpoint}
+        agent = agent_factory(s3_keys)
+        await mounts.create_class(None, name=slot.class_name)
+        agent.start(extra=["--mounts-namespace", mounts.namespace])
+        # The foreign one first: had the agent seen it, it would have taken it before.
+        foreign = await others.create(slot=slot, config=config, mountpoint="/foreign")
+        name = await mounts.create(slot=slot, config=config)
+        await mounts.wait(name, phase_is("Mounted"), what="Mounted", agent=agent)
+        assert container.read("data/seen.txt") == "mine\n"
+        untouched = await others.get(foreign)
+        assert untouched is not None
+        assert not untouched.get("status")
+        assert not untouched["metadata"].get("finalizers")
+        # Watching every namespace, the agent would have had it, and refused it in its log
+        # (it names no pod this DMP serves); the log names its own mount only.
+        log = agent.log.read_text()
+        assert f"{mounts.namespace}/{name}" in log
+        assert foreign not in log
+        await release(mounts, name, agent)
+        assert agent.stop() == 0
+        assert mounts_under(slot.path) == []
+    finally:
+        await others.cleanup()
+        await core.delete_namespace(elsewhere)

@@ -233,6 +233,9 @@ def test_shared_policy_one_dmp_per_node_class_and_credential() -> None:
     p3 = pod("p3", cls="s3-other", policy=c.POLICY_SHARED)
     result = plan([*pods, p3], claims, [spc(), other])
     assert len(result.dmps) == 2
+    # A shared DMP serves pods of several namespaces: it watches its mounts in all.
+    (container,) = dmp_pod_manifest(dmp)["spec"]["containers"]
+    assert "--mounts-namespace" not in container["command"]
 
 
 def test_claims_never_select_pods_of_other_namespaces() -> None:
@@ -659,9 +662,13 @@ def test_dmp_pod_manifest() -> None:
         "/secrets",
         "--work-dir",
         "/run/dynvol/dmp",
+        # One pod's DMP watches that pod's namespace only (an indexed watch).
+        "--mounts-namespace",
+        spec.pod_namespace,
         "--metrics-address",
         "0.0.0.0:9812",
     ]
+    assert spec.pod_namespace
     assert container["ports"] == [{"name": "metrics", "containerPort": 9812, "protocol": "TCP"}]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
