@@ -707,6 +707,8 @@ async def measure_size(
             await profile
     await asyncio.sleep(args.settle)
     after = Snapshot(await metrics_text(client), cpu_of(pids), time.monotonic())
+    if args.idle_seconds and row["nodes"] == args.idle_at:
+        row["idle"] = await measure_idle(args, client, pids)
     mounts = counter.count
     created = counter.created_seconds()
     if created:
@@ -742,6 +744,27 @@ async def measure_size(
         }
     )
     return row
+
+
+async def measure_idle(
+    args: argparse.Namespace, client: Client, pids: dict[str, int]
+) -> dict[str, Any]:
+    """What the converged cluster costs while nothing changes: the processes' CPU and the
+    requests over ``--idle-seconds`` (the nodes' periodic lists of their mounts among them)."""
+    print(f"bench: measuring {args.idle_seconds:.0f}s of idle", flush=True)
+    before = Snapshot(await metrics_text(client), cpu_of(pids), time.monotonic())
+    await asyncio.sleep(args.idle_seconds)
+    after = Snapshot(await metrics_text(client), cpu_of(pids), time.monotonic())
+    seconds = after.at - before.at
+    cpu = {k: round(after.cpu.get(k, 0.0) - v, 1) for k, v in sorted(before.cpu.items())}
+    delta = count_delta(request_counts_of(before.text), request_counts_of(after.text))
+    requests = {" ".join(p for p in k if p): v for k, v in sorted(delta.items()) if v}
+    return {
+        "seconds": round(seconds, 1),
+        "cpu_seconds": cpu,
+        "apiserver_cores": round(cpu.get("kube-apiserver", 0.0) / seconds, 3),
+        "requests": requests,
+    }
 
 
 async def apiserver_profile(plane: ControlPlane, path: Path, nodes: int) -> None:
@@ -886,6 +909,7 @@ async def driver(args: argparse.Namespace) -> int:
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    args.idle_at = max(sizes, default=0)
     rows: list[dict[str, Any]] = []
     for nodes in sizes:
         try:
@@ -921,6 +945,14 @@ async def driver(args: argparse.Namespace) -> int:
             f"{(req / row['pods']) if req else math.nan:>14.2f}"
             f"{mem.get('controller', math.nan):>16.1f}{mem.get('node', math.nan):>10.1f}"
         )
+    for row in rows:
+        idle = row.get("idle")
+        if idle:
+            lists = sum(v for k, v in idle["requests"].items() if k.startswith("LIST"))
+            print(
+                f"idle at {row['nodes']} nodes for {idle['seconds']}s: kube-apiserver "
+                f"{idle['apiserver_cores']} cores, {lists} lists, CPU s {idle['cpu_seconds']}"
+            )
     figures: dict[str, float] = {}
     # The curve holds up to the first size that did not converge.
     done = []
@@ -976,6 +1008,12 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--settle", type=float, default=3)
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=70,
+        help="at the largest size, measure this long with nothing changing (0: skip)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the control plane's dir")
     parser.add_argument("--workdir", help="where etcd and the logs live (default: /dev/shm)")
     parser.add_argument("--no-record", action="store_true", help="do not write latest.json")
