@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 
 from dynvol_core import constants as c
-from dynvol_kube import APIConflict, APIError, APINotFound, Client, LeaderElector
+from dynvol_kube import APIConflict, APIError, APINotFound, Client, LeaderElector, stop_task
 from dynvol_kube.resources import MUTATING_WEBHOOKS, SECRETS, VALIDATING_WEBHOOKS
 
 from .servingcert import (
@@ -128,11 +128,8 @@ class CertificateKeeper:
 
     async def close(self) -> None:
         """Stop checking, stop the webhook server, remove the private copy of the key."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         if self._webhook_started:
             await self.webhook.close()
             self._webhook_started = False

@@ -41,7 +41,7 @@ from dynvol_core.models import (
 )
 from dynvol_core.models.pods import container_crash_looping
 from dynvol_core.slices import claim_object
-from dynvol_kube import APIError, APINotFound, Client, Event, Informer, Obj
+from dynvol_kube import APIError, APINotFound, Client, Event, Informer, Obj, stop_task
 from dynvol_kube.resources import CLAIM_SLICES, CLASSES, MOUNTS, PODS
 
 from . import objects
@@ -304,11 +304,8 @@ class DeletionFollower:
             self._task = asyncio.create_task(self._run(), name="follow deleting mounts")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -27,7 +27,7 @@ from .errors import (
 )
 from .health import Health, Progress, StatusServer, parse_address
 from .kubeconfig import KubeconfigError
-from .lifecycle import Supervisor, run_until_signalled
+from .lifecycle import Supervisor, run_until_signalled, stop_task
 from .managing import Component, Manager
 from .metrics import DURATION_BUCKETS, Metrics
 from .outcomes import DONE, Done, Outcome, RequeueAfter
@@ -77,4 +77,5 @@ __all__ = [
     "parse_address",
     "run_until_signalled",
     "split_key",
+    "stop_task",
 ]

@@ -11,7 +11,6 @@ it to expire.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import random
@@ -21,6 +20,7 @@ from typing import Any
 
 from .client import Client
 from .errors import APIConflict, APIError, APINotFound
+from .lifecycle import stop_task
 from .resources import LEASES
 
 __all__ = ["LeaderElector"]
@@ -79,11 +79,8 @@ class LeaderElector:
 
     async def close(self) -> None:
         """Stop; release the Lease if held."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         if self.leading.is_set():
             await self._release()
             self.leading.clear()

@@ -19,13 +19,22 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
-__all__ = ["Supervisor", "run_until_signalled", "signal_handling"]
+__all__ = ["Supervisor", "run_until_signalled", "signal_handling", "stop_task"]
 
 log = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 Exit = Callable[[int], object]
+
+
+async def stop_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait until it has ended (None: nothing to stop)."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 @contextlib.contextmanager

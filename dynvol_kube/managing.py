@@ -10,12 +10,12 @@ set); the process should then exit so that it restarts as a clean candidate.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Protocol
 
 from .client import Client
 from .electing import LeaderElector
+from .lifecycle import stop_task
 from .watching import Informer
 
 __all__ = ["Component", "Manager"]
@@ -110,9 +110,7 @@ class Manager:
         self._closing = True
         try:
             if self._gate_task is not None and self._gate_task is not asyncio.current_task():
-                self._gate_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._gate_task
+                await stop_task(self._gate_task)
             for component in reversed(self._started):
                 try:
                     await component.close()

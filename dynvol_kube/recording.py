@@ -24,6 +24,7 @@ import attrs
 
 from .client import Client
 from .errors import APIError, APINotFound
+from .lifecycle import stop_task
 from .resources import EVENTS
 
 __all__ = ["NORMAL", "WARNING", "EventRecorder"]
@@ -102,9 +103,7 @@ class EventRecorder:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), timeout=2)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await stop_task(self._task)
         self._task = None
 
     async def flush(self) -> None:

@@ -29,6 +29,7 @@ import attrs
 from .caching import IndexFunc, Obj, Store, object_key
 from .client import Client
 from .errors import APIError, APIGone
+from .lifecycle import stop_task
 from .resources import Resource
 
 __all__ = ["ChangePredicate", "Event", "Informer", "slim"]
@@ -221,10 +222,7 @@ class Informer:
     async def close(self) -> None:
         """Stop watching (the store keeps its last content; :meth:`start` resumes)."""
         for task in (self._resync_task, self._task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_task(task)
         self._task = self._resync_task = None
         if self._unready is not None:
             self._unready()

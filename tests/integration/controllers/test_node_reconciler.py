@@ -327,40 +327,50 @@ async def test_a_node_without_its_claim_slice_keeps_its_mounts_until_it_has_one(
         await _cleanup_system(client, spc)
 
 
+@contextlib.asynccontextmanager
+async def _one_pod_claimed(
+    client: Client, objects: Objects, app: str, **settings: Any
+) -> AsyncIterator[tuple[NodeReconciler, str]]:
+    """A class, one pod ``p1`` of it on a made-up node, that node's reconciler (with
+    ``settings``) running and a claim selecting the pod; the reconciler and the class."""
+    spc = f"{app}-{objects.suffix}"
+    node = f"node-{app}-{objects.suffix}"
+    await objects.storage_class(spc)
+    await objects.pod("p1", labels={"app": app}, node=node, class_name=spc)
+    reconciler = _node_reconciler(client, node, **settings)
+    try:
+        async with running(reconciler):
+            await objects.claim(app, selector={"app": app})
+            yield reconciler, spc
+    finally:
+        await objects.delete_pod("p1")
+        await _cleanup_system(client, spc)
+
+
 async def test_a_mount_deleted_by_hand_is_made_again_at_the_next_list(
     client: Client, objects: Objects, system_namespace: str
 ) -> None:
     """The node does not watch its mounts (only writes and lists them): a mount someone
     else deletes comes back at the node's next list of them."""
     ns = objects.namespace
-    spc = f"again-{objects.suffix}"
-    node = f"node-again-{objects.suffix}"
-    await objects.storage_class(spc)
-    await objects.pod("p1", labels={"app": "again"}, node=node, class_name=spc)
-    reconciler = _node_reconciler(client, node, mounts_relist=0.5)
-    try:
-        async with running(reconciler):
-            await objects.claim("again", selector={"app": "again"})
+    async with _one_pod_claimed(client, objects, "again", mounts_relist=0.5) as (reconciler, _):
 
-            async def one_mount() -> list[dict[str, Any]] | None:
-                dvms = await _dvms(client, ns)
-                return dvms if len(dvms) == 1 else None
+        async def one_mount() -> list[dict[str, Any]] | None:
+            dvms = await _dvms(client, ns)
+            return dvms if len(dvms) == 1 else None
 
-            (dvm,) = await eventually(one_mount)
-            assert not reconciler.view.mounts.watch_ends, "the node watched its mounts"
-            lists = reconciler.view.mounts.lists
-            await client.delete(MOUNTS, dvm["metadata"]["name"], namespace=ns)
+        (dvm,) = await eventually(one_mount)
+        assert not reconciler.view.mounts.watch_ends, "the node watched its mounts"
+        lists = reconciler.view.mounts.lists
+        await client.delete(MOUNTS, dvm["metadata"]["name"], namespace=ns)
 
-            async def made_again() -> bool:
-                items = await _dvms(client, ns)
-                return len(items) == 1 and items[0]["metadata"]["uid"] != dvm["metadata"]["uid"]
+        async def made_again() -> bool:
+            items = await _dvms(client, ns)
+            return len(items) == 1 and items[0]["metadata"]["uid"] != dvm["metadata"]["uid"]
 
-            await eventually(made_again)
-            assert reconciler.view.mounts.lists > lists
-            assert not reconciler.view.mounts.watch_ends
-    finally:
-        await objects.delete_pod("p1")
-        await _cleanup_system(client, spc)
+        await eventually(made_again)
+        assert reconciler.view.mounts.lists > lists
+        assert not reconciler.view.mounts.watch_ends
 
 
 async def test_a_mount_being_deleted_is_followed_until_gone_then_its_dmp_goes(
@@ -370,14 +380,9 @@ async def test_a_mount_being_deleted_is_followed_until_gone_then_its_dmp_goes(
     until it is gone (no list comes in this test: an hour apart), then deletes the DMP
     that no mount names any more."""
     ns = objects.namespace
-    spc = f"follow-{objects.suffix}"
-    node = f"node-follow-{objects.suffix}"
-    await objects.storage_class(spc)
-    await objects.pod("p1", labels={"app": "follow"}, node=node, class_name=spc)
-    reconciler = _node_reconciler(client, node, mounts_relist=3600)
-    try:
-        async with running(reconciler):
-            await objects.claim("follow", selector={"app": "follow"})
+    claimed = _one_pod_claimed(client, objects, "follow", mounts_relist=3600)
+    async with claimed as (reconciler, spc):
+        try:
 
             async def mounted() -> tuple[dict[str, Any], dict[str, Any]] | None:
                 dvms, dmps = await _dvms(client, ns), await _dmps(client, spc)
@@ -416,15 +421,13 @@ async def test_a_mount_being_deleted_is_followed_until_gone_then_its_dmp_goes(
             assert reconciler._follower.followed == 0
             assert f"{ns}/{name}" not in reconciler.view.mounts.store
             assert reconciler.view.mounts.lists == lists, "a list, not the follower, saw it"
-    finally:
-        with contextlib.suppress(APINotFound):
-            for item in await _dvms(client, ns):
-                await client.patch(
-                    MOUNTS, item["metadata"]["name"], {"metadata": {"finalizers": None}},
-                    namespace=ns,
-                )  # fmt: skip
-        await objects.delete_pod("p1")
-        await _cleanup_system(client, spc)
+        finally:
+            with contextlib.suppress(APINotFound):
+                for item in await _dvms(client, ns):
+                    await client.patch(
+                        MOUNTS, item["metadata"]["name"], {"metadata": {"finalizers": None}},
+                        namespace=ns,
+                    )  # fmt: skip
 
 
 async def test_a_class_with_dmp_start_on_publish_runs_each_pods_dmp_before_any_claim(
