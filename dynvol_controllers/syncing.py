@@ -101,10 +101,30 @@ class DvmSync:
         self.on_written(created)
 
     async def update(self, dvm: DynamicVolumeMount) -> None:
+        """Replace the mount's spec and labels, as of the version the node last had.
+
+        The node does not watch its mounts, so that version is often behind: the DMP
+        writes the finalizer and the status. On a conflict it reads the mount and replaces
+        it once more on that version, keeping what others wrote (finalizers, labels it
+        does not set); a mount being deleted is left alone.
+        """
         body = dvm.to_object()
         body.pop("status", None)
         try:
-            updated = await self.client.replace(MOUNTS, body, field_manager=FIELD_MANAGER)
+            try:
+                updated = await self.client.replace(MOUNTS, body, field_manager=FIELD_MANAGER)
+            except APIConflict:
+                fresh = await self.client.get(MOUNTS, dvm.name, namespace=dvm.namespace)
+                self.on_written(fresh)
+                meta = fresh.get("metadata") or {}
+                if meta.get("uid") != dvm.uid or meta.get("deletionTimestamp"):
+                    return  # replaced or going meanwhile: the next pass decides
+                body["metadata"].update(
+                    resourceVersion=meta.get("resourceVersion"),
+                    finalizers=meta.get("finalizers") or [],
+                    labels={**(meta.get("labels") or {}), **dvm.labels},
+                )
+                updated = await self.client.replace(MOUNTS, body, field_manager=FIELD_MANAGER)
         except APINotFound:
             self.on_gone(dvm.namespace, dvm.name)
             raise

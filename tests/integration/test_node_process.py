@@ -28,7 +28,7 @@ from dynvol.testing import ControlPlane, Process, wait_until
 from dynvol_controllers import standalone_slicer
 from dynvol_core import constants as c
 from dynvol_csi._proto.csi import v1 as csi
-from dynvol_kube import APIConflict, Client
+from dynvol_kube import APIConflict, APINotFound, Client
 from dynvol_kube.resources import CLAIMS, CLASSES, MOUNTS, NAMESPACES, PODS
 
 pytestmark = pytest.mark.integration
@@ -206,7 +206,14 @@ async def test_publish_feeds_the_reconciler(
     assert await asyncio.to_thread(slot_path.is_dir)
     assert dvm["spec"]["nodeName"] == NODE
     dmp_name = dvm["spec"]["dmpName"]
-    dmp = await client.get(PODS, dmp_name, namespace=c.DEFAULT_SYSTEM_NAMESPACE)
+
+    async def the_dmp() -> Any:
+        # Made in the same pass, right after the mounts.
+        with contextlib.suppress(APINotFound):
+            return await client.get(PODS, dmp_name, namespace=c.DEFAULT_SYSTEM_NAMESPACE)
+        return None
+
+    dmp = await _eventually(the_dmp)
     host_paths = [v["hostPath"]["path"] for v in dmp["spec"]["volumes"] if "hostPath" in v]
     assert str(slot_path) in host_paths
     assert dmp["spec"]["nodeName"] == NODE

@@ -373,6 +373,38 @@ async def test_a_mount_deleted_by_hand_is_made_again_at_the_next_list(
         assert not reconciler.view.mounts.watch_ends
 
 
+async def test_a_claim_edit_reaches_a_mount_the_dmp_wrote_to_since_and_keeps_its_writes(
+    client: Client, objects: Objects, system_namespace: str
+) -> None:
+    """The node's copy of a mount is behind the DMP's writes (the finalizer, the status,
+    which it does not watch): its in-place update conflicts, so it reads the mount and
+    updates that version, keeping the DMP's finalizer."""
+    ns = objects.namespace
+    async with _one_pod_claimed(client, objects, "edited", mounts_relist=3600) as (_, _spc):
+
+        async def one_mount() -> list[dict[str, Any]] | None:
+            dvms = await _dvms(client, ns)
+            return dvms if len(dvms) == 1 else None
+
+        (dvm,) = await eventually(one_mount)
+        name = dvm["metadata"]["name"]
+        try:
+            await client.patch(
+                MOUNTS, name, {"metadata": {"finalizers": [c.FINALIZER_MOUNT]}}, namespace=ns
+            )
+            await client.patch(CLAIMS, "edited", {"spec": {"mountpoint": "/moved"}}, namespace=ns)
+
+            async def moved() -> dict[str, Any] | None:
+                (now,) = await _dvms(client, ns)
+                return now if now["spec"]["mountpoint"] == "/moved" else None
+
+            now = await eventually(moved)
+            assert now["metadata"]["uid"] == dvm["metadata"]["uid"]
+            assert now["metadata"]["finalizers"] == [c.FINALIZER_MOUNT]
+        finally:
+            await client.patch(MOUNTS, name, {"metadata": {"finalizers": None}}, namespace=ns)
+
+
 async def test_a_mount_being_deleted_is_followed_until_gone_then_its_dmp_goes(
     client: Client, objects: Objects, system_namespace: str
 ) -> None:

@@ -227,6 +227,12 @@ async def test_validating_webhook_refuses_bad_claims(
 
     spc = f"only-other-{objects.suffix}"
     await objects.storage_class(spc, allowed_namespaces=["somewhere-else"])
+
+    async def class_seen() -> bool:
+        # The webhook reads classes from its informer, a moment behind the create.
+        return bool(webhook_app.controller.classes.store.get(spc))
+
+    await eventually(class_seen)
     with pytest.raises(APIError, match="may not be used in namespace"):
         await objects.claim("pinned", selector={"a": "b"}, extra={"storageProviderClass": spc})
 
