@@ -165,6 +165,16 @@ class DvmSync:
             except APINotFound:
                 self.on_gone(dvm.namespace, dvm.name)
                 return
+            except APIConflict:
+                # Changed since the node's copy (which is not watched): take the new
+                # version, and let the next pass decide on it.
+                try:
+                    fresh = await self.client.get(MOUNTS, dvm.name, namespace=dvm.namespace)
+                except APINotFound:
+                    self.on_gone(dvm.namespace, dvm.name)
+                    return
+                self.on_written(fresh)
+                raise
             # Without its last finalizer a mount being deleted is gone at once.
             self._deleted(dvm, patched if not dvm.deleting else None)
         if not dvm.deleting:
