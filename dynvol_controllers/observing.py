@@ -105,7 +105,7 @@ class NodeView:
     system_namespace: str
     resync: float | None = None
     #: Seconds between lists of the node's DynamicVolumeMounts (they are not watched).
-    mounts_relist: float = 60.0
+    mounts_relist: float = 300.0
     pods: Informer = attrs.field(init=False)
     claims: Informer = attrs.field(init=False)
     classes: Informer = attrs.field(init=False)

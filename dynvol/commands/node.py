@@ -161,10 +161,10 @@ def register(subparsers: Any) -> None:
     full.add_argument(
         "--mounts-relist",
         type=float,
-        default=60.0,
+        default=300.0,
         metavar="SECONDS",
         help="how often the node lists its DynamicVolumeMounts, which it does not watch: "
-        "how soon a mount deleted by hand is made again (default 60)",
+        "how soon a mount deleted by hand is made again (default 300)",
     )
     full.add_argument(
         "--block-plugin",

@@ -16,6 +16,13 @@ def test_defaults_are_the_shipped_ones() -> None:
     assert settings.dmp.service_account == c.DEFAULT_DMP_SERVICE_ACCOUNT
     assert settings.dmp.image_pull_secrets == ()
     assert settings.dmp.delete_grace is None
+    assert settings.mounts_relist == 300.0
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_the_mounts_relist_must_be_a_positive_period(value: float) -> None:
+    with pytest.raises(ValueError, match="--mounts-relist: must be a positive number"):
+        NodeReconcilerSettings(mounts_relist=value)
 
 
 def test_flat_names_reach_the_dmp_template_and_the_reconciler() -> None:
