@@ -185,7 +185,33 @@ async def tenant_ns(client: Client, namespace: str, policies: str) -> str:
         },
     )
     await _wait_until_enforced(client, namespace)
+    await _wait_until_authorized(client, namespace)
     return namespace
+
+
+async def _wait_until_authorized(client: Client, namespace: str) -> None:
+    """The RBAC authorizer learns of new bindings through its informers, a moment later:
+    until it allows the tenant to create mounts, RBAC (not admission) would refuse it."""
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": tenant(namespace),
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
+            "resourceAttributes": {
+                "namespace": namespace, "verb": "create", "group": c.GROUP,
+                "resource": c.PLURAL_MOUNT,
+            },
+        },
+    }  # fmt: skip
+
+    async def allowed() -> bool:
+        answer = await client.request(
+            "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", body=review
+        )
+        return bool((answer.get("status") or {}).get("allowed"))
+
+    await eventually(allowed, within=30)
 
 
 async def _wait_until_enforced(client: Client, namespace: str) -> None:

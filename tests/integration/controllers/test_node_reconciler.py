@@ -65,6 +65,17 @@ async def _dvms(client: Client, namespace: str) -> list[dict[str, Any]]:
     return await list_items(client, MOUNTS, namespace=namespace)
 
 
+async def _the_one_mount(client: Client, namespace: str) -> dict[str, Any]:
+    """Wait until ``namespace`` has exactly one DynamicVolumeMount; it."""
+
+    async def one_mount() -> list[dict[str, Any]] | None:
+        dvms = await _dvms(client, namespace)
+        return dvms if len(dvms) == 1 else None
+
+    (dvm,) = await eventually(one_mount)
+    return dvm
+
+
 async def _cleanup_system(client: Client, class_name: str) -> None:
     selector = f"{c.LABEL_CLASS}={label_value(class_name)}"
     for pod in await list_items(
@@ -281,11 +292,7 @@ async def test_a_node_without_its_claim_slice_keeps_its_mounts_until_it_has_one(
         async with running(reconciler):
             await objects.claim("held", selector={"app": "held"})
 
-            async def one_mount() -> list[dict[str, Any]] | None:
-                dvms = await _dvms(client, ns)
-                return dvms if len(dvms) == 1 else None
-
-            (dvm,) = await eventually(one_mount)
+            dvm = await _the_one_mount(client, ns)
             # The controller goes, and so does the slice.
             await slicer.close()
             await client.delete(CLAIM_SLICES, node)
@@ -354,12 +361,7 @@ async def test_a_mount_deleted_by_hand_is_made_again_at_the_next_list(
     else deletes comes back at the node's next list of them."""
     ns = objects.namespace
     async with _one_pod_claimed(client, objects, "again", mounts_relist=0.5) as (reconciler, _):
-
-        async def one_mount() -> list[dict[str, Any]] | None:
-            dvms = await _dvms(client, ns)
-            return dvms if len(dvms) == 1 else None
-
-        (dvm,) = await eventually(one_mount)
+        dvm = await _the_one_mount(client, ns)
         assert not reconciler.view.mounts.watch_ends, "the node watched its mounts"
         lists = reconciler.view.mounts.lists
         await client.delete(MOUNTS, dvm["metadata"]["name"], namespace=ns)
@@ -381,12 +383,7 @@ async def test_a_claim_edit_reaches_a_mount_the_dmp_wrote_to_since_and_keeps_its
     updates that version, keeping the DMP's finalizer."""
     ns = objects.namespace
     async with _one_pod_claimed(client, objects, "edited", mounts_relist=3600) as (_, _spc):
-
-        async def one_mount() -> list[dict[str, Any]] | None:
-            dvms = await _dvms(client, ns)
-            return dvms if len(dvms) == 1 else None
-
-        (dvm,) = await eventually(one_mount)
+        dvm = await _the_one_mount(client, ns)
         name = dvm["metadata"]["name"]
         try:
             await client.patch(
