@@ -113,9 +113,14 @@ class DvmSync:
         try:
             try:
                 updated = await self.client.replace(MOUNTS, body, field_manager=FIELD_MANAGER)
-            except APIConflict:
-                fresh = await self.client.get(MOUNTS, dvm.name, namespace=dvm.namespace)
-                self.on_written(fresh)
+            except APIConflict as conflict:
+                fresh = await self._reread(dvm)
+                if fresh is None:
+                    raise APINotFound(
+                        f"DynamicVolumeMount {dvm.namespace}/{dvm.name} is gone",
+                        status=404,
+                        reason="NotFound",
+                    ) from conflict
                 meta = fresh.get("metadata") or {}
                 if meta.get("uid") != dvm.uid or meta.get("deletionTimestamp"):
                     return  # replaced or going meanwhile: the next pass decides
@@ -141,6 +146,17 @@ class DvmSync:
             answer = None
         self.writes.deleted(dvm.uid)
         self._deleted(dvm, answer)
+
+    async def _reread(self, dvm: DynamicVolumeMount) -> Obj | None:
+        """Read the mount after a write conflicted with the node's (unwatched) copy, and
+        tell ``on_written`` or ``on_gone``; None if it is gone."""
+        try:
+            fresh: Obj = await self.client.get(MOUNTS, dvm.name, namespace=dvm.namespace)
+        except APINotFound:
+            self.on_gone(dvm.namespace, dvm.name)
+            return None
+        self.on_written(fresh)
+        return fresh
 
     def _deleted(self, dvm: DynamicVolumeMount, answer: object) -> None:
         # A mount with finalizers stays, with its deletionTimestamp, until they are gone;
@@ -168,12 +184,8 @@ class DvmSync:
             except APIConflict:
                 # Changed since the node's copy (which is not watched): take the new
                 # version, and let the next pass decide on it.
-                try:
-                    fresh = await self.client.get(MOUNTS, dvm.name, namespace=dvm.namespace)
-                except APINotFound:
-                    self.on_gone(dvm.namespace, dvm.name)
+                if await self._reread(dvm) is None:
                     return
-                self.on_written(fresh)
                 raise
             # Without its last finalizer a mount being deleted is gone at once.
             self._deleted(dvm, patched if not dvm.deleting else None)

@@ -271,7 +271,7 @@ class Informer:
                 status = exc.status if isinstance(exc, APIError) else type(exc).__name__
                 self.watch_ends[f"error {status or 'transport'}"] += 1
                 failures += 1
-                delay = min(30.0, 0.2 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)
+                delay = _failure_backoff(failures)
                 log.warning("informer %s: %s; retrying in %.1fs", self.name, exc, delay)
                 # After repeated failures the resourceVersion may be stale; start over.
                 if failures >= 3 and not need_list:
@@ -291,7 +291,7 @@ class Informer:
             except (APIError, ValueError) as exc:
                 status = exc.status if isinstance(exc, APIError) else type(exc).__name__
                 failures += 1
-                delay = min(30.0, 0.2 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)
+                delay = _failure_backoff(failures)
                 log.warning("informer %s: list: %s (%s); retrying in %.1fs", self.name, exc,
                             status or "transport", delay)  # fmt: skip
                 await asyncio.sleep(delay)
@@ -363,7 +363,7 @@ class Informer:
     def _early_close_delay(failures: int) -> float:
         """Seconds before watching again after the server ended a watch early."""
         if failures:
-            return min(30.0, 0.2 * float(2 ** min(failures, 8))) * random.uniform(0.8, 1.2)
+            return _failure_backoff(failures)
         return random.uniform(0.0, 1.0)
 
     async def _watch(self) -> tuple[int, int]:
@@ -415,6 +415,12 @@ class Informer:
         except Exception:
             # A broken handler must not stop the informer for everyone else.
             log.exception("informer %s: handler %r failed", self.name, handler)
+
+
+def _failure_backoff(failures: int) -> float:
+    """Seconds before trying again after ``failures`` failures in a row: 0.4 s doubling
+    to 30 s, jittered by a fifth so that informers do not come back together."""
+    return min(30.0, 0.2 * float(2 ** min(failures, 8))) * random.uniform(0.8, 1.2)
 
 
 def _newer(obj: Obj | None, rv: str) -> bool:
