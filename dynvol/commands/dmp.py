@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
 from dynvol.status import add_status_flags, status_server, until_started
+from dynvol_core.validation import check_dns1123_label
 from dynvol_dmp import Settings, run
 from dynvol_kube import Metrics
 from dynvol_providers import load_registry
@@ -48,6 +50,12 @@ def register(subparsers: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.mounts_namespace is not None:
+        # A path segment of every watch the agent makes: a namespace name, nothing else.
+        errors = check_dns1123_label(args.mounts_namespace, "--mounts-namespace")
+        if errors:
+            print(f"dynvol dmp: {'; '.join(str(e) for e in errors)}", file=sys.stderr)
+            return 2
     settings = Settings(
         name=args.name,
         namespace=args.namespace,
