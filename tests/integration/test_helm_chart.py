@@ -201,6 +201,7 @@ CUSTOM = {
         },
         "priorityClassName": "node-prio",
         "updateStrategy": {"type": "OnDelete", "rollingUpdate": None},
+        "mountsRelist": 120,
     },
     "controller": {
         "replicas": 2,
@@ -263,6 +264,7 @@ def test_dmp_values_become_node_plugin_flags(custom: list[dict[str, Any]]) -> No
         "--dmp-host-network",
         "--dmp-env=HTTPS_PROXY=http://proxy.example:3128",
         "--shared-idle-grace=45",
+        "--mounts-relist=120",
     ):
         assert flag in args
     env = {e["name"]: e.get("value") for e in container["env"]}
@@ -321,6 +323,7 @@ def test_another_namespace_is_named_everywhere_the_base_names_dynvol_system() ->
         ("webhook.port=70000", "port"),
         ("dmp.env.BAD\\,NAME=x", "BAD,NAME"),
         ("dmp.sharedIdleGrace=soon", "sharedIdleGrace"),
+        ("node.mountsRelist=0", "mountsRelist"),
         ("controller.leaderElection.leaseDuration=-5", "leaseDuration"),
         ("image.repository=evil repo", "repository"),
     ],
