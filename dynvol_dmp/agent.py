@@ -66,6 +66,7 @@ from dynvol_core.mountplans import (
     plan_mounts,
     plan_teardown,
 )
+from dynvol_core.validation import check_dns1123_label
 from dynvol_dmp.metrics import (
     CAUSE_HEALTH_CHECK,
     CAUSE_MOUNT_GONE,
@@ -163,6 +164,11 @@ def intent(obj: Obj) -> tuple[object, ...]:
     return (obj.get("spec"), meta.get("deletionTimestamp"), meta.get("labels"))
 
 
+def _check_mounts_namespace(_: object, __: object, value: str | None) -> None:
+    if value is not None and (errors := check_dns1123_label(value, "--mounts-namespace")):
+        raise ValueError("; ".join(str(e) for e in errors))
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     """What ``dynvol dmp`` was told on its command line."""
@@ -181,8 +187,9 @@ class Settings:
     #: Watch the mounts of this namespace only (an independent DMP serves one pod, whose
     #: mounts all live in its namespace): the apiserver's watch cache indexes a watch by
     #: namespace, so such a watch is not handed every mount change of the cluster to
-    #: filter by label. None: every namespace (a shared DMP serves several).
-    mounts_namespace: str | None = None
+    #: filter by label. None: every namespace (a shared DMP serves several). A path segment
+    #: of every watch the agent makes: a namespace name, nothing else.
+    mounts_namespace: str | None = attrs.field(default=None, validator=_check_mounts_namespace)
 
 
 @attrs.define

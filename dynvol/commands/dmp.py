@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from dynvol.status import add_status_flags, status_server, until_started
-from dynvol_core.validation import check_dns1123_label
 from dynvol_dmp import Settings, run
 from dynvol_kube import Metrics
 from dynvol_providers import load_registry
@@ -50,23 +49,21 @@ def register(subparsers: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if args.mounts_namespace is not None:
-        # A path segment of every watch the agent makes: a namespace name, nothing else.
-        errors = check_dns1123_label(args.mounts_namespace, "--mounts-namespace")
-        if errors:
-            print(f"dynvol dmp: {'; '.join(str(e) for e in errors)}", file=sys.stderr)
-            return 2
-    settings = Settings(
-        name=args.name,
-        namespace=args.namespace,
-        xvols=args.xvols.absolute(),
-        secrets_dir=args.secrets_dir,
-        work_dir=args.work_dir.absolute(),
-        workers=args.workers,
-        health_interval=args.health_interval,
-        stop_timeout=args.stop_timeout,
-        mounts_namespace=args.mounts_namespace,
-    )
+    try:
+        settings = Settings(
+            name=args.name,
+            namespace=args.namespace,
+            xvols=args.xvols.absolute(),
+            secrets_dir=args.secrets_dir,
+            work_dir=args.work_dir.absolute(),
+            workers=args.workers,
+            health_interval=args.health_interval,
+            stop_timeout=args.stop_timeout,
+            mounts_namespace=args.mounts_namespace,
+        )
+    except ValueError as exc:
+        print(f"dynvol dmp: {exc}", file=sys.stderr)
+        return 2
     registry = load_registry(blocked=args.block_plugin)
     return asyncio.run(_serve(settings, args, registry))
 

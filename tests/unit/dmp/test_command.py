@@ -9,7 +9,7 @@ from dynvol.cli import main
 
 @pytest.mark.parametrize("namespace", ["../kube-system", "Upper", "a/b", ""])
 def test_dynvol_dmp_refuses_a_mounts_namespace_that_is_no_namespace_name(
-    namespace: str, capsys: pytest.CaptureFixture[str], tmp_path: object
+    namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The namespace is a path segment of every watch the agent makes.
     status = main(
