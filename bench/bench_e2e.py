@@ -368,21 +368,14 @@ class Readers:
         (their argv holds ``out``; their parent is the container's first process, whose
         ``/etc/hostname`` is the pod's name)."""
         roots: dict[str, str] = {}
-        needle = out.encode()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
+        for _, ppid, argv in processes():
+            if out.encode() not in argv:
                 continue
-            try:
-                if needle not in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    continue
-                status = Path(f"/proc/{entry}/status").read_text()
-                ppid = next(ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:"))
-                root = f"/proc/{ppid}/root"
+            root = f"/proc/{ppid}/root"
+            with contextlib.suppress(OSError):
                 pod = Path(root, "etc/hostname").read_text().strip()
                 if pod in pods and Path(root, out.lstrip("/") + ".started").exists():
                     roots[pod] = root
-            except (OSError, StopIteration):
-                continue
         return roots
 
     def collect(self, pods: list[str], out: str, *, timeout: float = 300) -> dict[str, Any]:
